@@ -1,0 +1,65 @@
+"""fastattn: fused attention kernels for PyTorch.
+
+    import fastattn
+    out = fastattn.attention(q, k, v, causal=True, rel_bias=table)
+    q = fastattn.rotary(q, inv_freq=inv_freq)
+
+See fastattn.functional for the public functions, fastattn.reference for their pure-PyTorch
+twins, and fastattn.nn for modules.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+
+def _load_library() -> str:
+    """Load the compiled ops: the installed fastattn._C, else a JIT build from the checkout."""
+    import os
+
+    try:
+        from . import _C  # noqa: F401  (loading it runs the TORCH_LIBRARY registrations)
+
+        return "installed"
+    except ImportError as err:
+        here = os.path.dirname(os.path.abspath(__file__))
+        if not os.path.isdir(os.path.join(here, "..", "..", "csrc")):
+            raise ImportError(
+                "fastattn: the compiled extension fastattn._C is missing and this is not a "
+                "source checkout to JIT-build from; reinstall with "
+                "`pip install --no-build-isolation .`") from err
+        from . import jit
+
+        print("fastattn: no compiled extension found, JIT-compiling the C++/CUDA sources "
+              "(cached after the first time)...", flush=True)
+        jit.load()
+        return "jit"
+
+
+_library_source = _load_library()
+
+from . import ops  # noqa: E402  (fake kernels and autograd for the ops)
+from . import reference  # noqa: E402
+from .functional import attention, rotary  # noqa: E402
+from . import functional  # noqa: E402
+from . import nn  # noqa: E402
+
+
+OP_NAMES = ("rotary", "rotary_", "rotary_backward", "attention", "attention_backward")
+
+
+def build_info() -> dict:
+    """How this fastattn was built: versions, vector ISA, CUDA archs, and for each op the
+    devices that have a kernel registered."""
+    import torch
+
+    info = {"fastattn": __version__, "torch": torch.__version__, "library": _library_source}
+    info.update(ops.build_info())
+    info["ops"] = {
+        name: [dev for dev in ("CPU", "CUDA")
+               if torch._C._dispatch_has_kernel_for_dispatch_key(f"fastattn::{name}", dev)]
+        for name in OP_NAMES
+    }
+    return info
+
+
+__all__ = ["attention", "rotary", "functional", "reference", "nn", "ops", "build_info"]

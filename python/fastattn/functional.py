@@ -1,0 +1,270 @@
+"""The public functions: fastattn.attention and fastattn.rotary.
+
+They validate their arguments (ValueError / TypeError naming the argument, the expected and the
+received value), normalize them (python scalars, optional tensors, a non-contiguous last dim)
+and call the fused ops in fastattn.ops. Their pure-PyTorch twins, with the same signatures,
+are in fastattn.reference.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+__all__ = ["attention", "rotary"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _fail(msg: str, exc=ValueError):
+    raise exc(f"fastattn: {msg}")
+
+
+def _check_tensor(t, name: str, rank: Optional[int] = None, *, floating: bool = True):
+    if not isinstance(t, Tensor):
+        _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+    if rank is not None and t.dim() != rank:
+        _fail(f"{name} must have {rank} dimensions, got {t.dim()} (shape {tuple(t.shape)})")
+    if floating and t.dtype not in _FLOAT_DTYPES:
+        _fail(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}", TypeError)
+
+
+def _check_device(t: Tensor, name: str, ref: Tensor, ref_name: str):
+    if t.device != ref.device:
+        _fail(f"{name} must be on the same device as {ref_name} ({ref.device}), got {t.device}")
+
+
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    # Kernels take any strides but need a unit stride in the last dim.
+    return t if (t.dim() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1) else t.contiguous()
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+# ---------------------------------------------------------------------------------------------
+def rotary(
+    x: Tensor,
+    *,
+    inv_freq: Optional[Tensor] = None,
+    cos: Optional[Tensor] = None,
+    sin: Optional[Tensor] = None,
+    positions: Optional[Tensor] = None,
+    offset: int = 0,
+    interleaved: bool = False,
+    rotary_dim: Optional[int] = None,
+    rotation: Optional[Tensor] = None,
+    inplace: bool = False,
+) -> Tensor:
+    """Rotary position embedding, fused: y = rope(x @ rotation).
+
+    Args:
+        x: (B, H, S, D), any strides with a contiguous last dim (e.g. a (B, S, H, D) tensor's
+            .transpose(1, 2)).
+        inv_freq: (rotary_dim / 2,) frequencies; angle of pair t at position p is p * inv_freq[t].
+            Differentiable (learned frequencies).
+        cos, sin: (S_max, rotary_dim / 2) tables, instead of inv_freq. Differentiable.
+        positions: (S,) or (B, S) integer positions; default offset + arange(S).
+        offset: first position when positions is None (KV-cache decoding).
+        interleaved: pairs (2t, 2t+1) (GPT-J) instead of (t, t + rotary_dim/2) (GPT-NeoX);
+            the output keeps the input's layout.
+        rotary_dim: leading dims that are rotated (even, <= D; default D); the rest pass through.
+        rotation: (D, D) learned matrix applied first (x @ rotation). Differentiable.
+        inplace: write into x (x must not require grad). Returns x.
+    Returns:
+        (B, H, S, D) in x's dtype.
+    """
+    _check_tensor(x, "x", 4)
+    B, H, S, D = x.shape
+    rd = D if rotary_dim is None else rotary_dim
+    if not isinstance(rd, int) or isinstance(rd, bool):
+        _fail(f"rotary_dim must be an int, got {type(rotary_dim).__name__}", TypeError)
+    if rd <= 0 or rd % 2 != 0 or rd > D:
+        _fail(f"rotary_dim must be even and in [2, D={D}], got {rd}")
+    half = rd // 2
+    if (inv_freq is None) == (cos is None and sin is None):
+        _fail("give either inv_freq or both cos and sin tables (exactly one of the two), got "
+              f"inv_freq={'set' if inv_freq is not None else 'None'}, "
+              f"cos={'set' if cos is not None else 'None'}, sin={'set' if sin is not None else 'None'}")
+    if inv_freq is not None:
+        _check_tensor(inv_freq, "inv_freq", 1)
+        _check_device(inv_freq, "inv_freq", x, "x")
+        if inv_freq.shape[0] != half:
+            _fail(f"inv_freq must have rotary_dim / 2 = {half} entries, got {inv_freq.shape[0]}")
+    else:
+        if cos is None or sin is None:
+            _fail("cos and sin must be given together")
+        for t, name in ((cos, "cos"), (sin, "sin")):
+            _check_tensor(t, name, 2)
+            _check_device(t, name, x, "x")
+            if t.shape[1] != half:
+                _fail(f"{name} must be (S_max, rotary_dim / 2 = {half}), got {tuple(t.shape)}")
+        if cos.shape != sin.shape:
+            _fail(f"cos and sin must have the same shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+        cos, sin = _last_dim_contiguous(cos), _last_dim_contiguous(sin)
+    if positions is not None:
+        _check_tensor(positions, "positions", floating=False)
+        _check_device(positions, "positions", x, "x")
+        if positions.dtype not in (torch.int64, torch.int32):
+            _fail(f"positions must be int64 or int32, got {positions.dtype}", TypeError)
+        if positions.dim() == 1:
+            if positions.shape[0] != S:
+                _fail(f"positions (S,) must have S = {S} entries, got {positions.shape[0]}")
+        elif positions.dim() == 2:
+            if tuple(positions.shape) != (B, S):
+                _fail(f"positions (B, S) must be ({B}, {S}), got {tuple(positions.shape)}")
+        else:
+            _fail(f"positions must be (S,) or (B, S), got {positions.dim()} dimensions")
+        positions = positions.long().contiguous()
+        if cos is not None and positions.numel() > 0 and not _is_compiling():
+            lo, hi = int(positions.min()), int(positions.max())
+            if lo < 0 or hi >= cos.shape[0]:
+                _fail(f"positions must lie in [0, {cos.shape[0]}) (the cos/sin table's rows), "
+                      f"got values in [{lo}, {hi}]")
+    elif cos is not None and S > 0 and (offset < 0 or offset + S > cos.shape[0]):
+        _fail(f"positions offset..offset+S-1 = {offset}..{offset + S - 1} lie past the cos/sin "
+              f"table's {cos.shape[0]} rows")
+    if rotation is not None:
+        _check_tensor(rotation, "rotation", 2)
+        _check_device(rotation, "rotation", x, "x")
+        if tuple(rotation.shape) != (D, D):
+            _fail(f"rotation must be (D, D) = ({D}, {D}), got {tuple(rotation.shape)}")
+        if rotation.dtype != x.dtype and rotation.dtype != torch.float32:
+            _fail(f"rotation must have x's dtype ({x.dtype}) or float32, got {rotation.dtype}", TypeError)
+        rotation = rotation.contiguous()
+    if not isinstance(offset, int) or isinstance(offset, bool):
+        _fail(f"offset must be an int, got {type(offset).__name__}", TypeError)
+    if inplace:
+        if x.requires_grad and torch.is_grad_enabled():
+            _fail("inplace=True needs an x that does not require grad (autograd needs the input); "
+                  "use inplace=False")
+        if x.stride(-1) != 1:
+            _fail("inplace=True needs x with a contiguous last dimension")
+        return ops.rotary_(x, inv_freq, cos, sin, positions, rotation, offset, bool(interleaved), rd)
+    x = _last_dim_contiguous(x)
+    return ops.rotary(x, inv_freq, cos, sin, positions, rotation, offset, bool(interleaved), rd)
+
+
+# ---------------------------------------------------------------------------------------------
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: Union[float, Tensor, None] = None,
+    causal: bool = False,
+    window: Sequence[int] = (-1, -1),
+    rel_bias: Optional[Tensor] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    span: Optional[Tensor] = None,
+    span_ramp: float = 32.0,
+    num_global: int = 0,
+    key_lengths: Optional[Tensor] = None,
+    return_lse: bool = False,
+):
+    """Fused attention with relative-position bias, ALiBi, windows, global tokens and spans.
+
+    Args:
+        q: (B, Hq, Sq, Dqk); k: (B, Hkv, Sk, Dqk); v: (B, Hkv, Sk, Dv). Hq % Hkv == 0 (GQA;
+            Hkv == 1 is MQA). Any strides with a contiguous last dim. Query i stands at
+            position i + Sk - Sq (bottom-right aligned), key j at j; d = pos_q - j.
+        scale: logit scale (default Dqk ** -0.5); a 0-dim tensor gets a gradient.
+        causal: keep keys with d >= 0.
+        window: (left, right): keep keys with -right <= d <= left; -1 is unbounded.
+        rel_bias: (2 * max_dist - 1, Hq) table; adds table[clamp(d) + max_dist - 1, h].
+        alibi_slopes: (Hq,); adds -slope[h] * |d|.
+        span: (B, Hq) or (Hq,) float tokens; the soft mask clamp((R + span - |d|) / R, 0, 1)
+            multiplies the weights before renormalization (R = span_ramp). Differentiable.
+        num_global: keys at positions < G are seen by all queries, queries at positions < G
+            see all keys (window and span do not apply to them; causal does).
+        key_lengths: (B,) integer; keys j >= key_lengths[b] are masked.
+        return_lse: also return the log-sum-exp of the logits, (B, Hq, Sq) float32.
+    Returns:
+        out (B, Hq, Sq, Dv) in q's dtype (a row with no visible key is 0, its lse -inf);
+        with return_lse, (out, lse).
+    """
+    _check_tensor(q, "q", 4)
+    _check_tensor(k, "k", 4)
+    _check_tensor(v, "v", 4)
+    for t, name in ((k, "k"), (v, "v")):
+        if t.dtype != q.dtype:
+            _fail(f"{name} must have q's dtype ({q.dtype}), got {t.dtype}", TypeError)
+        _check_device(t, name, q, "q")
+    B, Hq, Sq, Dqk = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        _fail(f"k and v must have q's batch size {B}, got k {k.shape[0]} and v {v.shape[0]}")
+    Hkv, Sk = k.shape[1], k.shape[2]
+    if v.shape[1] != Hkv:
+        _fail(f"v must have k's number of heads {Hkv}, got {v.shape[1]}")
+    if v.shape[2] != Sk:
+        _fail(f"v must have k's sequence length {Sk}, got {v.shape[2]}")
+    if k.shape[3] != Dqk:
+        _fail(f"k's head dim must equal q's ({Dqk}), got {k.shape[3]}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        _fail(f"q's heads ({Hq}) must be a multiple of k/v's heads ({Hkv})")
+
+    scale_tensor = None
+    if scale is None:
+        scale_f = float(Dqk) ** -0.5 if Dqk > 0 else 1.0
+    elif isinstance(scale, Tensor):
+        if scale.dim() != 0:
+            _fail(f"scale must be a float or a 0-dim tensor, got a tensor of shape {tuple(scale.shape)}")
+        _check_device(scale, "scale", q, "q")
+        scale_tensor, scale_f = scale, 1.0
+    elif isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        scale_f = float(scale)
+    else:
+        _fail(f"scale must be a float, a 0-dim tensor or None, got {type(scale).__name__}", TypeError)
+
+    if not (isinstance(window, (tuple, list)) and len(window) == 2
+            and all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
+        _fail(f"window must be a (left, right) pair of ints, got {window!r}", TypeError)
+    left, right = int(window[0]), int(window[1])
+    if left < -1 or right < -1:
+        _fail(f"window entries must be >= -1 (-1 = unbounded), got {tuple(window)}")
+
+    if rel_bias is not None:
+        _check_tensor(rel_bias, "rel_bias", 2)
+        _check_device(rel_bias, "rel_bias", q, "q")
+        if rel_bias.shape[0] % 2 != 1:
+            _fail(f"rel_bias must be (2 * max_dist - 1, Hq): its first dim must be odd, got {rel_bias.shape[0]}")
+        if rel_bias.shape[1] != Hq:
+            _fail(f"rel_bias must have one column per query head ({Hq}), got {rel_bias.shape[1]} "
+                  f"(shape {tuple(rel_bias.shape)})")
+    if alibi_slopes is not None:
+        _check_tensor(alibi_slopes, "alibi_slopes", 1)
+        _check_device(alibi_slopes, "alibi_slopes", q, "q")
+        if alibi_slopes.shape[0] != Hq:
+            _fail(f"alibi_slopes must be (Hq,) = ({Hq},), got {tuple(alibi_slopes.shape)}")
+    if isinstance(span_ramp, bool) or not isinstance(span_ramp, (int, float)):
+        _fail(f"span_ramp must be a number, got {type(span_ramp).__name__}", TypeError)
+    if span is not None:
+        _check_tensor(span, "span")
+        _check_device(span, "span", q, "q")
+        if tuple(span.shape) not in ((B, Hq), (Hq,)):
+            _fail(f"span must be (B, Hq) = ({B}, {Hq}) or (Hq,) = ({Hq},), got {tuple(span.shape)}")
+        if not span_ramp > 0:
+            _fail(f"span_ramp must be > 0, got {span_ramp}")
+        if not _is_compiling() and span.numel() > 0 and bool((span.detach() < 0).any()):
+            _fail(f"span must be >= 0 (tokens), got a minimum of {float(span.detach().min())}")
+    if isinstance(num_global, bool) or not isinstance(num_global, int):
+        _fail(f"num_global must be an int, got {type(num_global).__name__}", TypeError)
+    if num_global < 0 or num_global > Sk:
+        _fail(f"num_global must be in [0, Sk={Sk}], got {num_global}")
+    if key_lengths is not None:
+        _check_tensor(key_lengths, "key_lengths", 1, floating=False)
+        _check_device(key_lengths, "key_lengths", q, "q")
+        if key_lengths.dtype not in (torch.int64, torch.int32):
+            _fail(f"key_lengths must be int64 or int32, got {key_lengths.dtype}", TypeError)
+        if key_lengths.shape[0] != B:
+            _fail(f"key_lengths must be (B,) = ({B},), got {tuple(key_lengths.shape)}")
+        key_lengths = key_lengths.long().contiguous()
+
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    out, lse = ops.attention(q, k, v, scale_f, scale_tensor, bool(causal), left, right, rel_bias,
+                             alibi_slopes, span, float(span_ramp), num_global, key_lengths)
+    return (out, lse) if return_lse else out
