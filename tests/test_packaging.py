@@ -1,0 +1,58 @@
+"""The package itself: what was built, the JIT source list, and `python -m fastattn`."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import _build_config, jit
+
+
+def test_build_info_reports_versions_and_kernels():
+    info = fastattn.build_info()
+    assert info["fastattn"] == fastattn.__version__
+    assert info["torch"] == torch.__version__
+    assert info["cpu_isa"] in ("avx512", "avx2", "neon", "generic")
+    assert info["cuda"] in ("0", "1")
+    for name in fastattn.OP_NAMES:
+        assert "CPU" in info["ops"][name], f"{name} has no CPU kernel"
+        if info["cuda"] == "1":
+            assert "CUDA" in info["ops"][name], f"{name} has no CUDA kernel in a CUDA build"
+
+
+def test_jit_compiles_the_same_sources_as_setup():
+    # The JIT build must compile exactly setup.py's sources, less the Python module stub.
+    for with_cuda in (False, True):
+        setup_sources = set(_build_config.sources(with_cuda))
+        jit_sources = set(jit._selected_sources(with_cuda))
+        assert jit_sources == {s for s in setup_sources if not s.endswith("python_module.cpp")}
+    assert any(s.endswith(".cu") for s in _build_config.sources(True))
+
+
+def test_cuda_arch_option_is_parsed(monkeypatch):
+    monkeypatch.setenv("FASTATTN_CUDA_ARCHS", "80; 9.0")
+    assert _build_config.cuda_archs() == ["80", "90"]
+    args = _build_config.compile_args(with_cuda=True)["nvcc"]
+    assert "-gencode=arch=compute_80,code=sm_80" in args
+    assert "-gencode=arch=compute_90,code=compute_90" in args  # PTX for the newest
+    monkeypatch.setenv("FASTATTN_CUDA_ARCHS", " ; ")
+    with pytest.raises(ValueError, match="FASTATTN_CUDA_ARCHS"):
+        _build_config.cuda_archs()
+
+
+def test_force_cpu_option(monkeypatch):
+    monkeypatch.setenv("FASTATTN_FORCE_CPU", "1")
+    with_cuda, why = _build_config.want_cuda()
+    assert not with_cuda and "FASTATTN_FORCE_CPU" in why
+
+
+def test_main_job_self_check_passes():
+    # `python -m fastattn` without the benchmark: build info + self-check, exit code 0.
+    env = dict(os.environ)
+    proc = subprocess.run([sys.executable, "-m", "fastattn", "--no-bench", "--device", "cpu"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "== build" in proc.stdout and "FAIL" not in proc.stdout
+    assert proc.stdout.count("PASS") == 5
