@@ -36,6 +36,7 @@ setup(
             name="fastattn._C",
             sources=sources,
             include_dirs=cfg.include_dirs(),
+            library_dirs=cfg.library_dirs(with_cuda),
             extra_compile_args=cfg.compile_args(with_cuda),
         )
     ],

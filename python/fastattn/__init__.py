@@ -16,6 +16,8 @@ def _load_library() -> str:
     """Load the compiled ops: the installed fastattn._C, else a JIT build from the checkout."""
     import os
 
+    import torch  # noqa: F401  (loads libtorch, which the extension links against)
+
     try:
         from . import _C  # noqa: F401  (loading it runs the TORCH_LIBRARY registrations)
 
@@ -25,7 +27,7 @@ def _load_library() -> str:
         if not os.path.isdir(os.path.join(here, "..", "..", "csrc")):
             raise ImportError(
                 "fastattn: the compiled extension fastattn._C is missing and this is not a "
-                "source checkout to JIT-build from; reinstall with "
+                f"source checkout to JIT-build from ({err}); reinstall with "
                 "`pip install --no-build-isolation .`") from err
         from . import jit
 

@@ -100,6 +100,23 @@ def include_dirs() -> list[str]:
     return dirs
 
 
+def library_dirs(with_cuda: bool) -> list[str]:
+    """Where the linker finds libcudart.so.
+
+    torch derives CUDA_HOME from nvcc's location; when nvcc sits in /usr/local/bin that is
+    /usr/local, whose lib/ may not hold the CUDA runtime. Add the first toolkit library folder
+    that does.
+    """
+    if not with_cuda:
+        return []
+    home = cuda_toolkit_home() or "/usr/local/cuda"
+    for cand in (os.path.join(home, "lib64"), os.path.join(home, "lib"),
+                 os.path.join(home, "cuda", "lib64"), "/usr/local/cuda/lib64"):
+        if os.path.exists(os.path.join(cand, "libcudart.so")):
+            return [cand]
+    return []
+
+
 def compile_args(with_cuda: bool) -> dict[str, list[str]]:
     # No -std flag: torch.utils.cpp_extension adds the standard its headers need (C++17 up to
     # torch 2.9, C++20 after).

@@ -53,6 +53,7 @@ def load(verbose: bool = False) -> str:
         extra_cflags=args["cxx"],
         extra_cuda_cflags=args.get("nvcc", []),
         extra_include_paths=cfg.include_dirs(),
+        extra_ldflags=[f"-L{d}" for d in cfg.library_dirs(with_cuda)],
         is_python_module=False,
         verbose=verbose,
     )
