@@ -136,7 +136,7 @@ def rotary(
         if rotation.dtype != x.dtype and rotation.dtype != torch.float32:
             _fail(f"rotation must have x's dtype ({x.dtype}) or float32, got {rotation.dtype}", TypeError)
         rotation = rotation.contiguous()
-    if not isinstance(offset, int) or isinstance(offset, bool):
+    if not isinstance(offset, (int, torch.SymInt)) or isinstance(offset, bool):
         _fail(f"offset must be an int, got {type(offset).__name__}", TypeError)
     if inplace:
         if x.requires_grad and torch.is_grad_enabled():

@@ -117,15 +117,20 @@ def _attention_backward(ctx, grad_out, grad_lse):
     need = ctx.needs_input_grad
     if grad_out is None:
         grad_out = torch.zeros_like(out)
+    # logits = s * q.k + ...  =>  dL/ds = sum_ij dS_ij q_i.k_j = sum(q * dq) / s (undefined at
+    # s == 0, where it comes out inf/nan). That sum cancels heavily, so it needs dq in fp32:
+    # with a learnable scale and fp16/bf16 inputs the backward runs on fp32 copies.
+    upcast = bool(need[4]) and q.dtype in (torch.float16, torch.bfloat16)
+    cast = (lambda t: t.float()) if upcast else (lambda t: t)
     gq, gk, gv, gb, gs = _ops.attention_backward(
-        grad_out, q, k, v, out, lse, grad_lse, ctx.scale, scale_tensor, ctx.causal,
-        ctx.window[0], ctx.window[1], rel_bias, alibi_slopes, span, ctx.span_ramp,
-        ctx.num_global, key_lengths, bool(need[8]), bool(need[10]))
+        cast(grad_out), cast(q), cast(k), cast(v), cast(out), lse, grad_lse, ctx.scale,
+        scale_tensor, ctx.causal, ctx.window[0], ctx.window[1], rel_bias, alibi_slopes, span,
+        ctx.span_ramp, ctx.num_global, key_lengths, bool(need[8]), bool(need[10]))
     g_scale = None
     if need[4]:
-        # logits = s * q.k + ...  =>  dL/ds = sum_ij dS_ij q_i.k_j = sum(q * dq) / s.
-        # (Undefined at s == 0, where it comes out inf/nan.)
         g_scale = ((q.float() * gq.float()).sum() / scale_tensor.float()).to(scale_tensor.dtype)
+    if upcast:
+        gq, gk, gv = gq.to(q.dtype), gk.to(k.dtype), gv.to(v.dtype)
     return (gq, gk, gv, None, g_scale, None, None, None, gb if need[8] else None, None,
             gs if need[10] else None, None, None, None)
 

@@ -125,7 +125,8 @@ def attention_mask_and_bias(
         visible = visible & (pos_k[None, None, None, :] < key_lengths.to(device).long()[:, None, None, None])
     if causal:
         visible = visible & (d >= 0)
-    is_global = (pos_k[None, :] < num_global) | (pos_q[:, None] < num_global)  # (Sq, Sk)
+    # (Sq, Sk). With G = 0 nothing is global, also queries at negative positions (Sq > Sk).
+    is_global = ((pos_k[None, :] < num_global) | (pos_q[:, None] < num_global)) & (num_global > 0)
     local_ok = torch.ones_like(d, dtype=torch.bool)
     left, right = window
     if left >= 0:
@@ -136,7 +137,10 @@ def attention_mask_and_bias(
     if span is not None:
         sp = span.to(dtype)
         sp = sp.expand(batch, heads) if sp.dim() == 1 else sp
-        m = ((span_ramp + sp[:, :, None, None] - d.abs().to(dtype)) / span_ramp).clamp(0.0, 1.0)
+        m_raw = (span_ramp + sp[:, :, None, None] - d.abs().to(dtype)) / span_ramp
+        # clamp to [0, 1], with no gradient at m == 1 exactly (as the kernels: the ramp starts
+        # strictly past |d| = span); m <= 0 is masked, so its gradient never matters.
+        m = torch.where(m_raw < 1, m_raw, torch.ones_like(m_raw)).clamp_min(0.0)
         span_ok = m > 0
         local_ok = local_ok & span_ok
         log_m = torch.log(torch.where(span_ok, m, torch.ones_like(m)))
