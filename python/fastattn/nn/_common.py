@@ -1,0 +1,85 @@
+"""Helpers shared by the ``fastattn.nn`` modules (not public API)."""
+
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+
+IMPLS = ("fused", "reference")
+
+
+def ops(impl: str):
+    """The function module that implements ``attention``/``rotary`` for ``impl``.
+
+    ``"fused"`` -> :mod:`fastattn.functional` (the compiled kernels), ``"reference"`` ->
+    :mod:`fastattn.reference` (pure PyTorch, same signatures). Imported lazily so that
+    ``fastattn/__init__.py`` can import ``fastattn.nn`` without a cycle.
+    """
+    if impl == "reference":
+        from .. import reference
+
+        return reference
+    from .. import functional
+
+    return functional
+
+
+def check_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return impl
+
+
+def check_positive_int(name: str, value, *, allow_zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < 0 or (value == 0 and not allow_zero):
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be a {kind} int, got {value}")
+    return value
+
+
+def check_window(window) -> Tuple[int, int]:
+    try:
+        left, right = window
+    except (TypeError, ValueError):
+        raise ValueError(f"window must be a pair (left, right) of ints >= -1, got {window!r}") from None
+    for name, w in (("window[0] (left)", left), ("window[1] (right)", right)):
+        if isinstance(w, bool) or not isinstance(w, int):
+            raise TypeError(f"{name} must be an int, got {type(w).__name__} ({w!r})")
+        if w < -1:
+            raise ValueError(f"{name} must be >= -1 (-1 = unbounded), got {w}")
+    return int(left), int(right)
+
+
+def check_input(name: str, x: torch.Tensor, last_dim: int, what: str = "d_model") -> None:
+    """Checks that ``x`` is a (B, S, last_dim) floating tensor; raises ValueError/TypeError."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"{name} must have shape (batch, seq, {what}={last_dim}), got a "
+                         f"{x.dim()}-d tensor of shape {tuple(x.shape)}")
+    if x.shape[-1] != last_dim:
+        raise ValueError(f"{name} last dim must be {what}={last_dim}, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+
+
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """ALiBi slopes (Press et al. 2022) for ``n_head`` heads, shape ``(n_head,)``.
+
+    Geometric sequence ``2^(-8 (i+1) / n)`` for a power of two ``n``; otherwise the paper's
+    interleaving of the closest power of two and the next one.
+    """
+    def pow2(n):
+        start = 2.0 ** (-(2.0 ** -(math.log2(n) - 3)))
+        return [start * start ** i for i in range(n)]
+
+    if n_head & (n_head - 1) == 0:
+        s = pow2(n_head)
+    else:
+        c = 2 ** math.floor(math.log2(n_head))
+        s = pow2(c) + pow2(2 * c)[0::2][: n_head - c]
+    return torch.tensor(s, dtype=torch.float32)

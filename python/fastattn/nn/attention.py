@@ -1,0 +1,215 @@
+"""Multi-head attention (MHA / GQA / MQA) on ``fastattn.attention``."""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from ._common import alibi_slopes, check_impl, check_input, check_positive_int, check_window, ops
+from .bias import RelativePositionBias
+from .rotary import GivensRotaryEmbedding, RotaryEmbedding
+
+Cache = Dict[str, torch.Tensor]
+
+_ROTARY_KINDS = (None, "rope", "givens")
+
+
+class MultiheadAttention(nn.Module):
+    """Multi-head attention with grouped / multi-query KV heads, on the fused kernel.
+
+    ``n_kv_head`` selects the variant: ``None`` or ``n_head`` gives MHA, ``1`` MQA, anything
+    dividing ``n_head`` GQA (the kernel shares each KV head among ``n_head // n_kv_head``
+    query heads without copying). Called with ``xa`` it is cross-attention (keys/values from
+    ``xa``), otherwise self-attention.
+
+    Args:
+        d_model: model width (last dim of ``x``).
+        n_head: query heads.
+        n_kv_head: key/value heads; must divide ``n_head``. Default ``n_head``.
+        head_dim: per-head dim; default ``d_model // n_head`` (then ``d_model % n_head == 0``
+            is required).
+        kdim: last dim of ``xa`` for cross-attention; default ``d_model``.
+        bias: biases in the q/k/v/out projections (the key projection has none, as in the
+            seeds, since a key bias cancels in the softmax).
+        causal: mask keys after the query (bottom-right aligned, so KV-cache decoding sees
+            the same mask as the full pass).
+        window: ``(left, right)`` sliding window, keys with ``-right <= pq - pk <= left``;
+            -1 = unbounded.
+        num_global: the first ``num_global`` positions are global tokens (Longformer).
+        rotary: ``None``, ``"rope"`` (:class:`RotaryEmbedding`) or ``"givens"``
+            (:class:`GivensRotaryEmbedding`), applied to q and k (self-attention only).
+        rotary_base, rotary_dim, interleaved, learned_freq, n_rotations: rotary options;
+            ``learned_freq`` defaults to False for ``"rope"`` and True for ``"givens"``,
+            ``n_rotations`` defaults to ``head_dim``.
+        rel_bias_max_dist: if set, a learned :class:`RelativePositionBias` table
+            ``(2*max_dist-1, n_head)`` is added to the logits (computed in the kernel).
+        alibi: add ALiBi biases ``-slope[h] * |pq - pk|``.
+        learnable_temperature: learn the softmax scale (``scale = exp(log_scale)``, init
+            ``head_dim ** -0.5``); its gradient comes from the kernel.
+        impl: ``"fused"`` (``fastattn.functional``) or ``"reference"`` (``fastattn.reference``).
+
+    Shapes: ``x (B, S, d_model)``, ``xa (B, Sa, kdim)`` -> ``(B, S, d_model)``.
+
+    State dict: ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj`` (``nn.Linear``), plus
+    ``rotary.*``, ``rel_bias.pos_bias``, ``alibi_slopes`` (buffer), ``log_scale`` as configured.
+
+    KV cache: pass ``cache={}`` to start and the returned cache on the next call; with a
+    cache the module returns ``(out, cache)`` instead of ``out``. For self-attention the
+    cache is ``{"k": (B, n_kv_head, S_past, head_dim), "v": ...}`` (rotary already applied)
+    and new keys are appended; for cross-attention it is ``{"cross_k", "cross_v"}``, computed
+    from ``xa`` on the first call and reused after (``xa`` may then be None). Decoding token
+    by token with ``causal=True`` gives the same outputs as one full pass.
+    """
+
+    def __init__(self, d_model: int, n_head: int, n_kv_head: Optional[int] = None, *,
+                 head_dim: Optional[int] = None, kdim: Optional[int] = None, bias: bool = True,
+                 causal: bool = False, window: Tuple[int, int] = (-1, -1), num_global: int = 0,
+                 rotary: Optional[str] = None, rotary_base: float = 10000.0,
+                 rotary_dim: Optional[int] = None, interleaved: bool = False,
+                 learned_freq: Optional[bool] = None, n_rotations: Optional[int] = None,
+                 rel_bias_max_dist: Optional[int] = None, alibi: bool = False,
+                 learnable_temperature: bool = False, impl: str = "fused",
+                 device=None, dtype=None):
+        super().__init__()
+        check_positive_int("d_model", d_model)
+        check_positive_int("n_head", n_head)
+        if n_kv_head is None:
+            n_kv_head = n_head
+        check_positive_int("n_kv_head", n_kv_head)
+        if n_head % n_kv_head != 0:
+            raise ValueError(f"n_head must be divisible by n_kv_head (GQA groups), got "
+                             f"n_head={n_head}, n_kv_head={n_kv_head}")
+        if head_dim is None:
+            if d_model % n_head != 0:
+                raise ValueError(f"d_model must be divisible by n_head (or pass head_dim), got "
+                                 f"d_model={d_model}, n_head={n_head}")
+            head_dim = d_model // n_head
+        check_positive_int("head_dim", head_dim)
+        if kdim is None:
+            kdim = d_model
+        check_positive_int("kdim", kdim)
+        if rotary not in _ROTARY_KINDS:
+            raise ValueError(f"rotary must be one of {_ROTARY_KINDS}, got {rotary!r}")
+        if rotary is not None and head_dim % 2 != 0:
+            raise ValueError(f"rotary embeddings need an even head_dim, got head_dim={head_dim}")
+        check_positive_int("num_global", num_global, allow_zero=True)
+        self.d_model = d_model
+        self.n_head = n_head
+        self.n_kv_head = n_kv_head
+        self.head_dim = head_dim
+        self.kdim = kdim
+        self.causal = bool(causal)
+        self.window = check_window(window)
+        self.num_global = num_global
+        self.impl = check_impl(impl)
+        fk = dict(device=device, dtype=dtype)
+
+        self.q_proj = nn.Linear(d_model, n_head * head_dim, bias=bias, **fk)
+        self.k_proj = nn.Linear(kdim, n_kv_head * head_dim, bias=False, **fk)
+        self.v_proj = nn.Linear(kdim, n_kv_head * head_dim, bias=bias, **fk)
+        self.out_proj = nn.Linear(n_head * head_dim, d_model, bias=bias, **fk)
+
+        if rotary == "rope":
+            self.rotary = RotaryEmbedding(head_dim, rotary_base, bool(learned_freq), interleaved,
+                                          rotary_dim, impl=impl)
+        elif rotary == "givens":
+            self.rotary = GivensRotaryEmbedding(
+                head_dim, head_dim if n_rotations is None else n_rotations, rotary_base,
+                True if learned_freq is None else bool(learned_freq), interleaved, rotary_dim,
+                impl=impl)
+        else:
+            self.rotary = None
+        if rel_bias_max_dist is not None:
+            self.rel_bias = RelativePositionBias(rel_bias_max_dist, n_head, **fk)
+        else:
+            self.rel_bias = None
+        if alibi:
+            self.register_buffer("alibi_slopes", torch.as_tensor(alibi_slopes(n_head), device=device))
+        else:
+            self.alibi_slopes = None
+        if learnable_temperature:
+            self.log_scale = nn.Parameter(torch.tensor(math.log(head_dim ** -0.5), device=device))
+        else:
+            self.log_scale = None
+
+    # -- pieces -------------------------------------------------------------------------
+    def _heads(self, t: torch.Tensor, n: int) -> torch.Tensor:
+        B, S, _ = t.shape
+        return t.view(B, S, n, self.head_dim).transpose(1, 2)  # (B, n, S, head_dim), a view
+
+    def _scale(self):
+        return None if self.log_scale is None else self.log_scale.exp()
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+               key_lengths: Optional[torch.Tensor] = None, span: Optional[torch.Tensor] = None,
+               span_ramp: float = 32.0) -> torch.Tensor:
+        """The attention core on head-split tensors: ``q (B, n_head, Sq, head_dim)``,
+        ``k, v (B, n_kv_head, Sk, head_dim)`` -> ``(B, n_head, Sq, head_dim)``, with this
+        module's scale, mask and biases."""
+        kw = {}
+        if span is not None:
+            kw = dict(span=span, span_ramp=span_ramp)
+        return ops(self.impl).attention(
+            q, k, v, scale=self._scale(), causal=self.causal, window=self.window,
+            rel_bias=None if self.rel_bias is None else self.rel_bias.pos_bias,
+            alibi_slopes=self.alibi_slopes, num_global=self.num_global,
+            key_lengths=key_lengths, **kw)
+
+    def forward(self, x: torch.Tensor, xa: Optional[torch.Tensor] = None, *,
+                cache: Optional[Cache] = None, key_lengths: Optional[torch.Tensor] = None,
+                span: Optional[torch.Tensor] = None, span_ramp: float = 32.0
+                ) -> Union[torch.Tensor, Tuple[torch.Tensor, Cache]]:
+        """Attention over ``x (B, S, d_model)``; keys/values from ``x`` or ``xa (B, Sa, kdim)``.
+
+        Args:
+            cache: KV cache dict (see the class docstring); when given, returns ``(out, cache)``.
+            key_lengths: ``(B,)`` int, keys at positions ``>= key_lengths[b]`` are masked
+                (positions count the cached keys too).
+            span: ``(B, n_head)`` or ``(n_head,)`` soft attention span in tokens, with ramp
+                ``span_ramp`` (differentiable; used by the adaptive-span/hybrid modules).
+
+        Returns: ``out (B, S, d_model)``, or ``(out, cache)`` when ``cache`` is given.
+        """
+        check_input("x", x, self.d_model)
+        B, S, _ = x.shape
+        q = self._heads(self.q_proj(x), self.n_head)
+        cross = xa is not None or (cache is not None and "cross_k" in cache)
+        new_cache: Cache = {} if cache is None else dict(cache)
+        if cross:
+            if self.rotary is not None:
+                raise ValueError("rotary embeddings are for self-attention; this module was built "
+                                 "with rotary=... and called with xa (cross-attention)")
+            if cache is not None and "cross_k" in cache:
+                k, v = cache["cross_k"], cache["cross_v"]
+            else:
+                check_input("xa", xa, self.kdim, "kdim")
+                if xa.shape[0] != B:
+                    raise ValueError(f"xa batch {xa.shape[0]} != x batch {B}")
+                k = self._heads(self.k_proj(xa), self.n_kv_head)
+                v = self._heads(self.v_proj(xa), self.n_kv_head)
+                new_cache["cross_k"], new_cache["cross_v"] = k, v
+        else:
+            k = self._heads(self.k_proj(x), self.n_kv_head)
+            v = self._heads(self.v_proj(x), self.n_kv_head)
+            past = cache is not None and "k" in cache
+            offset = cache["k"].shape[2] if past else 0
+            if self.rotary is not None:
+                q, k = self.rotary.rotate((q, k), offset=offset, impl=self.impl)
+            if past:
+                k = torch.cat([cache["k"], k], dim=2)
+                v = torch.cat([cache["v"], v], dim=2)
+            if cache is not None:
+                new_cache["k"], new_cache["v"] = k, v
+        o = self.attend(q, k, v, key_lengths=key_lengths, span=span, span_ramp=span_ramp)
+        out = self.out_proj(o.transpose(1, 2).reshape(B, S, self.n_head * self.head_dim))
+        if cache is None:
+            return out
+        return out, new_cache
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, n_head={self.n_head}, n_kv_head={self.n_kv_head}, "
+                f"head_dim={self.head_dim}, causal={self.causal}, window={self.window}, "
+                f"num_global={self.num_global}, impl={self.impl!r}")

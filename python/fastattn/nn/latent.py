@@ -1,0 +1,178 @@
+"""Multi-head latent attention (DeepSeek-V2), expanded and absorbed paths."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from ._common import check_impl, check_input, check_positive_int, check_window, ops
+from .rotary import RotaryEmbedding
+
+Cache = Dict[str, torch.Tensor]
+
+
+class MultiheadLatentAttention(nn.Module):
+    """Multi-head latent attention (MLA, DeepSeek-V2, arXiv:2405.04434).
+
+    Keys and values are compressed into one latent ``c = RMSNorm(W_dkv x)`` of
+    ``kv_lora_rank`` dims, shared by all heads, and expanded per head by ``kv_b_proj``:
+    ``k_nope[h] = W_uk[h] c`` (``qk_nope_head_dim``) and ``v[h] = W_uv[h] c``
+    (``v_head_dim``). Position enters through a decoupled rotary key ``k_rope``
+    (``qk_rope_head_dim`` dims, one head shared by all query heads) concatenated to the
+    keys, and a per-head rotary query part. The score of head ``h`` is
+    ``scale * (q_nope[h]·k_nope[h] + q_rope[h]·k_rope)`` with
+    ``scale = (qk_nope_head_dim + qk_rope_head_dim) ** -0.5``.
+
+    Two equivalent paths (``forward(absorb=...)``):
+
+    - expanded (default without a cache): materialize per-head ``k (B, H, Sk, dn + dr)``
+      and ``v (B, H, Sk, dv)``, one attention call with ``Dqk != Dv``;
+    - absorbed (default with a cache): fold ``W_uk`` into the query,
+      ``q_lat[h] = W_uk[h]^T q_nope[h]`` (``kv_lora_rank`` dims), and attend with MQA
+      (one KV head) directly over the latent: ``q = [q_lat, q_rope]``,
+      ``k = [c, k_rope]``, ``v = c``; then ``o[h] = W_uv[h] o_lat[h]``. Only the latent
+      and the rotary key are ever read, which is all the cache holds.
+
+    Args:
+        d_model: model width.
+        n_head: heads.
+        kv_lora_rank: latent dim ``d_c`` of the KV compression.
+        q_lora_rank: if set, queries are low-rank too (``q_a_proj``, ``q_a_norm``,
+            ``q_b_proj``); else one ``q_proj``.
+        qk_nope_head_dim: per-head non-rotary q/k dim ``dn`` (default ``d_model // n_head``).
+        qk_rope_head_dim: rotary q/k dim ``dr`` (even; default ``dn // 2``, rounded to even).
+        v_head_dim: per-head value dim ``dv`` (default ``dn``).
+        rope_base, interleaved: rotary options for the decoupled rotary part.
+        causal, window: masking, as in :class:`MultiheadAttention`.
+        impl: ``"fused"`` or ``"reference"``.
+
+    Shapes: ``x (B, S, d_model)`` -> ``(B, S, d_model)``.
+
+    State dict: ``q_proj`` (or ``q_a_proj``, ``q_a_norm``, ``q_b_proj``), ``kv_a_proj``
+    (``d_model -> d_c + dr``), ``kv_a_norm``, ``kv_b_proj`` (``d_c -> H*(dn+dv)``, no bias:
+    absorption needs a linear map), ``out_proj`` (``H*dv -> d_model``), ``rotary.inv_freq``.
+
+    KV cache: pass ``cache={}`` to start; the module then returns ``(out, cache)`` with
+    ``cache = {"latent": (B, S_past, d_c), "k_rope": (B, S_past, dr)}`` (normalized latent,
+    rotated key) — nothing per head.
+    """
+
+    def __init__(self, d_model: int, n_head: int, kv_lora_rank: int, *,
+                 q_lora_rank: Optional[int] = None, qk_nope_head_dim: Optional[int] = None,
+                 qk_rope_head_dim: Optional[int] = None, v_head_dim: Optional[int] = None,
+                 rope_base: float = 10000.0, interleaved: bool = False, causal: bool = True,
+                 window: Tuple[int, int] = (-1, -1), impl: str = "fused", device=None, dtype=None):
+        super().__init__()
+        check_positive_int("d_model", d_model)
+        check_positive_int("n_head", n_head)
+        check_positive_int("kv_lora_rank", kv_lora_rank)
+        if qk_nope_head_dim is None:
+            if d_model % n_head != 0:
+                raise ValueError(f"d_model must be divisible by n_head (or pass qk_nope_head_dim), "
+                                 f"got d_model={d_model}, n_head={n_head}")
+            qk_nope_head_dim = d_model // n_head
+        check_positive_int("qk_nope_head_dim", qk_nope_head_dim)
+        if qk_rope_head_dim is None:
+            qk_rope_head_dim = max(2, (qk_nope_head_dim // 2) // 2 * 2)
+        check_positive_int("qk_rope_head_dim", qk_rope_head_dim)
+        if qk_rope_head_dim % 2 != 0:
+            raise ValueError(f"qk_rope_head_dim must be even (rotary pairs), got {qk_rope_head_dim}")
+        if v_head_dim is None:
+            v_head_dim = qk_nope_head_dim
+        check_positive_int("v_head_dim", v_head_dim)
+        if q_lora_rank is not None:
+            check_positive_int("q_lora_rank", q_lora_rank)
+        self.d_model = d_model
+        self.n_head = n_head
+        self.kv_lora_rank = kv_lora_rank
+        self.q_lora_rank = q_lora_rank
+        self.qk_nope_head_dim = qk_nope_head_dim
+        self.qk_rope_head_dim = qk_rope_head_dim
+        self.v_head_dim = v_head_dim
+        self.causal = bool(causal)
+        self.window = check_window(window)
+        self.impl = check_impl(impl)
+        self.scale = (qk_nope_head_dim + qk_rope_head_dim) ** -0.5
+        fk = dict(device=device, dtype=dtype)
+        dq = n_head * (qk_nope_head_dim + qk_rope_head_dim)
+        if q_lora_rank is None:
+            self.q_proj = nn.Linear(d_model, dq, bias=False, **fk)
+        else:
+            self.q_a_proj = nn.Linear(d_model, q_lora_rank, bias=False, **fk)
+            self.q_a_norm = nn.RMSNorm(q_lora_rank, **fk)
+            self.q_b_proj = nn.Linear(q_lora_rank, dq, bias=False, **fk)
+        self.kv_a_proj = nn.Linear(d_model, kv_lora_rank + qk_rope_head_dim, bias=False, **fk)
+        self.kv_a_norm = nn.RMSNorm(kv_lora_rank, **fk)
+        self.kv_b_proj = nn.Linear(kv_lora_rank, n_head * (qk_nope_head_dim + v_head_dim),
+                                   bias=False, **fk)
+        self.out_proj = nn.Linear(n_head * v_head_dim, d_model, bias=False, **fk)
+        self.rotary = RotaryEmbedding(qk_rope_head_dim, rope_base, interleaved=interleaved, impl=impl)
+
+    def _query(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q_lora_rank is None:
+            return self.q_proj(x)
+        return self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
+
+    def absorbed_weights(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``W_uk (H, dn, d_c)`` and ``W_uv (H, dv, d_c)``, views of ``kv_b_proj.weight``."""
+        w = self.kv_b_proj.weight.view(self.n_head, self.qk_nope_head_dim + self.v_head_dim,
+                                       self.kv_lora_rank)
+        return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
+
+    def forward(self, x: torch.Tensor, *, cache: Optional[Cache] = None,
+                absorb: Optional[bool] = None, key_lengths: Optional[torch.Tensor] = None
+                ) -> Union[torch.Tensor, Tuple[torch.Tensor, Cache]]:
+        """``x (B, S, d_model)`` -> ``(B, S, d_model)``, or ``(out, cache)`` with a cache.
+
+        Args:
+            cache: ``{}`` to start decoding, then the returned cache (see class docstring).
+            absorb: use the absorbed path; default True with a cache, False without.
+            key_lengths: ``(B,)`` int, keys ``>= key_lengths[b]`` are masked.
+        """
+        check_input("x", x, self.d_model)
+        B, S, _ = x.shape
+        H, dn, dr, dv, dc = (self.n_head, self.qk_nope_head_dim, self.qk_rope_head_dim,
+                             self.v_head_dim, self.kv_lora_rank)
+        q = self._query(x).view(B, S, H, dn + dr).transpose(1, 2)   # (B, H, S, dn+dr)
+        q_nope, q_rope = q.split([dn, dr], dim=-1)
+        c, k_rope = self.kv_a_proj(x).split([dc, dr], dim=-1)
+        c = self.kv_a_norm(c)                                         # (B, S, dc)
+        k_rope = k_rope.unsqueeze(1)                                  # (B, 1, S, dr)
+        past = cache is not None and "latent" in cache
+        offset = cache["latent"].shape[1] if past else 0
+        q_rope, k_rope = self.rotary.rotate((q_rope, k_rope), offset=offset, impl=self.impl)
+        k_rope = k_rope.squeeze(1)                                    # (B, S, dr)
+        if past:
+            c = torch.cat([cache["latent"], c], dim=1)
+            k_rope = torch.cat([cache["k_rope"], k_rope], dim=1)
+        if absorb is None:
+            absorb = cache is not None
+        attention = ops(self.impl).attention
+        kw = dict(scale=self.scale, causal=self.causal, window=self.window, key_lengths=key_lengths)
+        Sk = c.shape[1]
+        if absorb:
+            w_uk, w_uv = self.absorbed_weights()
+            q_lat = torch.einsum("bhsn,hnc->bhsc", q_nope, w_uk.to(q_nope.dtype))
+            qa = torch.cat([q_lat, q_rope], dim=-1)                   # (B, H, Sq, dc+dr)
+            ka = torch.cat([c, k_rope], dim=-1).unsqueeze(1)          # (B, 1, Sk, dc+dr)
+            va = c.unsqueeze(1)                                       # (B, 1, Sk, dc)
+            o_lat = attention(qa, ka, va, **kw)                       # (B, H, Sq, dc)
+            o = torch.einsum("bhsc,hvc->bhsv", o_lat, w_uv.to(o_lat.dtype))
+        else:
+            kv = self.kv_b_proj(c).view(B, Sk, H, dn + dv).transpose(1, 2)
+            k_nope, v = kv.split([dn, dv], dim=-1)                    # (B, H, Sk, dn), (.., dv)
+            k = torch.cat([k_nope, k_rope.unsqueeze(1).expand(B, H, Sk, dr)], dim=-1)
+            qf = torch.cat([q_nope, q_rope], dim=-1)
+            o = attention(qf, k, v, **kw)                             # (B, H, Sq, dv)
+        out = self.out_proj(o.transpose(1, 2).reshape(B, S, H * dv))
+        if cache is None:
+            return out
+        return out, {"latent": c, "k_rope": k_rope}
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, n_head={self.n_head}, kv_lora_rank={self.kv_lora_rank}, "
+                f"q_lora_rank={self.q_lora_rank}, qk_nope_head_dim={self.qk_nope_head_dim}, "
+                f"qk_rope_head_dim={self.qk_rope_head_dim}, v_head_dim={self.v_head_dim}, "
+                f"causal={self.causal}, impl={self.impl!r}")

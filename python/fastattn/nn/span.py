@@ -1,0 +1,192 @@
+"""Adaptive-span attention and the seeds' hybrid local/global attention, done right."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from ._common import check_impl, check_input, check_positive_int
+from .attention import Cache, MultiheadAttention
+
+
+def _check_span_args(max_span, span_ramp):
+    if isinstance(max_span, bool) or not isinstance(max_span, (int, float)) or not max_span > 0:
+        raise ValueError(f"max_span must be a positive number of tokens, got {max_span!r}")
+    if isinstance(span_ramp, bool) or not isinstance(span_ramp, (int, float)) or not span_ramp > 0:
+        raise ValueError(f"span_ramp must be a positive number of tokens, got {span_ramp!r}")
+
+
+class AdaptiveSpanAttention(MultiheadAttention):
+    """Attention with a learned span per head (Sukhbaatar et al. 2019, arXiv:1905.07799).
+
+    Head ``h`` has a span ``z_h = clamp(span_frac[h], 0, 1) * max_span`` tokens; its attention
+    weights are multiplied by the soft mask ``m(d) = clamp((R + z_h - |d|) / R, 0, 1)``
+    (``R = span_ramp``) and renormalized — done inside the kernel (``attention(span=...)``),
+    which also returns the gradient to the span and skips keys beyond it. Add
+    :meth:`span_loss` to the training loss to shrink spans, and call :meth:`clamp_span_`
+    after each optimizer step.
+
+    Args:
+        d_model, n_head: as :class:`MultiheadAttention` (all its keyword options are accepted;
+            ``causal`` defaults to True here).
+        max_span: the largest span in tokens.
+        span_ramp: width ``R`` of the soft ramp, in tokens.
+        span_init: initial ``span_frac`` (fraction of ``max_span``), in [0, 1].
+        span_loss_coef: weight of :meth:`span_loss`.
+
+    Shapes: ``x (B, S, d_model)`` -> ``(B, S, d_model)``.
+
+    State dict: the :class:`MultiheadAttention` names plus ``span_frac (n_head,)``.
+    The window defaults to ``(ceil(max_span + span_ramp),) * 2``: nothing past it can get a
+    nonzero weight.
+    """
+
+    def __init__(self, d_model: int, n_head: int, max_span: float, *, span_ramp: float = 32.0,
+                 span_init: float = 0.5, span_loss_coef: float = 2e-6, causal: bool = True,
+                 window: Optional[Tuple[int, int]] = None, **kwargs):
+        _check_span_args(max_span, span_ramp)
+        if not 0.0 <= span_init <= 1.0:
+            raise ValueError(f"span_init is a fraction of max_span in [0, 1], got {span_init}")
+        if window is None:
+            w = int(math.ceil(max_span + span_ramp))
+            window = (w, w)
+        super().__init__(d_model, n_head, causal=causal, window=window, **kwargs)
+        self.max_span = float(max_span)
+        self.span_ramp = float(span_ramp)
+        self.span_loss_coef = float(span_loss_coef)
+        self.span_frac = nn.Parameter(torch.full((n_head,), float(span_init)))
+
+    def span(self) -> torch.Tensor:
+        """Current spans in tokens, ``(n_head,)``, differentiable w.r.t. ``span_frac``.
+
+        The value uses ``span_frac`` clamped to [0, 1]; the gradient passes straight through
+        the clamp, so a span at a bound (e.g. clamped there by :meth:`clamp_span_`) can still
+        move back."""
+        z = self.span_frac
+        z = z + (z.clamp(0.0, 1.0) - z).detach()
+        return z * self.max_span
+
+    def span_loss(self) -> torch.Tensor:
+        """``span_loss_coef * mean span`` (tokens), a 0-dim tensor to add to the loss."""
+        return self.span_loss_coef * self.span().mean()
+
+    @torch.no_grad()
+    def clamp_span_(self) -> None:
+        """Clamp ``span_frac`` into [0, 1] in place (call after the optimizer step)."""
+        self.span_frac.clamp_(0.0, 1.0)
+
+    def forward(self, x: torch.Tensor, xa: Optional[torch.Tensor] = None, *,
+                cache: Optional[Cache] = None, key_lengths: Optional[torch.Tensor] = None
+                ) -> Union[torch.Tensor, Tuple[torch.Tensor, Cache]]:
+        """``x (B, S, d_model)`` -> ``(B, S, d_model)`` (or ``(out, cache)``, see
+        :class:`MultiheadAttention`), attending within each head's learned span."""
+        return super().forward(x, xa, cache=cache, key_lengths=key_lengths,
+                               span=self.span().to(x.dtype), span_ramp=self.span_ramp)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", max_span={self.max_span}, span_ramp={self.span_ramp}"
+
+
+class HybridAttention(nn.Module):
+    """The seeds' hybrid local/global attention, trainable end to end.
+
+    1. global branch: ``g = attn_global(ln_global(x))``, full (optionally causal) attention;
+    2. span predictor: ``span = max_span * sigmoid(span_pred(mean_s g))``, ``(B, n_head)``
+       tokens — one span per sequence and head (mean over valid positions with
+       ``key_lengths``);
+    3. local branch: ``l = attn_local(ln_local(x))``, a sliding window whose reach follows the
+       predicted span through the kernel's differentiable soft mask (``span=``, ramp
+       ``span_ramp``); the static window ``ceil(max_span + span_ramp)`` only bounds it;
+    4. ``out = projection(cat([l, g], -1))``.
+
+    Unlike the seeds (``int(... .item())`` window sizes, a Python loop over chunks), nothing
+    leaves the graph: the predictor gets gradients through the kernel's span gradient, and
+    the module compiles with ``fullgraph=True``.
+
+    Note: the span is pooled over the whole sequence (the seeds' design), so with
+    ``causal=True`` the local branch of an early position depends (through ``n_head``
+    numbers) on later positions, and incremental decoding is not supported.
+
+    Args:
+        d_model, n_head: model width and heads.
+        max_span: largest predicted span (tokens).
+        span_ramp: soft-mask ramp (tokens).
+        causal: causal masking in both branches.
+        n_kv_head, rotary, rel_bias_max_dist, alibi, ...: further keyword arguments go to both
+            :class:`MultiheadAttention` branches.
+        impl: ``"fused"`` or ``"reference"``.
+
+    Shapes: ``x (B, S, d_model)`` -> ``(B, S, d_model)``.
+
+    State dict: ``ln_global``, ``ln_local`` (LayerNorm), ``attn_global``, ``attn_local``
+    (:class:`MultiheadAttention`), ``span_pred`` (``Linear(d_model, n_head)``),
+    ``projection`` (``Linear(2*d_model, d_model)``).
+    """
+
+    def __init__(self, d_model: int, n_head: int, *, max_span: float = 32.0,
+                 span_ramp: float = 8.0, causal: bool = True, impl: str = "fused",
+                 device=None, dtype=None, **mha_kwargs):
+        super().__init__()
+        _check_span_args(max_span, span_ramp)
+        check_positive_int("d_model", d_model)
+        check_positive_int("n_head", n_head)
+        for bad in ("window", "cache"):
+            if bad in mha_kwargs:
+                raise ValueError(f"HybridAttention sets {bad!r} itself; do not pass it")
+        self.d_model = d_model
+        self.n_head = n_head
+        self.max_span = float(max_span)
+        self.span_ramp = float(span_ramp)
+        self.causal = bool(causal)
+        self._impl = check_impl(impl)
+        fk = dict(device=device, dtype=dtype)
+        w = int(math.ceil(max_span + span_ramp))
+        self.ln_global = nn.LayerNorm(d_model, **fk)
+        self.ln_local = nn.LayerNorm(d_model, **fk)
+        self.attn_global = MultiheadAttention(d_model, n_head, causal=causal, impl=impl,
+                                              **fk, **mha_kwargs)
+        self.attn_local = MultiheadAttention(d_model, n_head, causal=causal, window=(w, w),
+                                             impl=impl, **fk, **mha_kwargs)
+        self.span_pred = nn.Linear(d_model, n_head, **fk)
+        self.projection = nn.Linear(2 * d_model, d_model, **fk)
+
+    @property
+    def impl(self) -> str:
+        return self._impl
+
+    @impl.setter
+    def impl(self, value: str) -> None:
+        self._impl = check_impl(value)
+        self.attn_global.impl = value
+        self.attn_local.impl = value
+
+    def predict_span(self, g: torch.Tensor, key_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Span ``(B, n_head)`` in tokens from the global branch output ``g (B, S, d_model)``."""
+        if key_lengths is None:
+            pooled = g.mean(dim=1)
+        else:
+            valid = (torch.arange(g.shape[1], device=g.device)[None, :] < key_lengths[:, None])
+            valid = valid.to(g.dtype)[..., None]
+            pooled = (g * valid).sum(1) / valid.sum(1).clamp(min=1.0)
+        return self.max_span * torch.sigmoid(self.span_pred(pooled))
+
+    def forward(self, x: torch.Tensor, *, key_lengths: Optional[torch.Tensor] = None,
+                return_span: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """``x (B, S, d_model)`` -> ``(B, S, d_model)``; with ``return_span`` also the
+        predicted span ``(B, n_head)``."""
+        check_input("x", x, self.d_model)
+        g = self.attn_global(self.ln_global(x), key_lengths=key_lengths)
+        span = self.predict_span(g, key_lengths)
+        loc = self.attn_local(self.ln_local(x), key_lengths=key_lengths, span=span.to(x.dtype),
+                              span_ramp=self.span_ramp)
+        out = self.projection(torch.cat([loc, g], dim=-1))
+        if return_span:
+            return out, span
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, n_head={self.n_head}, max_span={self.max_span}, "
+                f"span_ramp={self.span_ramp}, causal={self.causal}, impl={self.impl!r}")
