@@ -1,0 +1,513 @@
+"""Shared test machinery: devices, per-dtype tolerances, input builders, and an independent
+dense-SDPA formulation of fastattn.attention.
+
+The attention tests compare the fused op with two references:
+  - fastattn.reference.attention (the project's own pure-PyTorch twin), and
+  - `dense_sdpa_attention` below: torch.nn.functional.scaled_dot_product_attention fed with
+    a bias/mask materialized here, written independently of reference.py (different code
+    path for the distance table, the masks and the span's log-mask; GQA by repeat_interleave).
+Both references run in float64 on the CPU, on the very same (already rounded) input values as
+the fused call.
+
+Tolerances. float32/float64 results must be within an absolute + relative (to the largest
+exact value) bound of the float64 result. For float16/bfloat16 the bound is twice the error of
+the same math run in that precision (the dense formulation with q, k, v and the bias in the
+dtype, no upcast), plus a half-ulp-sized slack relative to the largest exact value.
+
+Helpers are imported by the test modules (`from conftest import ...`); pytest puts tests/ on
+sys.path (rootdir-relative "prepend" import mode).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastattn
+from fastattn import reference
+
+# ---------------------------------------------------------------------------------------------
+# devices
+# ---------------------------------------------------------------------------------------------
+
+
+def _cuda_kernels_built() -> bool:
+    try:
+        return fastattn.build_info().get("cuda", "0") not in ("0", "", "none")
+    except Exception:
+        return False
+
+
+HAS_CUDA = torch.cuda.is_available() and _cuda_kernels_built()
+
+# "cpu" always; "cuda" only with a GPU *and* a library built with the CUDA kernels.
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.cuda,
+                                pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build of fastattn")]),
+]
+
+# What each device's kernels are expected to support. The CUDA kernels are tensor-core
+# kernels: float16/bfloat16 and head dims 32..256.
+DEVICE_DTYPES = {
+    "cpu": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
+    "cuda": (torch.bfloat16, torch.float16),
+}
+DEVICE_HEAD_DIM = {"cpu": 16, "cuda": 32}        # a small head dim each device supports
+DEVICE_HEAD_DIM_V = {"cpu": 8, "cuda": 64}       # a different value head dim (Dqk != Dv)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU threads
+# ---------------------------------------------------------------------------------------------
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "multithread: run with (at least) 2 intra-op CPU threads; the attention tests "
+        "otherwise pin 1 thread")
+
+
+_DEFAULT_THREADS = torch.get_num_threads()
+
+
+def pin_threads(request):
+    """Body of the attention modules' autouse fixture.
+
+    Tiny problems are fastest on one thread (and on a loaded 2-core machine, OpenMP's spinning
+    threads make them 20x slower), so tests use one thread unless marked `multithread`; those
+    (larger shapes, the determinism check) run the kernels' parallel paths on >= 2 threads.
+    """
+    want = max(2, _DEFAULT_THREADS) if request.node.get_closest_marker("multithread") else 1
+    before = torch.get_num_threads()
+    torch.set_num_threads(want)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------
+# tolerances
+# ---------------------------------------------------------------------------------------------
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+# float32 / float64: |actual - exact| <= atol + rtol * max|exact|.
+# float64 is not held to 1e-12: the kernels read the bias table, slopes, span and scale as
+# float32 and keep lse in float32 (see csrc/common/attention_params.h), so ~1e-7 relative
+# errors are by design.
+TOL = {
+    torch.float64: dict(atol=1e-7, rtol=2e-6),
+    torch.float32: dict(atol=1e-5, rtol=5e-5),
+}
+# float16 / bfloat16: |actual - exact| <= 2 * |same_math_in_dtype - exact| + slack * max|exact|,
+# slack = half an ulp at 1 (2^-11 for float16, 2^-8 for bfloat16).
+LOWP_SLACK = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+# lse is float32 whatever the input dtype: |actual - exact| <= tol * max(1, |exact|).
+LSE_TOL = {torch.float64: 2e-5, torch.float32: 2e-5, torch.float16: 1e-4, torch.bfloat16: 1e-4}
+
+
+def assert_close(name: str, actual: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype,
+                 lowp: Optional[torch.Tensor] = None) -> None:
+    """actual (any dtype/device) against exact (float64); lowp is the reference run in dtype.
+
+    Non-finite values must sit at the same places with the same values (e.g. lse = -inf of
+    empty rows); NaN is never accepted.
+    """
+    assert actual is not None, f"{name}: no value (gradient missing?)"
+    a = actual.detach().to("cpu", torch.float64)
+    e = exact.detach().to("cpu", torch.float64)
+    assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)}, expected {tuple(e.shape)}"
+    assert not torch.isnan(a).any(), f"{name}: contains NaN"
+    fin = torch.isfinite(e)
+    mismatch = torch.isfinite(a) != fin
+    assert not mismatch.any(), (f"{name}: finite/non-finite pattern differs at "
+                                f"{mismatch.nonzero()[:5].tolist()} (actual {a[mismatch][:5].tolist()}, "
+                                f"expected {e[mismatch][:5].tolist()})")
+    assert torch.equal(a[~fin], e[~fin]), f"{name}: non-finite values differ"
+    if not fin.any():
+        return
+    diff = (a - e).abs().masked_fill(~fin, 0)
+    err = diff.max().item()
+    big = e[fin].abs().max().item()
+    if dtype in LOW_PRECISION:
+        assert lowp is not None, f"{name}: low-precision check needs the reference run in {dtype}"
+        lp = lowp.detach().to("cpu", torch.float64)
+        ref_err = (lp - e).abs().masked_fill(~fin, 0).max().item()
+        bound = 2.0 * ref_err + LOWP_SLACK[dtype] * max(big, 1e-3)
+        how = f"2 * error of the math run in {dtype} {ref_err:.3g} + slack"
+    else:
+        tol = TOL[dtype]
+        bound = tol["atol"] + tol["rtol"] * big
+        how = f"atol {tol['atol']} + rtol {tol['rtol']} * max|exact| {big:.3g}"
+    if not err <= bound:
+        where = tuple(int(x) for x in torch.nonzero(diff == diff.max())[0])
+        raise AssertionError(f"{name} ({dtype}): max error {err:.4g} > bound {bound:.4g} ({how}); "
+                             f"worst at {where}: got {a[where].item():.6g}, expected {e[where].item():.6g}")
+
+
+def assert_lse_close(name: str, actual: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype) -> None:
+    a = actual.detach().to("cpu", torch.float64)
+    e = exact.detach().to("cpu", torch.float64)
+    assert actual.dtype == torch.float32, f"{name}: lse must be float32, got {actual.dtype}"
+    assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)}, expected {tuple(e.shape)}"
+    assert not torch.isnan(a).any(), f"{name}: contains NaN"
+    fin = torch.isfinite(e)
+    assert torch.equal(torch.isfinite(a), fin) and torch.equal(a[~fin], e[~fin]), \
+        f"{name}: -inf rows differ (actual {a[~fin][:5].tolist()} where expected -inf)"
+    if fin.any():
+        err = ((a - e).abs() / e.abs().clamp_min(1.0))[fin].max().item()
+        assert err <= LSE_TOL[dtype], f"{name}: max relative error {err:.3g} > {LSE_TOL[dtype]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# test cases
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Case:
+    """One attention call: shapes, dtype, layout and every option of fastattn.attention.
+
+    rel_bias: max_dist of a (2*max_dist-1, Hq) table, or None.
+    span: None, "h" (Hq,) or "bh" (B, Hq); span_values cycles over heads (and batches).
+        span_grad=False keeps the span out of the gradient check: m = clamp(..., 0, 1) has a
+        kink where R + span - |d| hits 0 or R (integer spans), and there the reference
+        (torch.clamp's inclusive subgradient) and the kernels (0 at m == 1) legitimately differ.
+    key_lengths: per-batch lengths (0 empties a whole batch), or None.
+    scale: "default", a float, or "tensor" (0-dim tensor that requires grad).
+    layout: "contiguous", "bshd" ((B, S, H, D).transpose(1, 2) views), "packed" (views into
+        one (B, S, Hq + 2 Hkv, D) buffer) or "lastdim" (last dim strided by 2: the wrapper copies).
+    """
+    B: int = 2
+    Hq: int = 4
+    Hkv: int = 4
+    Sq: int = 17
+    Sk: int = 17
+    Dqk: int = 16
+    Dv: int = 16
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+    causal: bool = False
+    window: tuple = (-1, -1)
+    rel_bias: Optional[int] = None
+    alibi: bool = False
+    span: Optional[str] = None
+    span_values: tuple = (3.5, 20.25)
+    span_ramp: float = 32.0
+    span_grad: bool = True
+    num_global: int = 0
+    key_lengths: Optional[tuple] = None
+    scale: object = "default"
+    layout: str = "contiguous"
+    seed: int = 0
+
+    def options(self) -> dict:
+        return dict(causal=self.causal, window=self.window, span_ramp=self.span_ramp,
+                    num_global=self.num_global)
+
+
+def _randn(shape, gen, dtype, device):
+    t = torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+    return t.to(device)
+
+
+def make_inputs(case: Case, requires_grad: bool = True) -> dict:
+    """Leaf tensors for `case` in its dtype/device (q/k/v with the case's strides)."""
+    g = torch.Generator().manual_seed(case.seed)
+    dt, dev = case.dtype, case.device
+    B, Hq, Hkv, Sq, Sk, Dqk, Dv = case.B, case.Hq, case.Hkv, case.Sq, case.Sk, case.Dqk, case.Dv
+
+    def leaf(t):
+        t = t.detach()
+        return t.requires_grad_(requires_grad) if requires_grad else t
+
+    def bhsd(H, S, D):  # a (B, H, S, D) tensor with the requested strides
+        if case.layout == "bshd":
+            return _randn((B, S, H, D), g, dt, dev).transpose(1, 2)
+        if case.layout == "lastdim":
+            return _randn((B, H, S, 2 * D), g, dt, dev)[..., ::2]
+        return _randn((B, H, S, D), g, dt, dev)
+
+    if case.layout == "packed":
+        assert Sq == Sk and Dqk == Dv, "packed layout needs Sq == Sk and Dqk == Dv"
+        buf = _randn((B, Sq, Hq + 2 * Hkv, Dqk), g, dt, dev)
+        q = buf[:, :, :Hq].transpose(1, 2)
+        k = buf[:, :, Hq:Hq + Hkv].transpose(1, 2)
+        v = buf[:, :, Hq + Hkv:].transpose(1, 2)
+    else:
+        q, k, v = bhsd(Hq, Sq, Dqk), bhsd(Hkv, Sk, Dqk), bhsd(Hkv, Sk, Dv)
+    inp = dict(q=leaf(q), k=leaf(k), v=leaf(v))
+    # Small parameters: float32 for low-precision inputs (as a model under autocast keeps
+    # them), the input dtype otherwise.
+    pdt = torch.float32 if dt in LOW_PRECISION else dt
+    if case.rel_bias is not None:
+        rows = 2 * case.rel_bias - 1
+        inp["rel_bias"] = leaf((0.5 * torch.randn(rows, Hq, generator=g, dtype=torch.float64)).to(pdt).to(dev))
+    if case.alibi:
+        slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / Hq) for h in range(Hq)], dtype=pdt)
+        inp["alibi_slopes"] = slopes.to(dev)
+    if case.span is not None:
+        vals = list(itertools.islice(itertools.cycle(case.span_values), B * Hq))
+        sp = torch.tensor(vals, dtype=torch.float64).view(B, Hq)
+        sp = sp[0] if case.span == "h" else sp
+        sp = sp.to(pdt).to(dev)
+        inp["span"] = leaf(sp) if case.span_grad else sp
+    if case.key_lengths is not None:
+        inp["key_lengths"] = torch.tensor(case.key_lengths, dtype=torch.int64, device=dev)
+    if case.scale == "tensor":
+        inp["scale"] = leaf(torch.tensor(0.37, dtype=pdt, device=dev))
+    elif case.scale != "default":
+        inp["scale"] = float(case.scale)
+    return inp
+
+
+def clone_inputs(inp: dict, dtype: Optional[torch.dtype] = None, device="cpu", requires_grad=True) -> dict:
+    """Fresh leaves with the same values (cast to dtype when given; params stay float if lowp)."""
+    out = {}
+    for name, t in inp.items():
+        if not isinstance(t, torch.Tensor):
+            out[name] = t
+            continue
+        t = t.detach().to(device)
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        if requires_grad and inp[name].requires_grad:
+            t = t.clone().requires_grad_(True)
+        out[name] = t
+    return out
+
+
+GRAD_NAMES = ("q", "k", "v", "rel_bias", "span", "scale")
+
+
+def run_attention(fn, inp: dict, case: Case, grad_out=None, grad_lse=None, backward=True) -> dict:
+    """Call fn(q, k, v, **options) with return_lse; backprop sum(out*grad_out) (+ lse term)."""
+    kw = {n: inp[n] for n in ("rel_bias", "alibi_slopes", "span", "key_lengths", "scale") if n in inp}
+    out, lse = fn(inp["q"], inp["k"], inp["v"], return_lse=True, **kw, **case.options())
+    res = dict(out=out, lse=lse)
+    if backward and grad_out is not None:
+        loss = (out.to(torch.float64) * grad_out.to(out.device, torch.float64)).sum()
+        if grad_lse is not None:
+            finite = torch.isfinite(lse)
+            loss = loss + (torch.where(finite, lse, torch.zeros_like(lse)).to(torch.float64)
+                           * grad_lse.to(lse.device, torch.float64)).sum()
+        leaves = [inp[n] for n in GRAD_NAMES if isinstance(inp.get(n), torch.Tensor) and inp[n].requires_grad]
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        it = iter(grads)
+        for n in GRAD_NAMES:
+            if isinstance(inp.get(n), torch.Tensor) and inp[n].requires_grad:
+                res["grad_" + n] = next(it)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# the independent dense-SDPA formulation
+# ---------------------------------------------------------------------------------------------
+def dense_visibility_and_bias(B, Hq, Sq, Sk, *, causal=False, window=(-1, -1), rel_bias=None,
+                              alibi_slopes=None, span=None, span_ramp=32.0, num_global=0,
+                              key_lengths=None, dtype=torch.float64):
+    """(visible (B, Hq, Sq, Sk) bool, additive bias (B, Hq, Sq, Sk)) from DESIGN.md's rules.
+
+    Written from the spec, not from reference.py: query i stands at position i + Sk - Sq,
+    distance d = pos_q - j. The bias is computed in float64 and returned in `dtype`.
+    """
+    out_dtype, dtype = dtype, torch.float64
+    qpos = torch.arange(Sk - Sq, Sk).view(Sq, 1)
+    kpos = torch.arange(Sk).view(1, Sk)
+    dist = qpos - kpos                                                   # (Sq, Sk)
+    adist = dist.abs().to(dtype)
+    shape = (B, Hq, Sq, Sk)
+
+    visible = torch.ones(shape, dtype=torch.bool)
+    if key_lengths is not None:
+        visible = visible & (kpos.view(1, 1, 1, Sk) < key_lengths.cpu().view(B, 1, 1, 1))
+    if causal:
+        visible = visible & (dist >= 0)
+
+    # Longformer global tokens: the first G keys, and queries at positions 0..G-1. With G = 0
+    # nothing is global (not even queries at negative positions when Sq > Sk).
+    global_pair = ((kpos < num_global) | (qpos < num_global)) & (num_global > 0)  # (Sq, Sk)
+    left, right = window
+    in_window = torch.ones(Sq, Sk, dtype=torch.bool)
+    if left != -1:
+        in_window = in_window & (dist <= left)
+    if right != -1:
+        in_window = in_window & (dist >= -right)
+    local_ok = in_window.expand(shape)
+
+    bias = torch.zeros(shape, dtype=dtype)
+    if span is not None:
+        s = span.to(dtype)
+        s = s.view(1, Hq, 1, 1) if s.dim() == 1 else s.view(B, Hq, 1, 1)
+        ratio = (span_ramp + s - adist) / span_ramp                       # (B|1, Hq, Sq, Sk)
+        # m = clamp(ratio, 0, 1), written with where so that the gradient is 0 at m == 1
+        # (the kernels' convention; the tests keep spans off the kinks anyway).
+        one = torch.ones((), dtype=dtype)
+        m = torch.where(ratio >= 1, one, torch.where(ratio <= 0, torch.zeros((), dtype=dtype), ratio))
+        m = m.expand(shape)
+        local_ok = local_ok & (m > 0)
+        log_m = torch.where(m > 0, m, one).log()
+        bias = bias + torch.where(global_pair, torch.zeros((), dtype=dtype), log_m)
+    visible = visible & (global_pair | local_ok)
+
+    if rel_bias is not None:
+        max_dist = (rel_bias.shape[0] + 1) // 2
+        row = (dist.clamp(min=-(max_dist - 1), max=max_dist - 1) + (max_dist - 1))  # (Sq, Sk)
+        table_bias = F.embedding(row, rel_bias.to(dtype))                # (Sq, Sk, Hq)
+        bias = bias + table_bias.permute(2, 0, 1).unsqueeze(0)
+    if alibi_slopes is not None:
+        bias = bias - alibi_slopes.to(dtype).view(1, Hq, 1, 1) * adist
+    return visible, bias.to(out_dtype)
+
+
+def dense_sdpa_attention(q, k, v, *, scale=None, causal=False, window=(-1, -1), rel_bias=None,
+                         alibi_slopes=None, span=None, span_ramp=32.0, num_global=0,
+                         key_lengths=None, return_lse=True):
+    """fastattn.attention's math through F.scaled_dot_product_attention with a dense mask.
+
+    Runs in q's dtype (use float64 CPU inputs). Rows with no visible key are computed with a
+    harmless mask and then replaced by the expected zeros (lse -inf).
+    """
+    B, Hq, Sq, Dqk = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    dtype = q.dtype
+    visible, bias = dense_visibility_and_bias(
+        B, Hq, Sq, Sk, causal=causal, window=window, rel_bias=rel_bias, alibi_slopes=alibi_slopes,
+        span=span, span_ramp=span_ramp, num_global=num_global, key_lengths=key_lengths, dtype=dtype)
+    kr = k.repeat_interleave(Hq // Hkv, dim=1)
+    vr = v.repeat_interleave(Hq // Hkv, dim=1)
+    if scale is None:
+        scale = Dqk ** -0.5
+    # A tensor scale (learnable) multiplies q so that autograd reaches it; SDPA's own scale is 1.
+    qs = q * scale.to(dtype) if isinstance(scale, torch.Tensor) else q * scale
+    mask = torch.where(visible, bias, torch.full((), -math.inf, dtype=dtype))
+    empty_row = ~visible.any(dim=-1)                                     # (B, Hq, Sq)
+    safe_mask = torch.where(empty_row.unsqueeze(-1), torch.zeros((), dtype=dtype), mask)
+    lse = torch.logsumexp(qs @ kr.transpose(-1, -2) + safe_mask, dim=-1)
+    lse = torch.where(empty_row, torch.full((), -math.inf, dtype=dtype), lse)
+    out = F.scaled_dot_product_attention(qs, kr, vr, attn_mask=safe_mask, scale=1.0)
+    out = torch.where(empty_row.unsqueeze(-1), torch.zeros((), dtype=dtype), out)
+    return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------------------------
+# the full check of one case
+# ---------------------------------------------------------------------------------------------
+def check_case(case: Case, *, backward: bool = True, lse_grad: bool = False,
+               against: Sequence[str] = ("reference", "sdpa")) -> dict:
+    """Run fastattn.attention on `case` and compare out, lse and every gradient with the
+    float64 references. Returns the fused results (for extra assertions)."""
+    inp = make_inputs(case, requires_grad=backward)
+    g = torch.Generator().manual_seed(case.seed + 1000)
+    grad_out = torch.randn(case.B, case.Hq, case.Sq, case.Dv, generator=g, dtype=torch.float64).to(case.dtype)
+    grad_lse = torch.randn(case.B, case.Hq, case.Sq, generator=g, dtype=torch.float64) if lse_grad else None
+
+    fused = run_attention(fastattn.attention, inp, case, grad_out.to(case.device), grad_lse, backward)
+    assert fused["out"].dtype == case.dtype and fused["out"].device.type == torch.device(case.device).type
+    assert fused["out"].shape == (case.B, case.Hq, case.Sq, case.Dv)
+
+    exact = {}
+    if "reference" in against:
+        exact["reference"] = run_attention(reference.attention, clone_inputs(inp, torch.float64), case,
+                                           grad_out, grad_lse, backward)
+    if "sdpa" in against:
+        exact["sdpa"] = run_attention(dense_sdpa_attention, clone_inputs(inp, torch.float64), case,
+                                      grad_out, grad_lse, backward)
+    lowp = None
+    if case.dtype in LOW_PRECISION:
+        # The error budget: the same math run *in* the low precision: q, k, v and the
+        # materialized bias in the dtype, SDPA in the dtype, nothing upcast (what plain
+        # PyTorch gives in that dtype; FlashAttention's criterion). reference.attention upcasts to float32 internally, so
+        # its own error is only the final rounding: it cannot serve as the budget.
+        lowp = run_attention(dense_sdpa_attention, clone_inputs(inp), case, grad_out, grad_lse, backward)
+
+    for ref_name, ex in exact.items():
+        tag = f"vs {ref_name}"
+        assert_close(f"out {tag}", fused["out"], ex["out"], case.dtype, lowp and lowp["out"])
+        assert_lse_close(f"lse {tag}", fused["lse"], ex["lse"], case.dtype)
+        for n in GRAD_NAMES:
+            key = "grad_" + n
+            if key in ex:
+                assert key in fused and fused[key] is not None, f"{key}: fused op gave no gradient"
+                assert fused[key].dtype == inp[n].dtype, f"{key}: dtype {fused[key].dtype}, expected {inp[n].dtype}"
+                assert_close(f"{key} {tag}", fused[key], ex[key], case.dtype, lowp and lowp[key])
+    return fused
+
+
+# ---------------------------------------------------------------------------------------------
+# pairwise (all-pairs) covering of option grids
+# ---------------------------------------------------------------------------------------------
+def pairwise(factors: dict, seed: int = 0, candidates: int = 40) -> list[dict]:
+    """A small list of assignments such that every pair of values of every two factors
+    appears together at least once (greedy AETG). Deterministic for a given seed."""
+    names = list(factors)
+    rng = random.Random(seed)
+    uncovered = {((a, i), (b, j))
+                 for a, b in itertools.combinations(range(len(names)), 2)
+                 for i in range(len(factors[names[a]])) for j in range(len(factors[names[b]]))}
+
+    def gain(row, f, i):
+        return sum(1 for g2, j in row.items()
+                   if (((min(f, g2), i if f < g2 else j), (max(f, g2), j if f < g2 else i)) in uncovered))
+
+    rows = []
+    while uncovered:
+        best, best_new = None, -1
+        for _ in range(candidates):
+            (fa, ia), (fb, ib) = rng.choice(sorted(uncovered))
+            row = {fa: ia, fb: ib}
+            order = [f for f in range(len(names)) if f not in row]
+            rng.shuffle(order)
+            for f in order:
+                n = len(factors[names[f]])
+                scores = [(gain(row, f, i), rng.random(), i) for i in range(n)]
+                row[f] = max(scores)[2]
+            new = sum(1 for a, b in itertools.combinations(sorted(row), 2)
+                      if ((a, row[a]), (b, row[b])) in uncovered)
+            if new > best_new:
+                best, best_new = row, new
+        for a, b in itertools.combinations(sorted(best), 2):
+            uncovered.discard(((a, best[a]), (b, best[b])))
+        rows.append({names[f]: factors[names[f]][i] for f, i in best.items()})
+    return rows
+
+
+def case_id(case: Case) -> str:
+    """A short readable test id."""
+    parts = [f"B{case.B}H{case.Hq}/{case.Hkv}", f"S{case.Sq}x{case.Sk}", f"D{case.Dqk}" +
+             (f"v{case.Dv}" if case.Dv != case.Dqk else ""), str(case.dtype).replace("torch.", "")]
+    if case.causal:
+        parts.append("causal")
+    if case.window != (-1, -1):
+        parts.append(f"win{case.window[0]}_{case.window[1]}")
+    if case.num_global:
+        parts.append(f"G{case.num_global}")
+    if case.rel_bias is not None:
+        parts.append(f"rel{case.rel_bias}")
+    if case.alibi:
+        parts.append("alibi")
+    if case.span is not None:
+        parts.append(f"span{case.span}{'_'.join(f'{s:g}' for s in case.span_values)}R{case.span_ramp:g}")
+    if case.key_lengths is not None:
+        parts.append("kl" + "_".join(map(str, case.key_lengths)))
+    if case.scale != "default":
+        parts.append(f"scale{case.scale}")
+    if case.layout != "contiguous":
+        parts.append(case.layout)
+    return "-".join(parts)
+
+
+def for_device(case: Case, device: str) -> Case:
+    """Adapt a CPU case to `device` (dtype and head dims the device's kernels support)."""
+    if device == "cpu":
+        return case
+    dt = case.dtype if case.dtype in DEVICE_DTYPES[device] else torch.bfloat16
+    dqk = max(case.Dqk, DEVICE_HEAD_DIM[device])
+    dv = dqk if case.Dv == case.Dqk else DEVICE_HEAD_DIM_V[device]
+    return replace(case, device=device, dtype=dt, Dqk=dqk, Dv=dv)

@@ -1,0 +1,612 @@
+"""fastattn.nn modules against independent plain-PyTorch implementations (materialized softmax).
+
+Every module runs with impl="reference" (fastattn.reference) here; the impl="fused" tests
+compare the kernels against it and skip while the compiled ops are not registered.
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import nn as fnn
+
+TOL = dict(atol=2e-5, rtol=1e-4)
+FUSED_TOL = dict(atol=1e-4, rtol=1e-3)
+
+
+def _fused_ops_registered() -> bool:
+    try:
+        has = torch._C._dispatch_has_kernel_for_dispatch_key
+        return all(has(f"fastattn::{op}", "CPU") for op in ("attention", "rotary"))
+    except Exception:
+        return False
+
+
+FUSED = _fused_ops_registered()
+needs_fused = pytest.mark.skipif(not FUSED, reason="fastattn compiled ops are not registered")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny shapes: one thread is fastest, and immune to a busy machine's oversubscription
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+# ------------------------------------------------------------------ independent plain PyTorch
+def lin(x, layer):
+    y = x @ layer.weight.t()
+    return y if layer.bias is None else y + layer.bias
+
+
+def heads(t, n):
+    B, S, _ = t.shape
+    return t.reshape(B, S, n, -1).permute(0, 2, 1, 3)
+
+
+def merge(t):
+    B, H, S, D = t.shape
+    return t.permute(0, 2, 1, 3).reshape(B, S, H * D)
+
+
+def distances(Sq, Sk):
+    pq = torch.arange(Sq) + (Sk - Sq)  # bottom-right aligned
+    return pq[:, None] - torch.arange(Sk)[None, :]
+
+
+def naive_attention(q, k, v, *, scale, causal=False, window=(-1, -1), bias=None, span=None,
+                    ramp=32.0, key_lengths=None):
+    """softmax(scale q k^T + bias) over the allowed keys; with a span, the weights are
+    multiplied by the soft mask and renormalized."""
+    B, H, Sq, _ = q.shape
+    Sk = k.shape[2]
+    grp = torch.arange(H) // (H // k.shape[1])
+    k, v = k[:, grp], v[:, grp]
+    logits = torch.einsum("bhqd,bhkd->bhqk", q, k) * scale
+    if bias is not None:
+        logits = logits + bias
+    d = distances(Sq, Sk)
+    allowed = torch.ones(B, H, Sq, Sk, dtype=torch.bool)
+    if causal:
+        allowed &= d >= 0
+    if window[0] >= 0:
+        allowed &= d <= window[0]
+    if window[1] >= 0:
+        allowed &= d >= -window[1]
+    if key_lengths is not None:
+        allowed &= torch.arange(Sk)[None, None, None, :] < key_lengths[:, None, None, None]
+    w = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+    if span is not None:
+        sp = span.reshape(-1, H, 1, 1) if span.dim() == 2 else span.reshape(1, H, 1, 1)
+        m = ((ramp + sp - d.abs()) / ramp).clamp(0, 1)
+        w = w * m
+        w = w / w.sum(-1, keepdim=True)
+    return w @ v
+
+
+def naive_rope(x, inv_freq, positions, interleaved, rd):
+    """RoPE as complex multiplication: pairs (t, t+rd/2) or (2t, 2t+1) are complex numbers."""
+    ang = positions.to(inv_freq.dtype)[:, None] * inv_freq[None, :]
+    rot = torch.polar(torch.ones_like(ang), ang)
+    xr, rest = x[..., :rd], x[..., rd:]
+    if interleaved:
+        z = torch.view_as_complex(xr.reshape(*xr.shape[:-1], rd // 2, 2).contiguous()) * rot
+        y = torch.view_as_real(z).flatten(-2)
+    else:
+        z = torch.complex(xr[..., : rd // 2], xr[..., rd // 2:]) * rot
+        y = torch.cat([z.real, z.imag], dim=-1)
+    return torch.cat([y, rest], dim=-1)
+
+
+def naive_givens(thetas, pairs, D):
+    R = torch.eye(D)
+    for t, (i, j) in zip(thetas, pairs.tolist()):
+        G = torch.eye(D)
+        G[i, i] = torch.cos(t)
+        G[j, j] = torch.cos(t)
+        G[i, j] = -torch.sin(t)
+        G[j, i] = torch.sin(t)
+        R = R @ G
+    return R
+
+
+def naive_rotary_module(rot_mod, x, offset=0):
+    if rot_mod is None:
+        return x
+    if isinstance(rot_mod, fnn.GivensRotaryEmbedding):
+        x = x @ (naive_givens(rot_mod.thetas, rot_mod.rotation_pairs, rot_mod.head_dim)
+                 @ rot_mod.rotation_matrix)
+    pos = torch.arange(x.shape[2]) + offset
+    return naive_rope(x, rot_mod.inv_freq, pos, rot_mod.interleaved, rot_mod.rotary_dim)
+
+
+def naive_mha(m, x, xa=None, span=None, ramp=32.0, key_lengths=None):
+    q = heads(lin(x, m.q_proj), m.n_head)
+    src = x if xa is None else xa
+    k = heads(lin(src, m.k_proj), m.n_kv_head)
+    v = heads(lin(src, m.v_proj), m.n_kv_head)
+    q, k = naive_rotary_module(m.rotary, q), naive_rotary_module(m.rotary, k)
+    d = distances(q.shape[2], k.shape[2])
+    bias = torch.zeros(m.n_head, q.shape[2], k.shape[2])
+    if m.rel_bias is not None:
+        md = m.rel_bias.max_dist
+        bias = bias + m.rel_bias.pos_bias[d.clamp(1 - md, md - 1) + md - 1].permute(2, 0, 1)
+    if m.alibi_slopes is not None:
+        bias = bias - m.alibi_slopes[:, None, None] * d.abs()
+    scale = m.head_dim ** -0.5 if m.log_scale is None else torch.exp(m.log_scale)
+    o = naive_attention(q, k, v, scale=scale, causal=m.causal, window=m.window, bias=bias,
+                        span=span, ramp=ramp, key_lengths=key_lengths)
+    return lin(merge(o), m.out_proj)
+
+
+def naive_mla(m, x):
+    """DeepSeek-V2 MLA, expanded, from the module's weights."""
+    B, S, _ = x.shape
+    H, dn, dr, dv, dc = m.n_head, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim, m.kv_lora_rank
+
+    def rms(t, norm):
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + (norm.eps or torch.finfo(t.dtype).eps)) * norm.weight
+
+    if m.q_lora_rank is None:
+        q = lin(x, m.q_proj)
+    else:
+        q = lin(rms(lin(x, m.q_a_proj), m.q_a_norm), m.q_b_proj)
+    q = heads(q, H)
+    ckv = lin(x, m.kv_a_proj)
+    c, kr = rms(ckv[..., :dc], m.kv_a_norm), ckv[..., dc:]
+    pos = torch.arange(S)
+    q_rope = naive_rope(q[..., dn:], m.rotary.inv_freq, pos, m.rotary.interleaved, dr)
+    k_rope = naive_rope(kr[:, None], m.rotary.inv_freq, pos, m.rotary.interleaved, dr)
+    kv = heads(lin(c, m.kv_b_proj), H)
+    k = torch.cat([kv[..., :dn], k_rope.expand(B, H, S, dr)], -1)
+    qf = torch.cat([q[..., :dn], q_rope], -1)
+    o = naive_attention(qf, k, kv[..., dn:], scale=(dn + dr) ** -0.5, causal=m.causal, window=m.window)
+    return lin(merge(o), m.out_proj)
+
+
+def naive_hybrid(m, x):
+    ln = torch.nn.functional.layer_norm
+    g = naive_mha(m.attn_global, ln(x, (m.d_model,), m.ln_global.weight, m.ln_global.bias))
+    span = m.max_span * torch.sigmoid(lin(g.mean(1), m.span_pred))
+    loc = naive_mha(m.attn_local, ln(x, (m.d_model,), m.ln_local.weight, m.ln_local.bias),
+                    span=span, ramp=m.span_ramp)
+    return lin(torch.cat([loc, g], -1), m.projection), span
+
+
+def grads(module, *inputs):
+    return {**{n: p.grad for n, p in module.named_parameters()},
+            **{f"input{i}": t.grad for i, t in enumerate(inputs)}}
+
+
+def zero_grads(module, *inputs):
+    module.zero_grad(set_to_none=True)
+    for t in inputs:
+        t.grad = None
+
+
+def check_every_param_has_grad(module):
+    for n, p in module.named_parameters():
+        assert p.grad is not None, f"{n} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{n} has a non-finite gradient"
+        assert p.grad.abs().sum() > 0, f"{n} got an all-zero gradient"
+
+
+# ------------------------------------------------------------------ RelativePositionBias
+def test_relative_position_bias_forward_matches_table():
+    rb = fnn.RelativePositionBias(4, 3, init_std=1.0)
+    b = rb(5, 7)
+    assert b.shape == (1, 3, 5, 7)
+    for i in range(5):
+        for j in range(7):
+            d = max(-3, min(3, (i + 2) - j))
+            torch.testing.assert_close(b[0, :, i, j], rb.pos_bias[d + 3])
+
+
+def test_update_dist_keeps_learned_values():
+    rb = fnn.RelativePositionBias(4, 3, dtype=torch.float64)
+    with torch.no_grad():
+        rb.pos_bias.copy_(torch.randn(7, 3, dtype=torch.float64))
+    before = rb(9, 9).clone()
+    old = rb.pos_bias.detach().clone()
+    rb.update_dist(6)  # grow: every distance keeps its bias (the old table clamped there)
+    assert rb.max_dist == 6 and rb.pos_bias.shape == (11, 3)
+    assert rb.pos_bias.dtype == torch.float64 and rb.pos_bias.requires_grad
+    torch.testing.assert_close(rb.pos_bias[2:9], old)
+    torch.testing.assert_close(rb.pos_bias[:2], old[:1].expand(2, 3))
+    torch.testing.assert_close(rb.pos_bias[9:], old[-1:].expand(2, 3))
+    torch.testing.assert_close(rb(9, 9), before)
+    rb.update_dist(2)  # shrink: the central distances keep their values
+    assert rb.pos_bias.shape == (3, 3)
+    torch.testing.assert_close(rb.pos_bias, old[2:5])
+    # a checkpoint taken at another max_dist loads into a fresh module
+    fresh = fnn.RelativePositionBias(4, 3, dtype=torch.float64)
+    fresh.load_state_dict(rb.state_dict())
+    assert fresh.max_dist == 2
+    torch.testing.assert_close(fresh.pos_bias, rb.pos_bias)
+
+
+# ------------------------------------------------------------------ rotary
+@pytest.mark.parametrize("interleaved,rotary_dim", [(False, None), (True, None), (False, 4), (True, 6)])
+def test_rotary_matches_naive(interleaved, rotary_dim):
+    rot = fnn.RotaryEmbedding(8, base=100.0, learned_freq=True, interleaved=interleaved,
+                              rotary_dim=rotary_dim, impl="reference")
+    x = torch.randn(2, 3, 5, 8, requires_grad=True)
+    y = rot(x, offset=3)
+    ref = naive_rope(x, rot.inv_freq, torch.arange(5) + 3, interleaved, rot.rotary_dim)
+    torch.testing.assert_close(y, ref, **TOL)
+    gy = torch.randn_like(y)
+    g1 = torch.autograd.grad(y, (x, rot.inv_freq), gy)
+    g2 = torch.autograd.grad(ref, (x, rot.inv_freq), gy)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, **TOL)
+    assert isinstance(rot.inv_freq, torch.nn.Parameter)
+    assert not isinstance(fnn.RotaryEmbedding(8).inv_freq, torch.nn.Parameter)
+
+
+def test_givens_rotary_matches_naive_and_learns_everything():
+    g = fnn.GivensRotaryEmbedding(6, 9, base=50.0, init_std=0.5, impl="reference")
+    with torch.no_grad():
+        g.rotation_matrix.add_(0.1 * torch.randn(6, 6))
+    G = g.givens_matrix()
+    torch.testing.assert_close(G @ G.t(), torch.eye(6), **TOL)  # a rotation
+    torch.testing.assert_close(G, naive_givens(g.thetas, g.rotation_pairs, 6), **TOL)
+    assert len({tuple(p) for p in g.rotation_pairs.tolist()}) == 9
+    x = torch.randn(2, 2, 5, 6)
+    y = g(x)
+    torch.testing.assert_close(y, naive_rotary_module(g, x), **TOL)
+    y.pow(2).mul(torch.randn_like(y)).sum().backward()
+    check_every_param_has_grad(g)
+    assert set(g.state_dict()) == {"inv_freq", "thetas", "rotation_matrix", "rotation_pairs"}
+
+
+# ------------------------------------------------------------------ MultiheadAttention
+MHA_CONFIGS = {
+    "mha": dict(),
+    "gqa-rope-causal": dict(n_kv_head=2, rotary="rope", causal=True),
+    "mqa-givens-relbias": dict(n_kv_head=1, rotary="givens", n_rotations=5, rel_bias_max_dist=4),
+    "alibi-temp-window": dict(n_kv_head=2, alibi=True, learnable_temperature=True, window=(2, 1)),
+    "all": dict(n_kv_head=2, rotary="rope", interleaved=True, learned_freq=True, causal=True,
+                window=(3, -1), rel_bias_max_dist=3, alibi=True, learnable_temperature=True),
+}
+
+
+def make_mha(cfg, impl="reference"):
+    m = fnn.MultiheadAttention(16, 4, impl=impl, **MHA_CONFIGS[cfg])
+    with torch.no_grad():  # non-trivial learned positions
+        if m.rel_bias is not None:
+            m.rel_bias.pos_bias.normal_()
+        if isinstance(m.rotary, fnn.GivensRotaryEmbedding):
+            m.rotary.thetas.normal_()
+    return m
+
+
+@pytest.mark.parametrize("cfg", list(MHA_CONFIGS))
+def test_mha_matches_naive_forward_backward(cfg):
+    m = make_mha(cfg)
+    x = torch.randn(2, 6, 16, requires_grad=True)
+    out = m(x)
+    assert out.shape == (2, 6, 16)
+    gy = torch.randn_like(out)
+    out.backward(gy)
+    check_every_param_has_grad(m)
+    got = grads(m, x)
+    zero_grads(m, x)
+    ref = naive_mha(m, x)
+    torch.testing.assert_close(out, ref, **TOL)
+    ref.backward(gy)
+    for n, g in grads(m, x).items():
+        torch.testing.assert_close(got[n], g, **TOL, msg=lambda s: f"grad {n}: {s}")
+
+
+def test_mha_cross_attention_and_key_lengths():
+    m = fnn.MultiheadAttention(16, 4, 2, kdim=12, impl="reference")
+    x, xa = torch.randn(2, 5, 16), torch.randn(2, 7, 12)
+    kl = torch.tensor([7, 4])
+    torch.testing.assert_close(m(x, xa, key_lengths=kl), naive_mha(m, x, xa, key_lengths=kl), **TOL)
+    # the cache computes cross k/v once; later calls reuse them without xa
+    out1, cache = m(x[:, :2], xa, cache={})
+    assert set(cache) == {"cross_k", "cross_v"} and cache["cross_k"].shape == (2, 2, 7, 4)
+    out2, cache2 = m(x[:, 2:], cache=cache)
+    torch.testing.assert_close(torch.cat([out1, out2], 1), naive_mha(m, x, xa), **TOL)
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("rotary", ["rope", "givens"])
+def test_mha_kv_cache_decode_equals_full_pass(n_kv_head, rotary):
+    m = fnn.MultiheadAttention(16, 4, n_kv_head, rotary=rotary, causal=True, window=(4, -1),
+                               rel_bias_max_dist=3, alibi=True, impl="reference")
+    with torch.no_grad():
+        m.rel_bias.pos_bias.normal_()
+    x = torch.randn(2, 9, 16)
+    full = m(x)
+    out, cache = m(x[:, :3], cache={})  # prefill
+    outs = [out]
+    for t in range(3, 9):
+        out, cache = m(x[:, t:t + 1], cache=cache)
+        outs.append(out)
+    torch.testing.assert_close(torch.cat(outs, 1), full, **TOL)
+    assert set(cache) == {"k", "v"} and cache["k"].shape == (2, n_kv_head, 9, 4)
+
+
+# ------------------------------------------------------------------ MLA
+def make_mla(impl="reference", **kw):
+    return fnn.MultiheadLatentAttention(16, 4, 6, qk_nope_head_dim=4, qk_rope_head_dim=2,
+                                        v_head_dim=3, impl=impl, **kw)
+
+
+@pytest.mark.parametrize("q_lora_rank", [None, 5])
+def test_mla_matches_naive_and_absorbed_equals_expanded(q_lora_rank):
+    m = make_mla(q_lora_rank=q_lora_rank)
+    with torch.no_grad():
+        for p in m.parameters():  # RMSNorm weights away from 1
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    exp = m(x)
+    ref = naive_mla(m, x)
+    torch.testing.assert_close(exp, ref, **TOL)
+    gy = torch.randn_like(exp)
+    exp.backward(gy)
+    check_every_param_has_grad(m)
+    g_exp = grads(m, x)
+    zero_grads(m, x)
+    ab = m(x, absorb=True)
+    torch.testing.assert_close(ab, exp, **TOL)
+    ab.backward(gy)
+    for n, g in grads(m, x).items():
+        torch.testing.assert_close(g, g_exp[n], **TOL, msg=lambda s: f"grad {n}: {s}")
+
+
+def test_mla_kv_cache_holds_latent_only_and_decode_equals_full_pass():
+    m = make_mla()
+    x = torch.randn(2, 8, 16)
+    full = m(x)  # expanded
+    out, cache = m(x[:, :2], cache={})
+    outs = [out]
+    for t in range(2, 8):
+        out, cache = m(x[:, t:t + 1], cache=cache)  # absorbed, over the cached latent
+        outs.append(out)
+    torch.testing.assert_close(torch.cat(outs, 1), full, **TOL)
+    assert set(cache) == {"latent", "k_rope"}
+    assert cache["latent"].shape == (2, 8, 6) and cache["k_rope"].shape == (2, 8, 2)
+    # the expanded path over the same cache agrees too
+    past = {"latent": cache["latent"][:, :7], "k_rope": cache["k_rope"][:, :7]}
+    out_e, _ = m(x[:, 7:8], cache=past, absorb=False)
+    torch.testing.assert_close(out_e, full[:, 7:8], **TOL)
+
+
+# ------------------------------------------------------------------ adaptive span / hybrid
+def test_adaptive_span_matches_naive_and_span_learns():
+    m = fnn.AdaptiveSpanAttention(16, 4, max_span=6, span_ramp=3, n_kv_head=2, rotary="rope",
+                                  impl="reference")
+    with torch.no_grad():
+        m.span_frac.copy_(torch.tensor([0.1, 0.4, 0.7, 1.0]))
+    x = torch.randn(2, 12, 16, requires_grad=True)
+    out = m(x)
+    gy = torch.randn_like(out)
+    (out * gy).sum().add(m.span_loss()).backward()
+    check_every_param_has_grad(m)
+    got = grads(m, x)
+    zero_grads(m, x)
+    ref = naive_mha(m, x, span=m.span(), ramp=3.0)
+    torch.testing.assert_close(out, ref, **TOL)
+    (ref * gy).sum().add(m.span_loss()).backward()
+    for n, g in grads(m, x).items():
+        torch.testing.assert_close(got[n], g, **TOL, msg=lambda s: f"grad {n}: {s}")
+    assert m.span_frac.grad.abs().min() > 0
+    with torch.no_grad():
+        m.span_frac.add_(torch.tensor([-1.0, 0.0, 0.0, 1.0]))
+    m.clamp_span_()
+    assert m.span_frac.min() >= 0 and m.span_frac.max() <= 1
+    # decode with a cache == full pass
+    full = m(x).detach()
+    outs, cache = [], {}
+    for t in range(12):
+        o, cache = m(x[:, t:t + 1].detach(), cache=cache)
+        outs.append(o)
+    torch.testing.assert_close(torch.cat(outs, 1), full, **TOL)
+
+
+def test_hybrid_matches_naive_and_predictor_gets_gradients():
+    m = fnn.HybridAttention(16, 4, max_span=5, span_ramp=2, n_kv_head=2, rotary="rope",
+                            impl="reference")
+    x = torch.randn(2, 10, 16, requires_grad=True)
+    out, span = m(x, return_span=True)
+    assert out.shape == (2, 10, 16) and span.shape == (2, 4)
+    gy = torch.randn_like(out)
+    out.backward(gy)
+    check_every_param_has_grad(m)  # span_pred included: its gradient comes through the span
+    got = grads(m, x)
+    zero_grads(m, x)
+    ref, ref_span = naive_hybrid(m, x)
+    torch.testing.assert_close(out, ref, **TOL)
+    torch.testing.assert_close(span, ref_span, **TOL)
+    ref.backward(gy)
+    for n, g in grads(m, x).items():
+        torch.testing.assert_close(got[n], g, **TOL, msg=lambda s: f"grad {n}: {s}")
+
+
+def test_hybrid_key_lengths_pool_only_valid_positions():
+    m = fnn.HybridAttention(16, 4, max_span=5, span_ramp=2, causal=False, impl="reference")
+    x = torch.randn(2, 6, 16)
+    y = x.clone()
+    y[1, 4:] = 100.0  # padding
+    kl = torch.tensor([6, 4])
+    a, sa = m(x, key_lengths=kl, return_span=True)
+    b, sb = m(y, key_lengths=kl, return_span=True)
+    torch.testing.assert_close(sa, sb)
+    torch.testing.assert_close(a[:, :4], b[:, :4], **TOL)
+
+
+# ------------------------------------------------------------------ fused vs reference
+FUSED_BUILDERS = {
+    "mha-all": lambda impl: make_mha("all", impl),
+    "mqa-givens-relbias": lambda impl: make_mha("mqa-givens-relbias", impl),
+    "mla": lambda impl: make_mla(impl),
+    "mla-absorbed": lambda impl: make_mla(impl),
+    "adaptive-span": lambda impl: fnn.AdaptiveSpanAttention(16, 4, max_span=6, span_ramp=3,
+                                                            rotary="rope", impl=impl),
+    "hybrid": lambda impl: fnn.HybridAttention(16, 4, max_span=5, span_ramp=2, n_kv_head=2,
+                                               rel_bias_max_dist=4, impl=impl),
+}
+
+
+@needs_fused
+@pytest.mark.parametrize("name", list(FUSED_BUILDERS))
+def test_fused_matches_reference_forward_backward(name):
+    fused = FUSED_BUILDERS[name]("fused")
+    ref = fnn.set_impl(copy.deepcopy(fused), "reference")
+    kw = dict(absorb=True) if name == "mla-absorbed" else {}
+    x = torch.randn(2, 37, 16)
+    xf, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    of, orf = fused(xf, **kw), ref(xr, **kw)
+    torch.testing.assert_close(of, orf, **FUSED_TOL)
+    gy = torch.randn_like(of)
+    of.backward(gy)
+    orf.backward(gy)
+    gf, gr = grads(fused, xf), grads(ref, xr)
+    for n in gr:
+        torch.testing.assert_close(gf[n], gr[n], **FUSED_TOL, msg=lambda s: f"grad {n}: {s}")
+
+
+@needs_fused
+def test_fused_kv_cache_decode_equals_full_pass():
+    for m in (make_mha("all", "fused"), make_mla("fused")):
+        x = torch.randn(2, 6, 16)
+        full = m(x)
+        outs, cache = [], {}
+        for t in range(6):
+            o, cache = m(x[:, t:t + 1], cache=cache)
+            outs.append(o)
+        torch.testing.assert_close(torch.cat(outs, 1), full, **FUSED_TOL)
+
+
+def test_set_impl_switches_every_module():
+    m = torch.nn.Sequential(make_mha("all", "fused"), fnn.HybridAttention(16, 4, impl="fused"))
+    fnn.set_impl(m, "reference")
+    impls = {mod.impl for mod in m.modules() if hasattr(mod, "impl")}
+    assert impls == {"reference"}
+    with pytest.raises(ValueError, match="impl"):
+        fnn.set_impl(m, "cuda")
+
+
+# ------------------------------------------------------------------ torch.compile
+class _AllModules(torch.nn.Module):
+    def __init__(self, impl):
+        super().__init__()
+        self.mha = fnn.MultiheadAttention(16, 4, 2, rotary="givens", n_rotations=3, causal=True,
+                                          rel_bias_max_dist=4, alibi=True,
+                                          learnable_temperature=True, impl=impl)
+        self.mla = make_mla(impl)
+        self.span = fnn.AdaptiveSpanAttention(16, 4, max_span=4, span_ramp=2, impl=impl)
+        self.hybrid = fnn.HybridAttention(16, 4, max_span=4, span_ramp=2, impl=impl)
+
+    def forward(self, x):
+        x = x + self.mha(x)
+        x = x + self.mla(x) + self.mla(x, absorb=True)
+        x = x + self.span(x)
+        return x + self.hybrid(x)
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_all_modules():
+    """No graph break anywhere (dynamo only: the eager backend keeps it fast)."""
+    impl = "fused" if FUSED else "reference"
+    m = _AllModules(impl)
+    torch._dynamo.reset()
+    cm = torch.compile(m, fullgraph=True, backend="eager")
+    x = torch.randn(2, 9, 16)
+    out = cm(x)
+    torch.testing.assert_close(out, m(x), **FUSED_TOL)
+    out.sum().backward()
+    check_every_param_has_grad(m)
+
+
+@pytest.mark.slow
+@needs_fused
+def test_compile_fullgraph_aot_fused_hybrid():
+    """Through AOTAutograd: the fused ops' fake kernels and autograd formulas, span included."""
+    m = fnn.HybridAttention(16, 4, max_span=4, span_ramp=2, n_kv_head=2, rotary="givens",
+                            rel_bias_max_dist=3, learnable_temperature=True, impl="fused")
+    ref = fnn.set_impl(copy.deepcopy(m), "reference")
+    torch._dynamo.reset()
+    cm = torch.compile(m, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 9, 16)
+    out = cm(x)
+    ref_out = ref(x)
+    torch.testing.assert_close(out, ref_out, **FUSED_TOL)
+    out.sum().backward()
+    ref_out.sum().backward()
+    for (n, p), (_, q) in zip(m.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, **FUSED_TOL, msg=lambda s: f"grad {n}: {s}")
+
+
+# ------------------------------------------------------------------ bad arguments
+BAD = [
+    (lambda: fnn.MultiheadAttention(30, 4), ValueError, "d_model must be divisible by n_head"),
+    (lambda: fnn.MultiheadAttention(32, 4, 3), ValueError, "n_kv_head"),
+    (lambda: fnn.MultiheadAttention(20, 4, rotary="rope"), ValueError, "even head_dim"),
+    (lambda: fnn.MultiheadAttention(32, 4, rotary="alibi"), ValueError, "rotary must be one of"),
+    (lambda: fnn.MultiheadAttention(32, 4, window=(-2, 0)), ValueError, "window"),
+    (lambda: fnn.MultiheadAttention(32, 4, window=5), ValueError, "window"),
+    (lambda: fnn.MultiheadAttention(32, 4, impl="cuda"), ValueError, "impl"),
+    (lambda: fnn.MultiheadAttention(32, 0), ValueError, "n_head"),
+    (lambda: fnn.MultiheadAttention(32.0, 4), TypeError, "d_model"),
+    (lambda: fnn.RotaryEmbedding(7), ValueError, "even head_dim"),
+    (lambda: fnn.RotaryEmbedding(8, rotary_dim=10), ValueError, "rotary_dim"),
+    (lambda: fnn.RotaryEmbedding(8, rotary_dim=3), ValueError, "rotary_dim"),
+    (lambda: fnn.RotaryEmbedding(8, base=0), ValueError, "base"),
+    (lambda: fnn.GivensRotaryEmbedding(4, 7), ValueError, "n_rotations"),
+    (lambda: fnn.RelativePositionBias(0, 4), ValueError, "max_dist"),
+    (lambda: fnn.RelativePositionBias(4, 4).update_dist(0), ValueError, "new_dist"),
+    (lambda: fnn.MultiheadLatentAttention(30, 4, 8), ValueError, "d_model must be divisible"),
+    (lambda: fnn.MultiheadLatentAttention(32, 4, 8, qk_rope_head_dim=3), ValueError, "qk_rope_head_dim"),
+    (lambda: fnn.MultiheadLatentAttention(32, 4, 0), ValueError, "kv_lora_rank"),
+    (lambda: fnn.AdaptiveSpanAttention(32, 4, max_span=0), ValueError, "max_span"),
+    (lambda: fnn.AdaptiveSpanAttention(32, 4, max_span=8, span_init=1.5), ValueError, "span_init"),
+    (lambda: fnn.HybridAttention(32, 4, span_ramp=-1), ValueError, "span_ramp"),
+    (lambda: fnn.HybridAttention(32, 4, window=(1, 1)), ValueError, "window"),
+]
+
+
+@pytest.mark.parametrize("i", range(len(BAD)))
+def test_bad_constructor_arguments(i):
+    fn, exc, match = BAD[i]
+    with pytest.raises(exc, match=match):
+        fn()
+
+
+def test_bad_forward_arguments():
+    m = fnn.MultiheadAttention(16, 4, rotary="rope", impl="reference")
+    with pytest.raises(ValueError, match="d_model=16"):
+        m(torch.randn(2, 5, 12))
+    with pytest.raises(ValueError, match="shape"):
+        m(torch.randn(5, 16))
+    with pytest.raises(TypeError, match="floating"):
+        m(torch.ones(2, 5, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match="cross-attention"):
+        m(torch.randn(2, 5, 16), torch.randn(2, 3, 16))
+    c = fnn.MultiheadAttention(16, 4, kdim=8, impl="reference")
+    with pytest.raises(ValueError, match="kdim=8"):
+        c(torch.randn(2, 5, 16), torch.randn(2, 3, 16))
+    with pytest.raises(ValueError, match="head_dim"):
+        fnn.RotaryEmbedding(8, impl="reference")(torch.randn(1, 2, 3, 6))
+    with pytest.raises(ValueError, match="d_model"):
+        make_mla()(torch.randn(2, 3, 8))
+    with pytest.raises(ValueError, match="d_model"):
+        fnn.HybridAttention(16, 4, impl="reference")(torch.randn(2, 3, 8))
+
+
+def test_alibi_slopes_values():
+    torch.testing.assert_close(fnn.alibi_slopes(8), torch.tensor([2.0 ** -(i + 1) for i in range(8)]))
+    s = fnn.alibi_slopes(6)  # non power of two: 4 from the 4-head sequence, 2 from the 8-head one
+    torch.testing.assert_close(s, torch.tensor([2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3]))
