@@ -1,0 +1,535 @@
+// CUDA implementation of the fastattn::attention and fastattn::attention_backward ops
+// (schemas in csrc/fastattn.cpp, semantics in fastattn/reference.py::attention, mask and bias
+// rules in common/attention_params.h).
+//
+// This file checks the inputs (a direct torch.ops call with bad shapes must never reach a
+// kernel), fills AttentionParams, picks the compiled head-dim class and launches the kernels of
+// attention_fwd_kernel.cuh / attention_bwd_kernel.cuh.
+//
+// Supported: float16 and bfloat16 (tensor cores, sm_80+), float32 (CUDA cores, exact fp32);
+// float64 is CPU-only. Any head dims Dqk, Dv <= 256: both are zero-padded in shared memory to
+// the next compiled class 32, 64, 96, 128 or 256 (the larger of the two decides).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#if !defined(FASTATTN_CUDA_EMULATION)
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAException.h>
+#endif
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+
+#include "attention_bwd_kernel.cuh"
+#include "attention_fwd_kernel.cuh"
+#include "attention_utils.cuh"
+#include "common/attention_params.h"
+#include "common/checks.h"
+#include "common/dispatch.h"
+
+namespace fastattn {
+namespace cuda_attn {
+
+#if !defined(FASTATTN_CUDA_EMULATION)
+// The device, stream and limits one op call runs with (switches to the inputs' device).
+class DeviceContext {
+ public:
+  explicit DeviceContext(const at::Tensor& t)
+      : guard_(t.device()),
+        stream_(at::cuda::getCurrentCUDAStream()),
+        props_(at::cuda::getCurrentDeviceProperties()) {}
+  cudaStream_t stream() const { return stream_; }
+  int major() const { return props_->major; }
+  int minor() const { return props_->minor; }
+  size_t max_smem_per_block() const { return props_->sharedMemPerBlockOptin; }
+
+ private:
+  c10::cuda::CUDAGuard guard_;
+  cudaStream_t stream_;
+  const cudaDeviceProp* props_;
+};
+
+// kernel<<<blocks, threads, smem_bytes, stream>>>(args), after checking the grid and shared
+// memory limits and raising the kernel's dynamic shared memory limit above the default 48 KB.
+template <typename Args>
+void launch(void (*kernel)(Args), int64_t blocks, int threads, size_t smem_bytes,
+            const DeviceContext& ctx, const Args& args, const char* name) {
+  if (blocks == 0) return;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "fastattn: ", name, " needs ",
+              blocks, " thread blocks, more than CUDA allows (2^31 - 1); split the batch");
+  TORCH_CHECK(smem_bytes <= ctx.max_smem_per_block(), "fastattn: ", name, " needs ", smem_bytes,
+              " bytes of shared memory per block and this GPU allows ", ctx.max_smem_per_block(),
+              "; use a smaller head dim, or float16/bfloat16 instead of float32");
+  if (smem_bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem_bytes)));
+  }
+  kernel<<<static_cast<unsigned int>(blocks), threads, smem_bytes, ctx.stream()>>>(args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+#endif  // otherwise the emulator (fastattn_cuda_emulation.h) provides both
+
+namespace {
+
+// Under the CPU emulator (development aid, see attention_utils.cuh) "device" tensors live on
+// the CPU.
+#if defined(FASTATTN_CUDA_EMULATION)
+constexpr bool kEmulation = true;
+#else
+constexpr bool kEmulation = false;
+#endif
+
+// at::Half / at::BFloat16 have the layout of CUDA's __half / __nv_bfloat16.
+template <typename scalar_t>
+struct DeviceType {
+  using type = scalar_t;
+};
+template <>
+struct DeviceType<at::Half> {
+  using type = __half;
+};
+template <>
+struct DeviceType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+template <typename T>
+const T* data_of(const at::Tensor& t) {
+  return reinterpret_cast<const T*>(t.data_ptr());
+}
+template <typename T>
+T* mutable_data_of(at::Tensor& t) {
+  return reinterpret_cast<T*>(t.data_ptr());
+}
+
+constexpr int64_t kMaxHeadDim = 256;
+
+// The compiled head-dim class (padded size) for a head dim <= kMaxHeadDim.
+int padded_head_dim(int64_t d) {
+  return d <= 32 ? 32 : d <= 64 ? 64 : d <= 96 ? 96 : d <= 128 ? 128 : 256;
+}
+
+// Calls body(std::integral_constant<int, kD>) for the class of head_dim.
+template <typename F>
+void dispatch_head_dim(int64_t head_dim, F&& body) {
+  switch (padded_head_dim(head_dim)) {
+    case 32: body(std::integral_constant<int, 32>()); break;
+    case 64: body(std::integral_constant<int, 64>()); break;
+    case 96: body(std::integral_constant<int, 96>()); break;
+    case 128: body(std::integral_constant<int, 128>()); break;
+    default: body(std::integral_constant<int, 256>()); break;
+  }
+}
+
+// Whether 16-byte vector copies of t's rows are safe: an aligned base and batch/head/sequence
+// strides that keep every row start aligned. Otherwise the kernels copy element by element.
+bool vector_friendly(const at::Tensor& t) {
+  const int64_t chunk = 16 / static_cast<int64_t>(t.element_size());
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
+    if (t.stride(d) % chunk != 0) return false;
+  }
+  return true;
+}
+
+// The kernels need a contiguous last dim; other strides are used as they are.
+at::Tensor last_dim_contiguous(const at::Tensor& t) {
+  return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
+}
+
+// Checked inputs, in the form the kernels read them.
+struct Prepared {
+  at::Tensor q, k, v;
+  // fp32 / int64 contiguous device copies of the small inputs (undefined when absent); they
+  // own the memory AttentionParams points to.
+  at::Tensor rel_bias, alibi_slopes, span, key_lengths, scale;
+  AttentionParams params;
+  const float* scale_ptr = nullptr;  // device pointer to the scale tensor's value, or null
+};
+
+Prepared prepare_inputs(const DeviceContext& ctx, const at::Tensor& q_in, const at::Tensor& k_in,
+                        const at::Tensor& v_in, double scale,
+                        const std::optional<at::Tensor>& scale_tensor, bool causal,
+                        int64_t window_left, int64_t window_right,
+                        const std::optional<at::Tensor>& rel_bias,
+                        const std::optional<at::Tensor>& alibi_slopes,
+                        const std::optional<at::Tensor>& span, double span_ramp,
+                        int64_t num_global, const std::optional<at::Tensor>& key_lengths) {
+  check_rank(q_in, 4, "q");
+  check_rank(k_in, 4, "k");
+  check_rank(v_in, 4, "v");
+  TORCH_CHECK(q_in.is_cuda() || kEmulation, "fastattn: q must be a CUDA tensor here, got ", q_in.device());
+  check_same_device(k_in, q_in, "k", "q");
+  check_same_device(v_in, q_in, "v", "q");
+  check_floating(q_in, "q");
+  TORCH_CHECK(q_in.scalar_type() != at::kDouble,
+              "fastattn: float64 attention is CPU-only; on CUDA use float32, float16 or "
+              "bfloat16 (got q of dtype ", q_in.scalar_type(), ")");
+  check_same_dtype(k_in, q_in, "k", "q");
+  check_same_dtype(v_in, q_in, "v", "q");
+  if (q_in.scalar_type() != at::kFloat) {
+    TORCH_CHECK(ctx.major() >= 8, "fastattn: float16/bfloat16 attention on CUDA uses sm_80 "
+                "tensor-core instructions and needs compute capability 8.0 or newer; this GPU is "
+                "sm_", ctx.major(), ctx.minor(), ". Use float32 inputs or the CPU.");
+  }
+
+  const int64_t B = q_in.size(0), Hq = q_in.size(1), Sq = q_in.size(2), Dqk = q_in.size(3);
+  check_size(k_in, 0, B, "k", "batch");
+  check_size(v_in, 0, B, "v", "batch");
+  const int64_t Hkv = k_in.size(1), Sk = k_in.size(2), Dv = v_in.size(3);
+  check_size(v_in, 1, Hkv, "v", "heads");
+  check_size(v_in, 2, Sk, "v", "sequence length");
+  check_size(k_in, 3, Dqk, "k", "head dim");
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "fastattn: q's heads (", Hq,
+              ") must be a multiple of k/v's heads (", Hkv, ")");
+  TORCH_CHECK(Dqk <= kMaxHeadDim && Dv <= kMaxHeadDim,
+              "fastattn: the CUDA attention kernels support head dims up to ", kMaxHeadDim,
+              " (any size, padded to 32, 64, 96, 128 or 256), got Dqk = ", Dqk, " and Dv = ", Dv);
+  TORCH_CHECK(window_left >= -1 && window_right >= -1,
+              "fastattn: window entries must be >= -1 (-1 = unbounded), got (", window_left, ", ",
+              window_right, ")");
+  TORCH_CHECK(num_global >= 0, "fastattn: num_global must be >= 0, got ", num_global);
+
+  Prepared in;
+  in.q = last_dim_contiguous(q_in);
+  in.k = last_dim_contiguous(k_in);
+  in.v = last_dim_contiguous(v_in);
+  AttentionParams& p = in.params;
+  p.batch = B;
+  p.heads_q = Hq;
+  p.heads_kv = Hkv;
+  p.seqlen_q = Sq;
+  p.seqlen_k = Sk;
+  p.head_dim_qk = Dqk;
+  p.head_dim_v = Dv;
+  p.q_stride_b = in.q.stride(0);
+  p.q_stride_h = in.q.stride(1);
+  p.q_stride_s = in.q.stride(2);
+  p.k_stride_b = in.k.stride(0);
+  p.k_stride_h = in.k.stride(1);
+  p.k_stride_s = in.k.stride(2);
+  p.v_stride_b = in.v.stride(0);
+  p.v_stride_h = in.v.stride(1);
+  p.v_stride_s = in.v.stride(2);
+  p.causal = causal;
+  p.window_left = window_left;
+  p.window_right = window_right;
+  p.num_global = num_global;
+
+  p.scale = static_cast<float>(scale);
+  if (present(scale_tensor)) {
+    const at::Tensor& s = *scale_tensor;
+    TORCH_CHECK(s.numel() == 1, "fastattn: scale_tensor must be a 0-dim tensor, got shape ",
+                s.sizes());
+    check_floating(s, "scale_tensor");
+    if (s.is_cpu() && !kEmulation) {
+      p.scale = s.item<float>();  // a host value: no device sync
+    } else {
+      check_same_device(s, q_in, "scale_tensor", "q");
+      in.scale = as_fp32_contiguous(s);  // stays on the device: read by the kernels
+      in.scale_ptr = in.scale.data_ptr<float>();
+    }
+  }
+  if (present(rel_bias)) {
+    const at::Tensor& t = *rel_bias;
+    check_rank(t, 2, "rel_bias");
+    check_same_device(t, q_in, "rel_bias", "q");
+    check_floating(t, "rel_bias");
+    TORCH_CHECK(t.size(0) % 2 == 1, "fastattn: rel_bias must be (2 * max_dist - 1, Hq): its "
+                "first dim must be odd, got shape ", t.sizes());
+    check_size(t, 1, Hq, "rel_bias", "heads");
+    in.rel_bias = as_fp32_contiguous(t);
+    p.rel_bias = in.rel_bias.data_ptr<float>();
+    p.max_dist = (t.size(0) + 1) / 2;
+  }
+  if (present(alibi_slopes)) {
+    const at::Tensor& t = *alibi_slopes;
+    check_rank(t, 1, "alibi_slopes");
+    check_same_device(t, q_in, "alibi_slopes", "q");
+    check_floating(t, "alibi_slopes");
+    check_size(t, 0, Hq, "alibi_slopes", "heads");
+    in.alibi_slopes = as_fp32_contiguous(t);
+    p.alibi_slopes = in.alibi_slopes.data_ptr<float>();
+  }
+  if (present(span)) {
+    const at::Tensor& t = *span;
+    TORCH_CHECK((t.dim() == 2 && t.size(0) == B && t.size(1) == Hq) ||
+                    (t.dim() == 1 && t.size(0) == Hq),
+                "fastattn: span must be (B, Hq) = (", B, ", ", Hq, ") or (Hq,) = (", Hq,
+                ",), got shape ", t.sizes());
+    check_same_device(t, q_in, "span", "q");
+    check_floating(t, "span");
+    TORCH_CHECK(span_ramp > 0, "fastattn: span_ramp must be > 0, got ", span_ramp);
+    in.span = as_fp32_contiguous(t);
+    p.span = in.span.data_ptr<float>();
+    p.span_stride_b = t.dim() == 2 ? Hq : 0;
+  }
+  p.span_ramp = static_cast<float>(span_ramp);
+  if (present(key_lengths)) {
+    const at::Tensor& t = *key_lengths;
+    check_rank(t, 1, "key_lengths");
+    check_same_device(t, q_in, "key_lengths", "q");
+    TORCH_CHECK(at::isIntegralType(t.scalar_type(), /*includeBool=*/false),
+                "fastattn: key_lengths must be an integer tensor, got ", t.scalar_type());
+    check_size(t, 0, B, "key_lengths", "batch");
+    in.key_lengths = t.to(at::kLong).contiguous();
+    p.key_lengths = in.key_lengths.data_ptr<int64_t>();
+  }
+  return in;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+template <typename T, int kD>
+void run_forward(const DeviceContext& ctx, const Prepared& in, at::Tensor& out, at::Tensor& lse) {
+  using Cfg = FwdConfig<T, kD>;
+  const AttentionParams& p = in.params;
+  FwdArgs<T> a;
+  a.p = p;
+  a.p.o_stride_b = out.stride(0);
+  a.p.o_stride_h = out.stride(1);
+  a.p.o_stride_s = out.stride(2);
+  a.q = data_of<T>(in.q);
+  a.k = data_of<T>(in.k);
+  a.v = data_of<T>(in.v);
+  a.out = mutable_data_of<T>(out);
+  a.lse = lse.data_ptr<float>();
+  a.scale_ptr = in.scale_ptr;
+  a.num_q_blocks = ceil_div(p.seqlen_q, Cfg::kBlockQ);
+  a.q_vec = vector_friendly(in.q);
+  a.k_vec = vector_friendly(in.k);
+  a.v_vec = vector_friendly(in.v);
+  a.out_vec = vector_friendly(out);
+  launch(&attention_fwd_kernel<T, kD>, a.num_q_blocks * p.batch * p.heads_q, Cfg::kThreads,
+         Cfg::kSmemBytes, ctx, a, "attention forward");
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+    const std::optional<at::Tensor>& scale_tensor, bool causal, int64_t window_left,
+    int64_t window_right, const std::optional<at::Tensor>& rel_bias,
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& span,
+    double span_ramp, int64_t num_global, const std::optional<at::Tensor>& key_lengths) {
+  check_rank(q, 4, "q");
+  DeviceContext ctx(q);
+  Prepared in = prepare_inputs(ctx, q, k, v, scale, scale_tensor, causal, window_left,
+                               window_right, rel_bias, alibi_slopes, span, span_ramp, num_global,
+                               key_lengths);
+  const AttentionParams& p = in.params;
+  at::Tensor out = at::empty({p.batch, p.heads_q, p.seqlen_q, p.head_dim_v}, in.q.options());
+  at::Tensor lse = at::empty({p.batch, p.heads_q, p.seqlen_q}, in.q.options().dtype(at::kFloat));
+  FASTATTN_DISPATCH_CUDA_FLOATING(in.q.scalar_type(), "fastattn::attention (CUDA)", [&] {
+    using T = typename DeviceType<scalar_t>::type;
+    dispatch_head_dim(std::max(p.head_dim_qk, p.head_dim_v), [&](auto head_dim) {
+      run_forward<T, decltype(head_dim)::value>(ctx, in, out, lse);
+    });
+  });
+  return {out, lse};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+
+// Query splits per (b, h) of the dQ kernel when it also reduces the bias/span gradients: each
+// block owns a partial row buffer of the table, so fewer blocks mean less memory; aim for about
+// this many blocks in total (enough to fill a GPU), never more than one per query block.
+constexpr int64_t kTargetGradBlocks = 1024;
+
+struct BackwardTensors {
+  at::Tensor dout, out, lse, grad_lse;  // normalized inputs (grad_lse may be undefined)
+  at::Tensor dq, dk, dv;                // outputs
+  at::Tensor grad_rel_bias, grad_span;  // fp32 outputs when asked for (else undefined)
+  bool want_bias_grad = false, want_span_grad = false;
+};
+
+template <typename T, int kD>
+void run_backward(const DeviceContext& ctx, const Prepared& in, BackwardTensors& bt) {
+  const AttentionParams& p = in.params;
+  const int64_t B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, Sq = p.seqlen_q, Sk = p.seqlen_k;
+
+  // Kernel 1: delta.
+  at::Tensor delta = at::empty({B, Hq, Sq}, bt.lse.options());
+  {
+    DeltaArgs<T> a;
+    a.dout = data_of<T>(bt.dout);
+    a.out = data_of<T>(bt.out);
+    a.grad_lse = bt.grad_lse.defined() ? bt.grad_lse.data_ptr<float>() : nullptr;
+    a.delta = delta.data_ptr<float>();
+    a.total_rows = B * Hq * Sq;
+    a.heads = Hq;
+    a.seqlen = Sq;
+    a.head_dim = p.head_dim_v;
+    a.dout_stride_b = bt.dout.stride(0);
+    a.dout_stride_h = bt.dout.stride(1);
+    a.dout_stride_s = bt.dout.stride(2);
+    a.out_stride_b = bt.out.stride(0);
+    a.out_stride_h = bt.out.stride(1);
+    a.out_stride_s = bt.out.stride(2);
+    launch(&attention_bwd_delta_kernel<T>, ceil_div(a.total_rows, kDeltaWarps), kDeltaWarps * 32,
+           0, ctx, a, "attention backward (delta)");
+  }
+
+  BwdArgs<T> a;
+  a.p = p;
+  a.q = data_of<T>(in.q);
+  a.k = data_of<T>(in.k);
+  a.v = data_of<T>(in.v);
+  a.dout = data_of<T>(bt.dout);
+  a.dout_stride_b = bt.dout.stride(0);
+  a.dout_stride_h = bt.dout.stride(1);
+  a.dout_stride_s = bt.dout.stride(2);
+  a.lse = bt.lse.data_ptr<float>();
+  a.delta = delta.data_ptr<float>();
+  a.scale_ptr = in.scale_ptr;
+  a.dq = mutable_data_of<T>(bt.dq);
+  a.dk = mutable_data_of<T>(bt.dk);
+  a.dv = mutable_data_of<T>(bt.dv);
+  a.bias_partial = nullptr;
+  a.span_partial = nullptr;
+  a.q_vec = vector_friendly(in.q);
+  a.k_vec = vector_friendly(in.k);
+  a.v_vec = vector_friendly(in.v);
+  a.dout_vec = vector_friendly(bt.dout);
+
+  // Kernel 2: dK, dV.
+  using KV = BwdKVConfig<T, kD>;
+  a.num_k_blocks = ceil_div(Sk, KV::kBlockK);
+  a.n_split = 1;
+  launch(&attention_bwd_dkdv_kernel<T, kD>, a.num_k_blocks * B * Hkv, KV::kThreads,
+         KV::kSmemBytes, ctx, a, "attention backward (dK, dV)");
+
+  // Kernel 3: dQ and the per-block partials of the bias / span gradients.
+  using QC = BwdQConfig<T, kD>;
+  const int64_t num_q_blocks = ceil_div(Sq, QC::kBlockQ);
+  int64_t n_split = num_q_blocks;
+  if ((bt.want_bias_grad || bt.want_span_grad) && B * Hq > 0) {
+    n_split = std::min(num_q_blocks, std::max<int64_t>(1, ceil_div(kTargetGradBlocks, B * Hq)));
+  }
+  a.n_split = n_split;
+  const int64_t table_rows = 2 * p.max_dist - 1;
+  at::Tensor bias_partial, span_partial;
+  if (bt.want_bias_grad) {
+    bias_partial = at::zeros({B * Hq * n_split, table_rows}, bt.lse.options());
+    a.bias_partial = bias_partial.data_ptr<float>();
+  }
+  if (bt.want_span_grad) {
+    span_partial = at::zeros({B * Hq * n_split}, bt.lse.options());
+    a.span_partial = span_partial.data_ptr<float>();
+  }
+  const size_t dq_smem = QC::kSmemBytesBase + (bt.want_bias_grad ? QC::kSmemBytesBias : 0);
+  launch(&attention_bwd_dq_kernel<T, kD>, n_split * B * Hq, QC::kThreads, dq_smem, ctx, a,
+         "attention backward (dQ)");
+
+  // Fixed-order reductions of the partials.
+  if (bt.want_bias_grad) {
+    bt.grad_rel_bias = at::empty({table_rows, Hq}, bt.lse.options());
+    BiasGradReduceArgs r;
+    r.partial = bias_partial.data_ptr<float>();
+    r.grad = bt.grad_rel_bias.data_ptr<float>();
+    r.rows = table_rows;
+    r.heads = Hq;
+    r.batch = B;
+    r.n_split = n_split;
+    launch(&rel_bias_grad_reduce_kernel, ceil_div(table_rows * Hq, 256), 256, 0, ctx, r,
+           "attention backward (rel_bias gradient)");
+  }
+  if (bt.want_span_grad) {
+    bt.grad_span = at::empty(in.span.sizes(), bt.lse.options());
+    SpanGradReduceArgs r;
+    r.partial = span_partial.data_ptr<float>();
+    r.grad = bt.grad_span.data_ptr<float>();
+    r.heads = Hq;
+    r.batch = B;
+    r.n_split = n_split;
+    r.per_head = p.span_stride_b == 0;
+    launch(&span_grad_reduce_kernel, ceil_div(bt.grad_span.numel(), 256), 256, 0, ctx, r,
+           "attention backward (span gradient)");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse,
+    double scale, const std::optional<at::Tensor>& scale_tensor, bool causal,
+    int64_t window_left, int64_t window_right, const std::optional<at::Tensor>& rel_bias,
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& span,
+    double span_ramp, int64_t num_global, const std::optional<at::Tensor>& key_lengths,
+    bool need_rel_bias_grad, bool need_span_grad) {
+  check_rank(q, 4, "q");
+  DeviceContext ctx(q);
+  Prepared in = prepare_inputs(ctx, q, k, v, scale, scale_tensor, causal, window_left,
+                               window_right, rel_bias, alibi_slopes, span, span_ramp, num_global,
+                               key_lengths);
+  const AttentionParams& p = in.params;
+
+  check_rank(grad_out, 4, "grad_out");
+  check_rank(out, 4, "out");
+  check_rank(lse, 3, "lse");
+  // grad_out and out: (B, Hq, Sq, Dv) in q's dtype.
+  auto check_like_output = [&](const at::Tensor& t, const char* name) {
+    check_same_device(t, q, name, "q");
+    check_same_dtype(t, q, name, "q");
+    check_size(t, 0, p.batch, name, "batch");
+    check_size(t, 1, p.heads_q, name, "heads");
+    check_size(t, 2, p.seqlen_q, name, "sequence length");
+    check_size(t, 3, p.head_dim_v, name, "value head dim");
+  };
+  check_like_output(grad_out, "grad_out");
+  check_like_output(out, "out");
+  check_same_device(lse, q, "lse", "q");
+  check_floating(lse, "lse");
+  check_size(lse, 0, p.batch, "lse", "batch");
+  check_size(lse, 1, p.heads_q, "lse", "heads");
+  check_size(lse, 2, p.seqlen_q, "lse", "sequence length");
+
+  BackwardTensors bt;
+  bt.dout = last_dim_contiguous(grad_out);
+  bt.out = last_dim_contiguous(out);
+  bt.lse = lse.to(at::kFloat).contiguous();
+  if (present(grad_lse)) {
+    const at::Tensor& gl = *grad_lse;
+    check_rank(gl, 3, "grad_lse");
+    check_same_device(gl, q, "grad_lse", "q");
+    check_floating(gl, "grad_lse");
+    check_size(gl, 0, p.batch, "grad_lse", "batch");
+    check_size(gl, 1, p.heads_q, "grad_lse", "heads");
+    check_size(gl, 2, p.seqlen_q, "grad_lse", "sequence length");
+    bt.grad_lse = gl.to(at::kFloat).contiguous();
+  }
+  bt.dq = at::empty({p.batch, p.heads_q, p.seqlen_q, p.head_dim_qk}, in.q.options());
+  bt.dk = at::empty({p.batch, p.heads_kv, p.seqlen_k, p.head_dim_qk}, in.q.options());
+  bt.dv = at::empty({p.batch, p.heads_kv, p.seqlen_k, p.head_dim_v}, in.q.options());
+  bt.want_bias_grad = need_rel_bias_grad && in.rel_bias.defined();
+  bt.want_span_grad = need_span_grad && in.span.defined();
+
+  FASTATTN_DISPATCH_CUDA_FLOATING(in.q.scalar_type(), "fastattn::attention_backward (CUDA)", [&] {
+    using T = typename DeviceType<scalar_t>::type;
+    dispatch_head_dim(std::max(p.head_dim_qk, p.head_dim_v), [&](auto head_dim) {
+      run_backward<T, decltype(head_dim)::value>(ctx, in, bt);
+    });
+  });
+
+  at::Tensor grad_bias = bt.want_bias_grad ? bt.grad_rel_bias.to(rel_bias->scalar_type())
+                                           : at::empty({0}, q.options());
+  at::Tensor grad_span = bt.want_span_grad ? bt.grad_span.to(span->scalar_type())
+                                           : at::empty({0}, q.options());
+  return {bt.dq, bt.dk, bt.dv, grad_bias, grad_span};
+}
+
+}  // namespace
+}  // namespace cuda_attn
+}  // namespace fastattn
+
+#if !defined(FASTATTN_CUDA_EMULATION)
+TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
+  m.impl("attention", &fastattn::cuda_attn::attention_cuda);
+  m.impl("attention_backward", &fastattn::cuda_attn::attention_backward_cuda);
+}
+#endif

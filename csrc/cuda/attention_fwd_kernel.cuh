@@ -1,0 +1,197 @@
+// Forward attention kernel (flash attention with fastattn's masks and biases).
+//
+// One thread block per (query block, b * Hq + h). The block keeps its query tile Q in shared
+// memory and walks the key tiles that can hold a visible key (global keys, then the window /
+// span range: see visible_key_ranges), in ascending order. Per key tile:
+//   1. K and V tiles are copied into shared memory (zero-padded past Sk and past the head dim);
+//   2. each warp computes S = Q K^T for its 16 query rows (tensor cores for half/bfloat16,
+//      CUDA-core FMAs for float32, same register layout);
+//   3. logits = scale * S + bias in base-2 units; masked pairs get -inf. Tiles where every pair
+//      is visible with zero bias skip the per-element rule (tile_is_plain);
+//   4. online softmax in fp32 (running row max and row sum; the output accumulator is rescaled
+//      when the max grows);
+//   5. P = exp2(logit - max) is rounded to the input type, staged in the warp's own rows of a
+//      shared P tile, and O += P V (tensor cores / FMAs) accumulates in fp32 registers.
+// At the end O / rowsum is written (staged through shared memory for wide stores), with
+// lse = ln(sum exp(logits)). A row that sees no key (or only -inf logits) gets O = 0 and
+// lse = -inf.
+#pragma once
+
+#include "attention_utils.cuh"
+
+namespace fastattn {
+namespace cuda_attn {
+
+template <typename T>
+struct FwdArgs {
+  AttentionParams p;
+  const T* q;
+  const T* k;
+  const T* v;
+  T* out;                  // (B, Hq, Sq, Dv), strides in p.o_stride_*
+  float* lse;              // (B, Hq, Sq) contiguous
+  const float* scale_ptr;  // device pointer to the scale (learnable temperature), or null
+  int64_t num_q_blocks;
+  bool q_vec, k_vec, v_vec, out_vec;  // 16-byte vector copies allowed (alignment checked)
+};
+
+// Tile sizes for element type T and padded head dim kD (Dqk and Dv are both <= kD).
+template <typename T, int kD>
+struct FwdConfig {
+  static constexpr bool kTensorCores = !is_float32<T>();
+  // Queries per block (16 per warp) and keys per tile. Chosen so that the fp32 accumulators
+  // fit in registers (O: kD / 2 floats per thread) and shared memory stays under ~99 KB.
+  static constexpr int kBlockQ = (kTensorCores || kD <= 128) ? 64 : 32;
+  static constexpr int kBlockK = kTensorCores ? (kD <= 128 ? 64 : 32) : (kD <= 128 ? 32 : 16);
+  static constexpr int kWarps = kBlockQ / 16;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kLd = kD + smem_pad<T>();        // row length of the Q, K, V tiles
+  static constexpr int kLdP = kBlockK + smem_pad<T>();  // row length of the P tile
+  static constexpr size_t kSmemBytes =
+      sizeof(T) * (static_cast<size_t>(kBlockQ + 2 * kBlockK) * kLd + kBlockQ * kLdP);
+  static_assert(kD % 32 == 0 && kD <= 256, "padded head dim");
+  static_assert(kBlockK % 16 == 0, "key tile must be a multiple of 16");
+};
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(FwdConfig<T, kD>::kThreads)
+    attention_fwd_kernel(const FwdArgs<T> args) {
+  using Cfg = FwdConfig<T, kD>;
+  constexpr int kBQ = Cfg::kBlockQ, kBK = Cfg::kBlockK, kLd = Cfg::kLd, kLdP = Cfg::kLdP;
+  constexpr int kThreads = Cfg::kThreads;
+  constexpr int kTilesS = kBK / 8;  // accumulator tiles of S (8 keys each)
+  constexpr int kTilesO = kD / 8;   // accumulator tiles of O (8 value dims each)
+  const AttentionParams& p = args.p;
+
+  T* sQ = reinterpret_cast<T*>(dynamic_smem());
+  T* sK = sQ + kBQ * kLd;
+  T* sV = sK + kBK * kLd;
+  T* sP = sV + kBK * kLd;
+
+  const int64_t q_block = blockIdx.x % args.num_q_blocks;
+  const int64_t bh = blockIdx.x / args.num_q_blocks;  // b * Hq + h
+  const int64_t b = bh / p.heads_q, h = bh % p.heads_q;
+  const int64_t h_kv = h / p.group_size();  // GQA: k/v are read in place, never expanded
+  const int64_t i0 = q_block * kBQ;
+  const int64_t i1 = min64(i0 + kBQ, p.seqlen_q);
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;  // accumulator rows g and g + 8, columns 2t and 2t + 1
+  const int row0 = warp * 16;            // this warp's first row in the query tile
+
+  const T* q_bh = args.q + b * p.q_stride_b + h * p.q_stride_h;
+  const T* k_bh = args.k + b * p.k_stride_b + h_kv * p.k_stride_h;
+  const T* v_bh = args.v + b * p.v_stride_b + h_kv * p.v_stride_h;
+
+  load_tile<T, kBQ, kD, kThreads>(sQ, kLd, q_bh, p.q_stride_s, i0, i1 - i0, p.head_dim_qk,
+                                  args.q_vec);
+
+  const float scale_log2 = read_scale(p, args.scale_ptr) * kLog2e;
+  float acc_o[kTilesO][4];
+  zero_acc(acc_o);
+  // Per accumulator row half (rows g and g + 8): the running max of the base-2 logits and
+  // this thread's share of the running sum of exp2(logit - max).
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.f, 0.f};
+
+  const KeyRanges ranges = visible_key_ranges(p, b, h, i0, i1);
+  const KeyTiles tiles = key_tiles(ranges, kBK);
+  for (int64_t kt = tiles.first(); kt < tiles.end; kt = tiles.next(kt)) {
+    const int64_t j0 = kt * kBK;
+    const int64_t valid_keys = min64(kBK, p.seqlen_k - j0);
+    __syncthreads();  // every warp is done with the previous K/V tile
+    load_tile<T, kBK, kD, kThreads>(sK, kLd, k_bh, p.k_stride_s, j0, valid_keys, p.head_dim_qk,
+                                    args.k_vec);
+    load_tile<T, kBK, kD, kThreads>(sV, kLd, v_bh, p.v_stride_s, j0, valid_keys, p.head_dim_v,
+                                    args.v_vec);
+    __syncthreads();  // K/V (and, on the first tile, Q) are in shared memory
+
+    // S = Q K^T for this warp's 16 rows.
+    float acc_s[kTilesS][4];
+    zero_acc(acc_s);
+    warp_mma_nt<T, kTilesS, kD>(acc_s, sQ + row0 * kLd, kLd, sK, kLd);
+
+    // Logits in base-2 units; -inf where masked.
+    if (tile_is_plain(p, b, i0, i0 + kBQ, j0, j0 + kBK)) {
+#pragma unroll
+      for (int n = 0; n < kTilesS; ++n) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc_s[n][r] *= scale_log2;
+      }
+    } else {
+#pragma unroll
+      for (int n = 0; n < kTilesS; ++n) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int64_t i = i0 + row0 + g + 8 * (r / 2);
+          const int64_t j = j0 + n * 8 + 2 * t + (r % 2);
+          acc_s[n][r] = masked_logit_log2(p, b, h, i, j, acc_s[n][r], scale_log2);
+        }
+      }
+    }
+
+    // Online softmax: new row max, rescale what was accumulated so far.
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < kTilesS; ++n) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) tile_max[r / 2] = max_nan(tile_max[r / 2], acc_s[n][r]);
+    }
+    float base[2];  // what exp2 subtracts: the new max, or 0 while the row has seen only -inf
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const float new_max = max_nan(row_max[hf], quad_max(tile_max[hf]));
+      base[hf] = new_max == -INFINITY ? 0.f : new_max;
+      const float alpha = exp2f(row_max[hf] - base[hf]);  // 0 when the old max was -inf
+      row_max[hf] = new_max;
+      row_sum[hf] *= alpha;
+#pragma unroll
+      for (int n = 0; n < kTilesO; ++n) {
+        acc_o[n][2 * hf] *= alpha;
+        acc_o[n][2 * hf + 1] *= alpha;
+      }
+    }
+
+    // P = exp2(logit - base), summed into the row sums and staged in shared memory (this
+    // warp's own 16 rows of sP) as the A operand of O += P V.
+    T* sP_warp = sP + row0 * kLdP;
+#pragma unroll
+    for (int n = 0; n < kTilesS; ++n) {
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const float p0 = exp2f(acc_s[n][2 * hf] - base[hf]);
+        const float p1 = exp2f(acc_s[n][2 * hf + 1] - base[hf]);
+        row_sum[hf] += p0 + p1;
+        store_pair(sP_warp + (g + 8 * hf) * kLdP + n * 8 + 2 * t, p0, p1);
+      }
+    }
+    __syncwarp();  // P rows written by the warp's lanes are read by all its lanes
+    warp_mma_nn<T, kTilesO, kBK>(acc_o, sP_warp, kLdP, sV, kLd);
+  }
+
+  // Normalize, write lse and stage O in sQ (free now) for wide, coalesced stores.
+  __syncthreads();  // no warp reads sQ any more
+  float* lse_bh = args.lse + bh * p.seqlen_q;
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const float total = quad_sum(row_sum[hf]);
+    const bool empty = row_max[hf] == -INFINITY;  // no visible key, or only -inf logits
+    const float inv = empty ? 0.f : 1.f / total;
+    const int row = row0 + g + 8 * hf;
+#pragma unroll
+    for (int n = 0; n < kTilesO; ++n) {
+      store_pair(sQ + row * kLd + n * 8 + 2 * t, acc_o[n][2 * hf] * inv,
+                 acc_o[n][2 * hf + 1] * inv);
+    }
+    if (t == 0 && i0 + row < p.seqlen_q) {
+      lse_bh[i0 + row] = empty ? -INFINITY : (row_max[hf] + log2f(total)) * kLn2;
+    }
+  }
+  __syncthreads();
+  T* o_bh = args.out + b * p.o_stride_b + h * p.o_stride_h;
+  store_tile<T, kBQ, kD, kThreads>(sQ, kLd, o_bh, p.o_stride_s, i0, i1 - i0, p.head_dim_v,
+                                   args.out_vec);
+}
+
+}  // namespace cuda_attn
+}  // namespace fastattn

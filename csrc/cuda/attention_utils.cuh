@@ -1,0 +1,436 @@
+// Building blocks shared by the CUDA attention kernels (attention_fwd_kernel.cuh,
+// attention_bwd_kernel.cuh): element conversions, warp-level matrix products with a known
+// register layout, shared-memory tile copies and the tile-level mask shortcuts.
+//
+// Register layout. Every matrix product in these kernels is done by one warp on a 16-row
+// slab, and its fp32 result lives in registers in the layout of the tensor-core instruction
+// mma.sync.m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16"): with lane = 4 * g + t,
+// accumulator acc[n][r] of a 16 x (8 * N) result holds
+//     row  g + 8 * (r / 2),   column  8 * n + 2 * t + (r % 2).
+// Because that mapping is explicit, the softmax, mask and bias code can address each element
+// by its (query, key) position. The float32 kernels use the *same* layout with plain FMAs on
+// CUDA cores (warp_mma_* below), so one kernel body serves float, half and bfloat16.
+//
+// Everything that decides which pairs are visible and what is added to their logit comes from
+// common/attention_params.h (pair_bias, span_logit_grad, local_key_range, ...). The tile-level
+// helpers here only decide which tiles can be skipped or need no per-element work; they are
+// conservative (a skipped tile has no visible pair; a "plain" tile has only visible pairs with
+// zero bias), so the per-element rule stays the single source of truth.
+//
+// Emulation hook: when FASTATTN_CUDA_EMULATION is defined, these headers are compiled by a host
+// C++ compiler together with a small CPU emulator of CUDA thread blocks (used to run the kernels
+// on machines without a GPU during development). The hook replaces only the mma instruction and
+// the dynamic shared memory symbol; production builds never define it.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "common/attention_params.h"
+
+#if defined(FASTATTN_CUDA_EMULATION)
+#include "fastattn_cuda_emulation.h"
+#endif
+
+#define FA_DEVICE __device__ __forceinline__
+
+namespace fastattn {
+namespace cuda_attn {
+
+constexpr float kLog2e = 1.4426950408889634f;  // log2(e): softmax runs in base 2 (exp2f)
+constexpr float kLn2 = 0.6931471805599453f;    // ln(2): converts a base-2 log back to natural
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers
+// ---------------------------------------------------------------------------------------------
+FA_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+FA_HD int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+FA_HD int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+template <typename T>
+constexpr bool is_float32() {
+  return std::is_same<T, float>::value;
+}
+
+// The dynamic shared memory of the running block (16-byte aligned).
+#if !defined(FASTATTN_CUDA_EMULATION)
+FA_DEVICE unsigned char* dynamic_smem() {
+  extern __shared__ __align__(16) unsigned char fastattn_dynamic_smem[];
+  return fastattn_dynamic_smem;
+}
+#else
+FA_DEVICE unsigned char* dynamic_smem() { return fastattn_emulation::dynamic_smem(); }
+#endif
+
+// max() that propagates NaN (fmaxf drops it), so a NaN logit makes its row NaN, as in the
+// reference, instead of being silently ignored.
+FA_DEVICE float max_nan(float a, float b) { return (isnan(a) || isnan(b)) ? a + b : fmaxf(a, b); }
+
+// Sum / max over the 4 lanes (t = 0..3) that share a row of an mma accumulator. The butterfly
+// order is fixed, so the result is deterministic and identical in the 4 lanes.
+FA_DEVICE float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  x += __shfl_xor_sync(0xffffffffu, x, 2);
+  return x;
+}
+FA_DEVICE float quad_max(float x) {
+  x = max_nan(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  x = max_nan(x, __shfl_xor_sync(0xffffffffu, x, 2));
+  return x;
+}
+FA_DEVICE float warp_sum(float x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Element conversions. T is float, __half or __nv_bfloat16.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+FA_DEVICE float to_float(T x);
+template <>
+FA_DEVICE float to_float<float>(float x) {
+  return x;
+}
+template <>
+FA_DEVICE float to_float<__half>(__half x) {
+  return __half2float(x);
+}
+template <>
+FA_DEVICE float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+
+template <typename T>
+FA_DEVICE T from_float(float x);
+template <>
+FA_DEVICE float from_float<float>(float x) {
+  return x;
+}
+template <>
+FA_DEVICE __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+FA_DEVICE __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// The 16 raw bits of a half / bfloat16 element.
+template <typename T>
+FA_DEVICE uint32_t bits16(T x);
+template <>
+FA_DEVICE uint32_t bits16<__half>(__half x) {
+  return __half_as_ushort(x);
+}
+template <>
+FA_DEVICE uint32_t bits16<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat16_as_ushort(x);
+}
+
+// Writes two adjacent elements dst[0] = a, dst[1] = b (dst is 4-byte aligned for 16-bit T,
+// 8-byte aligned for float).
+template <typename T>
+FA_DEVICE void store_pair(T* dst, float a, float b) {
+  if constexpr (is_float32<T>()) {
+    *reinterpret_cast<float2*>(dst) = make_float2(a, b);
+  } else {
+    const uint32_t packed = bits16<T>(from_float<T>(a)) | (bits16<T>(from_float<T>(b)) << 16);
+    *reinterpret_cast<uint32_t*>(dst) = packed;
+  }
+}
+
+// Two adjacent 16-bit elements as one 32-bit register (the first in the low half, which is the
+// order mma fragments use).
+template <typename T>
+FA_DEVICE uint32_t load_pair_bits(const T* src) {
+  return *reinterpret_cast<const uint32_t*>(src);
+}
+// Two 16-bit elements from different addresses packed the same way.
+template <typename T>
+FA_DEVICE uint32_t pack_bits(const T* lo, const T* hi) {
+  const unsigned short* l = reinterpret_cast<const unsigned short*>(lo);
+  const unsigned short* h = reinterpret_cast<const unsigned short*>(hi);
+  return static_cast<uint32_t>(*l) | (static_cast<uint32_t>(*h) << 16);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Warp-level matrix products (fp32 accumulators in the mma.m16n8k16 layout, see the top).
+// ---------------------------------------------------------------------------------------------
+
+// d = a * b + d for one 16x8x16 tile: a 16x16 (row-major fragment), b 16x8 (column fragment).
+template <typename T>
+FA_DEVICE void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(FASTATTN_CUDA_EMULATION)
+  fastattn_emulation::mma_m16n8k16(d, a, b, std::is_same<T, __nv_bfloat16>::value);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same<T, __half>::value) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    static_assert(std::is_same<T, __nv_bfloat16>::value, "mma_m16n8k16: half or bfloat16");
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#elif defined(__CUDA_ARCH__)
+  // The half/bfloat16 kernels need sm_80+ (the host refuses older GPUs before launching).
+  __trap();
+#endif
+}
+
+// The A fragment (16 x 16, rows g and g + 8) of a row-major 16 x K slab at column k0.
+template <typename T>
+FA_DEVICE void load_a_fragment(uint32_t (&af)[4], const T* a, int lda, int k0, int g, int t) {
+  af[0] = load_pair_bits(a + g * lda + k0 + 2 * t);
+  af[1] = load_pair_bits(a + (g + 8) * lda + k0 + 2 * t);
+  af[2] = load_pair_bits(a + g * lda + k0 + 2 * t + 8);
+  af[3] = load_pair_bits(a + (g + 8) * lda + k0 + 2 * t + 8);
+}
+
+// acc (16 x 8N) += A * B^T, with A a 16 x K row-major slab (leading dimension lda) and B an
+// 8N x K row-major slab (ldb), both in shared memory. ("NT": both operands K-contiguous.)
+template <typename T, int kNTiles, int kK>
+FA_DEVICE void warp_mma_nt(float (&acc)[kNTiles][4], const T* a, int lda, const T* b, int ldb) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  if constexpr (is_float32<T>()) {
+#pragma unroll 2
+    for (int k = 0; k < kK; ++k) {
+      const float a_lo = a[g * lda + k], a_hi = a[(g + 8) * lda + k];
+#pragma unroll
+      for (int n = 0; n < kNTiles; ++n) {
+        const float b0 = b[(n * 8 + 2 * t) * ldb + k], b1 = b[(n * 8 + 2 * t + 1) * ldb + k];
+        acc[n][0] = fmaf(a_lo, b0, acc[n][0]);
+        acc[n][1] = fmaf(a_lo, b1, acc[n][1]);
+        acc[n][2] = fmaf(a_hi, b0, acc[n][2]);
+        acc[n][3] = fmaf(a_hi, b1, acc[n][3]);
+      }
+    }
+  } else {
+    static_assert(kK % 16 == 0, "warp_mma_nt: K must be a multiple of 16");
+#pragma unroll
+    for (int k0 = 0; k0 < kK; k0 += 16) {
+      uint32_t af[4];
+      load_a_fragment(af, a, lda, k0, g, t);
+#pragma unroll
+      for (int n = 0; n < kNTiles; ++n) {
+        // B^T's column n*8+g is row n*8+g of b: the k-pairs are contiguous.
+        const T* brow = b + (n * 8 + g) * ldb + k0 + 2 * t;
+        const uint32_t bf[2] = {load_pair_bits(brow), load_pair_bits(brow + 8)};
+        mma_m16n8k16<T>(acc[n], af, bf);
+      }
+    }
+  }
+}
+
+// acc (16 x 8N) += A * B, with A a 16 x K row-major slab (lda) and B a K x 8N row-major slab
+// (ldb), both in shared memory. ("NN": B is N-contiguous, so its k-pairs are gathered.)
+template <typename T, int kNTiles, int kK>
+FA_DEVICE void warp_mma_nn(float (&acc)[kNTiles][4], const T* a, int lda, const T* b, int ldb) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  if constexpr (is_float32<T>()) {
+#pragma unroll 2
+    for (int k = 0; k < kK; ++k) {
+      const float a_lo = a[g * lda + k], a_hi = a[(g + 8) * lda + k];
+#pragma unroll
+      for (int n = 0; n < kNTiles; ++n) {
+        const float2 bb = *reinterpret_cast<const float2*>(b + k * ldb + n * 8 + 2 * t);
+        acc[n][0] = fmaf(a_lo, bb.x, acc[n][0]);
+        acc[n][1] = fmaf(a_lo, bb.y, acc[n][1]);
+        acc[n][2] = fmaf(a_hi, bb.x, acc[n][2]);
+        acc[n][3] = fmaf(a_hi, bb.y, acc[n][3]);
+      }
+    }
+  } else {
+    static_assert(kK % 16 == 0, "warp_mma_nn: K must be a multiple of 16");
+#pragma unroll
+    for (int k0 = 0; k0 < kK; k0 += 16) {
+      uint32_t af[4];
+      load_a_fragment(af, a, lda, k0, g, t);
+#pragma unroll
+      for (int n = 0; n < kNTiles; ++n) {
+        // B fragment: rows (k) 2t, 2t+1 and 2t+8, 2t+9 of column n*8+g.
+        // (A GPU session may swap these 16-bit gathers for ldmatrix.trans.)
+        const T* bcol = b + (k0 + 2 * t) * ldb + n * 8 + g;
+        const uint32_t bf[2] = {pack_bits(bcol, bcol + ldb),
+                                pack_bits(bcol + 8 * ldb, bcol + 9 * ldb)};
+        mma_m16n8k16<T>(acc[n], af, bf);
+      }
+    }
+  }
+}
+
+template <int kNTiles>
+FA_DEVICE void zero_acc(float (&acc)[kNTiles][4]) {
+#pragma unroll
+  for (int n = 0; n < kNTiles; ++n) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) acc[n][r] = 0.f;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared-memory tiles
+// ---------------------------------------------------------------------------------------------
+
+// Row padding of shared-memory tiles: 16 bytes, which keeps rows 16-byte aligned (vector
+// copies) and makes the 32-bit fragment loads of 8 consecutive rows hit distinct banks.
+template <typename T>
+constexpr int smem_pad() {
+  return 16 / static_cast<int>(sizeof(T));
+}
+
+// Copies rows [row0, row0 + kRows) x columns [0, kCols) of a global matrix with row stride
+// `row_stride` (elements, last dim contiguous) into shared memory (leading dimension ld).
+// Rows >= valid_rows and columns >= valid_cols are written as zeros: padded head dims and
+// rows past the sequence end then contribute nothing to the products. `vectorized` says that
+// the base and every row start are 16-byte aligned (checked on the host).
+template <typename T, int kRows, int kCols, int kThreads>
+FA_DEVICE void load_tile(T* smem, int ld, const T* gmem, int64_t row_stride, int64_t row0,
+                         int64_t valid_rows, int64_t valid_cols, bool vectorized) {
+  constexpr int kChunk = 16 / static_cast<int>(sizeof(T));
+  static_assert(kCols % kChunk == 0, "load_tile: columns must be a multiple of 16 bytes");
+  constexpr int kChunksPerRow = kCols / kChunk;
+  for (int idx = threadIdx.x; idx < kRows * kChunksPerRow; idx += kThreads) {
+    const int r = idx / kChunksPerRow;
+    const int c = (idx % kChunksPerRow) * kChunk;
+    T* dst = smem + r * ld + c;
+    if (r < valid_rows && c + kChunk <= valid_cols && vectorized) {
+      const T* src = gmem + (row0 + r) * row_stride + c;
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+    } else if (r < valid_rows) {
+      const T* src = gmem + (row0 + r) * row_stride;
+#pragma unroll
+      for (int e = 0; e < kChunk; ++e) dst[e] = c + e < valid_cols ? src[c + e] : from_float<T>(0.f);
+    } else {
+#pragma unroll
+      for (int e = 0; e < kChunk; ++e) dst[e] = from_float<T>(0.f);
+    }
+  }
+}
+
+// The reverse copy: rows [0, valid_rows) x columns [0, valid_cols) of a shared-memory tile
+// into global rows [row0, row0 + valid_rows).
+template <typename T, int kRows, int kCols, int kThreads>
+FA_DEVICE void store_tile(const T* smem, int ld, T* gmem, int64_t row_stride, int64_t row0,
+                          int64_t valid_rows, int64_t valid_cols, bool vectorized) {
+  constexpr int kChunk = 16 / static_cast<int>(sizeof(T));
+  constexpr int kChunksPerRow = kCols / kChunk;
+  for (int idx = threadIdx.x; idx < kRows * kChunksPerRow; idx += kThreads) {
+    const int r = idx / kChunksPerRow;
+    const int c = (idx % kChunksPerRow) * kChunk;
+    if (r >= valid_rows || c >= valid_cols) continue;
+    const T* src = smem + r * ld + c;
+    T* dst = gmem + (row0 + r) * row_stride + c;
+    if (c + kChunk <= valid_cols && vectorized) {
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+    } else {
+      for (int e = 0; c + e < valid_cols && e < kChunk; ++e) dst[e] = src[e];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Masks at tile granularity (built on common/attention_params.h)
+// ---------------------------------------------------------------------------------------------
+
+// Keys a query block [i0, i1) of head (b, h) can see lie in [0, global_end) (global keys, or
+// every key when the block holds a global query) union [local_begin, local_end) (window/span).
+struct KeyRanges {
+  int64_t global_end;
+  int64_t local_begin, local_end;
+};
+
+FA_DEVICE KeyRanges visible_key_ranges(const AttentionParams& p, int64_t b, int64_t h, int64_t i0,
+                                       int64_t i1) {
+  // No key past key_len, and with causal none past the last query's position.
+  int64_t cap = p.key_len(b);
+  if (p.causal) cap = min64(cap, max64(int64_t(0), p.query_pos(i1 - 1) + 1));
+  KeyRanges r;
+  if (query_block_has_global_query(p, i0)) {
+    // A global query sees every key (causal still applies): one range covers the block.
+    r.global_end = cap;
+    r.local_begin = r.local_end = 0;
+    return r;
+  }
+  r.global_end = max64(int64_t(0), min64(p.num_global, cap));
+  local_key_range(p, b, h, i0, i1, &r.local_begin, &r.local_end);
+  return r;
+}
+
+// Whether the key tile [j0, j1) intersects the ranges (may hold a visible key).
+FA_DEVICE bool key_tile_in_ranges(const KeyRanges& r, int64_t j0, int64_t j1) {
+  return j0 < r.global_end || (r.local_begin < r.local_end && j0 < r.local_end && j1 > r.local_begin);
+}
+
+// The key tiles (of width kBc) that intersect KeyRanges, visited in ascending order:
+//   for (int64_t kt = tiles.first(); kt < tiles.end; kt = tiles.next(kt)) ...
+// i.e. tiles [0, end) minus the gap [gap_begin, gap_end) between global and local keys.
+struct KeyTiles {
+  int64_t gap_begin, gap_end, end;
+  FA_DEVICE int64_t first() const { return gap_begin == 0 ? gap_end : 0; }
+  FA_DEVICE int64_t next(int64_t kt) const { return kt + 1 == gap_begin ? gap_end : kt + 1; }
+};
+
+FA_DEVICE KeyTiles key_tiles(const KeyRanges& r, int64_t tile) {
+  const int64_t global_tiles = ceil_div(r.global_end, tile);
+  KeyTiles kt;
+  if (r.local_end <= r.local_begin) {  // only global keys
+    kt.gap_begin = kt.gap_end = kt.end = global_tiles;
+    return kt;
+  }
+  const int64_t local_first = r.local_begin / tile, local_end = ceil_div(r.local_end, tile);
+  if (local_first <= global_tiles) {  // the two ranges touch: no gap
+    kt.end = max64(global_tiles, local_end);
+    kt.gap_begin = kt.gap_end = kt.end;
+  } else {
+    kt.gap_begin = global_tiles;
+    kt.gap_end = local_first;
+    kt.end = local_end;
+  }
+  return kt;
+}
+
+// A conservative "no per-element work" test for the tile of queries [i0, i1) and keys
+// [j0, j1) (unclipped tile bounds): true only when every pair is visible and its bias is 0,
+// which by pair_bias holds when there is no rel_bias/alibi/span, the tile is inside the
+// sequences and key_lengths, and every distance passes causal and the window (global pairs
+// are visible whenever the window would let them through anyway).
+FA_DEVICE bool tile_is_plain(const AttentionParams& p, int64_t b, int64_t i0, int64_t i1,
+                             int64_t j0, int64_t j1) {
+  if (p.rel_bias != nullptr || p.alibi_slopes != nullptr || p.has_span()) return false;
+  if (i1 > p.seqlen_q || j1 > p.key_len(b)) return false;
+  const int64_t d_min = p.query_pos(i0) - (j1 - 1), d_max = p.query_pos(i1 - 1) - j0;
+  if (p.causal && d_min < 0) return false;
+  if (p.window_left >= 0 && d_max > p.window_left) return false;
+  if (p.window_right >= 0 && d_min < -p.window_right) return false;
+  return true;
+}
+
+// The logit of pair (i, j) in base-2 units (log2(e) * (scale * q.k + bias)), or -inf when the
+// pair is masked (including query rows past the sequence end, which tiles pad with zeros).
+FA_DEVICE float masked_logit_log2(const AttentionParams& p, int64_t b, int64_t h, int64_t i,
+                                  int64_t j, float qk, float scale_log2) {
+  float bias = 0.f;
+  if (i >= p.seqlen_q || !pair_bias(p, b, h, i, j, &bias)) return -INFINITY;
+  return fmaf(qk, scale_log2, bias * kLog2e);
+}
+
+// The scale: the 0-dim scale tensor's value when given (read on the device, so a learnable
+// temperature costs no host sync), else the float argument.
+FA_DEVICE float read_scale(const AttentionParams& p, const float* scale_ptr) {
+  return scale_ptr != nullptr ? *scale_ptr : p.scale;
+}
+
+}  // namespace cuda_attn
+}  // namespace fastattn
