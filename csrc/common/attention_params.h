@@ -29,7 +29,18 @@
 
 namespace fastattn {
 
-struct AttentionParams {
+// Math helpers overloaded on the bias scalar (float everywhere; double for the CPU kernel's
+// float64 path, so that float64 inputs get float64 bias/span/scale math end to end).
+FA_HD float fa_log(float x) { return logf(x); }
+FA_HD double fa_log(double x) { return log(x); }
+FA_HD float fa_ceil(float x) { return ceilf(x); }
+FA_HD double fa_ceil(double x) { return ceil(x); }
+
+// `Real` is the scalar type of the scale and of the bias/slope/span tables: float (the default,
+// `AttentionParams`) on every path except the CPU float64 one, which uses double so that
+// gradcheck in float64 sees float64 precision in the table, span and scale too.
+template <typename Real>
+struct AttentionParamsT {
   // Shapes.
   int64_t batch = 0, heads_q = 0, heads_kv = 0, seqlen_q = 0, seqlen_k = 0;
   int64_t head_dim_qk = 0, head_dim_v = 0;
@@ -38,7 +49,7 @@ struct AttentionParams {
   int64_t k_stride_b = 0, k_stride_h = 0, k_stride_s = 0;
   int64_t v_stride_b = 0, v_stride_h = 0, v_stride_s = 0;
   int64_t o_stride_b = 0, o_stride_h = 0, o_stride_s = 0;
-  float scale = 1.f;
+  Real scale = 1;
 
   // Masks. window_left/right = -1 means unbounded; causal is applied on top of them.
   bool causal = false;
@@ -46,13 +57,13 @@ struct AttentionParams {
   int64_t num_global = 0;
   const int64_t* key_lengths = nullptr;  // (batch,) or null
 
-  // Biases, all contiguous fp32 (see checks.h: as_fp32_contiguous).
-  const float* rel_bias = nullptr;  // (2 * max_dist - 1, heads_q) or null
+  // Biases, all contiguous Real (fp32: see checks.h: as_fp32_contiguous; fp64 on CPU float64).
+  const Real* rel_bias = nullptr;  // (2 * max_dist - 1, heads_q) or null
   int64_t max_dist = 0;
-  const float* alibi_slopes = nullptr;  // (heads_q,) or null
-  const float* span = nullptr;          // (batch, heads_q) with span_stride_b = heads_q, or
-  int64_t span_stride_b = 0;            // (heads_q,) with span_stride_b = 0; or null
-  float span_ramp = 32.f;
+  const Real* alibi_slopes = nullptr;  // (heads_q,) or null
+  const Real* span = nullptr;          // (batch, heads_q) with span_stride_b = heads_q, or
+  int64_t span_stride_b = 0;           // (heads_q,) with span_stride_b = 0; or null
+  Real span_ramp = 32;
 
   FA_HD int64_t group_size() const { return heads_q / heads_kv; }
   FA_HD int64_t query_pos(int64_t i) const { return i + seqlen_k - seqlen_q; }
@@ -61,84 +72,98 @@ struct AttentionParams {
     const int64_t len = key_lengths[b];
     return len < 0 ? 0 : (len > seqlen_k ? seqlen_k : len);
   }
-  FA_HD float span_of(int64_t b, int64_t h) const { return span[b * span_stride_b + h]; }
+  FA_HD Real span_of(int64_t b, int64_t h) const { return span[b * span_stride_b + h]; }
   FA_HD bool has_span() const { return span != nullptr; }
   FA_HD bool has_window() const { return window_left >= 0 || window_right >= 0; }
   FA_HD bool has_local_restriction() const { return has_window() || has_span(); }
 };
 
+using AttentionParams = AttentionParamsT<float>;
+
 // Row (query) index of the rel_bias table for a distance d.
-FA_HD int64_t rel_bias_row(const AttentionParams& p, int64_t d) {
+template <typename Real>
+FA_HD int64_t rel_bias_row(const AttentionParamsT<Real>& p, int64_t d) {
   const int64_t lim = p.max_dist - 1;
   const int64_t c = d < -lim ? -lim : (d > lim ? lim : d);
   return c + lim;
 }
 
 // The adaptive-span soft mask m(d) in [0, 1] (1 when no span is given).
-FA_HD float span_mask(const AttentionParams& p, int64_t b, int64_t h, int64_t d) {
-  if (!p.has_span()) return 1.f;
-  const float ad = static_cast<float>(d < 0 ? -d : d);
-  const float m = (p.span_ramp + p.span_of(b, h) - ad) / p.span_ramp;
-  return m < 0.f ? 0.f : (m > 1.f ? 1.f : m);
+template <typename Real>
+FA_HD Real span_mask(const AttentionParamsT<Real>& p, int64_t b, int64_t h, int64_t d) {
+  if (!p.has_span()) return Real(1);
+  const Real ad = static_cast<Real>(d < 0 ? -d : d);
+  const Real m = (p.span_ramp + p.span_of(b, h) - ad) / p.span_ramp;
+  return m < Real(0) ? Real(0) : (m > Real(1) ? Real(1) : m);
 }
 
-FA_HD bool is_global_pair(const AttentionParams& p, int64_t pos_q, int64_t j) {
-  return j < p.num_global || pos_q < p.num_global;
+// num_global == 0 means no global token at all: with Sq > Sk some queries sit at negative
+// positions, which must not count as "< G" then.
+template <typename Real>
+FA_HD bool is_global_pair(const AttentionParamsT<Real>& p, int64_t pos_q, int64_t j) {
+  return p.num_global > 0 && (j < p.num_global || pos_q < p.num_global);
 }
 
 // Largest |d| the span lets through for head (b, h): m(d) > 0  <=>  |d| < R + span.
 // Returns -1 when nothing passes, a huge value when there is no span.
-FA_HD int64_t span_reach(const AttentionParams& p, int64_t b, int64_t h) {
+template <typename Real>
+FA_HD int64_t span_reach(const AttentionParamsT<Real>& p, int64_t b, int64_t h) {
   if (!p.has_span()) return INT64_C(1) << 62;
-  const float lim = p.span_ramp + p.span_of(b, h);
-  if (!(lim > 0.f)) return -1;  // also catches NaN
+  const Real lim = p.span_ramp + p.span_of(b, h);
+  if (!(lim > Real(0))) return -1;  // also catches NaN
   // Largest integer strictly below lim.
-  const float c = ceilf(lim) - 1.f;
-  return c > 4.0e18f ? (INT64_C(1) << 62) : static_cast<int64_t>(c);
+  const Real c = fa_ceil(lim) - Real(1);
+  return c > Real(4.0e18) ? (INT64_C(1) << 62) : static_cast<int64_t>(c);
 }
 
 // Whether (i, j) is visible, and the additive logit term that is not scale * q.k.
 // `visible == false` leaves `bias` unspecified.
-FA_HD bool pair_bias(const AttentionParams& p, int64_t b, int64_t h, int64_t i, int64_t j,
-                     float* bias) {
+template <typename Real>
+FA_HD bool pair_bias(const AttentionParamsT<Real>& p, int64_t b, int64_t h, int64_t i, int64_t j,
+                     Real* bias) {
   const int64_t pos_q = p.query_pos(i);
   const int64_t d = pos_q - j;
   if (j >= p.key_len(b)) return false;
   if (p.causal && d < 0) return false;
-  float extra = 0.f;
+  Real extra = 0;
   if (!is_global_pair(p, pos_q, j)) {
     if (p.window_left >= 0 && d > p.window_left) return false;
     if (p.window_right >= 0 && d < -p.window_right) return false;
     if (p.has_span()) {
-      const float m = span_mask(p, b, h, d);
-      if (!(m > 0.f)) return false;
-      extra = logf(m);
+      const Real m = span_mask(p, b, h, d);
+      if (!(m > Real(0))) return false;
+      extra = fa_log(m);
     }
   }
   if (p.rel_bias != nullptr) extra += p.rel_bias[rel_bias_row(p, d) * p.heads_q + h];
-  if (p.alibi_slopes != nullptr) extra -= p.alibi_slopes[h] * static_cast<float>(d < 0 ? -d : d);
+  if (p.alibi_slopes != nullptr) extra -= p.alibi_slopes[h] * static_cast<Real>(d < 0 ? -d : d);
   *bias = extra;
   return true;
 }
 
 // d(logit)/d(span[b, h]) for a visible pair: 1 / (R + span - |d|) inside the ramp
-// (0 < m < 1), 0 where m is clamped at 1 or the pair is global.
-FA_HD float span_logit_grad(const AttentionParams& p, int64_t b, int64_t h, int64_t i, int64_t j) {
-  if (!p.has_span()) return 0.f;
+// (0 < m < 1), 0 where m is clamped at 1 or the pair is global. At m == 1 exactly (|d| == span,
+// common with integer spans) this gives 0, as torch.clamp's autograd does on its bounds (and
+// so reference.py).
+template <typename Real>
+FA_HD Real span_logit_grad(const AttentionParamsT<Real>& p, int64_t b, int64_t h, int64_t i,
+                           int64_t j) {
+  if (!p.has_span()) return Real(0);
   const int64_t pos_q = p.query_pos(i);
-  if (is_global_pair(p, pos_q, j)) return 0.f;
+  if (is_global_pair(p, pos_q, j)) return Real(0);
   const int64_t d = pos_q - j;
-  const float ad = static_cast<float>(d < 0 ? -d : d);
-  const float num = p.span_ramp + p.span_of(b, h) - ad;
-  if (!(num > 0.f) || num >= p.span_ramp) return 0.f;
-  return 1.f / num;
+  const Real ad = static_cast<Real>(d < 0 ? -d : d);
+  const Real num = p.span_ramp + p.span_of(b, h) - ad;
+  if (!(num > Real(0)) || num >= p.span_ramp) return Real(0);
+  return Real(1) / num;
 }
 
 // The half-open key range [*lo, *hi) that can hold visible *local* (non-global) keys for the
 // query block [i0, i1) of head (b, h). Keys j < num_global, and every key for queries with
 // pos_q < num_global, are visible on top of this range (see query_block_sees_all_keys).
 // Tiles outside the range are skipped, which makes windowed/span attention cost O(S * w).
-FA_HD void local_key_range(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, int64_t i1,
+template <typename Real>
+FA_HD void local_key_range(const AttentionParamsT<Real>& p, int64_t b, int64_t h, int64_t i0, int64_t i1,
                            int64_t* lo, int64_t* hi) {
   int64_t start = 0, end = p.key_len(b);
   const int64_t pq0 = p.query_pos(i0), pq1 = p.query_pos(i1 - 1);
@@ -158,7 +183,8 @@ FA_HD void local_key_range(const AttentionParams& p, int64_t b, int64_t h, int64
 }
 
 // Whether some query of the block [i0, i1) is a global query (sees every key).
-FA_HD bool query_block_has_global_query(const AttentionParams& p, int64_t i0) {
+template <typename Real>
+FA_HD bool query_block_has_global_query(const AttentionParamsT<Real>& p, int64_t i0) {
   return p.num_global > 0 && p.query_pos(i0) < p.num_global;
 }
 

@@ -1,0 +1,935 @@
+// CPU kernels of fastattn::attention and fastattn::attention_backward.
+//
+// Semantics: python/fastattn/reference.py::attention; the mask and bias rules are those of
+// common/attention_params.h (pair_bias, span_logit_grad, local_key_range, ...), evaluated by
+// the tile helpers of cpu/attention_tiles.h. Nothing of size (Sq, Sk) is ever allocated.
+//
+// Forward (flash / online softmax), one task per (batch, query head, query block of kBlockQ):
+//   qT  = scale * Q_blockᵀ                         (Dqk x BQ, packed once per task)
+//   for each visited key tile (attention_tiles.h: at most two key ranges, tiles outside the
+//   window / span / causal range are skipped):
+//     sT  = K_tile · qT                            (nk x BQ: keys in rows, queries in lanes)
+//     sT += bias (per-diagonal vector for local tiles, per element for global tiles; -inf masks)
+//     online softmax per query lane: m, l, alpha = exp(m_old - m_new), P = exp(sT - m_new)
+//     oT  = alpha * oT + V_tileᵀ · P              (Dv x BQ)
+//   out = oTᵀ / l, lse = m + log(l)  (an empty row: out = 0, lse = -inf)
+// Scores are kept transposed (keys x queries) so that everything the softmax does per query
+// (max, exp, sums, rescale) is a plain vector operation across query lanes, and every matrix
+// product is a "broadcast A, vector B" product (attention_gemm.h) read straight through the
+// tensors' strides: q, k and v are never copied (float16/bfloat16 tiles are converted to
+// float32 scratch, the math is fp32; float64 runs in float64 throughout).
+//
+// Backward, one task per (batch, kv head, chunk of query blocks); the chunk count depends only
+// on the shapes, never on the thread count:
+//   for each query head g of the group, each query block of the chunk (fixed order):
+//     D = rowsum(dO * O) - grad_lse; for each visited key tile:
+//       P   = exp(K·qT + bias - lse)               (recomputed, nk x BQ)
+//       dP  = V · dOᵀ,  dS = P * (dP - D)
+//       dV_tile += P · dO,  dK_tile += dS · Q,  dQ_block += dSᵀ · K
+//       table / span gradients: sums of dS along the tile's diagonals (they depend on d only)
+//   dQ (and scale) written by the task that owns the query block; dK/dV accumulated by the
+//   task that owns (b, kv head) over its chunk; chunk partials, table and span partials are
+//   reduced afterwards in a fixed order. No accumulation order depends on threads, so two
+//   backward passes give bitwise-equal gradients.
+//
+// Speed (development machine: 2-core AMD EPYC, AVX2 executed as 128-bit halves, measured FMA
+// peak 38.6 GFLOP/s per core): the micro-kernel runs at ~93% of that peak, and ~85% of all
+// time is spent in it (forward and backward); the rest is the online softmax (exp, max) and
+// the bias. B=1, H=8, S=2048, D=64 fp32, 2 threads: forward ~0.8-0.9x the time of
+// F.scaled_dot_product_attention without bias, forward+backward ~0.85-0.9x; see
+// benchmarks/bench_attention.py and bench_window.py for the current figures.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <type_traits>
+#include <vector>
+
+#if defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
+#include "common/attention_params.h"
+#include "common/checks.h"
+#include "common/dispatch.h"
+#include "cpu/attention_gemm.h"
+#include "cpu/attention_tiles.h"
+
+namespace fastattn {
+namespace cpu {
+namespace {
+
+// Tile sizes. kBlockQ: query lanes per task (a multiple of the vector width; 32 = one 4-vector
+// column block of the micro-kernel); kBlockK: keys per tile. Measured (CPU time, 1 thread,
+// S=2048, D=64, fp32, fwd / fwd+bwd ms): 64x64 78/267, 64x128 84/274, 128x64 81/259,
+// 128x128 78/256, 32x256 80/278, 32x128 75/255. Small query blocks also keep windowed
+// tasks tight (each block visits its window plus kBlockQ keys).
+constexpr int64_t kBlockQ = 32;
+constexpr int64_t kBlockK = 128;
+
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// Runs body(task, scratch) for every task in [0, num_tasks) on ATen's thread pool, handing
+// tasks out dynamically (atomic counter) so that uneven tasks balance. Every task writes only
+// what it owns, so the results never depend on which thread ran which task.
+template <typename MakeScratch, typename Body>
+void run_tasks(int64_t num_tasks, const MakeScratch& make_scratch, const Body& body) {
+  if (num_tasks <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_tasks));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    auto scratch = make_scratch();
+    for (int64_t t = next.fetch_add(1); t < num_tasks; t = next.fetch_add(1)) body(t, scratch);
+  });
+}
+
+// dst[0, n) = src[0, n) converted to float. float16 / bfloat16 go through F16C / AVX2 (the
+// scalar c10::Half conversion made float16 tiles ~50% slower than float32 ones).
+template <typename scalar_t>
+inline void convert_row(const scalar_t* src, float* dst, int64_t n) {
+  int64_t c = 0;
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<scalar_t, at::Half>) {
+    for (; c + 8 <= n; c += 8) {
+      _mm256_storeu_ps(dst + c, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + c))));
+    }
+  } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    for (; c + 8 <= n; c += 8) {
+      const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + c)));
+      _mm256_storeu_ps(dst + c, _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16)));
+    }
+  }
+#endif
+  for (; c < n; ++c) dst[c] = static_cast<float>(src[c]);
+}
+
+// Rows [row0, row0 + n) of a (rows, dim) operand with row stride `stride`, as acc_t: the
+// tensor's own memory when it already is acc_t, else converted into `buf` (n x dim).
+// Returns the pointer and sets *ld to its row stride.
+template <typename scalar_t, typename acc_t>
+inline const acc_t* rows_as_acc(const scalar_t* src, int64_t stride, int64_t n, int64_t dim,
+                                acc_t* buf, int64_t* ld) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    *ld = stride;
+    return src;
+  } else {
+    for (int64_t r = 0; r < n; ++r) convert_row(src + r * stride, buf + r * dim, dim);
+    *ld = dim;
+    return buf;
+  }
+}
+
+// Packs scale * rows[i0 .. i0 + nq) (row stride `stride`, `dim` columns) transposed into
+// dst (dim x kBlockQ); the padding lanes [nq, kBlockQ) are zero.
+template <typename scalar_t, typename acc_t>
+inline void pack_transposed(const scalar_t* rows, int64_t stride, int64_t nq, int64_t dim,
+                            acc_t scale, acc_t* dst) {
+  for (int64_t d = 0; d < dim; ++d) {
+    std::fill(dst + d * kBlockQ + nq, dst + (d + 1) * kBlockQ, acc_t(0));
+  }
+  for (int64_t ii = 0; ii < nq; ++ii) {
+    const scalar_t* r = rows + ii * stride;
+    for (int64_t d = 0; d < dim; ++d) dst[d * kBlockQ + ii] = scale * static_cast<acc_t>(r[d]);
+  }
+}
+
+// The bias of the tile (queries [i0, i0 + nq), keys [j0, j0 + nk)) on the transposed scores
+// sT (nk x kBlockQ). A local tile (no global pair) gets its bias as a per-diagonal vector,
+// returned (row jj of sT adds diag[(nk - 1 - jj) + lane], -inf where masked) so that the caller
+// can fuse the addition into its next pass over sT; nullptr when the tile needs nothing. A
+// global tile gets its bias (or -inf) per element, applied here; nullptr is returned.
+// `diag` is scratch of kBlockQ + kBlockK entries. `tile_may_need_bias` is false when no option
+// can give a local tile a bias or a mask.
+template <typename acc_t>
+inline const acc_t* tile_bias(const AttentionParamsT<acc_t>& p, int64_t b, int64_t h, int64_t i0,
+                              int64_t nq, int64_t j0, int64_t nk, bool tile_may_need_bias,
+                              acc_t* sT, acc_t* diag) {
+  if (!tile_has_global_pair(p, i0, j0)) {
+    if (!tile_may_need_bias) return nullptr;
+    if (!local_tile_diagonal_bias(p, b, h, i0, nq, j0, nk, kBlockQ + nk - 1, diag)) return nullptr;
+    return diag;
+  }
+  // A tile with global pairs: the rules per element.
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t jj = 0; jj < nk; ++jj) {
+    acc_t* row = sT + jj * kBlockQ;
+    for (int64_t ii = 0; ii < nq; ++ii) {
+      acc_t bias = 0;
+      if (pair_bias(p, b, h, i0 + ii, j0 + jj, &bias)) {
+        row[ii] += bias;
+      } else {
+        row[ii] = neg_inf;
+      }
+    }
+  }
+  return nullptr;
+}
+
+// exp(x) for the softmax's arguments x = s - max <= 0 (x = -inf gives 0, NaN stays NaN):
+// Cody-Waite reduction x = n ln2 + r, a degree-5 polynomial fitted for relative error on
+// [-ln2/2, ln2/2], 2^n built in the exponent bits. Max error ~3.3 ulp (ATen's exp_u20: ~20 ulp)
+// in 14 vector operations (exp_u20: 18). Results below ~1.2e-38 flush to 0.
+inline Vectorized<float> softmax_exp(const Vectorized<float>& x) {
+#if defined(CPU_CAPABILITY_AVX2)
+  const __m256 xv = x;
+  const __m256 lowest = _mm256_set1_ps(-87.33654f);  // ln(FLT_MIN)
+  const __m256 magic = _mm256_set1_ps(12582912.0f + 127.0f);  // 1.5 * 2^23 + exponent bias
+  const __m256 xc = _mm256_max_ps(lowest, xv);  // NaN in xv passes through (second operand)
+  const __m256 t = _mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), magic);
+  const __m256 n = _mm256_sub_ps(t, magic);  // round(x / ln2)
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+  __m256 poly = _mm256_set1_ps(0.008297650143504143f);
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(0.04191538318991661f));
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(0.16667574644088745f));
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(0.49998894333839417f));
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(0.9999997019767761f));
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.0000001192092896f));
+  // The low bits of t hold n + 127: shifted into the exponent field they make 2^n.
+  const __m256 two_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23));
+  const __m256 keep = _mm256_cmp_ps(xv, lowest, _CMP_NLT_UQ);  // false below range / -inf
+  return Vectorized<float>(_mm256_and_ps(_mm256_mul_ps(poly, two_n), keep));
+#else
+  return x.exp();
+#endif
+}
+inline Vectorized<double> softmax_exp(const Vectorized<double>& x) { return x.exp(); }
+
+// Whether a local tile can have a bias or a mask at all (else tile_bias skips it). Key
+// lengths never mask inside a visited tile: the key ranges stop at key_len.
+template <typename acc_t>
+inline bool any_local_bias(const AttentionParamsT<acc_t>& p) {
+  return p.causal || p.has_window() || p.has_span() || p.rel_bias != nullptr ||
+         p.alibi_slopes != nullptr;
+}
+
+// ------------------------------------------------------------------------------------------
+// Forward
+// ------------------------------------------------------------------------------------------
+template <typename acc_t>
+struct ForwardScratch {
+  std::vector<acc_t> qT, sT, oT, m, l, alpha, diag, k_buf, v_buf;
+  ForwardScratch(int64_t dqk, int64_t dv, bool need_convert)
+      : qT(dqk * kBlockQ), sT(kBlockK * kBlockQ), oT(dv * kBlockQ), m(kBlockQ), l(kBlockQ),
+        alpha(kBlockQ), diag(kBlockQ + kBlockK),
+        k_buf(need_convert ? kBlockK * dqk : 0), v_buf(need_convert ? kBlockK * dv : 0) {}
+};
+
+// One key tile of the online softmax, vectorized over the query lanes: adds the tile's
+// per-diagonal bias `diag` when given (see tile_bias), updates the running max m and sum l,
+// turns sT into probabilities exp(s - m_new) and returns in alpha the factor exp(m_old - m_new)
+// by which earlier output must be rescaled. Rows with no visible key so far (m = -inf) stay at
+// m = -inf, l = 0, P = 0, without NaN.
+template <typename acc_t>
+inline void online_softmax_tile(acc_t* sT, int64_t nk, const acc_t* diag, acc_t* m, acc_t* l,
+                                acc_t* alpha) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const Vec neg_inf(-std::numeric_limits<acc_t>::infinity());
+  const Vec zero(acc_t(0));
+  for (int64_t v = 0; v < kBlockQ; v += W) {
+    Vec tile_max = neg_inf;
+    if (diag != nullptr) {
+      for (int64_t jj = 0; jj < nk; ++jj) {
+        acc_t* s = sT + jj * kBlockQ + v;
+        const Vec biased = Vec::loadu(s) + Vec::loadu(diag + (nk - 1 - jj) + v);
+        biased.store(s);
+        tile_max = at::vec::maximum(tile_max, biased);
+      }
+    } else {
+      for (int64_t jj = 0; jj < nk; ++jj) tile_max = at::vec::maximum(tile_max, Vec::loadu(sT + jj * kBlockQ + v));
+    }
+    const Vec m_old = Vec::loadu(m + v);
+    const Vec m_new = at::vec::maximum(m_old, tile_max);  // NaN propagates
+    const Vec m_safe = Vec::blendv(m_new, zero, m_new == neg_inf);
+    const Vec a = softmax_exp(m_old - m_safe);
+    Vec sum = zero;
+    for (int64_t jj = 0; jj < nk; ++jj) {
+      acc_t* s = sT + jj * kBlockQ + v;
+      const Vec e = softmax_exp(Vec::loadu(s) - m_safe);
+      e.store(s);
+      sum = sum + e;
+    }
+    (Vec::loadu(l + v) * a + sum).store(l + v);
+    m_new.store(m + v);
+    a.store(alpha + v);
+  }
+}
+
+template <typename scalar_t>
+void attention_forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const AttentionParamsT<acc_type<scalar_t>>& p, at::Tensor& out,
+                            at::Tensor& lse) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  constexpr bool need_convert = !std::is_same_v<scalar_t, acc_t>;
+  const int64_t B = p.batch, Hq = p.heads_q, Sq = p.seqlen_q, Dqk = p.head_dim_qk,
+                Dv = p.head_dim_v;
+  const int64_t group = p.group_size();
+  const int64_t num_qblocks = (Sq + kBlockQ - 1) / kBlockQ;
+  const int64_t num_tasks = B * Hq * num_qblocks;
+  if (num_tasks == 0) return;
+  const scalar_t* q_ptr = q.data_ptr<scalar_t>();
+  const scalar_t* k_ptr = k.data_ptr<scalar_t>();
+  const scalar_t* v_ptr = v.data_ptr<scalar_t>();
+  scalar_t* out_ptr = out.data_ptr<scalar_t>();
+  float* lse_ptr = lse.data_ptr<float>();
+  const bool may_need_bias = any_local_bias(p);
+  const acc_t scale = static_cast<acc_t>(p.scale);
+
+  // Most expensive tasks first (causal, windows and global rows make them uneven), then the
+  // dynamic hand-out balances the tail.
+  std::vector<int64_t> cost(num_tasks);
+  for (int64_t t = 0; t < num_tasks; ++t) {
+    const int64_t qb = t % num_qblocks, bh = t / num_qblocks;
+    const int64_t i0 = qb * kBlockQ, i1 = std::min(i0 + kBlockQ, Sq);
+    const KeyRanges r = visible_key_ranges(p, bh / Hq, bh % Hq, i0, i1);
+    cost[t] = 0;
+    for (int c = 0; c < r.count; ++c) cost[t] += r.hi[c] - r.lo[c];
+  }
+  std::vector<int64_t> order(num_tasks);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+
+  run_tasks(
+      num_tasks, [&] { return ForwardScratch<acc_t>(Dqk, Dv, need_convert); },
+      [&](int64_t task_index, ForwardScratch<acc_t>& s) {
+        const int64_t task = order[task_index];
+        const int64_t qb = task % num_qblocks, bh = task / num_qblocks;
+        const int64_t b = bh / Hq, h = bh % Hq, hkv = h / group;
+        const int64_t i0 = qb * kBlockQ, i1 = std::min(i0 + kBlockQ, Sq), nq = i1 - i0;
+        const scalar_t* q_rows = q_ptr + b * p.q_stride_b + h * p.q_stride_h + i0 * p.q_stride_s;
+        const scalar_t* k_head = k_ptr + b * p.k_stride_b + hkv * p.k_stride_h;
+        const scalar_t* v_head = v_ptr + b * p.v_stride_b + hkv * p.v_stride_h;
+
+        pack_transposed(q_rows, p.q_stride_s, nq, Dqk, scale, s.qT.data());
+        std::fill(s.m.begin(), s.m.end(), -std::numeric_limits<acc_t>::infinity());
+        std::fill(s.l.begin(), s.l.end(), acc_t(0));
+        std::fill(s.oT.begin(), s.oT.end(), acc_t(0));
+
+        const KeyRanges ranges = visible_key_ranges(p, b, h, i0, i1);
+        for (int rg = 0; rg < ranges.count; ++rg) {
+          for (int64_t j0 = ranges.lo[rg]; j0 < ranges.hi[rg]; j0 += kBlockK) {
+            const int64_t nk = std::min(kBlockK, ranges.hi[rg] - j0);
+            int64_t ldk = 0, ldv = 0;
+            const acc_t* k_tile = rows_as_acc(k_head + j0 * p.k_stride_s, p.k_stride_s, nk, Dqk,
+                                              s.k_buf.data(), &ldk);
+            // sT = K_tile · (scale * Q_block)ᵀ
+            gemm_bcast<acc_t, false>(nk, kBlockQ, Dqk, k_tile, ldk, 1, s.qT.data(), kBlockQ,
+                                     s.sT.data(), kBlockQ);
+            const acc_t* diag = tile_bias(p, b, h, i0, nq, j0, nk, may_need_bias, s.sT.data(), s.diag.data());
+            online_softmax_tile(s.sT.data(), nk, diag, s.m.data(), s.l.data(), s.alpha.data());
+            bool rescale = false;
+            for (int64_t ii = 0; ii < nq; ++ii) rescale = rescale || s.alpha[ii] != acc_t(1);
+            if (rescale) {
+              for (int64_t d = 0; d < Dv; ++d) {
+                acc_t* o = s.oT.data() + d * kBlockQ;
+                for (int64_t x = 0; x < kBlockQ; x += W) {
+                  (Vec::loadu(o + x) * Vec::loadu(s.alpha.data() + x)).store(o + x);
+                }
+              }
+            }
+            const acc_t* v_tile = rows_as_acc(v_head + j0 * p.v_stride_s, p.v_stride_s, nk, Dv,
+                                              s.v_buf.data(), &ldv);
+            // oT += V_tileᵀ · P   (A(d, j) = V[j][d])
+            gemm_bcast<acc_t, true>(Dv, kBlockQ, nk, v_tile, 1, ldv, s.sT.data(), kBlockQ,
+                                    s.oT.data(), kBlockQ);
+          }
+        }
+
+        // out = oTᵀ / l, lse = m + log l. Empty rows: zeros and -inf. A NaN or +inf logit
+        // makes the row NaN (lse NaN / +inf), as in the reference.
+        for (int64_t ii = 0; ii < nq; ++ii) {
+          const int64_t i = i0 + ii;
+          scalar_t* o = out_ptr + b * p.o_stride_b + h * p.o_stride_h + i * p.o_stride_s;
+          float* lse_i = lse_ptr + (b * Hq + h) * Sq + i;
+          const acc_t mi = s.m[ii], li = s.l[ii];
+          if (std::isnan(mi) || mi == std::numeric_limits<acc_t>::infinity()) {
+            for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());
+            *lse_i = static_cast<float>(mi);
+          } else if (li > acc_t(0)) {
+            const acc_t inv = acc_t(1) / li;
+            for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<scalar_t>(s.oT[d * kBlockQ + ii] * inv);
+            *lse_i = static_cast<float>(mi + std::log(li));
+          } else {
+            for (int64_t d = 0; d < Dv; ++d) o[d] = scalar_t(0);
+            *lse_i = -std::numeric_limits<float>::infinity();
+          }
+        }
+      });
+}
+
+// ------------------------------------------------------------------------------------------
+// Backward
+// ------------------------------------------------------------------------------------------
+// Exact log-sum-exp of the rows of one query block (float64 backward): the forward's online
+// softmax without the output. `work` holds >= 3 * kBlockQ entries. Writes lse_safe[ii] for the
+// nq rows: lse, or +inf for a row with no visible key (so that exp(s - lse) = 0 there).
+template <typename acc_t, typename scalar_t>
+void recompute_lse(const AttentionParamsT<acc_t>& p, int64_t b, int64_t h, int64_t i0, int64_t nq,
+                   const KeyRanges& ranges, const scalar_t* k_head, bool may_need_bias,
+                   const acc_t* qT, acc_t* sT, acc_t* diag, acc_t* work, acc_t* lse_safe) {
+  static_assert(std::is_same_v<scalar_t, acc_t>, "only used where no conversion is needed");
+  acc_t* m = work;
+  acc_t* l = work + kBlockQ;
+  acc_t* alpha = work + 2 * kBlockQ;
+  std::fill(m, m + kBlockQ, -std::numeric_limits<acc_t>::infinity());
+  std::fill(l, l + kBlockQ, acc_t(0));
+  for (int rg = 0; rg < ranges.count; ++rg) {
+    for (int64_t j0 = ranges.lo[rg]; j0 < ranges.hi[rg]; j0 += kBlockK) {
+      const int64_t nk = std::min(kBlockK, ranges.hi[rg] - j0);
+      gemm_bcast<acc_t, false>(nk, kBlockQ, p.head_dim_qk, k_head + j0 * p.k_stride_s,
+                               p.k_stride_s, 1, qT, kBlockQ, sT, kBlockQ);
+      const acc_t* tile_diag = tile_bias(p, b, h, i0, nq, j0, nk, may_need_bias, sT, diag);
+      online_softmax_tile(sT, nk, tile_diag, m, l, alpha);
+    }
+  }
+  for (int64_t ii = 0; ii < nq; ++ii) {
+    if (std::isnan(m[ii]) || !(l[ii] > acc_t(0))) {
+      lse_safe[ii] = std::isnan(m[ii]) ? m[ii] : std::numeric_limits<acc_t>::infinity();
+    } else {
+      lse_safe[ii] = m[ii] + std::log(l[ii]);
+    }
+  }
+}
+
+template <typename acc_t>
+struct BackwardScratch {
+  std::vector<acc_t> qT, doT, sT, dsT, q_buf, do_buf, k_buf, v_buf, row_delta, lse_safe, dq,
+      diag, span_diag, tile_diag, lse_work;
+  std::vector<double> diag_acc;  // per-distance sums of dS for one head (table gradient)
+  BackwardScratch(int64_t dqk, int64_t dv, bool need_convert, int64_t num_distances)
+      : qT(dqk * kBlockQ), doT(dv * kBlockQ), sT(kBlockK * kBlockQ), dsT(kBlockK * kBlockQ),
+        q_buf(need_convert ? kBlockQ * dqk : 0), do_buf(need_convert ? kBlockQ * dv : 0),
+        k_buf(need_convert ? kBlockK * dqk : 0), v_buf(need_convert ? kBlockK * dv : 0),
+        row_delta(kBlockQ), lse_safe(kBlockQ), dq(kBlockQ * dqk), diag(kBlockQ + kBlockK),
+        span_diag(kBlockQ + kBlockK), tile_diag(kBlockQ + kBlockK),
+        lse_work(std::is_same_v<acc_t, double> ? 3 * kBlockQ : 0), diag_acc(num_distances) {}
+};
+
+// The number of query-block chunks per (batch, kv head) in the backward: enough tasks to keep
+// a multi-core machine busy. A function of the shapes only, so results do not depend on the
+// thread count.
+inline int64_t backward_chunks(int64_t batch_kv_heads, int64_t num_qblocks) {
+  constexpr int64_t kTargetTasks = 16;
+  if (batch_kv_heads <= 0 || num_qblocks <= 1) return 1;
+  const int64_t c = (kTargetTasks + batch_kv_heads - 1) / batch_kv_heads;
+  return std::max<int64_t>(1, std::min(c, num_qblocks));
+}
+
+struct BackwardOutputs {
+  at::Tensor grad_q, grad_k, grad_v, grad_table, grad_span;
+};
+
+template <typename scalar_t>
+BackwardOutputs attention_backward_impl(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& grad_lse /* undefined: none */,
+    const AttentionParamsT<acc_type<scalar_t>>& p, bool need_table_grad, bool need_span_grad,
+    int64_t num_table_rows) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  constexpr bool need_convert = !std::is_same_v<scalar_t, acc_t>;
+  const int64_t B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, Sq = p.seqlen_q, Sk = p.seqlen_k,
+                Dqk = p.head_dim_qk, Dv = p.head_dim_v;
+  const int64_t group = p.group_size();
+  const int64_t num_qblocks = (Sq + kBlockQ - 1) / kBlockQ;
+  const int64_t chunks = backward_chunks(B * Hkv, num_qblocks);
+  // One task per (b, kv head, chunk), also when Sq == 0 (the task then only zeroes dK / dV).
+  const int64_t num_tasks = B * Hkv * chunks;
+  const bool may_need_bias = any_local_bias(p);
+  const acc_t scale = static_cast<acc_t>(p.scale);
+  const bool need_diag_sums = need_table_grad || need_span_grad;
+  // Distances d = pos_q - j range over [1 - Sq, Sk - 1].
+  const int64_t min_distance = 1 - Sq;
+  const int64_t num_distances = need_table_grad ? std::max<int64_t>(Sq + Sk - 1, 0) : 0;
+
+  BackwardOutputs res;
+  const auto acc_options = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  res.grad_q = at::empty_like(q, at::MemoryFormat::Contiguous);
+  // dK / dV accumulate in acc_t: straight into the outputs when they are acc_t and each
+  // (b, kv head) has one chunk, else into per-chunk partials reduced below.
+  const bool direct_kv = !need_convert && chunks == 1;
+  at::Tensor dk_acc, dv_acc;
+  if (direct_kv) {
+    res.grad_k = at::empty({B, Hkv, Sk, Dqk}, k.options());
+    res.grad_v = at::empty({B, Hkv, Sk, Dv}, v.options());
+    dk_acc = res.grad_k;
+    dv_acc = res.grad_v;
+  } else {
+    dk_acc = at::empty({chunks, B, Hkv, Sk, Dqk}, acc_options);
+    dv_acc = at::empty({chunks, B, Hkv, Sk, Dv}, acc_options);
+  }
+  at::Tensor table_partial, span_partial;  // (B, chunks, Hq, rows) / (B, chunks, Hq), double
+  if (need_table_grad) table_partial = at::zeros({B, chunks, Hq, num_table_rows}, q.options().dtype(at::kDouble));
+  if (need_span_grad) span_partial = at::zeros({B, chunks, Hq}, q.options().dtype(at::kDouble));
+
+  const scalar_t* q_ptr = q.data_ptr<scalar_t>();
+  const scalar_t* k_ptr = k.data_ptr<scalar_t>();
+  const scalar_t* v_ptr = v.data_ptr<scalar_t>();
+  const scalar_t* o_ptr = out.data_ptr<scalar_t>();
+  const scalar_t* do_ptr = grad_out.data_ptr<scalar_t>();
+  const float* lse_ptr = lse.data_ptr<float>();
+  const float* glse_ptr = grad_lse.defined() ? grad_lse.data_ptr<float>() : nullptr;
+  scalar_t* dq_ptr = res.grad_q.data_ptr<scalar_t>();
+  acc_t* dk_base = dk_acc.data_ptr<acc_t>();
+  acc_t* dv_base = dv_acc.data_ptr<acc_t>();
+  double* table_part_ptr = need_table_grad ? table_partial.data_ptr<double>() : nullptr;
+  double* span_part_ptr = need_span_grad ? span_partial.data_ptr<double>() : nullptr;
+  const int64_t do_sb = grad_out.stride(0), do_sh = grad_out.stride(1), do_ss = grad_out.stride(2);
+  const int64_t o_sb = out.stride(0), o_sh = out.stride(1), o_ss = out.stride(2);
+  const acc_t pos_inf = std::numeric_limits<acc_t>::infinity();
+
+  run_tasks(
+      num_tasks, [&] { return BackwardScratch<acc_t>(Dqk, Dv, need_convert, num_distances); },
+      [&](int64_t task, BackwardScratch<acc_t>& s) {
+        const int64_t chunk = task % chunks, bkv = task / chunks;
+        const int64_t b = bkv / Hkv, hkv = bkv % Hkv;
+        // This task's dK / dV rows (Sk x D): the output itself or its chunk's partial.
+        const int64_t kv_offset = direct_kv ? bkv : (chunk * B * Hkv + bkv);
+        acc_t* dk = dk_base + kv_offset * Sk * Dqk;
+        acc_t* dv = dv_base + kv_offset * Sk * Dv;
+        std::fill(dk, dk + Sk * Dqk, acc_t(0));
+        std::fill(dv, dv + Sk * Dv, acc_t(0));
+        const scalar_t* k_head = k_ptr + b * p.k_stride_b + hkv * p.k_stride_h;
+        const scalar_t* v_head = v_ptr + b * p.v_stride_b + hkv * p.v_stride_h;
+
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t h = hkv * group + g;
+          if (need_table_grad) std::fill(s.diag_acc.begin(), s.diag_acc.end(), 0.0);
+          double span_acc = 0.0;
+          for (int64_t qb = chunk; qb < num_qblocks; qb += chunks) {
+            const int64_t i0 = qb * kBlockQ, i1 = std::min(i0 + kBlockQ, Sq), nq = i1 - i0;
+            const scalar_t* q_rows = q_ptr + b * p.q_stride_b + h * p.q_stride_h + i0 * p.q_stride_s;
+            const scalar_t* do_rows = do_ptr + b * do_sb + h * do_sh + i0 * do_ss;
+            const scalar_t* o_rows = o_ptr + b * o_sb + h * o_sh + i0 * o_ss;
+            pack_transposed(q_rows, p.q_stride_s, nq, Dqk, scale, s.qT.data());
+            pack_transposed(do_rows, do_ss, nq, Dv, acc_t(1), s.doT.data());
+            int64_t ldq = 0, ldo = 0;
+            const acc_t* q_blk = rows_as_acc(q_rows, p.q_stride_s, nq, Dqk, s.q_buf.data(), &ldq);
+            const acc_t* do_blk = rows_as_acc(do_rows, do_ss, nq, Dv, s.do_buf.data(), &ldo);
+            // D_i = rowsum(dO * O) - grad_lse_i; lse = -inf (empty row) becomes +inf so that
+            // P = exp(s - lse) is 0 there instead of NaN. Padding lanes get P = 0 too.
+            for (int64_t ii = 0; ii < kBlockQ; ++ii) {
+              if (ii >= nq) {
+                s.row_delta[ii] = 0;
+                s.lse_safe[ii] = pos_inf;
+                continue;
+              }
+              acc_t dot = 0;
+              for (int64_t d = 0; d < Dv; ++d) {
+                dot += static_cast<acc_t>(do_rows[ii * do_ss + d]) * static_cast<acc_t>(o_rows[ii * o_ss + d]);
+              }
+              const int64_t row = (b * Hq + h) * Sq + i0 + ii;
+              if (glse_ptr != nullptr) dot -= static_cast<acc_t>(glse_ptr[row]);
+              s.row_delta[ii] = dot;
+              const acc_t l = static_cast<acc_t>(lse_ptr[row]);
+              s.lse_safe[ii] = l == -pos_inf ? pos_inf : l;
+            }
+            std::fill(s.dq.begin(), s.dq.begin() + nq * Dqk, acc_t(0));
+
+            const KeyRanges ranges = visible_key_ranges(p, b, h, i0, i1);
+            if constexpr (std::is_same_v<acc_t, double>) {
+              // lse comes as float32; in float64 recompute it exactly (one extra K·Qᵀ pass) so
+              // that float64 gradients are float64-accurate (gradcheck).
+              recompute_lse(p, b, h, i0, nq, ranges, k_head, may_need_bias, s.qT.data(),
+                            s.sT.data(), s.diag.data(), s.lse_work.data(), s.lse_safe.data());
+            }
+            for (int rg = 0; rg < ranges.count; ++rg) {
+              for (int64_t j0 = ranges.lo[rg]; j0 < ranges.hi[rg]; j0 += kBlockK) {
+                const int64_t nk = std::min(kBlockK, ranges.hi[rg] - j0);
+                int64_t ldk = 0, ldv = 0;
+                const acc_t* k_tile = rows_as_acc(k_head + j0 * p.k_stride_s, p.k_stride_s, nk,
+                                                  Dqk, s.k_buf.data(), &ldk);
+                const acc_t* v_tile = rows_as_acc(v_head + j0 * p.v_stride_s, p.v_stride_s, nk,
+                                                  Dv, s.v_buf.data(), &ldv);
+                acc_t* sT = s.sT.data();
+                acc_t* dsT = s.dsT.data();
+                // P = exp(K·qT + bias - lse)
+                gemm_bcast<acc_t, false>(nk, kBlockQ, Dqk, k_tile, ldk, 1, s.qT.data(), kBlockQ, sT, kBlockQ);
+                const acc_t* diag = tile_bias(p, b, h, i0, nq, j0, nk, may_need_bias, sT, s.diag.data());
+                for (int64_t jj = 0; jj < nk; ++jj) {
+                  acc_t* row = sT + jj * kBlockQ;
+                  if (diag != nullptr) {
+                    const acc_t* d = diag + (nk - 1 - jj);
+                    for (int64_t x = 0; x < kBlockQ; x += W) {
+                      softmax_exp(Vec::loadu(row + x) + Vec::loadu(d + x) - Vec::loadu(s.lse_safe.data() + x)).store(row + x);
+                    }
+                  } else {
+                    for (int64_t x = 0; x < kBlockQ; x += W) {
+                      softmax_exp(Vec::loadu(row + x) - Vec::loadu(s.lse_safe.data() + x)).store(row + x);
+                    }
+                  }
+                }
+                // dP = V · dOᵀ, dS = P * (dP - D)
+                gemm_bcast<acc_t, false>(nk, kBlockQ, Dv, v_tile, ldv, 1, s.doT.data(), kBlockQ, dsT, kBlockQ);
+                for (int64_t jj = 0; jj < nk; ++jj) {
+                  acc_t* ds_row = dsT + jj * kBlockQ;
+                  const acc_t* p_row = sT + jj * kBlockQ;
+                  for (int64_t x = 0; x < kBlockQ; x += W) {
+                    (Vec::loadu(p_row + x) * (Vec::loadu(ds_row + x) - Vec::loadu(s.row_delta.data() + x)))
+                        .store(ds_row + x);
+                  }
+                }
+                // dV += P · dO, dK += dS · Q (scale applied once at the end), dQ += dSᵀ · K.
+                gemm_bcast<acc_t, true>(nk, Dv, nq, sT, kBlockQ, 1, do_blk, ldo, dv + j0 * Dv, Dv);
+                gemm_bcast<acc_t, true>(nk, Dqk, nq, dsT, kBlockQ, 1, q_blk, ldq, dk + j0 * Dqk, Dqk);
+                gemm_bcast<acc_t, true>(nq, Dqk, nk, dsT, 1, kBlockQ, k_tile, ldk, s.dq.data(), Dqk);
+
+                if (need_diag_sums) {
+                  // Sums of dS along the tile's diagonals: u = ii + (nk - 1 - jj).
+                  acc_t* td = s.tile_diag.data();
+                  const int64_t ndiag = nq + nk - 1;
+                  std::fill(td, td + ndiag, acc_t(0));
+                  for (int64_t jj = 0; jj < nk; ++jj) {
+                    const acc_t* ds_row = dsT + jj * kBlockQ;
+                    acc_t* t = td + (nk - 1 - jj);
+                    for (int64_t ii = 0; ii < nq; ++ii) t[ii] += ds_row[ii];
+                  }
+                  const int64_t d_first = p.query_pos(i0) - (j0 + nk - 1);
+                  if (need_table_grad) {
+                    double* acc = s.diag_acc.data() + (d_first - min_distance);
+                    for (int64_t u = 0; u < ndiag; ++u) acc[u] += static_cast<double>(td[u]);
+                  }
+                  if (need_span_grad) {
+                    if (!tile_has_global_pair(p, i0, j0)) {
+                      local_tile_diagonal_span_grad(p, b, h, i0, nq, j0, nk, s.span_diag.data());
+                      for (int64_t u = 0; u < ndiag; ++u) {
+                        span_acc += static_cast<double>(td[u]) * static_cast<double>(s.span_diag[u]);
+                      }
+                    } else {
+                      for (int64_t jj = 0; jj < nk; ++jj) {
+                        for (int64_t ii = 0; ii < nq; ++ii) {
+                          const acc_t gs = span_logit_grad(p, b, h, i0 + ii, j0 + jj);
+                          if (gs != acc_t(0)) {
+                            span_acc += static_cast<double>(dsT[jj * kBlockQ + ii]) * static_cast<double>(gs);
+                          }
+                        }
+                      }
+                    }
+                  }
+                }
+              }
+            }
+            // dQ = scale * sum_j dS K  (this task owns these rows of grad_q)
+            scalar_t* dq_rows = dq_ptr + ((b * Hq + h) * Sq + i0) * Dqk;
+            for (int64_t x = 0; x < nq * Dqk; ++x) dq_rows[x] = static_cast<scalar_t>(scale * s.dq[x]);
+          }
+          const int64_t part = (b * chunks + chunk) * Hq + h;
+          if (need_table_grad) {
+            double* rows = table_part_ptr + part * num_table_rows;
+            for (int64_t x = 0; x < num_distances; ++x) {
+              rows[rel_bias_row(p, min_distance + x)] += s.diag_acc[x];
+            }
+          }
+          if (need_span_grad) span_part_ptr[part] = span_acc;
+        }
+        if (direct_kv) {
+          for (int64_t x = 0; x < Sk * Dqk; ++x) dk[x] *= scale;
+        }
+      });
+
+  // Fixed-order reductions of the partials.
+  if (!direct_kv) {
+    res.grad_k = at::empty({B, Hkv, Sk, Dqk}, k.options());
+    res.grad_v = at::empty({B, Hkv, Sk, Dv}, v.options());
+    scalar_t* gk = res.grad_k.data_ptr<scalar_t>();
+    scalar_t* gv = res.grad_v.data_ptr<scalar_t>();
+    const int64_t plane_k = B * Hkv * Sk * Dqk, plane_v = B * Hkv * Sk * Dv;
+    // grad = sum over chunks in chunk order (times scale for dK), row by row.
+    at::parallel_for(0, B * Hkv * Sk, 64, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> row_k(Dqk), row_v(Dv);
+      for (int64_t r = begin; r < end; ++r) {
+        std::fill(row_k.begin(), row_k.end(), acc_t(0));
+        std::fill(row_v.begin(), row_v.end(), acc_t(0));
+        for (int64_t c = 0; c < chunks; ++c) {
+          const acc_t* pk = dk_base + c * plane_k + r * Dqk;
+          const acc_t* pv = dv_base + c * plane_v + r * Dv;
+          for (int64_t d = 0; d < Dqk; ++d) row_k[d] += pk[d];
+          for (int64_t d = 0; d < Dv; ++d) row_v[d] += pv[d];
+        }
+        for (int64_t d = 0; d < Dqk; ++d) gk[r * Dqk + d] = static_cast<scalar_t>(scale * row_k[d]);
+        for (int64_t d = 0; d < Dv; ++d) gv[r * Dv + d] = static_cast<scalar_t>(row_v[d]);
+      }
+    });
+  }
+  // Table: grad[row, h] = sum over b, then chunks, in that order. Span: (B, Hq), summed over
+  // chunks (the caller sums over b for a per-head span, again in order).
+  if (need_table_grad) {
+    res.grad_table = at::zeros({num_table_rows, Hq}, q.options().dtype(at::kDouble));
+    double* gt = res.grad_table.data_ptr<double>();
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t c = 0; c < chunks; ++c) {
+        for (int64_t h = 0; h < Hq; ++h) {
+          const double* part = table_part_ptr + ((b * chunks + c) * Hq + h) * num_table_rows;
+          for (int64_t row = 0; row < num_table_rows; ++row) gt[row * Hq + h] += part[row];
+        }
+      }
+    }
+  }
+  if (need_span_grad) {
+    res.grad_span = at::zeros({B, Hq}, q.options().dtype(at::kDouble));
+    double* gs = res.grad_span.data_ptr<double>();
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t c = 0; c < chunks; ++c) {
+        for (int64_t h = 0; h < Hq; ++h) gs[b * Hq + h] += span_part_ptr[(b * chunks + c) * Hq + h];
+      }
+    }
+  }
+  return res;
+}
+
+// ------------------------------------------------------------------------------------------
+// Op entry points: checks, parameter setup, dispatch.
+// ------------------------------------------------------------------------------------------
+struct BiasTensors {
+  at::Tensor rel_bias, alibi, span, key_lengths;
+};
+
+// Validates everything a direct torch.ops call could get wrong (functional.py has already
+// raised friendlier errors for user calls) so that no kernel reads out of bounds.
+void check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const std::optional<at::Tensor>& scale_tensor, int64_t window_left,
+                          int64_t window_right, const std::optional<at::Tensor>& rel_bias,
+                          const std::optional<at::Tensor>& alibi_slopes,
+                          const std::optional<at::Tensor>& span, double span_ramp,
+                          int64_t num_global, const std::optional<at::Tensor>& key_lengths) {
+  check_rank(q, 4, "q");
+  check_rank(k, 4, "k");
+  check_rank(v, 4, "v");
+  check_floating(q, "q");
+  check_same_dtype(k, q, "k", "q");
+  check_same_dtype(v, q, "v", "q");
+  check_same_device(k, q, "k", "q");
+  check_same_device(v, q, "v", "q");
+  check_last_dim_contiguous(q, "q");
+  check_last_dim_contiguous(k, "k");
+  check_last_dim_contiguous(v, "v");
+  const int64_t B = q.size(0), Hq = q.size(1), Dqk = q.size(3);
+  check_size(k, 0, B, "k", "batch");
+  check_size(v, 0, B, "v", "batch");
+  check_size(k, 3, Dqk, "k", "head dim, must equal q's");
+  const int64_t Hkv = k.size(1), Sk = k.size(2);
+  check_size(v, 1, Hkv, "v", "heads, must equal k's");
+  check_size(v, 2, Sk, "v", "sequence length, must equal k's");
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "fastattn: q's heads (", Hq,
+              ") must be a multiple of k/v's heads (", Hkv, ")");
+  if (present(scale_tensor)) {
+    TORCH_CHECK(scale_tensor->numel() == 1, "fastattn: scale_tensor must hold one value, got shape ",
+                scale_tensor->sizes());
+    check_floating(*scale_tensor, "scale_tensor");
+  }
+  TORCH_CHECK(window_left >= -1 && window_right >= -1,
+              "fastattn: window entries must be >= -1 (-1 = unbounded), got (", window_left, ", ",
+              window_right, ")");
+  if (present(rel_bias)) {
+    check_rank(*rel_bias, 2, "rel_bias");
+    check_floating(*rel_bias, "rel_bias");
+    check_same_device(*rel_bias, q, "rel_bias", "q");
+    TORCH_CHECK(rel_bias->size(0) % 2 == 1, "fastattn: rel_bias must be (2 * max_dist - 1, Hq): ",
+                "its first dim must be odd, got shape ", rel_bias->sizes());
+    check_size(*rel_bias, 1, Hq, "rel_bias", "one column per query head");
+  }
+  if (present(alibi_slopes)) {
+    check_rank(*alibi_slopes, 1, "alibi_slopes");
+    check_floating(*alibi_slopes, "alibi_slopes");
+    check_same_device(*alibi_slopes, q, "alibi_slopes", "q");
+    check_size(*alibi_slopes, 0, Hq, "alibi_slopes", "query heads");
+  }
+  if (present(span)) {
+    check_floating(*span, "span");
+    check_same_device(*span, q, "span", "q");
+    const bool per_batch = span->dim() == 2 && span->size(0) == B && span->size(1) == Hq;
+    const bool per_head = span->dim() == 1 && span->size(0) == Hq;
+    TORCH_CHECK(per_batch || per_head, "fastattn: span must be (B, Hq) = (", B, ", ", Hq,
+                ") or (Hq,) = (", Hq, ",), got shape ", span->sizes());
+    TORCH_CHECK(span_ramp > 0, "fastattn: span_ramp must be > 0, got ", span_ramp);
+  }
+  TORCH_CHECK(num_global >= 0 && num_global <= Sk, "fastattn: num_global must be in [0, Sk=", Sk,
+              "], got ", num_global);
+  if (present(key_lengths)) {
+    check_rank(*key_lengths, 1, "key_lengths");
+    check_same_device(*key_lengths, q, "key_lengths", "q");
+    TORCH_CHECK(key_lengths->scalar_type() == at::kLong || key_lengths->scalar_type() == at::kInt,
+                "fastattn: key_lengths must be int64 or int32, got ", key_lengths->scalar_type());
+    check_size(*key_lengths, 0, B, "key_lengths", "batch");
+  }
+}
+
+template <typename Real>
+at::Tensor as_real_contiguous(const at::Tensor& t) {
+  if constexpr (std::is_same_v<Real, double>) {
+    return t.to(at::kDouble).contiguous();
+  } else {
+    return as_fp32_contiguous(t);
+  }
+}
+
+// Fills the parameter struct; the converted bias tensors are kept alive in `keep`.
+template <typename Real>
+AttentionParamsT<Real> make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   double scale, const std::optional<at::Tensor>& scale_tensor,
+                                   bool causal, int64_t window_left, int64_t window_right,
+                                   const std::optional<at::Tensor>& rel_bias,
+                                   const std::optional<at::Tensor>& alibi_slopes,
+                                   const std::optional<at::Tensor>& span, double span_ramp,
+                                   int64_t num_global, const std::optional<at::Tensor>& key_lengths,
+                                   BiasTensors& keep) {
+  AttentionParamsT<Real> p;
+  p.batch = q.size(0);
+  p.heads_q = q.size(1);
+  p.seqlen_q = q.size(2);
+  p.head_dim_qk = q.size(3);
+  p.heads_kv = k.size(1);
+  p.seqlen_k = k.size(2);
+  p.head_dim_v = v.size(3);
+  p.q_stride_b = q.stride(0);
+  p.q_stride_h = q.stride(1);
+  p.q_stride_s = q.stride(2);
+  p.k_stride_b = k.stride(0);
+  p.k_stride_h = k.stride(1);
+  p.k_stride_s = k.stride(2);
+  p.v_stride_b = v.stride(0);
+  p.v_stride_h = v.stride(1);
+  p.v_stride_s = v.stride(2);
+  // The output is allocated contiguous (B, Hq, Sq, Dv).
+  p.o_stride_s = p.head_dim_v;
+  p.o_stride_h = p.seqlen_q * p.o_stride_s;
+  p.o_stride_b = p.heads_q * p.o_stride_h;
+  p.scale = static_cast<Real>(present(scale_tensor) ? scale_tensor->item<double>() : scale);
+  p.causal = causal;
+  p.window_left = window_left;
+  p.window_right = window_right;
+  p.num_global = num_global;
+  if (present(key_lengths)) {
+    keep.key_lengths = key_lengths->to(at::kLong).contiguous();
+    p.key_lengths = keep.key_lengths.data_ptr<int64_t>();
+  }
+  if (present(rel_bias)) {
+    keep.rel_bias = as_real_contiguous<Real>(*rel_bias);
+    p.rel_bias = keep.rel_bias.template data_ptr<Real>();
+    p.max_dist = (keep.rel_bias.size(0) + 1) / 2;
+  }
+  if (present(alibi_slopes)) {
+    keep.alibi = as_real_contiguous<Real>(*alibi_slopes);
+    p.alibi_slopes = keep.alibi.template data_ptr<Real>();
+  }
+  if (present(span)) {
+    keep.span = as_real_contiguous<Real>(*span);
+    p.span = keep.span.template data_ptr<Real>();
+    p.span_stride_b = keep.span.dim() == 2 ? p.heads_q : 0;
+  }
+  p.span_ramp = static_cast<Real>(span_ramp);
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+    const std::optional<at::Tensor>& scale_tensor, bool causal, int64_t window_left,
+    int64_t window_right, const std::optional<at::Tensor>& rel_bias,
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& span,
+    double span_ramp, int64_t num_global, const std::optional<at::Tensor>& key_lengths) {
+  check_attention_args(q, k, v, scale_tensor, window_left, window_right, rel_bias, alibi_slopes,
+                       span, span_ramp, num_global, key_lengths);
+  const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), Dv = v.size(3);
+  at::Tensor out = at::empty({B, Hq, Sq, Dv}, q.options());
+  at::Tensor lse = at::empty({B, Hq, Sq}, q.options().dtype(at::kFloat));
+  FASTATTN_DISPATCH_CPU_FLOATING(q.scalar_type(), "fastattn::attention (CPU)", [&] {
+    using acc_t = acc_type<scalar_t>;
+    BiasTensors keep;
+    const auto p = make_params<acc_t>(q, k, v, scale, scale_tensor, causal, window_left,
+                                      window_right, rel_bias, alibi_slopes, span, span_ramp,
+                                      num_global, key_lengths, keep);
+    attention_forward_impl<scalar_t>(q, k, v, p, out, lse);
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out_in, const at::Tensor& lse_in, const std::optional<at::Tensor>& grad_lse_in,
+    double scale, const std::optional<at::Tensor>& scale_tensor, bool causal, int64_t window_left,
+    int64_t window_right, const std::optional<at::Tensor>& rel_bias,
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& span,
+    double span_ramp, int64_t num_global, const std::optional<at::Tensor>& key_lengths,
+    bool need_rel_bias_grad, bool need_span_grad) {
+  check_attention_args(q, k, v, scale_tensor, window_left, window_right, rel_bias, alibi_slopes,
+                       span, span_ramp, num_global, key_lengths);
+  const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), Dv = v.size(3);
+  const std::vector<int64_t> out_shape{B, Hq, Sq, Dv};
+  const std::vector<int64_t> lse_shape{B, Hq, Sq};
+  check_rank(grad_out_in, 4, "grad_out");
+  check_rank(out_in, 4, "out");
+  TORCH_CHECK(grad_out_in.sizes() == at::IntArrayRef(out_shape), "fastattn: grad_out must have shape ",
+              at::IntArrayRef(out_shape), " (B, Hq, Sq, Dv), got ", grad_out_in.sizes());
+  TORCH_CHECK(out_in.sizes() == at::IntArrayRef(out_shape), "fastattn: out must have shape ",
+              at::IntArrayRef(out_shape), " (B, Hq, Sq, Dv), got ", out_in.sizes());
+  check_same_dtype(grad_out_in, q, "grad_out", "q");
+  check_same_dtype(out_in, q, "out", "q");
+  check_same_device(grad_out_in, q, "grad_out", "q");
+  check_same_device(out_in, q, "out", "q");
+  TORCH_CHECK(lse_in.sizes() == at::IntArrayRef(lse_shape), "fastattn: lse must have shape ",
+              at::IntArrayRef(lse_shape), " (B, Hq, Sq), got ", lse_in.sizes());
+  check_same_device(lse_in, q, "lse", "q");
+  if (present(grad_lse_in)) {
+    TORCH_CHECK(grad_lse_in->sizes() == at::IntArrayRef(lse_shape), "fastattn: grad_lse must have shape ",
+                at::IntArrayRef(lse_shape), " (B, Hq, Sq), got ", grad_lse_in->sizes());
+    check_same_device(*grad_lse_in, q, "grad_lse", "q");
+  }
+  // Small or rarely strided inputs are normalized (q, k and v are read through their strides).
+  auto last_dim_contiguous = [](const at::Tensor& t) {
+    return (t.numel() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
+  };
+  const at::Tensor grad_out = last_dim_contiguous(grad_out_in);
+  const at::Tensor out = last_dim_contiguous(out_in);
+  const at::Tensor lse = lse_in.to(at::kFloat).contiguous();
+  const at::Tensor grad_lse = present(grad_lse_in) ? grad_lse_in->to(at::kFloat).contiguous() : at::Tensor();
+  const bool want_table = need_rel_bias_grad && present(rel_bias);
+  const bool want_span = need_span_grad && present(span);
+
+  BackwardOutputs res;
+  FASTATTN_DISPATCH_CPU_FLOATING(q.scalar_type(), "fastattn::attention_backward (CPU)", [&] {
+    using acc_t = acc_type<scalar_t>;
+    BiasTensors keep;
+    const auto p = make_params<acc_t>(q, k, v, scale, scale_tensor, causal, window_left,
+                                      window_right, rel_bias, alibi_slopes, span, span_ramp,
+                                      num_global, key_lengths, keep);
+    res = attention_backward_impl<scalar_t>(grad_out, q, k, v, out, lse, grad_lse, p, want_table,
+                                            want_span, want_table ? rel_bias->size(0) : 0);
+  });
+  at::Tensor grad_table = at::empty({0}, q.options());
+  at::Tensor grad_span = at::empty({0}, q.options());
+  if (want_table) grad_table = res.grad_table.to(rel_bias->scalar_type()).contiguous();
+  if (want_span) {
+    at::Tensor gs = res.grad_span;  // (B, Hq) double
+    if (span->dim() == 1) {
+      // A per-head span: sum over the batch, in batch order.
+      at::Tensor per_head = at::zeros({Hq}, gs.options());
+      const double* src = gs.data_ptr<double>();
+      double* dst = per_head.data_ptr<double>();
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t h = 0; h < Hq; ++h) dst[h] += src[b * Hq + h];
+      }
+      gs = per_head;
+    }
+    grad_span = gs.to(span->scalar_type()).contiguous();
+  }
+  return {res.grad_q, res.grad_k, res.grad_v, grad_table, grad_span};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastattn
+
+TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+  m.impl("attention", &fastattn::cpu::attention_cpu);
+  m.impl("attention_backward", &fastattn::cpu::attention_backward_cpu);
+}

@@ -1,0 +1,127 @@
+// Tile bookkeeping of the CPU attention kernels: which key tiles a query block visits, and the
+// additive bias (or -inf mask) of one (query block x key tile) tile. The mask/bias *rules* are
+// those of common/attention_params.h (pair_bias and friends); this file only decides how
+// often they are evaluated.
+//
+// The CUDA kernel mirrors this structure:
+//   1. For a query block [i0, i1) of head (b, h), visit at most two key ranges (below):
+//      the global keys [0, G), then the local range from local_key_range (clipped past G and
+//      by causality); blocks holding a global query visit every key. Tiles outside them are
+//      never touched, so windowed / span attention costs O(S * w).
+//   2. A tile holding no global pair ("local tile") has a bias that depends only on the
+//      distance d = pos_q - j: we evaluate pair_bias once per diagonal (nq + nk - 1 calls) and
+//      add a shifted slice of that vector to each row. A tile whose diagonals are all visible
+//      with zero bias (no bias options, inside the window) adds nothing at all.
+//   3. A tile holding a global pair ("global tile": j0 < G or pos_q(i0) < G) evaluates
+//      pair_bias per element; there are O(G) such rows / columns.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+
+#include "common/attention_params.h"
+
+namespace fastattn {
+namespace cpu {
+
+// Up to two half-open key ranges, in increasing key order and disjoint.
+struct KeyRanges {
+  int64_t lo[2] = {0, 0};
+  int64_t hi[2] = {0, 0};
+  int count = 0;
+  void add(int64_t l, int64_t h) {
+    if (h > l) {
+      lo[count] = l;
+      hi[count] = h;
+      ++count;
+    }
+  }
+};
+
+// The keys the query block [i0, i1) of head (b, h) must visit (i1 > i0).
+template <typename Real>
+inline KeyRanges visible_key_ranges(const AttentionParamsT<Real>& p, int64_t b, int64_t h,
+                                    int64_t i0, int64_t i1) {
+  KeyRanges ranges;
+  // No key at or past key_len is ever visible, and under causality no key past the position
+  // of the block's last query (causal applies to global pairs too).
+  int64_t end = p.key_len(b);
+  if (p.causal) {
+    const int64_t causal_end = p.query_pos(i1 - 1) + 1;
+    if (causal_end < end) end = causal_end;
+  }
+  if (end <= 0) return ranges;
+  if (query_block_has_global_query(p, i0)) {
+    ranges.add(0, end);  // a global query sees every key
+    return ranges;
+  }
+  int64_t lo = 0, hi = 0;
+  local_key_range(p, b, h, i0, i1, &lo, &hi);
+  const int64_t num_global = p.num_global < end ? (p.num_global > 0 ? p.num_global : 0) : end;
+  ranges.add(0, num_global);  // global keys are seen by every query
+  if (lo < num_global) lo = num_global;
+  if (hi > end) hi = end;
+  ranges.add(lo, hi);
+  return ranges;
+}
+
+// Whether the tile (queries [i0, i0 + nq), keys [j0, j0 + nk)) holds a global pair.
+template <typename Real>
+inline bool tile_has_global_pair(const AttentionParamsT<Real>& p, int64_t i0, int64_t j0) {
+  return p.num_global > 0 && (j0 < p.num_global || p.query_pos(i0) < p.num_global);
+}
+
+// The in-tile pair (i, j) that lies on diagonal u of a local tile, u in [0, nq + nk - 1).
+// Diagonal u holds the pairs with d = pos_q(i0) - (j0 + nk - 1) + u: u < nk starts on the
+// tile's first query row, the others on its first key column. Row jj of a transposed score
+// tile (key jj, query lanes ii) meets diagonal u = ii + (nk - 1 - jj).
+inline void diagonal_pair(int64_t i0, int64_t j0, int64_t nk, int64_t u, int64_t* i, int64_t* j) {
+  if (u < nk) {
+    *i = i0;
+    *j = j0 + nk - 1 - u;
+  } else {
+    *i = i0 + (u - nk + 1);
+    *j = j0;
+  }
+}
+
+// Per-diagonal bias of a local tile: diag[u] = the pair_bias of diagonal u, or -inf where its
+// pairs are masked, for u in [0, nq + nk - 1); entries up to `padded_len` are set to 0 (they
+// meet only the padding query lanes). Returns false when every diagonal is visible with a
+// zero bias, i.e. when the tile needs no bias at all.
+template <typename Real, typename acc_t>
+inline bool local_tile_diagonal_bias(const AttentionParamsT<Real>& p, int64_t b, int64_t h,
+                                     int64_t i0, int64_t nq, int64_t j0, int64_t nk,
+                                     int64_t padded_len, acc_t* diag) {
+  const int64_t ndiag = nq + nk - 1;
+  bool needed = false;
+  for (int64_t u = 0; u < ndiag; ++u) {
+    int64_t i, j;
+    diagonal_pair(i0, j0, nk, u, &i, &j);
+    Real bias = 0;
+    if (pair_bias(p, b, h, i, j, &bias)) {
+      diag[u] = static_cast<acc_t>(bias);
+      needed = needed || bias != Real(0);
+    } else {
+      diag[u] = -std::numeric_limits<acc_t>::infinity();
+      needed = true;
+    }
+  }
+  for (int64_t u = ndiag; u < padded_len; ++u) diag[u] = acc_t(0);
+  return needed;
+}
+
+// d(logit)/d(span) per diagonal of a local tile (same indexing as local_tile_diagonal_bias).
+template <typename Real, typename acc_t>
+inline void local_tile_diagonal_span_grad(const AttentionParamsT<Real>& p, int64_t b, int64_t h,
+                                          int64_t i0, int64_t nq, int64_t j0, int64_t nk,
+                                          acc_t* grad) {
+  for (int64_t u = 0; u < nq + nk - 1; ++u) {
+    int64_t i, j;
+    diagonal_pair(i0, j0, nk, u, &i, &j);
+    grad[u] = static_cast<acc_t>(span_logit_grad(p, b, h, i, j));
+  }
+}
+
+}  // namespace cpu
+}  // namespace fastattn
