@@ -24,11 +24,17 @@ def test_build_info_reports_versions_and_kernels():
 
 def test_jit_compiles_the_same_sources_as_setup():
     # The JIT build must compile exactly setup.py's sources, less the Python module stub.
+    # (Sources of this checkout: the package under test may be an installed copy.)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for with_cuda in (False, True):
-        setup_sources = set(_build_config.sources(with_cuda))
-        jit_sources = set(jit._selected_sources(with_cuda))
+        setup_sources = set(_build_config.sources(with_cuda, root))
+        jit_sources = set(jit._selected_sources(with_cuda, root))
         assert jit_sources == {s for s in setup_sources if not s.endswith("python_module.cpp")}
-    assert any(s.endswith(".cu") for s in _build_config.sources(True))
+        assert os.path.join(root, "csrc", "fastattn.cpp") in jit_sources
+        assert any(s.endswith("rotary.cpp") for s in jit_sources)
+        assert any(s.endswith("attention.cpp") for s in jit_sources)
+    assert any(s.endswith(".cu") for s in _build_config.sources(True, root))
+    assert not any(s.endswith(".cu") for s in _build_config.sources(False, root))
 
 
 def test_cuda_arch_option_is_parsed(monkeypatch):

@@ -53,8 +53,9 @@ def cuda_archs() -> list[str]:
     return archs
 
 
-def sources(with_cuda: bool) -> list[str]:
-    root = repo_root()
+def sources(with_cuda: bool, root: str | None = None) -> list[str]:
+    """The C++/CUDA sources under root (default: the checkout this file sits in)."""
+    root = root or repo_root()
     srcs = [os.path.join(root, "csrc", "fastattn.cpp"), os.path.join(root, "csrc", "python_module.cpp")]
     srcs += sorted(glob.glob(os.path.join(root, "csrc", "cpu", "*.cpp")))
     if with_cuda:

@@ -37,6 +37,13 @@ def _check_device(t: Tensor, name: str, ref: Tensor, ref_name: str):
         _fail(f"{name} must be on the same device as {ref_name} ({ref.device}), got {t.device}")
 
 
+def _check_table_dtype(t: Tensor, name: str, x: Tensor):
+    # Small parameter tensors are read in fp32 by the kernels; storing them in fp32 or in x's
+    # dtype are the two layouts models use (anything else is most likely a mistake).
+    if t.dtype != x.dtype and t.dtype != torch.float32:
+        _fail(f"{name} must have x's dtype ({x.dtype}) or float32, got {t.dtype}", TypeError)
+
+
 def _last_dim_contiguous(t: Tensor) -> Tensor:
     # Kernels take any strides but need a unit stride in the last dim.
     return t if (t.dim() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1) else t.contiguous()
@@ -95,6 +102,7 @@ def rotary(
         _check_device(inv_freq, "inv_freq", x, "x")
         if inv_freq.shape[0] != half:
             _fail(f"inv_freq must have rotary_dim / 2 = {half} entries, got {inv_freq.shape[0]}")
+        _check_table_dtype(inv_freq, "inv_freq", x)
     else:
         if cos is None or sin is None:
             _fail("cos and sin must be given together")
@@ -103,6 +111,7 @@ def rotary(
             _check_device(t, name, x, "x")
             if t.shape[1] != half:
                 _fail(f"{name} must be (S_max, rotary_dim / 2 = {half}), got {tuple(t.shape)}")
+            _check_table_dtype(t, name, x)
         if cos.shape != sin.shape:
             _fail(f"cos and sin must have the same shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
         cos, sin = _last_dim_contiguous(cos), _last_dim_contiguous(sin)
@@ -133,8 +142,7 @@ def rotary(
         _check_device(rotation, "rotation", x, "x")
         if tuple(rotation.shape) != (D, D):
             _fail(f"rotation must be (D, D) = ({D}, {D}), got {tuple(rotation.shape)}")
-        if rotation.dtype != x.dtype and rotation.dtype != torch.float32:
-            _fail(f"rotation must have x's dtype ({x.dtype}) or float32, got {rotation.dtype}", TypeError)
+        _check_table_dtype(rotation, "rotation", x)
         rotation = rotation.contiguous()
     if not isinstance(offset, (int, torch.SymInt)) or isinstance(offset, bool):
         _fail(f"offset must be an int, got {type(offset).__name__}", TypeError)
@@ -144,6 +152,10 @@ def rotary(
                   "use inplace=False")
         if x.stride(-1) != 1:
             _fail("inplace=True needs x with a contiguous last dimension")
+        learned = [n for t, n in ((inv_freq, "inv_freq"), (cos, "cos"), (sin, "sin"), (rotation, "rotation"))
+                   if t is not None and t.requires_grad]
+        if learned and torch.is_grad_enabled():
+            _fail(f"inplace=True gives no gradients, but {', '.join(learned)} requires grad; use inplace=False")
         return ops.rotary_(x, inv_freq, cos, sin, positions, rotation, offset, bool(interleaved), rd)
     x = _last_dim_contiguous(x)
     return ops.rotary(x, inv_freq, cos, sin, positions, rotation, offset, bool(interleaved), rd)
@@ -265,6 +277,14 @@ def attention(
         key_lengths = key_lengths.long().contiguous()
 
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    # A learnable scale's gradient, sum(q * dq) / s, cancels heavily: with fp16/bf16 rounding of
+    # dq and of the saved output it can be off by 10%. Such calls run in fp32 (exact gradient,
+    # slower); to keep low-precision speed, use a fixed float scale.
+    out_dtype = q.dtype
+    if (scale_tensor is not None and scale_tensor.requires_grad and torch.is_grad_enabled()
+            and q.dtype in (torch.float16, torch.bfloat16)):
+        q, k, v = q.float(), k.float(), v.float()
     out, lse = ops.attention(q, k, v, scale_f, scale_tensor, bool(causal), left, right, rel_bias,
                              alibi_slopes, span, float(span_ramp), num_global, key_lengths)
+    out = out.to(out_dtype)
     return (out, lse) if return_lse else out

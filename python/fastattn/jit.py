@@ -19,8 +19,8 @@ from . import _build_config as cfg
 _loaded_path = None
 
 
-def _selected_sources(with_cuda: bool) -> list[str]:
-    srcs = [s for s in cfg.sources(with_cuda) if not s.endswith("python_module.cpp")]
+def _selected_sources(with_cuda: bool, root: str | None = None) -> list[str]:
+    srcs = [s for s in cfg.sources(with_cuda, root) if not s.endswith("python_module.cpp")]
     only = [n for n in os.environ.get("FASTATTN_JIT_ONLY", "").split(",") if n]
     if only:
         srcs = [s for s in srcs if s.endswith("fastattn.cpp") or any(n in os.path.basename(s) for n in only)]

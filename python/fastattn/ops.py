@@ -117,20 +117,17 @@ def _attention_backward(ctx, grad_out, grad_lse):
     need = ctx.needs_input_grad
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    # logits = s * q.k + ...  =>  dL/ds = sum_ij dS_ij q_i.k_j = sum(q * dq) / s (undefined at
-    # s == 0, where it comes out inf/nan). That sum cancels heavily, so it needs dq in fp32:
-    # with a learnable scale and fp16/bf16 inputs the backward runs on fp32 copies.
-    upcast = bool(need[4]) and q.dtype in (torch.float16, torch.bfloat16)
-    cast = (lambda t: t.float()) if upcast else (lambda t: t)
     gq, gk, gv, gb, gs = _ops.attention_backward(
-        cast(grad_out), cast(q), cast(k), cast(v), cast(out), lse, grad_lse, ctx.scale,
-        scale_tensor, ctx.causal, ctx.window[0], ctx.window[1], rel_bias, alibi_slopes, span,
-        ctx.span_ramp, ctx.num_global, key_lengths, bool(need[8]), bool(need[10]))
+        grad_out, q, k, v, out, lse, grad_lse, ctx.scale, scale_tensor, ctx.causal,
+        ctx.window[0], ctx.window[1], rel_bias, alibi_slopes, span, ctx.span_ramp,
+        ctx.num_global, key_lengths, bool(need[8]), bool(need[10]))
     g_scale = None
     if need[4]:
-        g_scale = ((q.float() * gq.float()).sum() / scale_tensor.float()).to(scale_tensor.dtype)
-    if upcast:
-        gq, gk, gv = gq.to(q.dtype), gk.to(k.dtype), gv.to(v.dtype)
+        # logits = s * q.k + ...  =>  dL/ds = sum_ij dS_ij q_i.k_j = sum(q * dq) / s (undefined
+        # at s == 0, where it comes out inf/nan). functional.attention runs fp16/bf16 inputs in
+        # fp32 when s is learnable: this sum cancels heavily and needs fp32 dq and out.
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        g_scale = ((q.to(acc) * gq.to(acc)).sum() / scale_tensor.to(acc)).to(scale_tensor.dtype)
     return (gq, gk, gv, None, g_scale, None, None, None, gb if need[8] else None, None,
             gs if need[10] else None, None, None, None)
 
