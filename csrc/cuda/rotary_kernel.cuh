@@ -1,0 +1,352 @@
+// CUDA kernels of the rotary op (the math and the passes are described in csrc/cpu/rotary.cpp;
+// these mirror the CPU kernels there). Launched from csrc/cuda/rotary_api.cu.
+//
+// Design: rotary is memory-bound (a few flops per element), so the kernels are about moving
+// bytes: each thread handles a chunk of one row with one 16-byte load/store per operand
+// (VEC = true) when pointers, strides and sizes allow it, else element by element; rows are
+// covered by grid-stride loops (blockIdx.y over (b, h) or b, blockIdx.x / threadIdx.y over s),
+// so any shape fits the grid; offsets are int64. The cos/sin rows come from small (Bp, S, half)
+// fp32 tables built beforehand (re-read from L1/L2 for every head). Math is fp32.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cstdint>
+
+namespace fastattn {
+namespace rotary_cuda {
+
+// N elements of T moved as one aligned transaction (8 or 16 bytes).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+// Load N consecutive elements as float: one vector load when VEC (p aligned to the pack),
+// else N scalar loads.
+template <int N, bool VEC, typename T>
+__device__ __forceinline__ void load_as_float(const T* p, float (&out)[N]) {
+  if constexpr (VEC) {
+    const Pack<T, N> pk = *reinterpret_cast<const Pack<T, N>*>(p);
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = static_cast<float>(pk.v[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = static_cast<float>(p[i]);
+  }
+}
+
+template <int N, bool VEC, typename T>
+__device__ __forceinline__ void store_from_float(T* p, const float (&in)[N]) {
+  if constexpr (VEC) {
+    Pack<T, N> pk;
+#pragma unroll
+    for (int i = 0; i < N; ++i) pk.v[i] = static_cast<T>(in[i]);
+    *reinterpret_cast<Pack<T, N>*>(p) = pk;
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) p[i] = static_cast<T>(in[i]);
+  }
+}
+
+// P consecutive cos (or sin) values of a table row, through the read-only cache: float4 /
+// float2 loads when VEC (the tables are fresh contiguous allocations and the chunk's first
+// pair is a multiple of P, so these are aligned), else one by one.
+template <int P, bool VEC>
+__device__ __forceinline__ void load_table(const float* p, float (&out)[P]) {
+  if constexpr (VEC && P % 4 == 0) {
+#pragma unroll
+    for (int k = 0; k < P; k += 4) {
+      const float4 v = __ldg(reinterpret_cast<const float4*>(p + k));
+      out[k] = v.x;
+      out[k + 1] = v.y;
+      out[k + 2] = v.z;
+      out[k + 3] = v.w;
+    }
+  } else if constexpr (VEC && P == 2) {
+    const float2 v = __ldg(reinterpret_cast<const float2*>(p));
+    out[0] = v.x;
+    out[1] = v.y;
+  } else {
+#pragma unroll
+    for (int j = 0; j < P; ++j) out[j] = __ldg(p + j);
+  }
+}
+
+// Element strides of a (B, H, S, D) tensor's first three dims.
+struct RowStrides {
+  int64_t b, h, s;
+};
+
+// A row's work is cut into chunks: first the rotated ones, then (when the pass-through dims
+// are written) chunks of the dims past rotary_dim.
+//  - half-split: a rotated chunk is N pairs t..t+N-1, read from both halves;
+//  - interleaved: a rotated chunk is N consecutive elements = N/2 pairs (N even).
+// Pass-through chunks are N elements with VEC, single elements without.
+template <int N, bool VEC, bool INTERLEAVED>
+struct Chunking {
+  static constexpr int kPairs = INTERLEAVED ? N / 2 : N;
+  static constexpr int kPass = VEC ? N : 1;
+  static_assert(!INTERLEAVED || N % 2 == 0, "interleaved chunks hold whole pairs");
+};
+
+struct ApplyParams {
+  const void* src;
+  void* dst;
+  RowStrides src_st, dst_st;
+  int64_t B, H, S;
+  int half, rd, D;
+  const float* cos;  // (Bp, S, half)
+  const float* sin;
+  bool per_batch;    // Bp == B (else 1)
+  bool copy_rest;    // write dims [rd, D) too (false in place: they already hold the input)
+};
+
+// dst = rope(src). Each chunk is loaded before it is stored and chunks are disjoint, so
+// src == dst (in place) is fine.
+template <typename src_t, typename dst_t, int N, bool VEC, bool INTERLEAVED>
+__global__ void __launch_bounds__(256) rope_apply_kernel(const ApplyParams p) {
+  using C = Chunking<N, VEC, INTERLEAVED>;
+  const src_t* src = static_cast<const src_t*>(p.src);
+  dst_t* dst = static_cast<dst_t*>(p.dst);
+  const int n_rot = p.half / C::kPairs;
+  const int n_chunks = n_rot + (p.copy_rest ? (p.D - p.rd) / C::kPass : 0);
+  const int64_t BH = p.B * p.H;
+  for (int64_t bh = blockIdx.y; bh < BH; bh += gridDim.y) {
+    const int64_t b = bh / p.H, h = bh - b * p.H;
+    for (int64_t s = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; s < p.S;
+         s += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+      const src_t* in = src + b * p.src_st.b + h * p.src_st.h + s * p.src_st.s;
+      dst_t* out = dst + b * p.dst_st.b + h * p.dst_st.h + s * p.dst_st.s;
+      const int64_t tab = ((p.per_batch ? b * p.S : 0) + s) * p.half;
+      for (int c = threadIdx.x; c < n_chunks; c += blockDim.x) {
+        if (c < n_rot) {
+          const int t0 = c * C::kPairs;
+          float cs[C::kPairs], sn[C::kPairs];
+          load_table<C::kPairs, VEC>(p.cos + tab + t0, cs);
+          load_table<C::kPairs, VEC>(p.sin + tab + t0, sn);
+          if constexpr (INTERLEAVED) {
+            float v[N];
+            load_as_float<N, VEC>(in + 2 * t0, v);
+#pragma unroll
+            for (int j = 0; j < C::kPairs; ++j) {
+              const float x1 = v[2 * j], x2 = v[2 * j + 1];
+              v[2 * j] = x1 * cs[j] - x2 * sn[j];
+              v[2 * j + 1] = x1 * sn[j] + x2 * cs[j];
+            }
+            store_from_float<N, VEC>(out + 2 * t0, v);
+          } else {
+            float x1[N], x2[N];
+            load_as_float<N, VEC>(in + t0, x1);
+            load_as_float<N, VEC>(in + p.half + t0, x2);
+            float y1[N], y2[N];
+#pragma unroll
+            for (int j = 0; j < N; ++j) {
+              y1[j] = x1[j] * cs[j] - x2[j] * sn[j];
+              y2[j] = x1[j] * sn[j] + x2[j] * cs[j];
+            }
+            store_from_float<N, VEC>(out + t0, y1);
+            store_from_float<N, VEC>(out + p.half + t0, y2);
+          }
+        } else {
+          const int e = p.rd + (c - n_rot) * C::kPass;
+          float v[C::kPass];
+          load_as_float<C::kPass, VEC>(in + e, v);
+          store_from_float<C::kPass, VEC>(out + e, v);
+        }
+      }
+    }
+  }
+}
+
+struct BackwardParams {
+  const void* grad;
+  const void* x;   // the rope input (x, or x @ rotation); read when d_ang or d_cos is set
+  void* gx;        // dL/d(rope input), or nullptr when not wanted
+  RowStrides g_st, x_st, gx_st;
+  int64_t B, H, S;
+  int half, rd, D;
+  const float* cos;  // (Bp, S, half), the forward's angles (sin not negated)
+  const float* sin;
+  bool per_batch;
+  float* d_ang;  // (B, S, half): sum over heads of dL/dangle, or nullptr
+  float* d_cos;  // (B, S, half): sums of dL/dcos and dL/dsin, or nullptr
+  float* d_sin;
+};
+
+// One thread per (b, s, chunk) loops over the heads in order: it writes the chunk's dL/dx for
+// every head (when gx is set) and the per-(b, s, pair) sums over heads, each written once, by
+// one thread, in a fixed order (deterministic).
+template <typename g_t, typename x_t, typename gx_t, int N, bool VEC, bool INTERLEAVED>
+__global__ void __launch_bounds__(256) rope_backward_kernel(const BackwardParams p) {
+  using C = Chunking<N, VEC, INTERLEAVED>;
+  constexpr int P = C::kPairs;
+  const g_t* grad = static_cast<const g_t*>(p.grad);
+  const x_t* xs = static_cast<const x_t*>(p.x);
+  gx_t* gxs = static_cast<gx_t*>(p.gx);
+  const bool need_x = p.d_ang != nullptr || p.d_cos != nullptr;
+  const int n_rot = p.half / P;
+  const int n_chunks = n_rot + (gxs != nullptr ? (p.D - p.rd) / C::kPass : 0);
+  for (int64_t b = blockIdx.y; b < p.B; b += gridDim.y) {
+    for (int64_t s = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; s < p.S;
+         s += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+      const int64_t tab = ((p.per_batch ? b * p.S : 0) + s) * p.half;
+      for (int c = threadIdx.x; c < n_chunks; c += blockDim.x) {
+        if (c >= n_rot) {
+          // Pass-through dims: their gradient is the incoming one.
+          const int e = p.rd + (c - n_rot) * C::kPass;
+          for (int64_t h = 0; h < p.H; ++h) {
+            float v[C::kPass];
+            load_as_float<C::kPass, VEC>(grad + b * p.g_st.b + h * p.g_st.h + s * p.g_st.s + e, v);
+            store_from_float<C::kPass, VEC>(gxs + b * p.gx_st.b + h * p.gx_st.h + s * p.gx_st.s + e, v);
+          }
+          continue;
+        }
+        const int t0 = c * P;
+        float cs[P], sn[P], acc_ang[P], acc_c[P], acc_s[P];
+        load_table<P, VEC>(p.cos + tab + t0, cs);
+        load_table<P, VEC>(p.sin + tab + t0, sn);
+#pragma unroll
+        for (int j = 0; j < P; ++j) acc_ang[j] = acc_c[j] = acc_s[j] = 0.f;
+        for (int64_t h = 0; h < p.H; ++h) {
+          const g_t* g = grad + b * p.g_st.b + h * p.g_st.h + s * p.g_st.s;
+          const x_t* x = xs + b * p.x_st.b + h * p.x_st.h + s * p.x_st.s;
+          float g1[P], g2[P], x1[P], x2[P];
+          if constexpr (INTERLEAVED) {
+            float v[N];
+            load_as_float<N, VEC>(g + 2 * t0, v);
+#pragma unroll
+            for (int j = 0; j < P; ++j) {
+              g1[j] = v[2 * j];
+              g2[j] = v[2 * j + 1];
+            }
+            if (need_x) {
+              load_as_float<N, VEC>(x + 2 * t0, v);
+#pragma unroll
+              for (int j = 0; j < P; ++j) {
+                x1[j] = v[2 * j];
+                x2[j] = v[2 * j + 1];
+              }
+            }
+          } else {
+            load_as_float<N, VEC>(g + t0, g1);
+            load_as_float<N, VEC>(g + p.half + t0, g2);
+            if (need_x) {
+              load_as_float<N, VEC>(x + t0, x1);
+              load_as_float<N, VEC>(x + p.half + t0, x2);
+            }
+          }
+          if (gxs != nullptr) {
+            // The rotation by -angle: dL/dx1 = c g1 + s g2, dL/dx2 = c g2 - s g1.
+            float o1[P], o2[P];
+#pragma unroll
+            for (int j = 0; j < P; ++j) {
+              o1[j] = cs[j] * g1[j] + sn[j] * g2[j];
+              o2[j] = cs[j] * g2[j] - sn[j] * g1[j];
+            }
+            gx_t* gx = gxs + b * p.gx_st.b + h * p.gx_st.h + s * p.gx_st.s;
+            if constexpr (INTERLEAVED) {
+              float v[N];
+#pragma unroll
+              for (int j = 0; j < P; ++j) {
+                v[2 * j] = o1[j];
+                v[2 * j + 1] = o2[j];
+              }
+              store_from_float<N, VEC>(gx + 2 * t0, v);
+            } else {
+              store_from_float<N, VEC>(gx + t0, o1);
+              store_from_float<N, VEC>(gx + p.half + t0, o2);
+            }
+          }
+          if (need_x) {
+#pragma unroll
+            for (int j = 0; j < P; ++j) {
+              if (p.d_ang != nullptr) {
+                const float y1 = x1[j] * cs[j] - x2[j] * sn[j];
+                const float y2 = x1[j] * sn[j] + x2[j] * cs[j];
+                acc_ang[j] += g2[j] * y1 - g1[j] * y2;
+              }
+              if (p.d_cos != nullptr) {
+                acc_c[j] += g1[j] * x1[j] + g2[j] * x2[j];
+                acc_s[j] += g2[j] * x1[j] - g1[j] * x2[j];
+              }
+            }
+          }
+        }
+        const int64_t row = (b * p.S + s) * p.half + t0;
+#pragma unroll
+        for (int j = 0; j < P; ++j) {
+          if (p.d_ang != nullptr) p.d_ang[row + j] = acc_ang[j];
+          if (p.d_cos != nullptr) {
+            p.d_cos[row + j] = acc_c[j];
+            p.d_sin[row + j] = acc_s[j];
+          }
+        }
+      }
+    }
+  }
+}
+
+// grad_inv_freq, stage 1: block (32, 8) sums d_ang[r, t] * pos[r] over its group of rows for 32
+// columns; the 8 row-strided partial sums are combined in a fixed order (deterministic).
+constexpr int kFreqCols = 32;
+constexpr int kFreqRowThreads = 8;
+
+__global__ void reduce_freq_partial_kernel(const float* __restrict__ d_ang,
+                                           const int64_t* __restrict__ pos, int64_t rows,
+                                           int half, int64_t rows_per_group,
+                                           double* __restrict__ partial) {
+  __shared__ double sums[kFreqRowThreads][kFreqCols];
+  const int t = blockIdx.x * kFreqCols + threadIdx.x;
+  const int64_t group = blockIdx.y;
+  const int64_t r0 = group * rows_per_group;
+  const int64_t r1 = r0 + rows_per_group < rows ? r0 + rows_per_group : rows;
+  double acc = 0.0;
+  if (t < half) {
+    for (int64_t r = r0 + threadIdx.y; r < r1; r += kFreqRowThreads) {
+      acc += static_cast<double>(d_ang[r * half + t]) * static_cast<double>(pos[r]);
+    }
+  }
+  sums[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && t < half) {
+    double total = 0.0;
+#pragma unroll
+    for (int k = 0; k < kFreqRowThreads; ++k) total += sums[k][threadIdx.x];
+    partial[group * half + t] = total;
+  }
+}
+
+// Stage 2: one thread per column sums the groups in order.
+__global__ void reduce_freq_final_kernel(const double* __restrict__ partial, int64_t groups,
+                                         int half, float* __restrict__ out) {
+  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= half) return;
+  double total = 0.0;
+  for (int64_t g = 0; g < groups; ++g) total += partial[g * half + t];
+  out[t] = static_cast<float>(total);
+}
+
+// Table gradient: rows sorted by position (stably, so equal positions keep their (b, s)
+// order). The first row of each run of equal positions sums the run, in order, and writes the
+// table row: every table row is written by one thread in a fixed order (deterministic).
+__global__ void scatter_table_kernel(const float* __restrict__ d,
+                                     const int64_t* __restrict__ sorted_pos,
+                                     const int64_t* __restrict__ order, int64_t rows, int half,
+                                     int64_t table_rows, float* __restrict__ out) {
+  const int64_t total = rows * half;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / half;
+    const int t = static_cast<int>(i - r * half);
+    const int64_t p = sorted_pos[r];
+    if (r > 0 && sorted_pos[r - 1] == p) continue;  // not the first row of its run
+    if (p < 0 || p >= table_rows) continue;         // out of range: the forward gave NaN
+    float acc = 0.f;
+    for (int64_t k = r; k < rows && sorted_pos[k] == p; ++k) acc += d[order[k] * half + t];
+    out[p * half + t] = acc;
+  }
+}
+
+}  // namespace rotary_cuda
+}  // namespace fastattn
