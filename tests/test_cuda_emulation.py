@@ -1,0 +1,210 @@
+"""The CUDA attention kernels (csrc/cuda/attention_*), run on the CPU emulator of
+tests/cuda_emulation/ and checked against fastattn.reference in float64.
+
+The emulator compiles the real attention_api.cu + attention_{fwd,bwd}_kernel.cuh +
+attention_utils.cuh with a host compiler (-DFASTATTN_CUDA_EMULATION): CUDA threads are fibers,
+__syncthreads/__syncwarp are barriers, mma.sync.m16n8k16 and __shfl_xor_sync exchange
+fragments per warp, and shared memory starts as NaN bytes. So machines without a GPU still
+run the kernels' indexing, masking, tiling, online softmax and backward reductions. It needs
+only the CUDA *headers* (see tests/cuda_emulation/build.py); the module is skipped, with the
+reason, where they (or a compiler) are missing, and with FASTATTN_TEST_CUDA_EMULATION=0. The
+build (one translation unit, ~50 s of CPU time) is cached in torch's extensions directory.
+
+Each case runs forward + backward (through an autograd wrapper that mirrors fastattn.ops) and
+is judged as tests/conftest.py judges the fused op: float32 by atol + rtol * max|exact|,
+float16/bfloat16 by twice the error of the same math run in that dtype plus half an ulp (for
+the rel_bias / span / scale gradients, twice the larger of that and fastattn's CPU kernel's
+error, see AGGREGATED_GRADS), lse (float32 always) by a relative bound; gradients of q, k, v,
+rel_bias, span and a tensor scale.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import (GRAD_NAMES, LOW_PRECISION, Case, assert_close, assert_lse_close, case_id,
+                      clone_inputs, dense_sdpa_attention, make_inputs, pin_threads, run_attention)
+import fastattn
+from fastattn import reference
+
+_BUILD_PY = Path(__file__).resolve().parent / "cuda_emulation" / "build.py"
+_spec = importlib.util.spec_from_file_location("fastattn_cuda_emulation_build", _BUILD_PY)
+emu_build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(emu_build)
+
+
+@pytest.fixture(autouse=True)
+def _threads(request):
+    yield from pin_threads(request)
+
+
+@pytest.fixture(scope="module")
+def emu():
+    """Builds (once; cached in torch's extensions dir) and loads the emulator library."""
+    if os.environ.get("FASTATTN_TEST_CUDA_EMULATION", "1") == "0":
+        pytest.skip("CUDA kernel emulator tests disabled by FASTATTN_TEST_CUDA_EMULATION=0")
+    reason = emu_build.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"CUDA kernel emulator cannot be built here: {reason}")
+    emu_build.load()  # a compile error is a failure, not a skip
+    return torch.ops.fastattn_emu
+
+
+# ---------------------------------------------------------------------------------------------
+# fastattn.attention's signature over the emulated kernels (autograd as in fastattn/ops.py)
+# ---------------------------------------------------------------------------------------------
+class _EmulatedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, scale_tensor, causal, wl, wr, rel_bias, alibi, span, ramp, G, kl):
+        out, lse = torch.ops.fastattn_emu.attention(q, k, v, scale, scale_tensor, causal, wl, wr,
+                                                    rel_bias, alibi, span, ramp, G, kl)
+        ctx.save_for_backward(q, k, v, out, lse, scale_tensor, rel_bias, alibi, span, kl)
+        ctx.opts = (scale, causal, wl, wr, ramp, G)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, scale_tensor, rel_bias, alibi, span, kl = ctx.saved_tensors
+        scale, causal, wl, wr, ramp, G = ctx.opts
+        need = ctx.needs_input_grad
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        upcast = bool(need[4]) and q.dtype in LOW_PRECISION  # as fastattn.ops: exact scale grad
+        cast = (lambda t: t.float()) if upcast else (lambda t: t)
+        gq, gk, gv, gb, gs = torch.ops.fastattn_emu.attention_backward(
+            cast(grad_out.contiguous()), cast(q), cast(k), cast(v), cast(out), lse, grad_lse, scale,
+            scale_tensor, causal, wl, wr, rel_bias, alibi, span, ramp, G, kl, bool(need[8]), bool(need[10]))
+        g_scale = None
+        if need[4]:
+            g_scale = ((q.float() * gq.float()).sum() / scale_tensor.float()).to(scale_tensor.dtype)
+        if upcast:
+            gq, gk, gv = gq.to(q.dtype), gk.to(k.dtype), gv.to(v.dtype)
+        return (gq, gk, gv, None, g_scale, None, None, None, gb if need[8] else None, None,
+                gs if need[10] else None, None, None, None)
+
+
+def emulated_attention(q, k, v, *, scale=None, causal=False, window=(-1, -1), rel_bias=None,
+                       alibi_slopes=None, span=None, span_ramp=32.0, num_global=0, key_lengths=None,
+                       return_lse=False):
+    Dqk = q.shape[-1]
+    scale_tensor = scale if isinstance(scale, torch.Tensor) else None
+    if scale is None:
+        scale_f = Dqk ** -0.5 if Dqk > 0 else 1.0
+    else:
+        scale_f = 1.0 if scale_tensor is not None else float(scale)
+    out, lse = _EmulatedAttention.apply(q, k, v, scale_f, scale_tensor, bool(causal), int(window[0]),
+                                        int(window[1]), rel_bias, alibi_slopes, span, float(span_ramp),
+                                        int(num_global), key_lengths)
+    return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------------------------
+# the cases
+# ---------------------------------------------------------------------------------------------
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+# GQA, Sq != Sk (both ways), Dqk != Dv; small enough for the emulator (about a second a case).
+GQA = dict(B=2, Hq=4, Hkv=2, Sq=33, Sk=47, Dqk=16, Dv=24)
+LONGQ = dict(B=1, Hq=2, Hkv=1, Sq=70, Sk=30, Dqk=40, Dv=8)  # Sq > Sk: queries at negative positions
+
+CASES = [
+    # (case, backprop an lse gradient too)
+    (Case(**GQA, dtype=F32), True),
+    (Case(**GQA, dtype=F16, causal=True, rel_bias=5), False),
+    (Case(**GQA, dtype=BF16, window=(3, 0), alibi=True), True),
+    (Case(**LONGQ, dtype=F32, causal=True, num_global=2, window=(2, 2), rel_bias=64), False),
+    (Case(**LONGQ, dtype=F16, window=(0, 5), span="bh", span_values=(3.5, 9.25), span_ramp=4.0), True),
+    (Case(**GQA, dtype=BF16, span="h", span_ramp=32.0, rel_bias=9, key_lengths=(0, 40)), False),
+    (Case(B=2, Hq=4, Hkv=1, Sq=33, Sk=65, Dqk=8, Dv=40, dtype=F16, rel_bias=3, num_global=3,
+          window=(7, 1), key_lengths=(20, 65), scale="tensor"), True),
+    (Case(**GQA, dtype=BF16, scale=0.3, alibi=True, rel_bias=4, span="bh", num_global=2,
+          key_lengths=(47, 9)), False),
+    (Case(**GQA, dtype=F32, scale="tensor", causal=True, key_lengths=(12, 0), rel_bias=3, alibi=True), True),
+    # several tiles in both directions
+    (Case(B=1, Hq=2, Hkv=2, Sq=129, Sk=129, Dqk=64, Dv=64, dtype=F16, causal=True, rel_bias=8), False),
+    (Case(B=1, Hq=2, Hkv=1, Sq=70, Sk=140, Dqk=32, Dv=32, dtype=BF16, span="bh", span_values=(3.5, 20.25),
+          span_ramp=8.0, num_global=4, window=(16, 16)), True),
+    # the larger head-dim classes (96, 128, 256; Dqk != Dv; odd sizes are zero-padded)
+    (Case(B=1, Hq=2, Hkv=1, Sq=40, Sk=70, Dqk=96, Dv=80, dtype=F16, causal=True, rel_bias=6), False),
+    (Case(B=1, Hq=2, Hkv=2, Sq=70, Sk=40, Dqk=128, Dv=100, dtype=F32, rel_bias=6, span="bh"), False),
+    (Case(B=1, Hq=2, Hkv=1, Sq=40, Sk=50, Dqk=256, Dv=200, dtype=BF16, rel_bias=6, num_global=2,
+          window=(5, 3)), True),
+]
+
+
+# Gradients of the small parameters sum dS over all (i, j) pairs of a head (rel_bias: per
+# distance; span; the scale), so in float16/bfloat16 they pick up the rounding of `out` through
+# the backward's D_i = rowsum(dO_i * O_i), which the dense formulation (the budget) never
+# computes. For them the budget is the larger of the dtype-math error and the error of
+# fastattn's own CPU kernel on the same inputs (the same algorithm, so the same D rounding):
+# the CUDA kernels may be at most twice as far from exact as either, plus half an ulp.
+AGGREGATED_GRADS = ("rel_bias", "span", "scale")
+
+
+def _worse(a: dict, b: dict, key: str, exact: torch.Tensor) -> torch.Tensor:
+    def err(t):
+        e = exact.detach().double()
+        return (t.detach().double() - e).abs().masked_fill(~torch.isfinite(e), 0).max().item()
+    return a[key] if err(a[key]) >= err(b[key]) else b[key]
+
+
+def check_emulated(case: Case, lse_grad: bool) -> dict:
+    inp = make_inputs(case)
+    g = torch.Generator().manual_seed(case.seed + 1000)
+    grad_out = torch.randn(case.B, case.Hq, case.Sq, case.Dv, generator=g, dtype=torch.float64).to(case.dtype)
+    grad_lse = torch.randn(case.B, case.Hq, case.Sq, generator=g, dtype=torch.float64) if lse_grad else None
+
+    got = run_attention(emulated_attention, inp, case, grad_out, grad_lse)
+    assert got["out"].dtype == case.dtype and got["out"].shape == (case.B, case.Hq, case.Sq, case.Dv)
+    exact = run_attention(reference.attention, clone_inputs(inp, torch.float64), case, grad_out, grad_lse)
+    lowp = cpu_kernel = None
+    if case.dtype in LOW_PRECISION:
+        lowp = run_attention(dense_sdpa_attention, clone_inputs(inp), case, grad_out, grad_lse)
+        if any(isinstance(inp.get(n), torch.Tensor) and inp[n].requires_grad for n in AGGREGATED_GRADS):
+            cpu_kernel = run_attention(fastattn.attention, clone_inputs(inp), case, grad_out, grad_lse)
+
+    assert_close("out", got["out"], exact["out"], case.dtype, lowp and lowp["out"])
+    assert_lse_close("lse", got["lse"], exact["lse"], case.dtype)
+    for n in GRAD_NAMES:
+        key = "grad_" + n
+        if key in exact:
+            assert got.get(key) is not None, f"{key}: the emulated kernels gave no gradient"
+            assert got[key].dtype == inp[n].dtype, f"{key}: dtype {got[key].dtype}, expected {inp[n].dtype}"
+            budget = lowp and lowp[key]
+            if cpu_kernel is not None and n in AGGREGATED_GRADS:
+                budget = _worse(lowp, cpu_kernel, key, exact[key])
+            assert_close(key, got[key], exact[key], case.dtype, budget)
+    return got
+
+
+@pytest.mark.parametrize("case,lse_grad", CASES,
+                         ids=[case_id(c) + ("-grad_lse" if lg else "") for c, lg in CASES])
+def test_emulated_kernels_match_reference(emu, case, lse_grad):
+    check_emulated(case, lse_grad)
+
+
+def test_empty_rows(emu):
+    """Rows with no visible key (a batch with key_lengths 0; queries at negative positions
+    outside a window when Sq > Sk): out 0, lse -inf, zero and NaN-free gradients."""
+    case = Case(B=2, Hq=2, Hkv=1, Sq=9, Sk=12, Dqk=8, Dv=8, dtype=F32, window=(0, 0), rel_bias=3,
+                key_lengths=(0, 5))
+    got = check_emulated(case, lse_grad=True)
+    lse = got["lse"]
+    assert torch.isneginf(lse[0]).all() and (got["out"][0] == 0).all()
+    assert torch.isneginf(lse[1]).any() and torch.isfinite(lse[1]).any()
+    for n in ("q", "k", "v"):
+        assert (got["grad_" + n][0] == 0).all(), f"grad_{n} of the empty batch"
+
+
+def test_backward_is_deterministic(emu):
+    """Two identical backward calls give bitwise identical gradients (no atomics)."""
+    case = Case(B=1, Hq=2, Hkv=1, Sq=70, Sk=130, Dqk=16, Dv=16, dtype=BF16, rel_bias=11, span="bh",
+                span_values=(3.5, 20.25))
+    inp = make_inputs(case)
+    grad_out = torch.randn(case.B, case.Hq, case.Sq, case.Dv, generator=torch.Generator().manual_seed(7)).to(case.dtype)
+    runs = [run_attention(emulated_attention, clone_inputs(inp), case, grad_out) for _ in range(2)]
+    for key in ("out", "lse", "grad_q", "grad_k", "grad_v", "grad_rel_bias", "grad_span"):
+        assert torch.equal(runs[0][key], runs[1][key]), f"{key} differs between two identical calls"
