@@ -93,6 +93,8 @@ def rotary(
     if rd <= 0 or rd % 2 != 0 or rd > D:
         _fail(f"rotary_dim must be even and in [2, D={D}], got {rd}")
     half = rd // 2
+    if not isinstance(offset, (int, torch.SymInt)) or isinstance(offset, bool):
+        _fail(f"offset must be an int, got {type(offset).__name__}", TypeError)
     if (inv_freq is None) == (cos is None and sin is None):
         _fail("give either inv_freq or both cos and sin tables (exactly one of the two), got "
               f"inv_freq={'set' if inv_freq is not None else 'None'}, "
@@ -144,8 +146,6 @@ def rotary(
             _fail(f"rotation must be (D, D) = ({D}, {D}), got {tuple(rotation.shape)}")
         _check_table_dtype(rotation, "rotation", x)
         rotation = rotation.contiguous()
-    if not isinstance(offset, (int, torch.SymInt)) or isinstance(offset, bool):
-        _fail(f"offset must be an int, got {type(offset).__name__}", TypeError)
     if inplace:
         if x.requires_grad and torch.is_grad_enabled():
             _fail("inplace=True needs an x that does not require grad (autograd needs the input); "
