@@ -77,6 +77,36 @@ def commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
+def report(*, title: str, header: str, sections: list, verdicts: list, notes: list,
+           standard: bool, record, argv: list) -> None:
+    """Print a benchmark's tables, notes and PASS/FAIL lines; with `record` (a path), also
+    append them to that markdown file under `## title — date`, with the commit and command."""
+    print()
+    print(header)
+    print("\n\n".join(sections))
+    if not standard:
+        print("\n(not the issue's configuration: the verdicts are indicative only)")
+    for n in notes:
+        print(f"note: {n}")
+    for desc, val, op, target, verdict in verdicts:
+        print(f"{verdict}: {desc} = {'n/a' if val is None else f'{val:.3f}'} (needed {op} {target:g})")
+    if not record:
+        return
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), os.path.dirname(HERE))
+    cmd = "python " + " ".join([script] + list(argv))
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    with open(record, "a") as f:
+        f.write(f"\n## {title} — {stamp}\n\n")
+        f.write(f"commit: {commit()}  \ncommand: `{cmd}`  \n{header}\n\n")
+        f.write("\n\n".join(sections) + "\n")
+        if not standard:
+            f.write("\n(not the issue's configuration: the verdicts are indicative only)\n")
+        for n in notes:
+            f.write(f"\nnote: {n}  ")
+        f.write("\n")
+    print(f"\nappended to {record}")
+
+
 
 def attention_flops(B, H, Sq, Sk, D, causal=False, window=(-1, -1)) -> float:
     """Forward FLOPs 4*B*H*D*(number of unmasked (query, key) pairs), bottom-right aligned."""
@@ -390,37 +420,10 @@ def main(argv=None) -> int:
     mem_md = markdown_table(["memory (forward, no autograd)", "peak rise MB", "output MB", "beyond q, k, v, out MB"],
                             mem_rows) if mem_rows else ""
     checks_md = markdown_table(["target (issue 3)", "measured", "needed", "verdict"], check_rows)
-    print()
-    print(header)
-    print(table_md)
-    if mem_md:
-        print()
-        print(mem_md)
-    print()
-    print(checks_md)
-    if not standard:
-        print("\n(not the issue's configuration: the verdicts are indicative only)")
-    for n in notes:
-        print(f"note: {n}")
-    for desc, val, op, target, verdict in verdicts:
-        print(f"{verdict}: {desc} = {'n/a' if val is None else f'{val:.3f}'} (needed {op} {target:g})")
-
-    if args.record:
-        cmd = "python " + " ".join([os.path.relpath(os.path.abspath(__file__), os.path.dirname(HERE))]
-                                   + (list(argv) if argv is not None else sys.argv[1:]))
-        stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-        with open(args.record, "a") as f:
-            f.write(f"\n## attention with a learned bias table — {stamp}\n\n")
-            f.write(f"commit: {commit()}  \ncommand: `{cmd}`  \n{header}\n\n{table_md}\n\n")
-            if mem_md:
-                f.write(mem_md + "\n\n")
-            f.write(checks_md + "\n")
-            if not standard:
-                f.write("\n(not the issue's configuration: the verdicts are indicative only)\n")
-            for n in notes:
-                f.write(f"\nnote: {n}  ")
-            f.write("\n")
-        print(f"\nappended to {args.record}")
+    report(title="attention with a learned bias table", header=header,
+           sections=[table_md] + ([mem_md] if mem_md else []) + [checks_md], verdicts=verdicts,
+           notes=notes, standard=standard, record=args.record,
+           argv=list(argv) if argv is not None else sys.argv[1:])
     return 0
 
 

@@ -30,7 +30,6 @@ Targets (issue 4), printed with PASS/FAIL:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -41,7 +40,7 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from common import markdown_table, peak_memory, sync, time_fn  # noqa: E402
-from bench_attention import attention_flops, commit, fastattn, fresh_allocator, measure_in_child  # noqa: E402
+from bench_attention import attention_flops, fastattn, fresh_allocator, measure_in_child, report  # noqa: E402
 
 MB = 1e6
 
@@ -252,31 +251,9 @@ def main(argv=None) -> int:
                                f"time / {results[ref_key]['label'] if ref_key in results else ref_key}", mem_label], rows)
     checks_md = markdown_table(["target (issue 4)", "measured", "needed", "verdict"],
                                [[d, "n/a" if v is None else v, f"{op} {t:g}", vd] for d, v, op, t, vd in verdicts])
-    print()
-    print(header)
-    print(table_md)
-    print()
-    print(checks_md)
-    if not standard:
-        print("\n(not the issue's configuration: the verdicts are indicative only)")
-    for n in notes:
-        print(f"note: {n}")
-    for desc, val, op, target, verdict in verdicts:
-        print(f"{verdict}: {desc} = {'n/a' if val is None else f'{val:.3f}'} (needed {op} {target:g})")
-
-    if args.record:
-        cmd = "python " + " ".join([os.path.relpath(os.path.abspath(__file__), os.path.dirname(HERE))]
-                                   + (list(argv) if argv is not None else sys.argv[1:]))
-        stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-        with open(args.record, "a") as f:
-            f.write(f"\n## windowed / adaptive-span attention — {stamp}\n\n")
-            f.write(f"commit: {commit()}  \ncommand: `{cmd}`  \n{header}\n\n{table_md}\n\n{checks_md}\n")
-            if not standard:
-                f.write("\n(not the issue's configuration: the verdicts are indicative only)\n")
-            for n in notes:
-                f.write(f"\nnote: {n}  ")
-            f.write("\n")
-        print(f"\nappended to {args.record}")
+    report(title="windowed / adaptive-span attention", header=header, sections=[table_md, checks_md],
+           verdicts=verdicts, notes=notes, standard=standard, record=args.record,
+           argv=list(argv) if argv is not None else sys.argv[1:])
     return 0
 
 
