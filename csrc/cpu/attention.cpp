@@ -694,74 +694,12 @@ struct BiasTensors {
   at::Tensor rel_bias, alibi, span, key_lengths;
 };
 
-// Validates everything a direct torch.ops call could get wrong (functional.py has already
-// raised friendlier errors for user calls) so that no kernel reads out of bounds.
-void check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          const std::optional<at::Tensor>& scale_tensor, int64_t window_left,
-                          int64_t window_right, const std::optional<at::Tensor>& rel_bias,
-                          const std::optional<at::Tensor>& alibi_slopes,
-                          const std::optional<at::Tensor>& span, double span_ramp,
-                          int64_t num_global, const std::optional<at::Tensor>& key_lengths) {
-  check_rank(q, 4, "q");
-  check_rank(k, 4, "k");
-  check_rank(v, 4, "v");
-  check_floating(q, "q");
-  check_same_dtype(k, q, "k", "q");
-  check_same_dtype(v, q, "v", "q");
-  check_same_device(k, q, "k", "q");
-  check_same_device(v, q, "v", "q");
+// (The arguments themselves are validated by common/checks.cpp: check_attention_args.)
+// q, k and v are read through their strides, with a contiguous last dim.
+void check_cpu_layout(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   check_last_dim_contiguous(q, "q");
   check_last_dim_contiguous(k, "k");
   check_last_dim_contiguous(v, "v");
-  const int64_t B = q.size(0), Hq = q.size(1), Dqk = q.size(3);
-  check_size(k, 0, B, "k", "batch");
-  check_size(v, 0, B, "v", "batch");
-  check_size(k, 3, Dqk, "k", "head dim, must equal q's");
-  const int64_t Hkv = k.size(1), Sk = k.size(2);
-  check_size(v, 1, Hkv, "v", "heads, must equal k's");
-  check_size(v, 2, Sk, "v", "sequence length, must equal k's");
-  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "fastattn: q's heads (", Hq,
-              ") must be a multiple of k/v's heads (", Hkv, ")");
-  if (present(scale_tensor)) {
-    TORCH_CHECK(scale_tensor->numel() == 1, "fastattn: scale_tensor must hold one value, got shape ",
-                scale_tensor->sizes());
-    check_floating(*scale_tensor, "scale_tensor");
-  }
-  TORCH_CHECK(window_left >= -1 && window_right >= -1,
-              "fastattn: window entries must be >= -1 (-1 = unbounded), got (", window_left, ", ",
-              window_right, ")");
-  if (present(rel_bias)) {
-    check_rank(*rel_bias, 2, "rel_bias");
-    check_floating(*rel_bias, "rel_bias");
-    check_same_device(*rel_bias, q, "rel_bias", "q");
-    TORCH_CHECK(rel_bias->size(0) % 2 == 1, "fastattn: rel_bias must be (2 * max_dist - 1, Hq): ",
-                "its first dim must be odd, got shape ", rel_bias->sizes());
-    check_size(*rel_bias, 1, Hq, "rel_bias", "one column per query head");
-  }
-  if (present(alibi_slopes)) {
-    check_rank(*alibi_slopes, 1, "alibi_slopes");
-    check_floating(*alibi_slopes, "alibi_slopes");
-    check_same_device(*alibi_slopes, q, "alibi_slopes", "q");
-    check_size(*alibi_slopes, 0, Hq, "alibi_slopes", "query heads");
-  }
-  if (present(span)) {
-    check_floating(*span, "span");
-    check_same_device(*span, q, "span", "q");
-    const bool per_batch = span->dim() == 2 && span->size(0) == B && span->size(1) == Hq;
-    const bool per_head = span->dim() == 1 && span->size(0) == Hq;
-    TORCH_CHECK(per_batch || per_head, "fastattn: span must be (B, Hq) = (", B, ", ", Hq,
-                ") or (Hq,) = (", Hq, ",), got shape ", span->sizes());
-    TORCH_CHECK(span_ramp > 0, "fastattn: span_ramp must be > 0, got ", span_ramp);
-  }
-  TORCH_CHECK(num_global >= 0 && num_global <= Sk, "fastattn: num_global must be in [0, Sk=", Sk,
-              "], got ", num_global);
-  if (present(key_lengths)) {
-    check_rank(*key_lengths, 1, "key_lengths");
-    check_same_device(*key_lengths, q, "key_lengths", "q");
-    TORCH_CHECK(key_lengths->scalar_type() == at::kLong || key_lengths->scalar_type() == at::kInt,
-                "fastattn: key_lengths must be int64 or int32, got ", key_lengths->scalar_type());
-    check_size(*key_lengths, 0, B, "key_lengths", "batch");
-  }
 }
 
 template <typename Real>
@@ -839,6 +777,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(
     double span_ramp, int64_t num_global, const std::optional<at::Tensor>& key_lengths) {
   check_attention_args(q, k, v, scale_tensor, window_left, window_right, rel_bias, alibi_slopes,
                        span, span_ramp, num_global, key_lengths);
+  check_cpu_layout(q, k, v);
   const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), Dv = v.size(3);
   at::Tensor out = at::empty({B, Hq, Sq, Dv}, q.options());
   at::Tensor lse = at::empty({B, Hq, Sq}, q.options().dtype(at::kFloat));
@@ -863,27 +802,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     bool need_rel_bias_grad, bool need_span_grad) {
   check_attention_args(q, k, v, scale_tensor, window_left, window_right, rel_bias, alibi_slopes,
                        span, span_ramp, num_global, key_lengths);
+  check_cpu_layout(q, k, v);
   const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), Dv = v.size(3);
-  const std::vector<int64_t> out_shape{B, Hq, Sq, Dv};
-  const std::vector<int64_t> lse_shape{B, Hq, Sq};
-  check_rank(grad_out_in, 4, "grad_out");
-  check_rank(out_in, 4, "out");
-  TORCH_CHECK(grad_out_in.sizes() == at::IntArrayRef(out_shape), "fastattn: grad_out must have shape ",
-              at::IntArrayRef(out_shape), " (B, Hq, Sq, Dv), got ", grad_out_in.sizes());
-  TORCH_CHECK(out_in.sizes() == at::IntArrayRef(out_shape), "fastattn: out must have shape ",
-              at::IntArrayRef(out_shape), " (B, Hq, Sq, Dv), got ", out_in.sizes());
-  check_same_dtype(grad_out_in, q, "grad_out", "q");
-  check_same_dtype(out_in, q, "out", "q");
-  check_same_device(grad_out_in, q, "grad_out", "q");
-  check_same_device(out_in, q, "out", "q");
-  TORCH_CHECK(lse_in.sizes() == at::IntArrayRef(lse_shape), "fastattn: lse must have shape ",
-              at::IntArrayRef(lse_shape), " (B, Hq, Sq), got ", lse_in.sizes());
-  check_same_device(lse_in, q, "lse", "q");
-  if (present(grad_lse_in)) {
-    TORCH_CHECK(grad_lse_in->sizes() == at::IntArrayRef(lse_shape), "fastattn: grad_lse must have shape ",
-                at::IntArrayRef(lse_shape), " (B, Hq, Sq), got ", grad_lse_in->sizes());
-    check_same_device(*grad_lse_in, q, "grad_lse", "q");
-  }
+  check_attention_backward_args(grad_out_in, out_in, lse_in, grad_lse_in, q, v);
   // Small or rarely strided inputs are normalized (q, k and v are read through their strides).
   auto last_dim_contiguous = [](const at::Tensor& t) {
     return (t.numel() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();

@@ -60,11 +60,7 @@ template <typename Args>
 void launch(void (*kernel)(Args), int64_t blocks, int threads, size_t smem_bytes,
             const DeviceContext& ctx, const Args& args, const char* name) {
   if (blocks == 0) return;
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "fastattn: ", name, " needs ",
-              blocks, " thread blocks, more than CUDA allows (2^31 - 1); split the batch");
-  TORCH_CHECK(smem_bytes <= ctx.max_smem_per_block(), "fastattn: ", name, " needs ", smem_bytes,
-              " bytes of shared memory per block and this GPU allows ", ctx.max_smem_per_block(),
-              "; use a smaller head dim, or float16/bfloat16 instead of float32");
+  check_launch_limits(name, blocks, smem_bytes, ctx.max_smem_per_block());
   if (smem_bytes > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem_bytes)));
@@ -160,40 +156,11 @@ Prepared prepare_inputs(const DeviceContext& ctx, const at::Tensor& q_in, const 
                         const std::optional<at::Tensor>& alibi_slopes,
                         const std::optional<at::Tensor>& span, double span_ramp,
                         int64_t num_global, const std::optional<at::Tensor>& key_lengths) {
-  check_rank(q_in, 4, "q");
-  check_rank(k_in, 4, "k");
-  check_rank(v_in, 4, "v");
-  TORCH_CHECK(q_in.is_cuda() || kEmulation, "fastattn: q must be a CUDA tensor here, got ", q_in.device());
-  check_same_device(k_in, q_in, "k", "q");
-  check_same_device(v_in, q_in, "v", "q");
-  check_floating(q_in, "q");
-  TORCH_CHECK(q_in.scalar_type() != at::kDouble,
-              "fastattn: float64 attention is CPU-only; on CUDA use float32, float16 or "
-              "bfloat16 (got q of dtype ", q_in.scalar_type(), ")");
-  check_same_dtype(k_in, q_in, "k", "q");
-  check_same_dtype(v_in, q_in, "v", "q");
-  if (q_in.scalar_type() != at::kFloat) {
-    TORCH_CHECK(ctx.major() >= 8, "fastattn: float16/bfloat16 attention on CUDA uses sm_80 "
-                "tensor-core instructions and needs compute capability 8.0 or newer; this GPU is "
-                "sm_", ctx.major(), ctx.minor(), ". Use float32 inputs or the CPU.");
-  }
-
+  check_attention_args(q_in, k_in, v_in, scale_tensor, window_left, window_right, rel_bias,
+                       alibi_slopes, span, span_ramp, num_global, key_lengths);
+  check_cuda_attention_support(q_in, v_in, kMaxHeadDim, ctx.major(), ctx.minor(), kEmulation);
   const int64_t B = q_in.size(0), Hq = q_in.size(1), Sq = q_in.size(2), Dqk = q_in.size(3);
-  check_size(k_in, 0, B, "k", "batch");
-  check_size(v_in, 0, B, "v", "batch");
   const int64_t Hkv = k_in.size(1), Sk = k_in.size(2), Dv = v_in.size(3);
-  check_size(v_in, 1, Hkv, "v", "heads");
-  check_size(v_in, 2, Sk, "v", "sequence length");
-  check_size(k_in, 3, Dqk, "k", "head dim");
-  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "fastattn: q's heads (", Hq,
-              ") must be a multiple of k/v's heads (", Hkv, ")");
-  TORCH_CHECK(Dqk <= kMaxHeadDim && Dv <= kMaxHeadDim,
-              "fastattn: the CUDA attention kernels support head dims up to ", kMaxHeadDim,
-              " (any size, padded to 32, 64, 96, 128 or 256), got Dqk = ", Dqk, " and Dv = ", Dv);
-  TORCH_CHECK(window_left >= -1 && window_right >= -1,
-              "fastattn: window entries must be >= -1 (-1 = unbounded), got (", window_left, ", ",
-              window_right, ")");
-  TORCH_CHECK(num_global >= 0, "fastattn: num_global must be >= 0, got ", num_global);
 
   Prepared in;
   in.q = last_dim_contiguous(q_in);
@@ -224,47 +191,26 @@ Prepared prepare_inputs(const DeviceContext& ctx, const at::Tensor& q_in, const 
   p.scale = static_cast<float>(scale);
   if (present(scale_tensor)) {
     const at::Tensor& s = *scale_tensor;
-    TORCH_CHECK(s.numel() == 1, "fastattn: scale_tensor must be a 0-dim tensor, got shape ",
-                s.sizes());
-    check_floating(s, "scale_tensor");
     if (s.is_cpu() && !kEmulation) {
       p.scale = s.item<float>();  // a host value: no device sync
     } else {
-      check_same_device(s, q_in, "scale_tensor", "q");
       in.scale = as_fp32_contiguous(s);  // stays on the device: read by the kernels
       in.scale_ptr = in.scale.data_ptr<float>();
     }
   }
   if (present(rel_bias)) {
     const at::Tensor& t = *rel_bias;
-    check_rank(t, 2, "rel_bias");
-    check_same_device(t, q_in, "rel_bias", "q");
-    check_floating(t, "rel_bias");
-    TORCH_CHECK(t.size(0) % 2 == 1, "fastattn: rel_bias must be (2 * max_dist - 1, Hq): its "
-                "first dim must be odd, got shape ", t.sizes());
-    check_size(t, 1, Hq, "rel_bias", "heads");
     in.rel_bias = as_fp32_contiguous(t);
     p.rel_bias = in.rel_bias.data_ptr<float>();
     p.max_dist = (t.size(0) + 1) / 2;
   }
   if (present(alibi_slopes)) {
     const at::Tensor& t = *alibi_slopes;
-    check_rank(t, 1, "alibi_slopes");
-    check_same_device(t, q_in, "alibi_slopes", "q");
-    check_floating(t, "alibi_slopes");
-    check_size(t, 0, Hq, "alibi_slopes", "heads");
     in.alibi_slopes = as_fp32_contiguous(t);
     p.alibi_slopes = in.alibi_slopes.data_ptr<float>();
   }
   if (present(span)) {
     const at::Tensor& t = *span;
-    TORCH_CHECK((t.dim() == 2 && t.size(0) == B && t.size(1) == Hq) ||
-                    (t.dim() == 1 && t.size(0) == Hq),
-                "fastattn: span must be (B, Hq) = (", B, ", ", Hq, ") or (Hq,) = (", Hq,
-                ",), got shape ", t.sizes());
-    check_same_device(t, q_in, "span", "q");
-    check_floating(t, "span");
-    TORCH_CHECK(span_ramp > 0, "fastattn: span_ramp must be > 0, got ", span_ramp);
     in.span = as_fp32_contiguous(t);
     p.span = in.span.data_ptr<float>();
     p.span_stride_b = t.dim() == 2 ? Hq : 0;
@@ -272,11 +218,6 @@ Prepared prepare_inputs(const DeviceContext& ctx, const at::Tensor& q_in, const 
   p.span_ramp = static_cast<float>(span_ramp);
   if (present(key_lengths)) {
     const at::Tensor& t = *key_lengths;
-    check_rank(t, 1, "key_lengths");
-    check_same_device(t, q_in, "key_lengths", "q");
-    TORCH_CHECK(at::isIntegralType(t.scalar_type(), /*includeBool=*/false),
-                "fastattn: key_lengths must be an integer tensor, got ", t.scalar_type());
-    check_size(t, 0, B, "key_lengths", "batch");
     in.key_lengths = t.to(at::kLong).contiguous();
     p.key_lengths = in.key_lengths.data_ptr<int64_t>();
   }
@@ -316,7 +257,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(
     int64_t window_right, const std::optional<at::Tensor>& rel_bias,
     const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& span,
     double span_ramp, int64_t num_global, const std::optional<at::Tensor>& key_lengths) {
-  check_rank(q, 4, "q");
+  check_rank(q, 4, "q");  // before DeviceContext reads q's device
   DeviceContext ctx(q);
   Prepared in = prepare_inputs(ctx, q, k, v, scale, scale_tensor, causal, window_left,
                                window_right, rel_bias, alibi_slopes, span, span_ramp, num_global,
@@ -462,47 +403,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& span,
     double span_ramp, int64_t num_global, const std::optional<at::Tensor>& key_lengths,
     bool need_rel_bias_grad, bool need_span_grad) {
-  check_rank(q, 4, "q");
+  check_rank(q, 4, "q");  // before DeviceContext reads q's device
   DeviceContext ctx(q);
   Prepared in = prepare_inputs(ctx, q, k, v, scale, scale_tensor, causal, window_left,
                                window_right, rel_bias, alibi_slopes, span, span_ramp, num_global,
                                key_lengths);
   const AttentionParams& p = in.params;
 
-  check_rank(grad_out, 4, "grad_out");
-  check_rank(out, 4, "out");
-  check_rank(lse, 3, "lse");
-  // grad_out and out: (B, Hq, Sq, Dv) in q's dtype.
-  auto check_like_output = [&](const at::Tensor& t, const char* name) {
-    check_same_device(t, q, name, "q");
-    check_same_dtype(t, q, name, "q");
-    check_size(t, 0, p.batch, name, "batch");
-    check_size(t, 1, p.heads_q, name, "heads");
-    check_size(t, 2, p.seqlen_q, name, "sequence length");
-    check_size(t, 3, p.head_dim_v, name, "value head dim");
-  };
-  check_like_output(grad_out, "grad_out");
-  check_like_output(out, "out");
-  check_same_device(lse, q, "lse", "q");
-  check_floating(lse, "lse");
-  check_size(lse, 0, p.batch, "lse", "batch");
-  check_size(lse, 1, p.heads_q, "lse", "heads");
-  check_size(lse, 2, p.seqlen_q, "lse", "sequence length");
+  check_attention_backward_args(grad_out, out, lse, grad_lse, q, v);
 
   BackwardTensors bt;
   bt.dout = last_dim_contiguous(grad_out);
   bt.out = last_dim_contiguous(out);
   bt.lse = lse.to(at::kFloat).contiguous();
-  if (present(grad_lse)) {
-    const at::Tensor& gl = *grad_lse;
-    check_rank(gl, 3, "grad_lse");
-    check_same_device(gl, q, "grad_lse", "q");
-    check_floating(gl, "grad_lse");
-    check_size(gl, 0, p.batch, "grad_lse", "batch");
-    check_size(gl, 1, p.heads_q, "grad_lse", "heads");
-    check_size(gl, 2, p.seqlen_q, "grad_lse", "sequence length");
-    bt.grad_lse = gl.to(at::kFloat).contiguous();
-  }
+  if (present(grad_lse)) bt.grad_lse = grad_lse->to(at::kFloat).contiguous();
   bt.dq = at::empty({p.batch, p.heads_q, p.seqlen_q, p.head_dim_qk}, in.q.options());
   bt.dk = at::empty({p.batch, p.heads_kv, p.seqlen_k, p.head_dim_qk}, in.q.options());
   bt.dv = at::empty({p.batch, p.heads_kv, p.seqlen_k, p.head_dim_v}, in.q.options());

@@ -57,6 +57,7 @@ def sources(with_cuda: bool, root: str | None = None) -> list[str]:
     """The C++/CUDA sources under root (default: the checkout this file sits in)."""
     root = root or repo_root()
     srcs = [os.path.join(root, "csrc", "fastattn.cpp"), os.path.join(root, "csrc", "python_module.cpp")]
+    srcs += sorted(glob.glob(os.path.join(root, "csrc", "common", "*.cpp")))
     srcs += sorted(glob.glob(os.path.join(root, "csrc", "cpu", "*.cpp")))
     if with_cuda:
         srcs += sorted(glob.glob(os.path.join(root, "csrc", "cuda", "*.cu")))
