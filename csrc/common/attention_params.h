@@ -116,17 +116,17 @@ FA_HD int64_t span_reach(const AttentionParamsT<Real>& p, int64_t b, int64_t h) 
   return c > Real(4.0e18) ? (INT64_C(1) << 62) : static_cast<int64_t>(c);
 }
 
-// Whether (i, j) is visible, and the additive logit term that is not scale * q.k.
+// The part of the logit rule that depends only on the distance d = pos_q - j (for head (b, h)
+// and whether the pair is global): whether a pair at distance d is visible, and its additive
+// logit term. pair_bias adds the per-row and per-column rules (key_lengths, global pairs), so
+// kernels can tabulate this per tile diagonal and keep the per-element work to an index.
 // `visible == false` leaves `bias` unspecified.
 template <typename Real>
-FA_HD bool pair_bias(const AttentionParamsT<Real>& p, int64_t b, int64_t h, int64_t i, int64_t j,
-                     Real* bias) {
-  const int64_t pos_q = p.query_pos(i);
-  const int64_t d = pos_q - j;
-  if (j >= p.key_len(b)) return false;
+FA_HD bool distance_bias(const AttentionParamsT<Real>& p, int64_t b, int64_t h, int64_t d,
+                         bool global_pair, Real* bias) {
   if (p.causal && d < 0) return false;
   Real extra = 0;
-  if (!is_global_pair(p, pos_q, j)) {
+  if (!global_pair) {
     if (p.window_left >= 0 && d > p.window_left) return false;
     if (p.window_right >= 0 && d < -p.window_right) return false;
     if (p.has_span()) {
@@ -139,6 +139,16 @@ FA_HD bool pair_bias(const AttentionParamsT<Real>& p, int64_t b, int64_t h, int6
   if (p.alibi_slopes != nullptr) extra -= p.alibi_slopes[h] * static_cast<Real>(d < 0 ? -d : d);
   *bias = extra;
   return true;
+}
+
+// Whether (i, j) is visible, and the additive logit term that is not scale * q.k.
+// `visible == false` leaves `bias` unspecified.
+template <typename Real>
+FA_HD bool pair_bias(const AttentionParamsT<Real>& p, int64_t b, int64_t h, int64_t i, int64_t j,
+                     Real* bias) {
+  if (j >= p.key_len(b)) return false;
+  const int64_t pos_q = p.query_pos(i);
+  return distance_bias(p, b, h, pos_q - j, is_global_pair(p, pos_q, j), bias);
 }
 
 // d(logit)/d(span[b, h]) for a visible pair: 1 / (R + span - |d|) inside the ramp

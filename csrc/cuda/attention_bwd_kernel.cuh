@@ -120,7 +120,7 @@ struct BwdKVConfig {
   static constexpr int kLdT = kBlockQ + smem_pad<T>(); // P^T, dS^T tiles (keys x queries)
   static constexpr size_t kSmemBytes =
       sizeof(T) * (static_cast<size_t>(2 * kBlockK + 2 * kBlockQ) * kLd + 2 * kBlockK * kLdT) +
-      sizeof(float) * 2 * kBlockQ;
+      sizeof(float) * (2 * kBlockQ + TileTable<kBlockQ, kBlockK>::kFloats);
   static_assert(kWarps % kSlabs == 0, "warps per slab");
   static_assert(kQueriesPerWarp % 8 == 0 && kDimsPerWarp % 8 == 0, "8-column accumulator tiles");
   static_assert(kBlockQ % 16 == 0, "query tile is the K dim of P^T dO");
@@ -145,6 +145,7 @@ __global__ void __launch_bounds__(BwdKVConfig<T, kD>::kThreads)
   T* sdSt = sPt + kBK * kLdT; // dS^T  (keys x queries)
   float* s_lse = reinterpret_cast<float*>(sdSt + kBK * kLdT);
   float* s_delta = s_lse + kBQ;
+  float* s_table = s_delta + kBQ;  // the (query block, key block) tile's logit table
 
   const int64_t k_block = blockIdx.x % args.num_k_blocks;
   const int64_t bh_kv = blockIdx.x / args.num_k_blocks;  // b * Hkv + h_kv
@@ -190,6 +191,9 @@ __global__ void __launch_bounds__(BwdKVConfig<T, kD>::kThreads)
                                       p.head_dim_v, args.dout_vec);
       load_row_stats<kBQ, kThreads>(s_lse, s_delta, args.lse + bh * p.seqlen_q,
                                     args.delta + bh * p.seqlen_q, i0, p.seqlen_q);
+      const bool plain = tile_is_plain(p, b, i0, i0 + kBQ, j0, j0 + kBK);
+      const TileRules rules = tile_rules<kBQ, kBK>(p, b, i0, j0);
+      if (!plain) fill_tile_table<kBQ, kBK, kThreads>(p, b, h, i0, j0, rules.has_global(), s_table);
       __syncthreads();
 
       // Phase A: S^T = K Q^T and dP^T = V dO^T for 16 keys x kQW queries.
@@ -200,7 +204,6 @@ __global__ void __launch_bounds__(BwdKVConfig<T, kD>::kThreads)
       warp_mma_nt<T, kTilesA, kD>(acc_s, sK + slab * 16 * kLd, kLd, sQ + q_first * kLd, kLd);
       warp_mma_nt<T, kTilesA, kD>(acc_dp, sV + slab * 16 * kLd, kLd, sdO + q_first * kLd, kLd);
 
-      const bool plain = tile_is_plain(p, b, i0, i0 + kBQ, j0, j0 + kBK);
 #pragma unroll
       for (int n = 0; n < kTilesA; ++n) {
 #pragma unroll
@@ -212,7 +215,7 @@ __global__ void __launch_bounds__(BwdKVConfig<T, kD>::kThreads)
             const int query = q_first + n * 8 + 2 * t + e;  // column: a query
             const float qk = acc_s[n][2 * hf + e];
             const float x = plain ? qk * scale_log2
-                                  : masked_logit_log2(p, b, h, i0 + query, j0 + key, qk, scale_log2);
+                                  : tile_logit_log2<kBQ, kBK>(rules, s_table, query, key, qk, scale_log2);
             pv[e] = exp2f(x - s_lse[query]);
             ds[e] = pv[e] * (acc_dp[n][2 * hf + e] - s_delta[query]);
           }
@@ -269,7 +272,7 @@ struct BwdQConfig {
   static constexpr int kDiagonals = kBlockQ + kBlockK - 1;
   static constexpr size_t kSmemBytesBase =
       sizeof(T) * (static_cast<size_t>(2 * kBlockQ + 2 * kBlockK) * kLd + kBlockQ * kLdS) +
-      sizeof(float) * (2 * kBlockQ + kWarps);
+      sizeof(float) * (2 * kBlockQ + kWarps + TileTable<kBlockQ, kBlockK>::kFloats);
   // Extra shared memory when the bias-table gradient is computed.
   static constexpr size_t kSmemBytesBias = sizeof(float) * (kBlockQ * kLdF + kDiagonals);
   static_assert(kBlockK % 16 == 0, "key tile is the K dim of dS K");
@@ -326,7 +329,8 @@ __global__ void __launch_bounds__(BwdQConfig<T, kD>::kThreads)
   float* s_lse = reinterpret_cast<float*>(sdS + kBQ * kLdS);
   float* s_delta = s_lse + kBQ;
   float* s_warp_sums = s_delta + kBQ;
-  float* s_ds_f32 = s_warp_sums + kWarps;  // only when want_bias_grad (host sizes the smem)
+  float* s_table = s_warp_sums + kWarps;   // the current tile's logit table
+  float* s_ds_f32 = s_table + TileTable<kBQ, kBK>::kFloats;  // only when want_bias_grad (host sizes the smem)
   float* s_diag = s_ds_f32 + kBQ * kLdF;
 
   const int64_t split = blockIdx.x % args.n_split;
@@ -373,6 +377,9 @@ __global__ void __launch_bounds__(BwdQConfig<T, kD>::kThreads)
                                       p.head_dim_qk, args.k_vec);
       load_tile<T, kBK, kD, kThreads>(sV, kLd, v_bh, p.v_stride_s, j0, valid_keys, p.head_dim_v,
                                       args.v_vec);
+      const bool plain = tile_is_plain(p, b, i0, i0 + kBQ, j0, j0 + kBK);
+      const TileRules rules = tile_rules<kBQ, kBK>(p, b, i0, j0);
+      if (!plain) fill_tile_table<kBQ, kBK, kThreads>(p, b, h, i0, j0, rules.has_global(), s_table);
       __syncthreads();
 
       float acc_s[kTilesS][4], acc_dp[kTilesS][4];
@@ -381,7 +388,6 @@ __global__ void __launch_bounds__(BwdQConfig<T, kD>::kThreads)
       warp_mma_nt<T, kTilesS, kD>(acc_s, sQ + row0 * kLd, kLd, sK, kLd);
       warp_mma_nt<T, kTilesS, kD>(acc_dp, sdO + row0 * kLd, kLd, sV, kLd);
 
-      const bool plain = tile_is_plain(p, b, i0, i0 + kBQ, j0, j0 + kBK);
 #pragma unroll
       for (int n = 0; n < kTilesS; ++n) {
 #pragma unroll
@@ -396,7 +402,7 @@ __global__ void __launch_bounds__(BwdQConfig<T, kD>::kThreads)
             if (plain) {
               x = qk * scale_log2;
             } else {
-              x = masked_logit_log2(p, b, h, i0 + query, j0 + key, qk, scale_log2);
+              x = tile_logit_log2<kBQ, kBK>(rules, s_table, query, key, qk, scale_log2);
             }
             const float pv = exp2f(x - s_lse[query]);
             ds[e] = pv * (acc_dp[n][2 * hf + e] - s_delta[query]);

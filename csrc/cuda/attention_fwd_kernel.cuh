@@ -3,15 +3,19 @@
 // One thread block per (query block, b * Hq + h). The block keeps its query tile Q in shared
 // memory and walks the key tiles that can hold a visible key (global keys, then the window /
 // span range: see visible_key_ranges), in ascending order. Per key tile:
-//   1. K and V tiles are copied into shared memory (zero-padded past Sk and past the head dim);
-//   2. each warp computes S = Q K^T for its 16 query rows (tensor cores for half/bfloat16,
-//      CUDA-core FMAs for float32, same register layout);
+//   1. K and V arrive in shared memory by cp.async (zero-padded past Sk and the head dim),
+//      software-pipelined: V of this tile loads while S = Q K^T is computed, K of the next
+//      tile while O += P V is;
+//   2. each warp computes S = Q K^T for its 16 query rows (tensor cores fed by ldmatrix for
+//      half/bfloat16, CUDA-core FMAs for float32, same register layout);
 //   3. logits = scale * S + bias in base-2 units; masked pairs get -inf. Tiles where every pair
-//      is visible with zero bias skip the per-element rule (tile_is_plain);
+//      is visible with zero bias skip the per-element rule (tile_is_plain); the others look the
+//      rule up in a per-tile diagonal table (fill_tile_table / tile_logit_log2);
 //   4. online softmax in fp32 (running row max and row sum; the output accumulator is rescaled
 //      when the max grows);
-//   5. P = exp2(logit - max) is rounded to the input type, staged in the warp's own rows of a
-//      shared P tile, and O += P V (tensor cores / FMAs) accumulates in fp32 registers.
+//   5. P = exp2(logit - max) is rounded to the input type and, for tensor cores, kept in
+//      registers as the A operand of O += P V (the accumulator layout of S is the fragment
+//      layout of A); float32 stages P in the warp's rows of a shared tile.
 // At the end O / rowsum is written (staged through shared memory for wide stores), with
 // lse = ln(sum exp(logits)). A row that sees no key (or only -inf logits) gets O = 0 and
 // lse = -inf.
@@ -47,8 +51,11 @@ struct FwdConfig {
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kLd = kD + smem_pad<T>();        // row length of the Q, K, V tiles
   static constexpr int kLdP = kBlockK + smem_pad<T>();  // row length of the P tile
+  // Q, K, V tiles; the P tile (float32 only); two per-tile logit tables (double-buffered).
+  static constexpr size_t kSmemTiles =
+      sizeof(T) * (static_cast<size_t>(kBlockQ + 2 * kBlockK) * kLd + (kTensorCores ? 0 : kBlockQ * kLdP));
   static constexpr size_t kSmemBytes =
-      sizeof(T) * (static_cast<size_t>(kBlockQ + 2 * kBlockK) * kLd + kBlockQ * kLdP);
+      kSmemTiles + sizeof(float) * 2 * TileTable<kBlockQ, kBlockK>::kFloats;
   static_assert(kD % 32 == 0 && kD <= 256, "padded head dim");
   static_assert(kBlockK % 16 == 0, "key tile must be a multiple of 16");
 };
@@ -66,7 +73,9 @@ __global__ void __launch_bounds__(FwdConfig<T, kD>::kThreads)
   T* sQ = reinterpret_cast<T*>(dynamic_smem());
   T* sK = sQ + kBQ * kLd;
   T* sV = sK + kBK * kLd;
-  T* sP = sV + kBK * kLd;
+  T* sP = sV + kBK * kLd;  // float32 only
+  float* s_tables = reinterpret_cast<float*>(dynamic_smem() + Cfg::kSmemTiles);
+  constexpr int kTableFloats = TileTable<kBQ, kBK>::kFloats;
 
   const int64_t q_block = blockIdx.x % args.num_q_blocks;
   const int64_t bh = blockIdx.x / args.num_q_blocks;  // b * Hq + h
@@ -83,9 +92,6 @@ __global__ void __launch_bounds__(FwdConfig<T, kD>::kThreads)
   const T* k_bh = args.k + b * p.k_stride_b + h_kv * p.k_stride_h;
   const T* v_bh = args.v + b * p.v_stride_b + h_kv * p.v_stride_h;
 
-  load_tile<T, kBQ, kD, kThreads>(sQ, kLd, q_bh, p.q_stride_s, i0, i1 - i0, p.head_dim_qk,
-                                  args.q_vec);
-
   const float scale_log2 = read_scale(p, args.scale_ptr) * kLog2e;
   float acc_o[kTilesO][4];
   zero_acc(acc_o);
@@ -96,15 +102,37 @@ __global__ void __launch_bounds__(FwdConfig<T, kD>::kThreads)
 
   const KeyRanges ranges = visible_key_ranges(p, b, h, i0, i1);
   const KeyTiles tiles = key_tiles(ranges, kBK);
-  for (int64_t kt = tiles.first(); kt < tiles.end; kt = tiles.next(kt)) {
+  auto load_k = [&](int64_t kt) {
     const int64_t j0 = kt * kBK;
-    const int64_t valid_keys = min64(kBK, p.seqlen_k - j0);
-    __syncthreads();  // every warp is done with the previous K/V tile
-    load_tile<T, kBK, kD, kThreads>(sK, kLd, k_bh, p.k_stride_s, j0, valid_keys, p.head_dim_qk,
-                                    args.k_vec);
-    load_tile<T, kBK, kD, kThreads>(sV, kLd, v_bh, p.v_stride_s, j0, valid_keys, p.head_dim_v,
-                                    args.v_vec);
-    __syncthreads();  // K/V (and, on the first tile, Q) are in shared memory
+    load_tile_async<T, kBK, kD, kThreads>(sK, kLd, k_bh, p.k_stride_s, j0, min64(kBK, p.seqlen_k - j0),
+                                          p.head_dim_qk, args.k_vec);
+  };
+  auto load_v = [&](int64_t kt) {
+    const int64_t j0 = kt * kBK;
+    load_tile_async<T, kBK, kD, kThreads>(sV, kLd, v_bh, p.v_stride_s, j0, min64(kBK, p.seqlen_k - j0),
+                                          p.head_dim_v, args.v_vec);
+  };
+
+  // Prologue: Q and the first K tile in one group.
+  load_tile_async<T, kBQ, kD, kThreads>(sQ, kLd, q_bh, p.q_stride_s, i0, i1 - i0, p.head_dim_qk,
+                                        args.q_vec);
+  if (tiles.first() < tiles.end) load_k(tiles.first());
+  cp_async_commit();
+
+  int parity = 0;
+  for (int64_t kt = tiles.first(); kt < tiles.end; kt = tiles.next(kt), parity ^= 1) {
+    const int64_t j0 = kt * kBK;
+    // This tile's logit table, in the half no warp reads any more (every warp has passed the
+    // barrier below for the previous tile, so none is still on the tile before it).
+    const bool plain = tile_is_plain(p, b, i0, i0 + kBQ, j0, j0 + kBK);
+    const TileRules rules = tile_rules<kBQ, kBK>(p, b, i0, j0);
+    float* table = s_tables + parity * kTableFloats;
+    if (!plain) fill_tile_table<kBQ, kBK, kThreads>(p, b, h, i0, j0, rules.has_global(), table);
+
+    cp_async_wait<0>();
+    __syncthreads();  // K (and Q) landed; every warp is done with the previous V and P
+    load_v(kt);
+    cp_async_commit();
 
     // S = Q K^T for this warp's 16 rows.
     float acc_s[kTilesS][4];
@@ -112,7 +140,7 @@ __global__ void __launch_bounds__(FwdConfig<T, kD>::kThreads)
     warp_mma_nt<T, kTilesS, kD>(acc_s, sQ + row0 * kLd, kLd, sK, kLd);
 
     // Logits in base-2 units; -inf where masked.
-    if (tile_is_plain(p, b, i0, i0 + kBQ, j0, j0 + kBK)) {
+    if (plain) {
 #pragma unroll
       for (int n = 0; n < kTilesS; ++n) {
 #pragma unroll
@@ -123,9 +151,8 @@ __global__ void __launch_bounds__(FwdConfig<T, kD>::kThreads)
       for (int n = 0; n < kTilesS; ++n) {
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
-          const int64_t i = i0 + row0 + g + 8 * (r / 2);
-          const int64_t j = j0 + n * 8 + 2 * t + (r % 2);
-          acc_s[n][r] = masked_logit_log2(p, b, h, i, j, acc_s[n][r], scale_log2);
+          acc_s[n][r] = tile_logit_log2<kBQ, kBK>(rules, table, row0 + g + 8 * (r / 2),
+                                                  n * 8 + 2 * t + (r % 2), acc_s[n][r], scale_log2);
         }
       }
     }
@@ -152,22 +179,42 @@ __global__ void __launch_bounds__(FwdConfig<T, kD>::kThreads)
       }
     }
 
-    // P = exp2(logit - base), summed into the row sums and staged in shared memory (this
-    // warp's own 16 rows of sP) as the A operand of O += P V.
-    T* sP_warp = sP + row0 * kLdP;
+    // P = exp2(logit - base), summed into the row sums (in fp32, before rounding).
 #pragma unroll
     for (int n = 0; n < kTilesS; ++n) {
 #pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const float p0 = exp2f(acc_s[n][2 * hf] - base[hf]);
-        const float p1 = exp2f(acc_s[n][2 * hf + 1] - base[hf]);
-        row_sum[hf] += p0 + p1;
-        store_pair(sP_warp + (g + 8 * hf) * kLdP + n * 8 + 2 * t, p0, p1);
+      for (int r = 0; r < 4; ++r) {
+        acc_s[n][r] = exp2f(acc_s[n][r] - base[r / 2]);
+        row_sum[r / 2] += acc_s[n][r];
       }
     }
-    __syncwarp();  // P rows written by the warp's lanes are read by all its lanes
-    warp_mma_nn<T, kTilesO, kBK>(acc_o, sP_warp, kLdP, sV, kLd);
+    if constexpr (!Cfg::kTensorCores) {
+      // float32: P goes through this warp's own 16 rows of sP.
+      T* sP_warp = sP + row0 * kLdP;
+#pragma unroll
+      for (int n = 0; n < kTilesS; ++n) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          store_pair(sP_warp + (g + 8 * hf) * kLdP + n * 8 + 2 * t, acc_s[n][2 * hf], acc_s[n][2 * hf + 1]);
+        }
+      }
+    }
+
+    cp_async_wait<0>();
+    __syncthreads();  // V landed; every warp is done with K
+    int64_t next = tiles.next(kt);
+    if (next < tiles.end) load_k(next);
+    cp_async_commit();
+
+    if constexpr (Cfg::kTensorCores) {
+      uint32_t p_frag[kBK / 16][4];
+      accumulator_to_a_fragments<T, kTilesS>(p_frag, acc_s);
+      warp_mma_nn_areg<T, kTilesO, kBK>(acc_o, p_frag, sV, kLd);
+    } else {
+      warp_mma_nn<T, kTilesO, kBK>(acc_o, sP + row0 * kLdP, kLdP, sV, kLd);
+    }
   }
+  cp_async_wait<0>();  // nothing may still be in flight into shared memory at exit
 
   // Normalize, write lse and stage O in sQ (free now) for wide, coalesced stores.
   __syncthreads();  // no warp reads sQ any more

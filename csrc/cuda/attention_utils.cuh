@@ -28,6 +28,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "common/attention_params.h"
@@ -159,6 +160,67 @@ FA_DEVICE uint32_t pack_bits(const T* lo, const T* hi) {
   return static_cast<uint32_t>(*l) | (static_cast<uint32_t>(*h) << 16);
 }
 
+// Two floats rounded to T and packed as one 32-bit register (first in the low half).
+template <typename T>
+FA_DEVICE uint32_t pack_float2(float a, float b) {
+  return bits16<T>(from_float<T>(a)) | (bits16<T>(from_float<T>(b)) << 16);
+}
+
+// ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16: four 8x8 matrices of 16-bit elements, the
+// rows of matrix m addressed by lanes 8m..8m+7 (`row_addr`, 16-byte aligned). Lane 4g+t gets
+// in r[m] the elements (g, 2t), (g, 2t+1) of matrix m, or with .trans (2t, g), (2t+1, g):
+// exactly the register layout of mma.m16n8k16's A and B fragments (see warp_mma_*).
+FA_DEVICE void ldmatrix_x4(uint32_t (&r)[4], const void* row_addr) {
+#if defined(FASTATTN_CUDA_EMULATION)
+  fastattn_emulation::ldmatrix_x4(r, row_addr, false);
+#elif defined(__CUDA_ARCH__)
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row_addr));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+#endif
+}
+FA_DEVICE void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row_addr) {
+#if defined(FASTATTN_CUDA_EMULATION)
+  fastattn_emulation::ldmatrix_x4(r, row_addr, true);
+#elif defined(__CUDA_ARCH__)
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row_addr));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+#endif
+}
+
+// cp.async: a 16-byte global -> shared copy that completes asynchronously (cached in L2 only),
+// or 16 zero bytes when !valid (src-size 0: nothing is read). Completion: cp_async_commit()
+// closes a group, cp_async_wait<N>() waits until at most N groups are pending; a barrier then
+// makes the data visible to the other threads. (The emulator copies at once.)
+FA_DEVICE void cp_async_16(void* smem_dst, const void* gmem_src, bool valid) {
+#if defined(FASTATTN_CUDA_EMULATION)
+  if (valid) {
+    std::memcpy(smem_dst, gmem_src, 16);
+  } else {
+    std::memset(smem_dst, 0, 16);
+  }
+#elif defined(__CUDA_ARCH__)
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src),
+               "r"(src_bytes));
+#endif
+}
+FA_DEVICE void cp_async_commit() {
+#if !defined(FASTATTN_CUDA_EMULATION) && defined(__CUDA_ARCH__)
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int kPending>
+FA_DEVICE void cp_async_wait() {
+#if !defined(FASTATTN_CUDA_EMULATION) && defined(__CUDA_ARCH__)
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+#endif
+}
+
 // ---------------------------------------------------------------------------------------------
 // Warp-level matrix products (fp32 accumulators in the mma.m16n8k16 layout, see the top).
 // ---------------------------------------------------------------------------------------------
@@ -198,6 +260,37 @@ FA_DEVICE void load_a_fragment(uint32_t (&af)[4], const T* a, int lda, int k0, i
   af[3] = load_pair_bits(a + (g + 8) * lda + k0 + 2 * t + 8);
 }
 
+// The A fragment of a row-major 16 x K slab at column k0, by ldmatrix: matrices (rows 0-7,
+// cols k0..), (rows 8-15, k0..), (rows 0-7, k0+8..), (rows 8-15, k0+8..) are a[0..3].
+template <typename T>
+FA_DEVICE void load_a_fragment_ldmatrix(uint32_t (&af)[4], const T* a, int lda, int k0, int lane) {
+  ldmatrix_x4(af, a + ((lane & 7) + ((lane >> 3) & 1) * 8) * lda + k0 + (lane >> 4) * 8);
+}
+
+// acc[n] += af * B[k0 .. k0+16, n*8 .. n*8+8] for every n, B row-major (K x 8N, ldb) in shared
+// memory. Transposed ldmatrix of the 8x8 blocks (rows k0.. / k0+8.., cols n*8.. / (n+1)*8..)
+// gives the b0, b1 fragments of tiles n and n + 1.
+template <typename T, int kNTiles>
+FA_DEVICE void warp_mma_b_rowmajor(float (&acc)[kNTiles][4], const uint32_t (&af)[4], const T* b,
+                                   int ldb, int k0, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int n = 0; n < kNTiles; n += 2) {
+    if (n + 1 < kNTiles) {
+      uint32_t bf4[4];
+      ldmatrix_x4_trans(bf4, b + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ldb + n * 8 + (lane >> 4) * 8);
+      const uint32_t b_lo[2] = {bf4[0], bf4[1]}, b_hi[2] = {bf4[2], bf4[3]};
+      mma_m16n8k16<T>(acc[n], af, b_lo);
+      mma_m16n8k16<T>(acc[n + 1], af, b_hi);
+    } else {
+      // B fragment: rows (k) 2t, 2t+1 and 2t+8, 2t+9 of column n*8+g.
+      const T* bcol = b + (k0 + 2 * t) * ldb + n * 8 + g;
+      const uint32_t bf[2] = {pack_bits(bcol, bcol + ldb), pack_bits(bcol + 8 * ldb, bcol + 9 * ldb)};
+      mma_m16n8k16<T>(acc[n], af, bf);
+    }
+  }
+}
+
 // acc (16 x 8N) += A * B^T, with A a 16 x K row-major slab (leading dimension lda) and B an
 // 8N x K row-major slab (ldb), both in shared memory. ("NT": both operands K-contiguous.)
 template <typename T, int kNTiles, int kK>
@@ -221,13 +314,23 @@ FA_DEVICE void warp_mma_nt(float (&acc)[kNTiles][4], const T* a, int lda, const 
 #pragma unroll
     for (int k0 = 0; k0 < kK; k0 += 16) {
       uint32_t af[4];
-      load_a_fragment(af, a, lda, k0, g, t);
+      load_a_fragment_ldmatrix(af, a, lda, k0, lane);
 #pragma unroll
-      for (int n = 0; n < kNTiles; ++n) {
-        // B^T's column n*8+g is row n*8+g of b: the k-pairs are contiguous.
-        const T* brow = b + (n * 8 + g) * ldb + k0 + 2 * t;
-        const uint32_t bf[2] = {load_pair_bits(brow), load_pair_bits(brow + 8)};
-        mma_m16n8k16<T>(acc[n], af, bf);
+      for (int n = 0; n < kNTiles; n += 2) {
+        if (n + 1 < kNTiles) {
+          // Four 8x8 matrices of B (rows = B^T's columns): keys n*8.. / (n+1)*8.. by dims
+          // k0.. / k0+8..: the b0, b1 fragments of tiles n and n + 1.
+          uint32_t bf4[4];
+          ldmatrix_x4(bf4, b + (n * 8 + (lane & 7) + (lane >> 4) * 8) * ldb + k0 + ((lane >> 3) & 1) * 8);
+          const uint32_t b_lo[2] = {bf4[0], bf4[1]}, b_hi[2] = {bf4[2], bf4[3]};
+          mma_m16n8k16<T>(acc[n], af, b_lo);
+          mma_m16n8k16<T>(acc[n + 1], af, b_hi);
+        } else {
+          // B^T's column n*8+g is row n*8+g of b: the k-pairs are contiguous.
+          const T* brow = b + (n * 8 + g) * ldb + k0 + 2 * t;
+          const uint32_t bf[2] = {load_pair_bits(brow), load_pair_bits(brow + 8)};
+          mma_m16n8k16<T>(acc[n], af, bf);
+        }
       }
     }
   }
@@ -256,17 +359,33 @@ FA_DEVICE void warp_mma_nn(float (&acc)[kNTiles][4], const T* a, int lda, const 
 #pragma unroll
     for (int k0 = 0; k0 < kK; k0 += 16) {
       uint32_t af[4];
-      load_a_fragment(af, a, lda, k0, g, t);
-#pragma unroll
-      for (int n = 0; n < kNTiles; ++n) {
-        // B fragment: rows (k) 2t, 2t+1 and 2t+8, 2t+9 of column n*8+g.
-        // (A GPU session may swap these 16-bit gathers for ldmatrix.trans.)
-        const T* bcol = b + (k0 + 2 * t) * ldb + n * 8 + g;
-        const uint32_t bf[2] = {pack_bits(bcol, bcol + ldb),
-                                pack_bits(bcol + 8 * ldb, bcol + 9 * ldb)};
-        mma_m16n8k16<T>(acc[n], af, bf);
-      }
+      load_a_fragment_ldmatrix(af, a, lda, k0, lane);
+      warp_mma_b_rowmajor<T, kNTiles>(acc, af, b, ldb, k0, lane);
     }
+  }
+}
+
+// acc (16 x 8N) += A * B with A given as mma A fragments in registers (a[k0 / 16], e.g. P
+// converted from an accumulator by accumulator_to_a_fragments) and B a K x 8N row-major slab
+// in shared memory. Tensor-core types only.
+template <typename T, int kNTiles, int kK>
+FA_DEVICE void warp_mma_nn_areg(float (&acc)[kNTiles][4], const uint32_t (&a)[kK / 16][4],
+                                const T* b, int ldb) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk) warp_mma_b_rowmajor<T, kNTiles>(acc, a[kk], b, ldb, kk * 16, lane);
+}
+
+// The accumulator of a 16 x kK product (fp32, mma C layout) as A fragments of T for the next
+// product along kK: tiles 2kk and 2kk + 1 (keys 16kk..16kk+15) form fragment kk.
+template <typename T, int kNTiles>
+FA_DEVICE void accumulator_to_a_fragments(uint32_t (&a)[kNTiles / 2][4], const float (&acc)[kNTiles][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kNTiles / 2; ++kk) {
+    a[kk][0] = pack_float2<T>(acc[2 * kk][0], acc[2 * kk][1]);
+    a[kk][1] = pack_float2<T>(acc[2 * kk][2], acc[2 * kk][3]);
+    a[kk][2] = pack_float2<T>(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
+    a[kk][3] = pack_float2<T>(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
   }
 }
 
@@ -315,6 +434,37 @@ FA_DEVICE void load_tile(T* smem, int ld, const T* gmem, int64_t row_stride, int
     } else {
 #pragma unroll
       for (int e = 0; e < kChunk; ++e) dst[e] = from_float<T>(0.f);
+    }
+  }
+}
+
+// load_tile by cp.async (complete after cp_async_commit / cp_async_wait and a barrier): whole
+// 16-byte chunks are copied asynchronously, padding chunks zero-filled the same way; chunks
+// that straddle valid_cols, and tensors whose rows are not 16-byte aligned, are copied by
+// ordinary loads and stores (visible after the same barrier).
+template <typename T, int kRows, int kCols, int kThreads>
+FA_DEVICE void load_tile_async(T* smem, int ld, const T* gmem, int64_t row_stride, int64_t row0,
+                               int64_t valid_rows, int64_t valid_cols, bool vectorized) {
+  if (!vectorized) {
+    load_tile<T, kRows, kCols, kThreads>(smem, ld, gmem, row_stride, row0, valid_rows, valid_cols, false);
+    return;
+  }
+  constexpr int kChunk = 16 / static_cast<int>(sizeof(T));
+  static_assert(kCols % kChunk == 0, "load_tile_async: columns must be a multiple of 16 bytes");
+  constexpr int kChunksPerRow = kCols / kChunk;
+  for (int idx = threadIdx.x; idx < kRows * kChunksPerRow; idx += kThreads) {
+    const int r = idx / kChunksPerRow;
+    const int c = (idx % kChunksPerRow) * kChunk;
+    T* dst = smem + r * ld + c;
+    const bool row_ok = r < valid_rows;
+    if (row_ok && c < valid_cols && c + kChunk > valid_cols) {
+      const T* src = gmem + (row0 + r) * row_stride;
+#pragma unroll
+      for (int e = 0; e < kChunk; ++e) dst[e] = c + e < valid_cols ? src[c + e] : from_float<T>(0.f);
+    } else {
+      const bool valid = row_ok && c + kChunk <= valid_cols;
+      cp_async_16(dst, valid ? static_cast<const void*>(gmem + (row0 + r) * row_stride + c)
+                             : static_cast<const void*>(gmem), valid);
     }
   }
 }
@@ -417,13 +567,68 @@ FA_DEVICE bool tile_is_plain(const AttentionParams& p, int64_t b, int64_t i0, in
   return true;
 }
 
-// The logit of pair (i, j) in base-2 units (log2(e) * (scale * q.k + bias)), or -inf when the
-// pair is masked (including query rows past the sequence end, which tiles pad with zeros).
-FA_DEVICE float masked_logit_log2(const AttentionParams& p, int64_t b, int64_t h, int64_t i,
-                                  int64_t j, float qk, float scale_log2) {
-  float bias = 0.f;
-  if (i >= p.seqlen_q || !pair_bias(p, b, h, i, j, &bias)) return -INFINITY;
-  return fmaf(qk, scale_log2, bias * kLog2e);
+// ---------------------------------------------------------------------------------------------
+// Per-tile logit tables: the per-element mask and bias rule as an index and a lookup
+// ---------------------------------------------------------------------------------------------
+// In a kBQ x kBK tile at (i0, j0), row r (query i0 + r) and column c (key j0 + c) lie at
+// distance d = pos_q(i0) - j0 + r - c, i.e. on diagonal slot s = r - c + kBK - 1. Everything
+// distance_bias decides depends only on d and on whether the pair is global, so a tile needs
+// two tables of kBQ + kBK - 1 values (local and global pairs), filled by the block before use;
+// the rest of pair_bias (key_lengths, rows past Sq, which pairs are global) is a per-tile
+// rectangle test. Values are base-2 bias terms, -inf where the distance is masked.
+template <int kBQ, int kBK>
+struct TileTable {
+  static constexpr int kSlots = kBQ + kBK - 1;
+  static constexpr int kFloats = 2 * kSlots;  // local, then global
+};
+
+// The per-tile rectangles (in registers; every thread computes the same).
+struct TileRules {
+  int rows_valid;   // rows r < rows_valid are queries < Sq
+  int cols_valid;   // columns c < cols_valid are keys < key_len(b)
+  int global_rows;  // rows r < global_rows are global queries (pos_q < G)
+  int global_cols;  // columns c < global_cols are global keys (j < G)
+  FA_DEVICE bool has_global() const { return global_rows > 0 || global_cols > 0; }
+};
+
+template <int kBQ, int kBK>
+FA_DEVICE TileRules tile_rules(const AttentionParams& p, int64_t b, int64_t i0, int64_t j0) {
+  auto clamp_to = [](int64_t x, int hi) { return static_cast<int>(x < 0 ? 0 : (x > hi ? hi : x)); };
+  TileRules r;
+  r.rows_valid = clamp_to(p.seqlen_q - i0, kBQ);
+  r.cols_valid = clamp_to(p.key_len(b) - j0, kBK);
+  r.global_rows = p.num_global > 0 ? clamp_to(p.num_global - p.query_pos(i0), kBQ) : 0;
+  r.global_cols = p.num_global > 0 ? clamp_to(p.num_global - j0, kBK) : 0;
+  return r;
+}
+
+// Fills table[0, kSlots) (local pairs) and, when the tile has global pairs, table[kSlots, 2 *
+// kSlots) by all threads of the block; a barrier must follow before any thread reads it.
+template <int kBQ, int kBK, int kThreads>
+FA_DEVICE void fill_tile_table(const AttentionParams& p, int64_t b, int64_t h, int64_t i0,
+                               int64_t j0, bool with_global, float* table) {
+  constexpr int kSlots = TileTable<kBQ, kBK>::kSlots;
+  const int64_t d_first = p.query_pos(i0) - (j0 + kBK - 1);
+  for (int s = threadIdx.x; s < kSlots; s += kThreads) {
+    float bias = 0.f;
+    table[s] = distance_bias(p, b, h, d_first + s, false, &bias) ? bias * kLog2e : -INFINITY;
+    if (with_global) {
+      table[kSlots + s] = distance_bias(p, b, h, d_first + s, true, &bias) ? bias * kLog2e : -INFINITY;
+    }
+  }
+}
+
+// The base-2 logit of tile element (r, c): log2(e) * (scale * q.k + bias), or -inf when the
+// pair is masked (including rows past Sq, which tiles pad with zeros), bit for bit what
+// pair_bias gives.
+template <int kBQ, int kBK>
+FA_DEVICE float tile_logit_log2(const TileRules& rules, const float* table, int r, int c, float qk,
+                                float scale_log2) {
+  constexpr int kSlots = TileTable<kBQ, kBK>::kSlots;
+  if (r >= rules.rows_valid || c >= rules.cols_valid) return -INFINITY;
+  const int slot = r - c + kBK - 1;
+  const float bias = (r < rules.global_rows || c < rules.global_cols) ? table[kSlots + slot] : table[slot];
+  return bias == -INFINITY ? -INFINITY : fmaf(qk, scale_log2, bias);
 }
 
 // The scale: the 0-dim scale tensor's value when given (read on the device, so a learnable

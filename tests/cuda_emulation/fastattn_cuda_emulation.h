@@ -151,6 +151,23 @@ inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (
   }
 }
 
+// ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16: lanes 8m..8m+7 address the rows of matrix
+// m; lane 4g+t receives (g, 2t), (g, 2t+1) of each matrix, or (2t, g), (2t+1, g) with .trans.
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row_addr, bool trans) {
+  BlockState& B = g_block;
+  const int w = B.current / 32, lane = B.current % 32;
+  B.shfl[w][lane] = reinterpret_cast<uint64_t>(row_addr);
+  warp_barrier();
+  const int g = lane / 4, t = lane % 4;
+  for (int m = 0; m < 4; ++m) {
+    auto row = [&](int i) { return reinterpret_cast<const uint16_t*>(B.shfl[w][8 * m + i]); };
+    const uint16_t lo = trans ? row(2 * t)[g] : row(g)[2 * t];
+    const uint16_t hi = trans ? row(2 * t + 1)[g] : row(g)[2 * t + 1];
+    r[m] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+  }
+  warp_barrier();  // every lane has read the addresses before they are overwritten
+}
+
 inline void fiber_entry() {
   BlockState& B = g_block;
   B.body();
