@@ -144,7 +144,7 @@ def test_all_options_pairwise(device, case):
 def test_mask_dtypes(device, case):
     if device != "cpu" and case.dtype not in DEVICE_DTYPES[device]:
         pytest.skip(f"{case.dtype} is not a {device} kernel dtype")
-    check_case(for_device(case, device))
+    check_case(for_device(case, device, keep_dtype=True))
 
 
 @pytest.mark.multithread
