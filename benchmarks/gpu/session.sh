@@ -31,7 +31,8 @@ for stage in "$@"; do
       $PY -m pip install -v --no-build-isolation --no-deps . > "$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
       grep -E "^fastattn:|registers|spill" "$OUT/build.log" | head -40
       so=$(cd /tmp && $PY -c "import fastattn, os; print(os.path.join(os.path.dirname(fastattn.__file__), [f for f in os.listdir(os.path.dirname(fastattn.__file__)) if f.startswith('_C')][0]))")
-      ls -la "$so"; cp "$so" "$OUT/" || true
+      ls -la "$so"
+      echo "iostream instantiations defined in the library (expect none): $(nm -C --defined-only "$so" | grep -c '_M_insert<long>')"
       (cd /tmp && $PY -c "import fastattn; print(fastattn.build_info())")
       ;;
     inplace)
@@ -39,9 +40,13 @@ for stage in "$@"; do
       export PYTHONPATH=$PWD/python
       $PY -c "import fastattn; print(fastattn.build_info())" || exit 1
       ;;
+    errors)
+      step "error paths"
+      $PY benchmarks/gpu/error_paths.py || rc=1
+      ;;
     test)
       step "CUDA tests"
-      $PY -m pytest tests -q -m cuda -x -n 8 -p no:cacheprovider 2>&1 | tee "$OUT/test-cuda.log" | tail -40 || rc=1
+      $PY -m pytest tests -q -m cuda -n 12 -p no:cacheprovider 2>&1 | tee "$OUT/test-cuda.log" | tail -40 || rc=1
       ;;
     testall)
       step "all tests"
@@ -57,10 +62,13 @@ for stage in "$@"; do
     bench)
       step "benchmarks"
       rec="$OUT/h100.md"
-      $PY benchmarks/bench_rotary.py --device cuda --dtype bfloat16 --record "$rec" 2>&1 | tail -25
-      $PY benchmarks/bench_rotary.py --device cuda --dtype float32 --record "$rec" 2>&1 | tail -25
-      $PY benchmarks/bench_attention.py --device cuda --record "$rec" 2>&1 | tail -40
-      $PY benchmarks/bench_window.py --device cuda --record "$rec" 2>&1 | tail -40
+      $PY benchmarks/bench_rotary.py --device cuda --dtype bfloat16 --record "$rec" > "$OUT/bench-rotary.log" 2>&1
+      $PY benchmarks/bench_rotary.py --device cuda --dtype float32 --record "$rec" >> "$OUT/bench-rotary.log" 2>&1
+      grep -iE "copy|target|x " "$OUT/bench-rotary.log" | tail -12
+      $PY benchmarks/bench_attention.py --device cuda ${BENCH_ARGS:-} --record "$rec" > "$OUT/bench-attention.log" 2>&1
+      tail -30 "$OUT/bench-attention.log"
+      $PY benchmarks/bench_window.py --device cuda ${BENCH_ARGS:-} --record "$rec" > "$OUT/bench-window.log" 2>&1
+      tail -25 "$OUT/bench-window.log"
       ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
