@@ -119,10 +119,23 @@ def library_dirs(with_cuda: bool) -> list[str]:
     return []
 
 
+def _openmp_flags() -> list[str]:
+    """-fopenmp when torch's CPU parallelism is OpenMP (at::parallel_for is inline there)."""
+    import torch
+
+    if sys.platform == "darwin" or "OpenMP" not in torch.__config__.parallel_info():
+        return []
+    return ["-fopenmp"]
+
+
 def compile_args(with_cuda: bool) -> dict[str, list[str]]:
     # No -std flag: torch.utils.cpp_extension adds the standard its headers need (C++17 up to
     # torch 2.9, C++20 after).
-    cxx = ["-O3", "-fvisibility=hidden"] + _cpu_isa_flags()
+    # -fopenmp: at::parallel_for is an inline OpenMP region in torch builds that use OpenMP (the
+    # Linux wheels); compiled without it, every CPU kernel silently runs on one thread. Only
+    # compiled with it, not linked: the GOMP symbols resolve to the OpenMP runtime torch has
+    # already loaded, so the process keeps a single thread pool.
+    cxx = ["-O3", "-fvisibility=hidden"] + _openmp_flags() + _cpu_isa_flags()
     args = {"cxx": cxx}
     if with_cuda:
         archs = cuda_archs()
