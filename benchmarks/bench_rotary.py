@@ -186,11 +186,19 @@ def main(argv=None) -> int:
               f"inv_freq angles, positions 0..S-1; {dev_name}; torch {torch.__version__}")
     table = markdown_table(["what", "median ms", "min ms", "GB/s", "peak MiB"], rows)
     ratios = markdown_table(["target", "measured (medians)", "(minimums)", "needed", ""], ratio_rows)
+    note = ""
+    if dev.type == "cpu":
+        note = ("note: fastattn's large CPU outputs come from its cache of released buffers "
+                "(csrc/cpu/output_buffers.cpp; FASTATTN_CPU_OUTPUT_CACHE=0 turns it off), so after the "
+                "warm-up its output memory is reused, like copy_'s preallocated destination, and its "
+                "peak column does not count it.")
     print()
     print(header)
     print(table)
     print()
     print(ratios)
+    if note:
+        print(note)
 
     if args.record:
         cmd = "python " + " ".join([os.path.relpath(__file__, os.path.dirname(HERE))] + (argv if argv is not None else sys.argv[1:]))
@@ -202,6 +210,8 @@ def main(argv=None) -> int:
             f.write(f"\n## rotary — {stamp}\n\n")
             f.write(f"commit: {_commit()}  \ncommand: `{cmd}`  \n{header}\n\n")
             f.write(table + "\n\n" + ratios + "\n")
+            if note:
+                f.write("\n" + note + "\n")
         print(f"\nappended to {args.record}")
     return 0
 

@@ -515,3 +515,32 @@ def test_cuda_float64_is_rejected():
     x = torch.randn(1, 1, 2, 4, dtype=torch.float64, device="cuda")
     with pytest.raises(RuntimeError, match="float64"):
         fastattn.rotary(x, inv_freq=torch.rand(2, dtype=torch.float64, device="cuda"))
+
+
+# ---------------------------------------------------------------------------------------------
+# large CPU outputs come from a cache of released buffers (csrc/cpu/output_buffers.cpp)
+# ---------------------------------------------------------------------------------------------
+def test_large_outputs_reuse_released_buffers_and_overwrite_them():
+    """A released 8 MiB output buffer is handed out again: stale contents must never show (the
+    pass-through dims past rotary_dim and the gradient are written in full), and live outputs
+    never share memory."""
+    torch.manual_seed(0)
+    shape = (2, 8, 1024, 128)  # 8 MiB of float32: the cache's threshold
+    inv = 1.0 / (10000 ** (torch.arange(0, 96, 2, dtype=torch.float64) / 96))
+    first = fastattn.rotary(torch.randn(shape), inv_freq=inv.float(), rotary_dim=96)
+    first_ptr = first.data_ptr()
+    first.fill_(123.0)  # poison the buffer before releasing it
+    del first
+    x = torch.randn(shape, requires_grad=True)
+    out = fastattn.rotary(x, inv_freq=inv.float(), rotary_dim=96)
+    assert out.data_ptr() == first_ptr, "the released buffer was not reused"
+    expected = reference.rotary(x.detach().double(), inv_freq=inv, rotary_dim=96)
+    assert_close("rotary out (reused buffer)", out, expected, torch.float32)
+    other = fastattn.rotary(x.detach(), inv_freq=inv.float(), rotary_dim=96)
+    assert other.data_ptr() != out.data_ptr(), "two live outputs share memory"
+    del other  # its buffer (poison-free but stale) is now the one the gradient gets
+    g = torch.randn(shape)
+    (gx,) = torch.autograd.grad(out, x, g)
+    xd = x.detach().double().requires_grad_()
+    (gx_ref,) = torch.autograd.grad(reference.rotary(xd, inv_freq=inv, rotary_dim=96), xd, g.double())
+    assert_close("rotary grad_x (reused buffer)", gx, gx_ref, torch.float32)

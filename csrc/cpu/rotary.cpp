@@ -47,10 +47,7 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
+#include "cpu/output_buffers.h"
 
 namespace fastattn {
 
@@ -832,25 +829,6 @@ RotaryArgs check_args(const at::Tensor& x, const std::optional<at::Tensor>& inv_
   return a;
 }
 
-// A fresh, large CPU output is written exactly once by the kernel, and its first-touch page
-// faults can cost more than the kernel itself (one fault per 4 KiB page: ~2x the time of
-// copying the tensor). Where Linux's transparent huge pages are opt-in ("madvise" mode, the
-// common default) ask for them on the output's 2 MiB-aligned interior before writing: 512x
-// fewer faults. Only a hint: it never changes the contents, and failures are ignored.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const size_t nbytes = t.nbytes();
-  if (!t.is_cpu() || nbytes < 4 * kHuge) return;
-  const uintptr_t start = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t begin = (start + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (start + nbytes) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
-
 // x @ rotation in the math dtype, (B, H, S, D) contiguous.
 at::Tensor rotate_first(const at::Tensor& x, const RotaryArgs& a) {
   return at::matmul(x.to(a.math), a.rotation).contiguous();
@@ -865,9 +843,9 @@ at::Tensor rotary_op(const at::Tensor& x, const std::optional<at::Tensor>& inv_f
                      int64_t rotary_dim) {
   const RotaryArgs a =
       check_args(x, inv_freq, cos, sin, positions, rotation, offset, interleaved, rotary_dim);
-  auto out = at::empty(x.sizes(), x.options());  // contiguous, as the fake kernel says
+  // Contiguous, as the fake kernel says; large ones reuse released buffers (output_buffers.h).
+  auto out = cpu::empty_cpu_output(x.sizes(), x.options());
   if (out.numel() == 0) return out;
-  advise_huge_pages(out);
   const at::Tensor src = a.rotation.defined() ? rotate_first(x, a) : x;
   kernel_apply(src, out, a, /*negate_sin=*/false, /*copy_rest=*/true);
   return out;
@@ -921,8 +899,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rotary_ba
   const bool need_gsrc = need_x || need_rot;
   at::Tensor gsrc;
   if (need_gsrc) {
-    gsrc = at::empty(x.sizes(), a.rotation.defined() ? x.options().dtype(a.math) : x.options());
-    advise_huge_pages(gsrc);
+    gsrc = cpu::empty_cpu_output(x.sizes(), a.rotation.defined() ? x.options().dtype(a.math) : x.options());
   }
   const bool nonempty = x.numel() > 0;
   if (need_freq || need_table) {

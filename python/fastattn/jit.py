@@ -8,7 +8,7 @@ changed.
 
 Environment: FASTATTN_FORCE_CPU=1, FASTATTN_CUDA_ARCHS, MAX_JOBS as for setup.py.
 FASTATTN_JIT_ONLY=name[,name] compiles only csrc files whose names contain one of the names
-(plus the schema file): a development aid for working on one kernel family.
+(plus the schema file and csrc/common): a development aid for working on one kernel family.
 """
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ def _selected_sources(with_cuda: bool, root: str | None = None) -> list[str]:
     srcs = [s for s in cfg.sources(with_cuda, root) if not s.endswith("python_module.cpp")]
     only = [n for n in os.environ.get("FASTATTN_JIT_ONLY", "").split(",") if n]
     if only:
-        srcs = [s for s in srcs if s.endswith("fastattn.cpp") or any(n in os.path.basename(s) for n in only)]
+        shared = os.sep + "common" + os.sep  # checks etc.: every family needs them
+        srcs = [s for s in srcs if s.endswith("fastattn.cpp") or shared in s
+                or any(n in os.path.basename(s) for n in only)]
     return srcs
 
 
