@@ -187,7 +187,9 @@ def main(argv=None) -> int:
     table = markdown_table(["what", "median ms", "min ms", "GB/s", "peak MiB"], rows)
     ratios = markdown_table(["target", "measured (medians)", "(minimums)", "needed", ""], ratio_rows)
     note = ""
-    if dev.type == "cpu":
+    if dev.type == "cpu" and os.environ.get("FASTATTN_CPU_OUTPUT_CACHE") == "0":
+        note = "note: run with FASTATTN_CPU_OUTPUT_CACHE=0: every large fastattn output is fresh memory."
+    elif dev.type == "cpu":
         note = ("note: fastattn's large CPU outputs come from its cache of released buffers "
                 "(csrc/cpu/output_buffers.cpp; FASTATTN_CPU_OUTPUT_CACHE=0 turns it off), so after the "
                 "warm-up its output memory is reused, like copy_'s preallocated destination, and its "
