@@ -33,10 +33,10 @@
 //   backward passes give bitwise-equal gradients.
 //
 // Speed (development machine: 2-core AMD EPYC, AVX2 executed as 128-bit halves, measured FMA
-// peak 38.6 GFLOP/s per core): the micro-kernel runs at ~93% of that peak, and ~85% of all
-// time is spent in it (forward and backward); the rest is the online softmax (exp, max) and
-// the bias. B=1, H=8, S=2048, D=64 fp32, 2 threads: forward ~0.8-0.9x the time of
-// F.scaled_dot_product_attention without bias, forward+backward ~0.85-0.9x; see
+// peak 38.6 GFLOP/s per core): about 84% of the time is in the micro-kernel (perf, forward +
+// backward with a bias table), the rest is the online softmax (exp, max), dS and the bias.
+// B=1, H=8, S=2048, D=64 fp32, 2 threads: forward ~0.94x the time of
+// F.scaled_dot_product_attention without bias, forward+backward ~0.9x; see
 // benchmarks/bench_attention.py and bench_window.py for the current figures.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

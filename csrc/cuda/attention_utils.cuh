@@ -170,24 +170,21 @@ FA_DEVICE uint32_t pack_float2(float a, float b) {
 // rows of matrix m addressed by lanes 8m..8m+7 (`row_addr`, 16-byte aligned). Lane 4g+t gets
 // in r[m] the elements (g, 2t), (g, 2t+1) of matrix m, or with .trans (2t, g), (2t+1, g):
 // exactly the register layout of mma.m16n8k16's A and B fragments (see warp_mma_*).
+template <bool kTrans = false>
 FA_DEVICE void ldmatrix_x4(uint32_t (&r)[4], const void* row_addr) {
 #if defined(FASTATTN_CUDA_EMULATION)
-  fastattn_emulation::ldmatrix_x4(r, row_addr, false);
+  fastattn_emulation::ldmatrix_x4(r, row_addr, kTrans);
 #elif defined(__CUDA_ARCH__)
   const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row_addr));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(a));
-#endif
-}
-FA_DEVICE void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row_addr) {
-#if defined(FASTATTN_CUDA_EMULATION)
-  fastattn_emulation::ldmatrix_x4(r, row_addr, true);
-#elif defined(__CUDA_ARCH__)
-  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row_addr));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(a));
+  if constexpr (kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+  }
 #endif
 }
 
@@ -278,7 +275,7 @@ FA_DEVICE void warp_mma_b_rowmajor(float (&acc)[kNTiles][4], const uint32_t (&af
   for (int n = 0; n < kNTiles; n += 2) {
     if (n + 1 < kNTiles) {
       uint32_t bf4[4];
-      ldmatrix_x4_trans(bf4, b + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ldb + n * 8 + (lane >> 4) * 8);
+      ldmatrix_x4</*kTrans=*/true>(bf4, b + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ldb + n * 8 + (lane >> 4) * 8);
       const uint32_t b_lo[2] = {bf4[0], bf4[1]}, b_hi[2] = {bf4[2], bf4[3]};
       mma_m16n8k16<T>(acc[n], af, b_lo);
       mma_m16n8k16<T>(acc[n + 1], af, b_hi);
@@ -414,7 +411,11 @@ constexpr int smem_pad() {
 // Rows >= valid_rows and columns >= valid_cols are written as zeros: padded head dims and
 // rows past the sequence end then contribute nothing to the products. `vectorized` says that
 // the base and every row start are 16-byte aligned (checked on the host).
-template <typename T, int kRows, int kCols, int kThreads>
+//
+// kAsync: whole 16-byte chunks (data or zero padding) go by cp.async, complete after
+// cp_async_commit / cp_async_wait<> and a barrier; chunks that straddle valid_cols, and all of
+// a tensor whose rows are not 16-byte aligned, by ordinary stores (visible after that barrier).
+template <typename T, int kRows, int kCols, int kThreads, bool kAsync = false>
 FA_DEVICE void load_tile(T* smem, int ld, const T* gmem, int64_t row_stride, int64_t row0,
                          int64_t valid_rows, int64_t valid_cols, bool vectorized) {
   constexpr int kChunk = 16 / static_cast<int>(sizeof(T));
@@ -424,49 +425,28 @@ FA_DEVICE void load_tile(T* smem, int ld, const T* gmem, int64_t row_stride, int
     const int r = idx / kChunksPerRow;
     const int c = (idx % kChunksPerRow) * kChunk;
     T* dst = smem + r * ld + c;
-    if (r < valid_rows && c + kChunk <= valid_cols && vectorized) {
-      const T* src = gmem + (row0 + r) * row_stride + c;
-      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-    } else if (r < valid_rows) {
+    const bool row_ok = r < valid_rows;
+    const bool full = row_ok && c + kChunk <= valid_cols;  // a whole chunk of data
+    if (vectorized && (full || !row_ok || c >= valid_cols)) {  // data or zeros, 16 bytes
+      const T* src = full ? gmem + (row0 + r) * row_stride + c : gmem;
+      if constexpr (kAsync) {
+        cp_async_16(dst, src, full);
+      } else {
+        *reinterpret_cast<uint4*>(dst) = full ? *reinterpret_cast<const uint4*>(src) : make_uint4(0, 0, 0, 0);
+      }
+    } else {
       const T* src = gmem + (row0 + r) * row_stride;
 #pragma unroll
-      for (int e = 0; e < kChunk; ++e) dst[e] = c + e < valid_cols ? src[c + e] : from_float<T>(0.f);
-    } else {
-#pragma unroll
-      for (int e = 0; e < kChunk; ++e) dst[e] = from_float<T>(0.f);
+      for (int e = 0; e < kChunk; ++e) dst[e] = row_ok && c + e < valid_cols ? src[c + e] : from_float<T>(0.f);
     }
   }
 }
 
-// load_tile by cp.async (complete after cp_async_commit / cp_async_wait and a barrier): whole
-// 16-byte chunks are copied asynchronously, padding chunks zero-filled the same way; chunks
-// that straddle valid_cols, and tensors whose rows are not 16-byte aligned, are copied by
-// ordinary loads and stores (visible after the same barrier).
 template <typename T, int kRows, int kCols, int kThreads>
 FA_DEVICE void load_tile_async(T* smem, int ld, const T* gmem, int64_t row_stride, int64_t row0,
                                int64_t valid_rows, int64_t valid_cols, bool vectorized) {
-  if (!vectorized) {
-    load_tile<T, kRows, kCols, kThreads>(smem, ld, gmem, row_stride, row0, valid_rows, valid_cols, false);
-    return;
-  }
-  constexpr int kChunk = 16 / static_cast<int>(sizeof(T));
-  static_assert(kCols % kChunk == 0, "load_tile_async: columns must be a multiple of 16 bytes");
-  constexpr int kChunksPerRow = kCols / kChunk;
-  for (int idx = threadIdx.x; idx < kRows * kChunksPerRow; idx += kThreads) {
-    const int r = idx / kChunksPerRow;
-    const int c = (idx % kChunksPerRow) * kChunk;
-    T* dst = smem + r * ld + c;
-    const bool row_ok = r < valid_rows;
-    if (row_ok && c < valid_cols && c + kChunk > valid_cols) {
-      const T* src = gmem + (row0 + r) * row_stride;
-#pragma unroll
-      for (int e = 0; e < kChunk; ++e) dst[e] = c + e < valid_cols ? src[c + e] : from_float<T>(0.f);
-    } else {
-      const bool valid = row_ok && c + kChunk <= valid_cols;
-      cp_async_16(dst, valid ? static_cast<const void*>(gmem + (row0 + r) * row_stride + c)
-                             : static_cast<const void*>(gmem), valid);
-    }
-  }
+  load_tile<T, kRows, kCols, kThreads, true>(smem, ld, gmem, row_stride, row0, valid_rows, valid_cols,
+                                             vectorized);
 }
 
 // The reverse copy: rows [0, valid_rows) x columns [0, valid_cols) of a shared-memory tile
