@@ -47,6 +47,7 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "common/rotary_ops.h"
 #include "cpu/output_buffers.h"
 
 namespace fastattn {
@@ -637,20 +638,6 @@ at::Tensor scatter_table(const at::Tensor& d, const at::Tensor& pos_flat, int64_
 
 }  // namespace rotary_cpu
 
-#ifdef FASTATTN_WITH_CUDA
-// The CUDA versions, defined in csrc/cuda/rotary_api.cu (same arguments as the CPU ones).
-namespace rotary_cuda {
-void apply(const at::Tensor& src, const at::Tensor& dst, const at::Tensor& inv_freq,
-           const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& pos, bool negate_sin,
-           bool interleaved, int64_t rd, bool copy_rest);
-void backward_partials(const at::Tensor& grad, const at::Tensor& xsrc, const at::Tensor& gx,
-                       const at::Tensor& inv_freq, const at::Tensor& cos, const at::Tensor& sin,
-                       const at::Tensor& pos, bool interleaved, int64_t rd, const at::Tensor& d_ang,
-                       const at::Tensor& d_cos, const at::Tensor& d_sin);
-at::Tensor reduce_freq(const at::Tensor& d_ang, const at::Tensor& pos_flat);
-at::Tensor scatter_table(const at::Tensor& d, const at::Tensor& pos_flat, int64_t rows_table);
-}  // namespace rotary_cuda
-#endif
 
 // =============================================================================================
 // Device-generic op logic

@@ -22,27 +22,10 @@
 
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "common/rotary_ops.h"
 #include "cuda/rotary_kernel.cuh"
 
 namespace fastattn {
-
-// The device-generic op bodies, defined in csrc/cpu/rotary.cpp (they call back into the
-// rotary_cuda passes below for CUDA tensors).
-at::Tensor rotary_op(const at::Tensor& x, const std::optional<at::Tensor>& inv_freq,
-                     const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
-                     const std::optional<at::Tensor>& positions,
-                     const std::optional<at::Tensor>& rotation, int64_t offset, bool interleaved,
-                     int64_t rotary_dim);
-void rotary_inplace_op(const at::Tensor& x, const std::optional<at::Tensor>& inv_freq,
-                       const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
-                       const std::optional<at::Tensor>& positions,
-                       const std::optional<at::Tensor>& rotation, int64_t offset,
-                       bool interleaved, int64_t rotary_dim);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rotary_backward_op(
-    const at::Tensor& grad_out, const at::Tensor& x, const std::optional<at::Tensor>& inv_freq,
-    const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
-    const std::optional<at::Tensor>& positions, const std::optional<at::Tensor>& rotation,
-    int64_t offset, bool interleaved, int64_t rotary_dim, std::array<bool, 4> output_mask);
 
 namespace rotary_cuda {
 namespace {
