@@ -418,6 +418,25 @@ def test_op_level_checks(override):
         _op_call(**override)
 
 
+# The messages hold numbers, shapes and dtypes, formatted without iostreams (fa_message in
+# csrc/common/checks.h) into the text c10::str would give.
+@pytest.mark.parametrize("override,message", [
+    (dict(q=_t(4, 5, 8)), "fastattn: q must have 4 dimensions, got 3 (shape [4, 5, 8])"),
+    (dict(k=_t(2, 3, 7, 8), v=_t(2, 3, 7, 6)),
+     "fastattn: q's heads (4) must be a multiple of k/v's heads (3)"),
+    (dict(wl=-3), "fastattn: window entries must be >= -1 (-1 = unbounded), got (-3, -1)"),
+    (dict(span=_t(4).abs(), ramp=-0.5), "fastattn: span_ramp must be > 0, got -0.5"),
+    (dict(span=_t(4).abs(), ramp=-1e-7), "fastattn: span_ramp must be > 0, got -1e-07"),
+    (dict(k=_t(*K, dtype=torch.float64)), "fastattn: k must have the same dtype as q (Float), got Double"),
+    (dict(key_lengths=torch.tensor([3.0, 4.0])), "fastattn: key_lengths must be int64 or int32, got Float"),
+], ids=["rank-and-shape", "heads", "negative-ints", "double", "double-exponent", "dtypes",
+        "key_lengths-dtype"])
+def test_op_level_check_messages(override, message):
+    with pytest.raises(RuntimeError) as info:
+        _op_call(**override)
+    assert str(info.value).splitlines()[0] == message
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build of fastattn")
 def test_cuda_unsupported_head_dim_raises():

@@ -517,6 +517,26 @@ def test_cuda_float64_is_rejected():
         fastattn.rotary(x, inv_freq=torch.rand(2, dtype=torch.float64, device="cuda"))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_outputs_live_on_the_input_device(device):
+    """Outputs of 8 MiB and more (the CPU output cache's threshold) come back on x's device and
+    right: an earlier build handed CUDA kernels a cached host buffer (an illegal address)."""
+    shape = (2, 8, 1040, 128)  # just over 8 MiB of float32
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(shape, generator=g).to(device).requires_grad_()
+    inv = (1.0 / (10000 ** (torch.arange(0, 128, 2, dtype=torch.float64) / 128)))
+    out = fastattn.rotary(x, inv_freq=inv.float().to(device))
+    assert out.device == x.device
+    gr = torch.randn(shape, generator=g).to(device)
+    (gx,) = torch.autograd.grad(out, x, gr)
+    assert gx.device == x.device
+    xd = x.detach().cpu().double().requires_grad_()
+    want = reference.rotary(xd, inv_freq=inv)
+    (gx_ref,) = torch.autograd.grad(want, xd, gr.cpu().double())
+    assert_close("rotary out (large)", out, want, torch.float32)
+    assert_close("rotary grad_x (large)", gx, gx_ref, torch.float32)
+
+
 # ---------------------------------------------------------------------------------------------
 # large CPU outputs come from a cache of released buffers (csrc/cpu/output_buffers.cpp)
 # ---------------------------------------------------------------------------------------------

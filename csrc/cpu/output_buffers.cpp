@@ -22,6 +22,8 @@
 #include <sys/mman.h>
 #endif
 
+#include "common/checks.h"
+
 namespace fastattn {
 namespace cpu {
 namespace {
@@ -79,8 +81,8 @@ void* acquire(size_t nbytes) {
     }
   }
   void* ptr = nullptr;
-  TORCH_CHECK(posix_memalign(&ptr, kAlignment, nbytes) == 0 && ptr != nullptr,
-              "fastattn: could not allocate ", nbytes, " bytes for an output");
+  FA_CHECK(posix_memalign(&ptr, kAlignment, nbytes) == 0 && ptr != nullptr,
+           "fastattn: could not allocate ", nbytes, " bytes for an output");
   advise_huge_pages(ptr, nbytes);
   return ptr;
 }
@@ -100,7 +102,9 @@ void release(void* ptr, size_t nbytes) {
 
 }  // namespace
 
-at::Tensor empty_cpu_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  // Only CPU outputs: a CUDA kernel handed a host buffer faults (an illegal address).
+  if (options.device().type() != at::kCPU) return at::empty(sizes, options);
   int64_t numel = 1;
   for (const int64_t s : sizes) numel *= s;
   const size_t nbytes = static_cast<size_t>(numel) * options.dtype().itemsize();

@@ -517,7 +517,7 @@ void apply(const at::Tensor& src, const at::Tensor& dst, const at::Tensor& inv_f
     });
   } else {
     // A half/bfloat16 gradient into a float32 buffer: the backward with a learned rotation.
-    TORCH_CHECK(dt == at::kFloat, "fastattn: rotary: no kernel from ", st, " to ", dt);
+    FA_CHECK(dt == at::kFloat, "fastattn: rotary: no kernel from ", st, " to ", dt);
     AT_DISPATCH_REDUCED_FLOATING_TYPES(st, "fastattn::rotary (cpu)", [&] {
       apply_angles<float, scalar_t, float>(src, dst, inv_freq, cos, sin, pos, negate_sin,
                                            interleaved, rd, copy_rest);
@@ -737,17 +737,17 @@ RotaryArgs check_args(const at::Tensor& x, const std::optional<at::Tensor>& inv_
   a.D = x.size(3);
   a.interleaved = interleaved;
   a.math = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(rotary_dim >= 0 && rotary_dim % 2 == 0 && rotary_dim <= a.D,
-              "fastattn: rotary_dim must be even and in [0, D = ", a.D, "], got ", rotary_dim);
+  FA_CHECK(rotary_dim >= 0 && rotary_dim % 2 == 0 && rotary_dim <= a.D,
+           "fastattn: rotary_dim must be even and in [0, D = ", a.D, "], got ", rotary_dim);
   a.rd = rotary_dim;
   a.half = rotary_dim / 2;
 
   const bool has_freq = present(inv_freq), has_cos = present(cos), has_sin = present(sin);
-  TORCH_CHECK(has_cos == has_sin, "fastattn: cos and sin must be given together, got cos ",
-              has_cos ? "set" : "None", " and sin ", has_sin ? "set" : "None");
-  TORCH_CHECK(has_freq != has_cos,
-              "fastattn: give exactly one of inv_freq or the cos/sin tables, got ",
-              has_freq ? "both" : "neither");
+  FA_CHECK(has_cos == has_sin, "fastattn: cos and sin must be given together, got cos ",
+           has_cos ? "set" : "None", " and sin ", has_sin ? "set" : "None");
+  FA_CHECK(has_freq != has_cos,
+           "fastattn: give exactly one of inv_freq or the cos/sin tables, got ",
+           has_freq ? "both" : "neither");
   if (has_freq) {
     check_rank(*inv_freq, 1, "inv_freq");
     check_floating(*inv_freq, "inv_freq");
@@ -762,8 +762,8 @@ RotaryArgs check_args(const at::Tensor& x, const std::optional<at::Tensor>& inv_
       check_same_device(*t, x, name, "x");
       check_size(*t, 1, a.half, name, "rotary_dim / 2");
     }
-    TORCH_CHECK(cos->sizes() == sin->sizes(), "fastattn: cos and sin must have the same shape, got ",
-                cos->sizes(), " and ", sin->sizes());
+    FA_CHECK(cos->sizes() == sin->sizes(), "fastattn: cos and sin must have the same shape, got ",
+             cos->sizes(), " and ", sin->sizes());
     a.cos = as_math(*cos, a.math);
     a.sin = as_math(*sin, a.math);
   }
@@ -771,10 +771,10 @@ RotaryArgs check_args(const at::Tensor& x, const std::optional<at::Tensor>& inv_
   if (present(positions)) {
     const at::Tensor& p = *positions;
     check_same_device(p, x, "positions", "x");
-    TORCH_CHECK(p.scalar_type() == at::kLong || p.scalar_type() == at::kInt,
-                "fastattn: positions must be int64 or int32, got ", p.scalar_type());
-    TORCH_CHECK(p.dim() == 1 || p.dim() == 2, "fastattn: positions must be (S,) or (B, S), got ",
-                p.dim(), " dimensions (shape ", p.sizes(), ")");
+    FA_CHECK(p.scalar_type() == at::kLong || p.scalar_type() == at::kInt,
+             "fastattn: positions must be int64 or int32, got ", p.scalar_type());
+    FA_CHECK(p.dim() == 1 || p.dim() == 2, "fastattn: positions must be (S,) or (B, S), got ",
+             p.dim(), " dimensions (shape ", p.sizes(), ")");
     if (p.dim() == 1) {
       check_size(p, 0, a.S, "positions", "S");
     } else {
@@ -786,15 +786,15 @@ RotaryArgs check_args(const at::Tensor& x, const std::optional<at::Tensor>& inv_
     // CUDA kernels turn out-of-range positions into NaN outputs instead (no sync either).
     if (has_cos && !x.is_cuda() && a.pos.numel() > 0) {
       const int64_t lo = a.pos.min().item<int64_t>(), hi = a.pos.max().item<int64_t>();
-      TORCH_CHECK(lo >= 0 && hi < a.cos.size(0), "fastattn: positions must lie in [0, ",
-                  a.cos.size(0), ") (the cos/sin table's rows), got values in [", lo, ", ", hi,
+      FA_CHECK(lo >= 0 && hi < a.cos.size(0), "fastattn: positions must lie in [0, ",
+               a.cos.size(0), ") (the cos/sin table's rows), got values in [", lo, ", ", hi,
                   "]");
     }
   } else {
     if (has_cos && a.S > 0) {
-      TORCH_CHECK(offset >= 0 && offset + a.S <= a.cos.size(0),
-                  "fastattn: positions offset..offset+S-1 = ", offset, "..", offset + a.S - 1,
-                  " lie past the cos/sin table's ", a.cos.size(0), " rows");
+      FA_CHECK(offset >= 0 && offset + a.S <= a.cos.size(0),
+               "fastattn: positions offset..offset+S-1 = ", offset, "..", offset + a.S - 1,
+               " lie past the cos/sin table's ", a.cos.size(0), " rows");
     }
     if (x.is_cuda()) {
       a.pos = at::arange(offset, offset + a.S, x.options().dtype(at::kLong)).view({1, a.S});
@@ -831,7 +831,7 @@ at::Tensor rotary_op(const at::Tensor& x, const std::optional<at::Tensor>& inv_f
   const RotaryArgs a =
       check_args(x, inv_freq, cos, sin, positions, rotation, offset, interleaved, rotary_dim);
   // Contiguous, as the fake kernel says; large ones reuse released buffers (output_buffers.h).
-  auto out = cpu::empty_cpu_output(x.sizes(), x.options());
+  auto out = cpu::empty_output(x.sizes(), x.options());
   if (out.numel() == 0) return out;
   const at::Tensor src = a.rotation.defined() ? rotate_first(x, a) : x;
   kernel_apply(src, out, a, /*negate_sin=*/false, /*copy_rest=*/true);
@@ -866,8 +866,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rotary_ba
   const RotaryArgs a =
       check_args(x, inv_freq, cos, sin, positions, rotation, offset, interleaved, rotary_dim);
   check_rank(grad_out, 4, "grad_out");
-  TORCH_CHECK(grad_out.sizes() == x.sizes(), "fastattn: grad_out must have x's shape ", x.sizes(),
-              ", got ", grad_out.sizes());
+  FA_CHECK(grad_out.sizes() == x.sizes(), "fastattn: grad_out must have x's shape ", x.sizes(),
+           ", got ", grad_out.sizes());
   check_same_dtype(grad_out, x, "grad_out", "x");
   check_same_device(grad_out, x, "grad_out", "x");
   // Autograd may hand over any strides (even expanded ones); the kernels need a unit last stride.
@@ -886,7 +886,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rotary_ba
   const bool need_gsrc = need_x || need_rot;
   at::Tensor gsrc;
   if (need_gsrc) {
-    gsrc = cpu::empty_cpu_output(x.sizes(), a.rotation.defined() ? x.options().dtype(a.math) : x.options());
+    gsrc = cpu::empty_output(x.sizes(), a.rotation.defined() ? x.options().dtype(a.math) : x.options());
   }
   const bool nonempty = x.numel() > 0;
   if (need_freq || need_table) {
