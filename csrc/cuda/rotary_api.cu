@@ -33,36 +33,21 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kMaxGrid = 65535;
 
-// cos and sin (Bp, S, half) fp32, contiguous, from inv_freq (position * inv_freq, as
-// reference.rotary_angles computes it) or gathered from the tables. Positions outside the
-// tables were not checked on the host (that would need a device sync): their rows become NaN,
-// so nothing is read out of bounds and the error shows in the output.
-std::pair<at::Tensor, at::Tensor> angle_tables(const at::Tensor& inv_freq, const at::Tensor& cos,
-                                               const at::Tensor& sin, const at::Tensor& pos,
-                                               bool negate_sin) {
-  const int64_t Bp = pos.size(0), S = pos.size(1);
-  at::Tensor c, s;
+// The kernels' view of the angle sources: inv_freq, or the cos/sin tables (both fp32 and
+// contiguous, as rotary.cpp's argument normalization leaves them), and the positions.
+AngleSource angle_source(const at::Tensor& inv_freq, const at::Tensor& cos, const at::Tensor& sin,
+                         const at::Tensor& pos) {
+  AngleSource a{};
   if (inv_freq.defined()) {
-    const auto angle = pos.to(at::kFloat).unsqueeze(-1) * inv_freq;  // (Bp, S, half)
-    c = angle.cos();
-    s = angle.sin();
+    a.inv_freq = inv_freq.const_data_ptr<float>();
   } else {
-    const int64_t rows = cos.size(0), half = cos.size(1);
-    const double nan = std::numeric_limits<double>::quiet_NaN();
-    if (rows == 0) {
-      c = at::full({Bp, S, half}, nan, cos.options());
-      s = at::full({Bp, S, half}, nan, cos.options());
-    } else {
-      const auto idx = pos.reshape({-1});
-      const auto valid = ((idx >= 0) & (idx < rows)).view({Bp, S, 1});
-      const auto safe = idx.clamp(0, rows - 1);
-      const auto nan_t = at::full({}, nan, cos.options());
-      c = at::where(valid, cos.index_select(0, safe).view({Bp, S, half}), nan_t);
-      s = at::where(valid, sin.index_select(0, safe).view({Bp, S, half}), nan_t);
-    }
+    a.cos = cos.const_data_ptr<float>();
+    a.sin = sin.const_data_ptr<float>();
+    a.rows = cos.size(0);
   }
-  if (negate_sin) s = s.neg();
-  return {c.contiguous(), s.contiguous()};
+  a.pos = pos.const_data_ptr<int64_t>();
+  a.per_batch = pos.size(0) != 1;
+  return a;
 }
 
 RowStrides row_strides(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
@@ -87,13 +72,28 @@ dim3 block_for(int n_chunks) {
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <typename src_t, typename dst_t, int N, bool VEC, bool INTERLEAVED>
-void launch_apply(const ApplyParams& p) {
+void launch_apply(ApplyParams p) {
   using C = Chunking<N, VEC, INTERLEAVED>;
   const int n_chunks = p.half / C::kPairs + (p.copy_rest ? (p.D - p.rd) / C::kPass : 0);
   if (n_chunks == 0 || p.S == 0 || p.B * p.H == 0) return;
   const dim3 block = block_for(n_chunks);
-  const dim3 grid(static_cast<unsigned>(std::min(ceil_div(p.S, block.y), kMaxGrid)),
-                  static_cast<unsigned>(std::min(p.B * p.H, kMaxGrid)));
+  const int64_t s_tiles = std::min<int64_t>(ceil_div(p.S, block.y), std::numeric_limits<int>::max());
+  const int64_t b_blocks = std::min(p.B, kMaxGrid);
+  // Split the heads into groups (blockIdx.z) until there are about 16 blocks per SM: fewer
+  // groups means each thread's angles serve more heads, more means enough blocks in flight.
+  const int64_t want_blocks = 16 * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  int64_t groups = std::clamp<int64_t>(ceil_div(want_blocks, s_tiles * b_blocks), 1, p.H);
+  p.heads_per_block = ceil_div(p.H, groups);
+  if (p.heads_per_block > kHeadBatch) {  // whole batches of heads per group where there are several
+    p.heads_per_block = ceil_div(p.heads_per_block, kHeadBatch) * kHeadBatch;
+  }
+  groups = ceil_div(p.H, p.heads_per_block);
+  while (groups > kMaxGrid) {
+    p.heads_per_block *= 2;
+    groups = ceil_div(p.H, p.heads_per_block);
+  }
+  const dim3 grid(static_cast<unsigned>(s_tiles), static_cast<unsigned>(b_blocks),
+                  static_cast<unsigned>(groups));
   rope_apply_kernel<src_t, dst_t, N, VEC, INTERLEAVED>
       <<<grid, block, 0, at::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -161,8 +161,8 @@ void backward_typed(const at::Tensor& grad, const at::Tensor& xsrc, const at::Te
 
 void check_cuda_dtype(const at::Tensor& t, const char* name) {
   const auto dt = t.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, "fastattn: rotary's CUDA ",
-              "kernel supports float32, float16 and bfloat16; ", name, " is ", dt);
+  FA_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, "fastattn: rotary's CUDA ",
+           "kernel supports float32, float16 and bfloat16; ", name, " is ", dt);
 }
 
 }  // namespace
@@ -175,7 +175,6 @@ void apply(const at::Tensor& src, const at::Tensor& dst, const at::Tensor& inv_f
   TORCH_CHECK(src.size(3) <= std::numeric_limits<int>::max(), "fastattn: head dim too large");
   if (src.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(src.device());
-  const auto tables = angle_tables(inv_freq, cos, sin, pos, negate_sin);
   ApplyParams p{};
   p.src_st = row_strides(src);
   p.dst_st = row_strides(dst);
@@ -185,9 +184,8 @@ void apply(const at::Tensor& src, const at::Tensor& dst, const at::Tensor& inv_f
   p.D = static_cast<int>(src.size(3));
   p.rd = static_cast<int>(rd);
   p.half = static_cast<int>(rd / 2);
-  p.cos = tables.first.const_data_ptr<float>();
-  p.sin = tables.second.const_data_ptr<float>();
-  p.per_batch = pos.size(0) != 1;
+  p.angles = angle_source(inv_freq, cos, sin, pos);
+  p.negate_sin = negate_sin;
   p.copy_rest = copy_rest;
   const auto st = src.scalar_type(), dt = dst.scalar_type();
   if (st == dt) {
@@ -201,7 +199,7 @@ void apply(const at::Tensor& src, const at::Tensor& dst, const at::Tensor& inv_f
     });
   } else {
     // A half/bfloat16 gradient into a float32 buffer: the backward with a learned rotation.
-    TORCH_CHECK(dt == at::kFloat, "fastattn: rotary: no CUDA kernel from ", st, " to ", dt);
+    FA_CHECK(dt == at::kFloat, "fastattn: rotary: no CUDA kernel from ", st, " to ", dt);
     AT_DISPATCH_REDUCED_FLOATING_TYPES(st, "fastattn::rotary (cuda)", [&] {
       apply_typed<scalar_t, float>(src, dst, p, interleaved);
     });
@@ -216,7 +214,6 @@ void backward_partials(const at::Tensor& grad, const at::Tensor& xsrc, const at:
   TORCH_CHECK(grad.size(3) <= std::numeric_limits<int>::max(), "fastattn: head dim too large");
   if (grad.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(grad.device());
-  const auto tables = angle_tables(inv_freq, cos, sin, pos, /*negate_sin=*/false);
   BackwardParams p{};
   p.g_st = row_strides(grad);
   p.x_st = row_strides(xsrc);
@@ -227,9 +224,7 @@ void backward_partials(const at::Tensor& grad, const at::Tensor& xsrc, const at:
   p.D = static_cast<int>(grad.size(3));
   p.rd = static_cast<int>(rd);
   p.half = static_cast<int>(rd / 2);
-  p.cos = tables.first.const_data_ptr<float>();
-  p.sin = tables.second.const_data_ptr<float>();
-  p.per_batch = pos.size(0) != 1;
+  p.angles = angle_source(inv_freq, cos, sin, pos);
   p.d_ang = d_ang.defined() ? d_ang.data_ptr<float>() : nullptr;
   p.d_cos = d_cos.defined() ? d_cos.data_ptr<float>() : nullptr;
   p.d_sin = d_sin.defined() ? d_sin.data_ptr<float>() : nullptr;
@@ -240,8 +235,8 @@ void backward_partials(const at::Tensor& grad, const at::Tensor& xsrc, const at:
       backward_typed<scalar_t, scalar_t, scalar_t>(grad, xsrc, gx, p, interleaved);
     } else {
       // With a learned rotation, x @ rotation and its gradient are float32.
-      TORCH_CHECK(xsrc.scalar_type() == at::kFloat, "fastattn: rotary_backward: unexpected dtype ",
-                  xsrc.scalar_type());
+      FA_CHECK(xsrc.scalar_type() == at::kFloat, "fastattn: rotary_backward: unexpected dtype ",
+               xsrc.scalar_type());
       backward_typed<scalar_t, float, float>(grad, xsrc, gx, p, interleaved);
     }
   });

@@ -2,11 +2,12 @@
 // these mirror the CPU kernels there). Launched from csrc/cuda/rotary_api.cu.
 //
 // Design: rotary is memory-bound (a few flops per element), so the kernels are about moving
-// bytes: each thread handles a chunk of one row with one 16-byte load/store per operand
-// (VEC = true) when pointers, strides and sizes allow it, else element by element; rows are
-// covered by grid-stride loops (blockIdx.y over (b, h) or b, blockIdx.x / threadIdx.y over s),
-// so any shape fits the grid; offsets are int64. The cos/sin rows come from small (Bp, S, half)
-// fp32 tables built beforehand (re-read from L1/L2 for every head). Math is fp32.
+// bytes: each thread handles a chunk of one (b, s) row with one 16-byte load/store per operand
+// (VEC = true) when pointers, strides and sizes allow it, else element by element. The thread
+// computes (or gathers) the chunk's cos/sin once, in registers, and applies them to that chunk
+// in every head it covers, so no angle table is built or re-read per head. Rows are covered by
+// grid-stride loops (blockIdx.x / threadIdx.y over s, blockIdx.y over b), heads are split into
+// groups over blockIdx.z when (b, s) alone gives too few blocks; offsets are int64. fp32 math.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -49,34 +50,65 @@ __device__ __forceinline__ void store_from_float(T* p, const float (&in)[N]) {
   }
 }
 
-// P consecutive cos (or sin) values of a table row, through the read-only cache: float4 /
-// float2 loads when VEC (the tables are fresh contiguous allocations and the chunk's first
-// pair is a multiple of P, so these are aligned), else one by one.
-template <int P, bool VEC>
-__device__ __forceinline__ void load_table(const float* p, float (&out)[P]) {
-  if constexpr (VEC && P % 4 == 0) {
-#pragma unroll
-    for (int k = 0; k < P; k += 4) {
-      const float4 v = __ldg(reinterpret_cast<const float4*>(p + k));
-      out[k] = v.x;
-      out[k + 1] = v.y;
-      out[k + 2] = v.z;
-      out[k + 3] = v.w;
-    }
-  } else if constexpr (VEC && P == 2) {
-    const float2 v = __ldg(reinterpret_cast<const float2*>(p));
-    out[0] = v.x;
-    out[1] = v.y;
-  } else {
-#pragma unroll
-    for (int j = 0; j < P; ++j) out[j] = __ldg(p + j);
-  }
-}
-
 // Element strides of a (B, H, S, D) tensor's first three dims.
 struct RowStrides {
   int64_t b, h, s;
 };
+
+// Where a row's angles come from: inv_freq, or the cos/sin tables at the row's position (the
+// same sources the CPU kernels read; nothing is precomputed on the host).
+struct AngleSource {
+  const float* inv_freq;  // (half,) fp32 contiguous, or nullptr
+  const float* cos;       // (rows, half) fp32 contiguous, or nullptr (then so is sin)
+  const float* sin;
+  int64_t rows;           // the tables' rows
+  const int64_t* pos;     // (Bp, S) positions
+  bool per_batch;         // Bp == B (else 1)
+};
+
+// sin and cos of an fp32 angle, to about 4e-7 absolute for any angle a position times a
+// frequency gives. The build uses --use_fast_math, under which sincosf is the hardware
+// approximation __sincosf, whose error grows with |angle| (positions reach 1e5 radians); so the
+// angle is first reduced to [-pi, pi] in double (a rounding of k * 2pi, k < 2^31, costs
+// nothing next to fp32's precision), where __sincosf is accurate. That is a few instructions,
+// where a full double-precision sincos inlines a long routine for every pair.
+__device__ __forceinline__ void sincos_reduced(float angle, float* s, float* c) {
+  const double a = static_cast<double>(angle);
+  const double k = rint(a * 0.15915494309189533577);  // 1 / (2 pi)
+  __sincosf(static_cast<float>(fma(-k, 6.28318530717958647693, a)), s, c);
+}
+
+// cos and sin of pairs t0 .. t0+P-1 of row (b, s). With inv_freq the angle is
+// float(position) * inv_freq[t], the fp32 product reference.rotary_angles forms. A row's
+// values are computed once and reused for every head the thread handles.
+// Positions outside the tables give NaN: the host does not range-check CUDA positions (that
+// would need a device sync), nothing is read out of bounds, and the error shows in the output.
+template <int P>
+__device__ __forceinline__ void row_angles(const AngleSource& a, int64_t S, int half, int64_t b,
+                                           int64_t s, int t0, bool negate_sin, float (&c)[P],
+                                           float (&sn)[P]) {
+  const int64_t p = __ldg(a.pos + (a.per_batch ? b * S : 0) + s);
+  if (a.inv_freq != nullptr) {
+    const float pf = static_cast<float>(p);
+#pragma unroll
+    for (int j = 0; j < P; ++j) {
+      sincos_reduced(pf * __ldg(a.inv_freq + t0 + j), &sn[j], &c[j]);
+    }
+  } else if (p >= 0 && p < a.rows) {
+#pragma unroll
+    for (int j = 0; j < P; ++j) {
+      c[j] = __ldg(a.cos + p * half + t0 + j);
+      sn[j] = __ldg(a.sin + p * half + t0 + j);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < P; ++j) c[j] = sn[j] = __int_as_float(0x7fc00000);  // NaN
+  }
+  if (negate_sin) {
+#pragma unroll
+    for (int j = 0; j < P; ++j) sn[j] = -sn[j];
+  }
+}
 
 // A row's work is cut into chunks: first the rotated ones, then (when the pass-through dims
 // are written) chunks of the dims past rotary_dim.
@@ -90,69 +122,92 @@ struct Chunking {
   static_assert(!INTERLEAVED || N % 2 == 0, "interleaved chunks hold whole pairs");
 };
 
+// Heads whose loads a thread issues before it stores any: several independent 16-byte loads
+// in flight per thread is what keeps a memory-bound kernel at full bandwidth.
+constexpr int kHeadBatch = 4;
+
 struct ApplyParams {
   const void* src;
   void* dst;
   RowStrides src_st, dst_st;
   int64_t B, H, S;
   int half, rd, D;
-  const float* cos;  // (Bp, S, half)
-  const float* sin;
-  bool per_batch;    // Bp == B (else 1)
-  bool copy_rest;    // write dims [rd, D) too (false in place: they already hold the input)
+  int64_t heads_per_block;  // blockIdx.z picks heads [z * heads_per_block, ...)
+  AngleSource angles;
+  bool negate_sin;  // rotate by -angle (the input gradient)
+  bool copy_rest;   // write dims [rd, D) too (false in place: they already hold the input)
 };
 
-// dst = rope(src). Each chunk is loaded before it is stored and chunks are disjoint, so
-// src == dst (in place) is fine.
+// dst = rope(src). Grid: x over tiles of threadIdx.y rows of s, y over b, z over head groups;
+// a thread takes one chunk of one (b, s) row, computes its angles once and applies them to the
+// chunk in every head of its group, kHeadBatch heads at a time. All of a batch's loads come
+// before its stores and different heads are disjoint rows, so src == dst (in place) is fine.
 template <typename src_t, typename dst_t, int N, bool VEC, bool INTERLEAVED>
 __global__ void __launch_bounds__(256) rope_apply_kernel(const ApplyParams p) {
   using C = Chunking<N, VEC, INTERLEAVED>;
+  constexpr int P = C::kPairs;
   const src_t* src = static_cast<const src_t*>(p.src);
   dst_t* dst = static_cast<dst_t*>(p.dst);
-  const int n_rot = p.half / C::kPairs;
+  const int n_rot = p.half / P;
   const int n_chunks = n_rot + (p.copy_rest ? (p.D - p.rd) / C::kPass : 0);
-  const int64_t BH = p.B * p.H;
-  for (int64_t bh = blockIdx.y; bh < BH; bh += gridDim.y) {
-    const int64_t b = bh / p.H, h = bh - b * p.H;
+  const int64_t h_begin = static_cast<int64_t>(blockIdx.z) * p.heads_per_block;
+  const int64_t h_end = h_begin + p.heads_per_block < p.H ? h_begin + p.heads_per_block : p.H;
+  for (int64_t b = blockIdx.y; b < p.B; b += gridDim.y) {
     for (int64_t s = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; s < p.S;
          s += static_cast<int64_t>(gridDim.x) * blockDim.y) {
-      const src_t* in = src + b * p.src_st.b + h * p.src_st.h + s * p.src_st.s;
-      dst_t* out = dst + b * p.dst_st.b + h * p.dst_st.h + s * p.dst_st.s;
-      const int64_t tab = ((p.per_batch ? b * p.S : 0) + s) * p.half;
+      const src_t* in_row = src + b * p.src_st.b + s * p.src_st.s;
+      dst_t* out_row = dst + b * p.dst_st.b + s * p.dst_st.s;
       for (int c = threadIdx.x; c < n_chunks; c += blockDim.x) {
-        if (c < n_rot) {
-          const int t0 = c * C::kPairs;
-          float cs[C::kPairs], sn[C::kPairs];
-          load_table<C::kPairs, VEC>(p.cos + tab + t0, cs);
-          load_table<C::kPairs, VEC>(p.sin + tab + t0, sn);
-          if constexpr (INTERLEAVED) {
-            float v[N];
-            load_as_float<N, VEC>(in + 2 * t0, v);
-#pragma unroll
-            for (int j = 0; j < C::kPairs; ++j) {
-              const float x1 = v[2 * j], x2 = v[2 * j + 1];
-              v[2 * j] = x1 * cs[j] - x2 * sn[j];
-              v[2 * j + 1] = x1 * sn[j] + x2 * cs[j];
-            }
-            store_from_float<N, VEC>(out + 2 * t0, v);
-          } else {
-            float x1[N], x2[N];
-            load_as_float<N, VEC>(in + t0, x1);
-            load_as_float<N, VEC>(in + p.half + t0, x2);
-            float y1[N], y2[N];
-#pragma unroll
-            for (int j = 0; j < N; ++j) {
-              y1[j] = x1[j] * cs[j] - x2[j] * sn[j];
-              y2[j] = x1[j] * sn[j] + x2[j] * cs[j];
-            }
-            store_from_float<N, VEC>(out + t0, y1);
-            store_from_float<N, VEC>(out + p.half + t0, y2);
-          }
-        } else {
+        if (c >= n_rot) {
+          // Pass-through dims: copied.
           const int e = p.rd + (c - n_rot) * C::kPass;
-          float v[C::kPass];
-          load_as_float<C::kPass, VEC>(in + e, v);
-          store_from_float<C::kPass, VEC>(out + e, v);
+          for (int64_t h = h_begin; h < h_end; ++h) {
+            float v[C::kPass];
+            load_as_float<C::kPass, VEC>(in_row + h * p.src_st.h + e, v);
+            store_from_float<C::kPass, VEC>(out_row + h * p.dst_st.h + e, v);
+          }
+          continue;
+        }
+        const int t0 = c * P;
+        float cs[P], sn[P];
+        row_angles<P>(p.angles, p.S, p.half, b, s, t0, p.negate_sin, cs, sn);
+        // Element offsets of the chunk's two parts: interleaved, one run of N elements (pairs
+        // side by side); half-split, N elements in each half.
+        const int first = INTERLEAVED ? 2 * t0 : t0;
+        for (int64_t h0 = h_begin; h0 < h_end; h0 += kHeadBatch) {
+          float v1[kHeadBatch][N], v2[kHeadBatch][N];
+#pragma unroll
+          for (int k = 0; k < kHeadBatch; ++k) {
+            if (h0 + k < h_end) {
+              const src_t* in = in_row + (h0 + k) * p.src_st.h;
+              load_as_float<N, VEC>(in + first, v1[k]);
+              if constexpr (!INTERLEAVED) load_as_float<N, VEC>(in + p.half + first, v2[k]);
+            }
+          }
+#pragma unroll
+          for (int k = 0; k < kHeadBatch; ++k) {
+            if (h0 + k < h_end) {
+              dst_t* out = out_row + (h0 + k) * p.dst_st.h;
+              if constexpr (INTERLEAVED) {
+#pragma unroll
+                for (int j = 0; j < P; ++j) {
+                  const float x1 = v1[k][2 * j], x2 = v1[k][2 * j + 1];
+                  v1[k][2 * j] = x1 * cs[j] - x2 * sn[j];
+                  v1[k][2 * j + 1] = x1 * sn[j] + x2 * cs[j];
+                }
+                store_from_float<N, VEC>(out + first, v1[k]);
+              } else {
+#pragma unroll
+                for (int j = 0; j < N; ++j) {
+                  const float x1 = v1[k][j], x2 = v2[k][j];
+                  v1[k][j] = x1 * cs[j] - x2 * sn[j];
+                  v2[k][j] = x1 * sn[j] + x2 * cs[j];
+                }
+                store_from_float<N, VEC>(out + first, v1[k]);
+                store_from_float<N, VEC>(out + p.half + first, v2[k]);
+              }
+            }
+          }
         }
       }
     }
@@ -166,17 +221,16 @@ struct BackwardParams {
   RowStrides g_st, x_st, gx_st;
   int64_t B, H, S;
   int half, rd, D;
-  const float* cos;  // (Bp, S, half), the forward's angles (sin not negated)
-  const float* sin;
-  bool per_batch;
+  AngleSource angles;  // the forward's angles (sin not negated)
   float* d_ang;  // (B, S, half): sum over heads of dL/dangle, or nullptr
   float* d_cos;  // (B, S, half): sums of dL/dcos and dL/dsin, or nullptr
   float* d_sin;
 };
 
-// One thread per (b, s, chunk) loops over the heads in order: it writes the chunk's dL/dx for
-// every head (when gx is set) and the per-(b, s, pair) sums over heads, each written once, by
-// one thread, in a fixed order (deterministic).
+// The backward when table or frequency gradients are wanted (with only dL/dx, the host runs
+// rope_apply_kernel with -sin instead). One thread per (b, s, chunk) loops over the heads in
+// order: it writes the chunk's dL/dx for every head (when gx is set) and the per-(b, s, pair)
+// sums over heads, each written once, by one thread, in a fixed order (deterministic).
 template <typename g_t, typename x_t, typename gx_t, int N, bool VEC, bool INTERLEAVED>
 __global__ void __launch_bounds__(256) rope_backward_kernel(const BackwardParams p) {
   using C = Chunking<N, VEC, INTERLEAVED>;
@@ -190,7 +244,6 @@ __global__ void __launch_bounds__(256) rope_backward_kernel(const BackwardParams
   for (int64_t b = blockIdx.y; b < p.B; b += gridDim.y) {
     for (int64_t s = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; s < p.S;
          s += static_cast<int64_t>(gridDim.x) * blockDim.y) {
-      const int64_t tab = ((p.per_batch ? b * p.S : 0) + s) * p.half;
       for (int c = threadIdx.x; c < n_chunks; c += blockDim.x) {
         if (c >= n_rot) {
           // Pass-through dims: their gradient is the incoming one.
@@ -204,8 +257,7 @@ __global__ void __launch_bounds__(256) rope_backward_kernel(const BackwardParams
         }
         const int t0 = c * P;
         float cs[P], sn[P], acc_ang[P], acc_c[P], acc_s[P];
-        load_table<P, VEC>(p.cos + tab + t0, cs);
-        load_table<P, VEC>(p.sin + tab + t0, sn);
+        row_angles<P>(p.angles, p.S, p.half, b, s, t0, /*negate_sin=*/false, cs, sn);
 #pragma unroll
         for (int j = 0; j < P; ++j) acc_ang[j] = acc_c[j] = acc_s[j] = 0.f;
         for (int64_t h = 0; h < p.H; ++h) {
