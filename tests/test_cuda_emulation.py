@@ -127,6 +127,12 @@ CASES = [
     (Case(B=1, Hq=2, Hkv=2, Sq=129, Sk=129, Dqk=64, Dv=64, dtype=F16, causal=True, rel_bias=8), False),
     (Case(B=1, Hq=2, Hkv=1, Sq=70, Sk=140, Dqk=32, Dv=32, dtype=BF16, span="bh", span_values=(3.5, 20.25),
           span_ramp=8.0, num_global=4, window=(16, 16)), True),
+    # tiles whose distances all clamp to one end row of the table (tile_is_uniform), on both
+    # sides, next to tiles that do not (the diagonal band, the key_lengths edge); and a
+    # one-row table, where both ends are row 0
+    (Case(B=2, Hq=2, Hkv=1, Sq=140, Sk=150, Dqk=32, Dv=32, dtype=BF16, rel_bias=4,
+          key_lengths=(150, 120)), True),
+    (Case(B=1, Hq=2, Hkv=2, Sq=100, Sk=100, Dqk=16, Dv=16, dtype=F32, rel_bias=1, scale="tensor"), False),
     # the larger head-dim classes (96, 128, 256; Dqk != Dv; odd sizes are zero-padded)
     (Case(B=1, Hq=2, Hkv=1, Sq=40, Sk=70, Dqk=96, Dv=80, dtype=F16, causal=True, rel_bias=6), False),
     (Case(B=1, Hq=2, Hkv=2, Sq=70, Sk=40, Dqk=128, Dv=100, dtype=F32, rel_bias=6, span="bh"), False),

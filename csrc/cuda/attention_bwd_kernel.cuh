@@ -11,13 +11,18 @@
 //
 // Kernel 2 runs one block per (key block, b * Hkv + h_kv) and loops over the group's query
 // heads and over the query blocks that can see the key block, in a fixed order, so GQA needs
-// no atomics. Kernel 3 runs one block per (query split, b * Hq + h): a block handles query
-// blocks split, split + n_split, ... and walks their visible key tiles like the forward. It
+// no atomics; the next query block's Q and dO arrive by cp.async (double-buffered) while the
+// current one is computed. Kernel 3 runs one block per (query split, b * Hq + h): a block handles query
+// blocks split, split + n_split, ... and walks their visible key tiles like the forward (the
+// next tile's K and V arrive by cp.async, double-buffered, while the current one is used). It
 // accumulates dQ in registers, the span gradient per thread, and the bias-table gradient in a
-// per-block partial row buffer in global memory (only this block touches it): per key tile,
-// dS is staged in shared memory, summed along each diagonal (one distance d) by one thread,
-// then per table row (clamped distances share a row) by one thread. Small reduction kernels
-// then add the per-block partials in a fixed order.
+// per-block partial row buffer in global memory (only this block touches it). Per key tile
+// whose distances span several table rows, dS is staged in shared memory, summed along each
+// diagonal (one distance d) by one thread, then per table row (clamped distances share a row)
+// by one thread. A tile whose distances all clamp to one end row of the table (tile_is_uniform:
+// most tiles of a long sequence) only adds its dS to a per-thread register for that end, summed
+// over the block at the end. Small reduction kernels then add the per-block partials in a
+// fixed order.
 #pragma once
 
 #include "attention_utils.cuh"
@@ -118,8 +123,10 @@ struct BwdKVConfig {
   static constexpr int kDimsPerWarp = kD / kSplit;
   static constexpr int kLd = kD + smem_pad<T>();       // K, V, Q, dO tiles
   static constexpr int kLdT = kBlockQ + smem_pad<T>(); // P^T, dS^T tiles (keys x queries)
+  static constexpr int kQTile = kBlockQ * kLd;          // one Q (or dO) buffer, elements
+  // K, V; Q and dO twice (the next query block's arrive while this one is computed); P^T, dS^T.
   static constexpr size_t kSmemBytes =
-      sizeof(T) * (static_cast<size_t>(2 * kBlockK + 2 * kBlockQ) * kLd + 2 * kBlockK * kLdT) +
+      sizeof(T) * (static_cast<size_t>(2 * kBlockK) * kLd + 4 * kQTile + 2 * kBlockK * kLdT) +
       sizeof(float) * (2 * kBlockQ + TileTable<kBlockQ, kBlockK>::kFloats);
   static_assert(kWarps % kSlabs == 0, "warps per slab");
   static_assert(kQueriesPerWarp % 8 == 0 && kDimsPerWarp % 8 == 0, "8-column accumulator tiles");
@@ -139,9 +146,9 @@ __global__ void __launch_bounds__(BwdKVConfig<T, kD>::kThreads)
 
   T* sK = reinterpret_cast<T*>(dynamic_smem());
   T* sV = sK + kBK * kLd;
-  T* sQ = sV + kBK * kLd;
-  T* sdO = sQ + kBQ * kLd;
-  T* sPt = sdO + kBQ * kLd;  // P^T   (keys x queries)
+  T* sQ_buf = sV + kBK * kLd;           // Q of query block n in buffer n % 2
+  T* sdO_buf = sQ_buf + 2 * Cfg::kQTile;  // dO likewise
+  T* sPt = sdO_buf + 2 * Cfg::kQTile;   // P^T   (keys x queries)
   T* sdSt = sPt + kBK * kLdT; // dS^T  (keys x queries)
   float* s_lse = reinterpret_cast<float*>(sdSt + kBK * kLdT);
   float* s_delta = s_lse + kBQ;
@@ -161,10 +168,10 @@ __global__ void __launch_bounds__(BwdKVConfig<T, kD>::kThreads)
 
   const T* k_bh = args.k + b * p.k_stride_b + h_kv * p.k_stride_h;
   const T* v_bh = args.v + b * p.v_stride_b + h_kv * p.v_stride_h;
-  load_tile<T, kBK, kD, kThreads>(sK, kLd, k_bh, p.k_stride_s, j0, valid_keys, p.head_dim_qk,
-                                  args.k_vec);
-  load_tile<T, kBK, kD, kThreads>(sV, kLd, v_bh, p.v_stride_s, j0, valid_keys, p.head_dim_v,
-                                  args.v_vec);
+  load_tile_async<T, kBK, kD, kThreads>(sK, kLd, k_bh, p.k_stride_s, j0, valid_keys,
+                                        p.head_dim_qk, args.k_vec);
+  load_tile_async<T, kBK, kD, kThreads>(sV, kLd, v_bh, p.v_stride_s, j0, valid_keys,
+                                        p.head_dim_v, args.v_vec);
 
   const float scale = read_scale(p, args.scale_ptr);
   const float scale_log2 = scale * kLog2e;
@@ -172,68 +179,103 @@ __global__ void __launch_bounds__(BwdKVConfig<T, kD>::kThreads)
   zero_acc(acc_dk);
   zero_acc(acc_dv);
 
+  // The block visits (query head gi of the group, query block qb) in that order, skipping the
+  // query blocks that cannot see this key block (the same decision for the whole block).
+  // advance() steps to the next such pair and says whether there is one.
   const int64_t num_q_blocks = ceil_div(p.seqlen_q, kBQ);
-  for (int64_t gi = 0; gi < group; ++gi) {
+  const auto advance = [&](int64_t& gi, int64_t& qb) -> bool {
+    if (num_q_blocks == 0) return false;
+    for (;;) {
+      if (++qb == num_q_blocks) {
+        qb = 0;
+        if (++gi == group) return false;
+      }
+      const int64_t i0 = qb * kBQ, i1 = min64(i0 + kBQ, p.seqlen_q);
+      if (key_tile_in_ranges(visible_key_ranges(p, b, h_kv * group + gi, i0, i1), j0, j0 + kBK)) {
+        return true;
+      }
+    }
+  };
+  // Q and dO of (gi, qb) into buffer `buf` by cp.async (the caller commits the group).
+  const auto prefetch = [&](int64_t gi, int64_t qb, int buf) {
+    const int64_t h = h_kv * group + gi;
+    const int64_t i0 = qb * kBQ, rows = min64(kBQ, p.seqlen_q - i0);
+    load_tile_async<T, kBQ, kD, kThreads>(sQ_buf + buf * Cfg::kQTile, kLd,
+                                          args.q + b * p.q_stride_b + h * p.q_stride_h,
+                                          p.q_stride_s, i0, rows, p.head_dim_qk, args.q_vec);
+    load_tile_async<T, kBQ, kD, kThreads>(sdO_buf + buf * Cfg::kQTile, kLd,
+                                          args.dout + b * args.dout_stride_b + h * args.dout_stride_h,
+                                          args.dout_stride_s, i0, rows, p.head_dim_v, args.dout_vec);
+  };
+
+  int64_t next_gi = 0, next_qb = -1;
+  bool have_next = advance(next_gi, next_qb);
+  if (have_next) prefetch(next_gi, next_qb, 0);
+  cp_async_commit();  // K and V (with the first Q/dO when there is one)
+  for (int buf = 0; have_next; buf ^= 1) {
+    const int64_t gi = next_gi, qb = next_qb;
+    have_next = advance(next_gi, next_qb);
     const int64_t h = h_kv * group + gi;
     const int64_t bh = b * p.heads_q + h;
-    const T* q_bh = args.q + b * p.q_stride_b + h * p.q_stride_h;
-    const T* do_bh = args.dout + b * args.dout_stride_b + h * args.dout_stride_h;
-    for (int64_t qb = 0; qb < num_q_blocks; ++qb) {
-      const int64_t i0 = qb * kBQ;
-      const int64_t i1 = min64(i0 + kBQ, p.seqlen_q);
-      // Same for the whole block: skip query blocks that cannot see this key block.
-      if (!key_tile_in_ranges(visible_key_ranges(p, b, h, i0, i1), j0, j0 + kBK)) continue;
+    const int64_t i0 = qb * kBQ;
+    T* sQ = sQ_buf + buf * Cfg::kQTile;
+    T* sdO = sdO_buf + buf * Cfg::kQTile;
 
-      __syncthreads();  // phase B of the previous query block is done with sQ, sdO, sPt, sdSt
-      load_tile<T, kBQ, kD, kThreads>(sQ, kLd, q_bh, p.q_stride_s, i0, i1 - i0, p.head_dim_qk,
-                                      args.q_vec);
-      load_tile<T, kBQ, kD, kThreads>(sdO, kLd, do_bh, args.dout_stride_s, i0, i1 - i0,
-                                      p.head_dim_v, args.dout_vec);
-      load_row_stats<kBQ, kThreads>(s_lse, s_delta, args.lse + bh * p.seqlen_q,
-                                    args.delta + bh * p.seqlen_q, i0, p.seqlen_q);
-      const bool plain = tile_is_plain(p, b, i0, i0 + kBQ, j0, j0 + kBK);
-      const TileRules rules = tile_rules<kBQ, kBK>(p, b, i0, j0);
-      if (!plain) fill_tile_table<kBQ, kBK, kThreads>(p, b, h, i0, j0, rules.has_global(), s_table);
-      __syncthreads();
-
-      // Phase A: S^T = K Q^T and dP^T = V dO^T for 16 keys x kQW queries.
-      const int q_first = part * kQW;  // first query (in the tile) of this warp
-      float acc_s[kTilesA][4], acc_dp[kTilesA][4];
-      zero_acc(acc_s);
-      zero_acc(acc_dp);
-      warp_mma_nt<T, kTilesA, kD>(acc_s, sK + slab * 16 * kLd, kLd, sQ + q_first * kLd, kLd);
-      warp_mma_nt<T, kTilesA, kD>(acc_dp, sV + slab * 16 * kLd, kLd, sdO + q_first * kLd, kLd);
-
-#pragma unroll
-      for (int n = 0; n < kTilesA; ++n) {
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const int key = slab * 16 + g + 8 * hf;  // row of the accumulator: a key
-          float pv[2], ds[2];
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int query = q_first + n * 8 + 2 * t + e;  // column: a query
-            const float qk = acc_s[n][2 * hf + e];
-            const float x = plain ? qk * scale_log2
-                                  : tile_logit_log2<kBQ, kBK>(rules, s_table, query, key, qk, scale_log2);
-            pv[e] = exp2f(x - s_lse[query]);
-            ds[e] = pv[e] * (acc_dp[n][2 * hf + e] - s_delta[query]);
-          }
-          const int col = q_first + n * 8 + 2 * t;
-          store_pair(sPt + key * kLdT + col, pv[0], pv[1]);
-          store_pair(sdSt + key * kLdT + col, ds[0], ds[1]);
-        }
-      }
-      __syncthreads();  // the warps sharing a slab read each other's P^T / dS^T columns
-
-      // Phase B: dV += P^T dO and dK += dS^T Q for 16 keys x kDW dims.
-      const int d_first = part * kDW;
-      warp_mma_nn<T, kTilesB, kBQ>(acc_dv, sPt + slab * 16 * kLdT, kLdT, sdO + d_first, kLd);
-      warp_mma_nn<T, kTilesB, kBQ>(acc_dk, sdSt + slab * 16 * kLdT, kLdT, sQ + d_first, kLd);
+    cp_async_wait<0>();
+    __syncthreads();  // this block's Q/dO (and K/V) landed; phase B of the previous one is done
+                      // with the other buffer, sPt, sdSt and the row stats
+    if (have_next) {
+      prefetch(next_gi, next_qb, buf ^ 1);
+      cp_async_commit();
     }
+    load_row_stats<kBQ, kThreads>(s_lse, s_delta, args.lse + bh * p.seqlen_q,
+                                  args.delta + bh * p.seqlen_q, i0, p.seqlen_q);
+    float tile_bias;  // the common bias of a uniform tile (base 2)
+    int64_t tile_bias_row;
+    const bool uniform =
+        tile_is_uniform(p, b, h, i0, i0 + kBQ, j0, j0 + kBK, &tile_bias, &tile_bias_row);
+    const TileRules rules = tile_rules<kBQ, kBK>(p, b, i0, j0);
+    if (!uniform) fill_tile_table<kBQ, kBK, kThreads>(p, b, h, i0, j0, rules.has_global(), s_table);
+    __syncthreads();
+
+    // Phase A: S^T = K Q^T and dP^T = V dO^T for 16 keys x kQW queries.
+    const int q_first = part * kQW;  // first query (in the tile) of this warp
+    float acc_s[kTilesA][4], acc_dp[kTilesA][4];
+    zero_acc(acc_s);
+    zero_acc(acc_dp);
+    warp_mma_nt<T, kTilesA, kD>(acc_s, sK + slab * 16 * kLd, kLd, sQ + q_first * kLd, kLd);
+    warp_mma_nt<T, kTilesA, kD>(acc_dp, sV + slab * 16 * kLd, kLd, sdO + q_first * kLd, kLd);
+
+#pragma unroll
+    for (int n = 0; n < kTilesA; ++n) {
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int key = slab * 16 + g + 8 * hf;  // row of the accumulator: a key
+        float pv[2], ds[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int query = q_first + n * 8 + 2 * t + e;  // column: a query
+          const float qk = acc_s[n][2 * hf + e];
+          const float x = uniform ? fmaf(qk, scale_log2, tile_bias)
+                                  : tile_logit_log2<kBQ, kBK>(rules, s_table, query, key, qk, scale_log2);
+          pv[e] = exp2f(x - s_lse[query]);
+          ds[e] = pv[e] * (acc_dp[n][2 * hf + e] - s_delta[query]);
+        }
+        const int col = q_first + n * 8 + 2 * t;
+        store_pair(sPt + key * kLdT + col, pv[0], pv[1]);
+        store_pair(sdSt + key * kLdT + col, ds[0], ds[1]);
+      }
+    }
+    __syncthreads();  // the warps sharing a slab read each other's P^T / dS^T columns
+
+    // Phase B: dV += P^T dO and dK += dS^T Q for 16 keys x kDW dims.
+    const int d_first = part * kDW;
+    warp_mma_nn<T, kTilesB, kBQ>(acc_dv, sPt + slab * 16 * kLdT, kLdT, sdO + d_first, kLd);
+    warp_mma_nn<T, kTilesB, kBQ>(acc_dk, sdSt + slab * 16 * kLdT, kLdT, sQ + d_first, kLd);
   }
 
   // Stage dK (times scale) and dV in sK / sV, then write them out.
+  cp_async_wait<0>();  // K and V, when no query block came (the loop never waited)
   __syncthreads();
 #pragma unroll
   for (int n = 0; n < kTilesB; ++n) {
@@ -270,8 +312,10 @@ struct BwdQConfig {
   static constexpr int kLdS = kBlockK + smem_pad<T>();  // dS tile in T (operand of dS K)
   static constexpr int kLdF = kBlockK + 1;              // dS tile in fp32 (bias gradient)
   static constexpr int kDiagonals = kBlockQ + kBlockK - 1;
+  static constexpr int kKTile = kBlockK * kLd;  // one K (or V) buffer, elements
+  // Q, dO; K and V twice (the next key tile's arrive while this one is computed); dS.
   static constexpr size_t kSmemBytesBase =
-      sizeof(T) * (static_cast<size_t>(2 * kBlockQ + 2 * kBlockK) * kLd + kBlockQ * kLdS) +
+      sizeof(T) * (static_cast<size_t>(2 * kBlockQ) * kLd + 4 * kKTile + kBlockQ * kLdS) +
       sizeof(float) * (2 * kBlockQ + kWarps + TileTable<kBlockQ, kBlockK>::kFloats);
   // Extra shared memory when the bias-table gradient is computed.
   static constexpr size_t kSmemBytesBias = sizeof(float) * (kBlockQ * kLdF + kDiagonals);
@@ -309,6 +353,22 @@ FA_DEVICE void accumulate_rel_bias_grad(const AttentionParams& p, const float* s
   }
 }
 
+// The block's sum of one value per thread, in a fixed order (warp butterfly, then warps 0 ..
+// kWarps - 1 by thread 0): valid in thread 0. s_warp_sums holds kWarps floats; every thread of
+// the block must call it, and it may be called again right after (it ends on a barrier).
+template <int kWarps>
+FA_DEVICE float block_sum_fixed_order(float value, float* s_warp_sums) {
+  const float warp_total = warp_sum(value);
+  if (threadIdx.x % 32 == 0) s_warp_sums[threadIdx.x / 32] = warp_total;
+  __syncthreads();
+  float total = 0.f;
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < kWarps; ++w) total += s_warp_sums[w];
+  }
+  __syncthreads();
+  return total;
+}
+
 template <typename T, int kD>
 __global__ void __launch_bounds__(BwdQConfig<T, kD>::kThreads)
     attention_bwd_dq_kernel(const BwdArgs<T> args) {
@@ -323,9 +383,9 @@ __global__ void __launch_bounds__(BwdQConfig<T, kD>::kThreads)
 
   T* sQ = reinterpret_cast<T*>(dynamic_smem());
   T* sdO = sQ + kBQ * kLd;
-  T* sK = sdO + kBQ * kLd;
-  T* sV = sK + kBK * kLd;
-  T* sdS = sV + kBK * kLd;
+  T* sK_buf = sdO + kBQ * kLd;          // K of the n-th key tile in buffer n % 2
+  T* sV_buf = sK_buf + 2 * Cfg::kKTile;  // V likewise
+  T* sdS = sV_buf + 2 * Cfg::kKTile;
   float* s_lse = reinterpret_cast<float*>(sdS + kBQ * kLdS);
   float* s_delta = s_lse + kBQ;
   float* s_warp_sums = s_delta + kBQ;
@@ -353,34 +413,58 @@ __global__ void __launch_bounds__(BwdQConfig<T, kD>::kThreads)
   const float scale = read_scale(p, args.scale_ptr);
   const float scale_log2 = scale * kLog2e;
   float span_acc = 0.f;  // this thread's share of dL/dspan[b, h]
+  // This thread's share of the uniform tiles' dS for table row 0 and row 2 * max_dist - 2 (the
+  // same row when max_dist == 1: every tile then uses edge_sums[0]).
+  float edge_sums[2] = {0.f, 0.f};
 
   const int64_t num_q_blocks = ceil_div(p.seqlen_q, kBQ);
   for (int64_t qb = split; qb < num_q_blocks; qb += args.n_split) {
     const int64_t i0 = qb * kBQ;
     const int64_t i1 = min64(i0 + kBQ, p.seqlen_q);
     __syncthreads();  // the previous query block's dQ has been copied out of sQ
-    load_tile<T, kBQ, kD, kThreads>(sQ, kLd, q_bh, p.q_stride_s, i0, i1 - i0, p.head_dim_qk,
-                                    args.q_vec);
-    load_tile<T, kBQ, kD, kThreads>(sdO, kLd, do_bh, args.dout_stride_s, i0, i1 - i0,
-                                    p.head_dim_v, args.dout_vec);
+    load_tile_async<T, kBQ, kD, kThreads>(sQ, kLd, q_bh, p.q_stride_s, i0, i1 - i0,
+                                          p.head_dim_qk, args.q_vec);
+    load_tile_async<T, kBQ, kD, kThreads>(sdO, kLd, do_bh, args.dout_stride_s, i0, i1 - i0,
+                                          p.head_dim_v, args.dout_vec);
     load_row_stats<kBQ, kThreads>(s_lse, s_delta, args.lse + bh * p.seqlen_q,
                                   args.delta + bh * p.seqlen_q, i0, p.seqlen_q);
+    // K and V of key tile kt into buffer `buf` by cp.async (the caller commits the group).
+    const auto prefetch = [&](int64_t kt, int buf) {
+      const int64_t j0 = kt * kBK, valid_keys = min64(kBK, p.seqlen_k - j0);
+      load_tile_async<T, kBK, kD, kThreads>(sK_buf + buf * Cfg::kKTile, kLd, k_bh, p.k_stride_s,
+                                            j0, valid_keys, p.head_dim_qk, args.k_vec);
+      load_tile_async<T, kBK, kD, kThreads>(sV_buf + buf * Cfg::kKTile, kLd, v_bh, p.v_stride_s,
+                                            j0, valid_keys, p.head_dim_v, args.v_vec);
+    };
 
     float acc_dq[kTilesQ][4];
     zero_acc(acc_dq);
     const KeyTiles tiles = key_tiles(visible_key_ranges(p, b, h, i0, i1), kBK);
-    for (int64_t kt = tiles.first(); kt < tiles.end; kt = tiles.next(kt)) {
+    if (tiles.first() < tiles.end) prefetch(tiles.first(), 0);
+    cp_async_commit();  // Q, dO and the first K/V tile
+    int buf = 0;
+    for (int64_t kt = tiles.first(); kt < tiles.end; kt = tiles.next(kt), buf ^= 1) {
       const int64_t j0 = kt * kBK;
-      const int64_t valid_keys = min64(kBK, p.seqlen_k - j0);
-      __syncthreads();  // the previous tile's K, V, dS are no longer read
-      load_tile<T, kBK, kD, kThreads>(sK, kLd, k_bh, p.k_stride_s, j0, valid_keys,
-                                      p.head_dim_qk, args.k_vec);
-      load_tile<T, kBK, kD, kThreads>(sV, kLd, v_bh, p.v_stride_s, j0, valid_keys, p.head_dim_v,
-                                      args.v_vec);
-      const bool plain = tile_is_plain(p, b, i0, i0 + kBQ, j0, j0 + kBK);
+      const T* sK = sK_buf + buf * Cfg::kKTile;
+      const T* sV = sV_buf + buf * Cfg::kKTile;
+      cp_async_wait<0>();
+      __syncthreads();  // this tile's K/V (and Q/dO) landed; every warp is done with the
+                        // previous tile (the other buffer, the table, the fp32 dS)
+      if (tiles.next(kt) < tiles.end) {
+        prefetch(tiles.next(kt), buf ^ 1);
+        cp_async_commit();
+      }
+      float tile_bias;  // the common bias of a uniform tile (base 2)
+      int64_t tile_bias_row;
+      const bool uniform =
+          tile_is_uniform(p, b, h, i0, i0 + kBQ, j0, j0 + kBK, &tile_bias, &tile_bias_row);
       const TileRules rules = tile_rules<kBQ, kBK>(p, b, i0, j0);
-      if (!plain) fill_tile_table<kBQ, kBK, kThreads>(p, b, h, i0, j0, rules.has_global(), s_table);
+      if (!uniform) fill_tile_table<kBQ, kBK, kThreads>(p, b, h, i0, j0, rules.has_global(), s_table);
       __syncthreads();
+      // A uniform tile's dS all goes to one table row, an end row (every distance clamps): it
+      // is summed in this thread's register for that end instead of along the diagonals.
+      const bool bias_grad_by_diagonal = want_bias_grad && !uniform;
+      float tile_ds_sum = 0.f;  // this thread's dS of a uniform tile
 
       float acc_s[kTilesS][4], acc_dp[kTilesS][4];
       zero_acc(acc_s);
@@ -398,36 +482,41 @@ __global__ void __launch_bounds__(BwdQConfig<T, kD>::kThreads)
           for (int e = 0; e < 2; ++e) {
             const int key = n * 8 + 2 * t + e;
             const float qk = acc_s[n][2 * hf + e];
-            float x;
-            if (plain) {
-              x = qk * scale_log2;
-            } else {
-              x = tile_logit_log2<kBQ, kBK>(rules, s_table, query, key, qk, scale_log2);
-            }
+            const float x = uniform ? fmaf(qk, scale_log2, tile_bias)
+                                    : tile_logit_log2<kBQ, kBK>(rules, s_table, query, key, qk, scale_log2);
             const float pv = exp2f(x - s_lse[query]);
             ds[e] = pv * (acc_dp[n][2 * hf + e] - s_delta[query]);
-            // Plain tiles have no span (tile_is_plain), so only masked tiles contribute.
-            if (!plain && want_span_grad && pv != 0.f) {
+            // Uniform tiles have no span (tile_is_uniform), so only the others contribute.
+            if (!uniform && want_span_grad && pv != 0.f) {
               span_acc += ds[e] * span_logit_grad(p, b, h, i0 + query, j0 + key);
             }
           }
           store_pair(sdS + query * kLdS + n * 8 + 2 * t, ds[0], ds[1]);
-          if (want_bias_grad) {
+          if (want_bias_grad && uniform) tile_ds_sum += ds[0] + ds[1];
+          if (bias_grad_by_diagonal) {
             s_ds_f32[query * kLdF + n * 8 + 2 * t] = ds[0];
             s_ds_f32[query * kLdF + n * 8 + 2 * t + 1] = ds[1];
           }
         }
       }
+      if (want_bias_grad && uniform) {
+        if (tile_bias_row == 0) {
+          edge_sums[0] += tile_ds_sum;
+        } else {
+          edge_sums[1] += tile_ds_sum;
+        }
+      }
       __syncwarp();  // dS rows written by this warp's lanes are read by all its lanes
       warp_mma_nn<T, kTilesQ, kBK>(acc_dq, sdS + row0 * kLdS, kLdS, sK, kLd);
 
-      if (want_bias_grad) {
+      if (bias_grad_by_diagonal) {  // the same for the whole block
         __syncthreads();  // the whole fp32 dS tile is written
         accumulate_rel_bias_grad<kBQ, kBK, kThreads>(p, s_ds_f32, s_diag, i0, j0, bias_rows);
       }
     }
 
     // dQ = scale * dS K for this query block, staged in sQ.
+    cp_async_wait<0>();  // Q/dO, when no key tile came (the loop never waited)
     __syncthreads();
 #pragma unroll
     for (int n = 0; n < kTilesQ; ++n) {
@@ -442,16 +531,19 @@ __global__ void __launch_bounds__(BwdQConfig<T, kD>::kThreads)
                                      p.head_dim_qk % (16 / sizeof(T)) == 0);
   }
 
-  if (want_span_grad) {
-    // Block sum in a fixed order: warp butterfly, then warp 0..kWarps-1 by one thread.
-    const float warp_total = warp_sum(span_acc);
-    if (lane == 0) s_warp_sums[warp] = warp_total;
-    __syncthreads();
+  if (want_bias_grad) {
+    // The end rows' uniform-tile sums join the partial rows, after every diagonal update of
+    // this block (the barriers order them): fixed-order block sums, added by thread 0.
+    const float low = block_sum_fixed_order<kWarps>(edge_sums[0], s_warp_sums);
+    const float high = block_sum_fixed_order<kWarps>(edge_sums[1], s_warp_sums);
     if (threadIdx.x == 0) {
-      float total = 0.f;
-      for (int w = 0; w < kWarps; ++w) total += s_warp_sums[w];
-      args.span_partial[blockIdx.x] = total;
+      bias_rows[0] += low;
+      bias_rows[2 * p.max_dist - 2] += high;
     }
+  }
+  if (want_span_grad) {
+    const float total = block_sum_fixed_order<kWarps>(span_acc, s_warp_sums);
+    if (threadIdx.x == 0) args.span_partial[blockIdx.x] = total;
   }
 }
 

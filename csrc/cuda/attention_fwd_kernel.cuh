@@ -9,8 +9,9 @@
 //   2. each warp computes S = Q K^T for its 16 query rows (tensor cores fed by ldmatrix for
 //      half/bfloat16, CUDA-core FMAs for float32, same register layout);
 //   3. logits = scale * S + bias in base-2 units; masked pairs get -inf. Tiles where every pair
-//      is visible with zero bias skip the per-element rule (tile_is_plain); the others look the
-//      rule up in a per-tile diagonal table (fill_tile_table / tile_logit_log2);
+//      is visible with one common bias (none, or a rel_bias row every distance clamps to) skip
+//      the per-element rule (tile_is_uniform); the others look the rule up in a per-tile
+//      diagonal table (fill_tile_table / tile_logit_log2);
 //   4. online softmax in fp32 (running row max and row sum; the output accumulator is rescaled
 //      when the max grows);
 //   5. P = exp2(logit - max) is rounded to the input type and, for tensor cores, kept in
@@ -124,10 +125,13 @@ __global__ void __launch_bounds__(FwdConfig<T, kD>::kThreads)
     const int64_t j0 = kt * kBK;
     // This tile's logit table, in the half no warp reads any more (every warp has passed the
     // barrier below for the previous tile, so none is still on the tile before it).
-    const bool plain = tile_is_plain(p, b, i0, i0 + kBQ, j0, j0 + kBK);
+    float tile_bias;  // the common bias of a uniform tile (base 2)
+    int64_t tile_bias_row;
+    const bool uniform =
+        tile_is_uniform(p, b, h, i0, i0 + kBQ, j0, j0 + kBK, &tile_bias, &tile_bias_row);
     const TileRules rules = tile_rules<kBQ, kBK>(p, b, i0, j0);
     float* table = s_tables + parity * kTableFloats;
-    if (!plain) fill_tile_table<kBQ, kBK, kThreads>(p, b, h, i0, j0, rules.has_global(), table);
+    if (!uniform) fill_tile_table<kBQ, kBK, kThreads>(p, b, h, i0, j0, rules.has_global(), table);
 
     cp_async_wait<0>();
     __syncthreads();  // K (and Q) landed; every warp is done with the previous V and P
@@ -140,11 +144,11 @@ __global__ void __launch_bounds__(FwdConfig<T, kD>::kThreads)
     warp_mma_nt<T, kTilesS, kD>(acc_s, sQ + row0 * kLd, kLd, sK, kLd);
 
     // Logits in base-2 units; -inf where masked.
-    if (plain) {
+    if (uniform) {
 #pragma unroll
       for (int n = 0; n < kTilesS; ++n) {
 #pragma unroll
-        for (int r = 0; r < 4; ++r) acc_s[n][r] *= scale_log2;
+        for (int r = 0; r < 4; ++r) acc_s[n][r] = fmaf(acc_s[n][r], scale_log2, tile_bias);
       }
     } else {
 #pragma unroll
