@@ -123,9 +123,11 @@ LSE_TOL = {torch.float64: 2e-5, torch.float32: 2e-5, torch.float16: 1e-4, torch.
 
 
 def assert_close(name: str, actual: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype,
-                 lowp: Optional[torch.Tensor] = None, lowp_exact: Optional[torch.Tensor] = None) -> None:
+                 lowp: Optional[torch.Tensor] = None, lowp_exact: Optional[torch.Tensor] = None,
+                 extra_atol: float = 0.0) -> None:
     """actual (any dtype/device) against exact (float64); lowp is the reference run in dtype,
-    whose error (against lowp_exact, default exact) sets the low-precision budget.
+    whose error (against lowp_exact, default exact) sets the low-precision budget; extra_atol
+    is added to the bound.
 
     Non-finite values must sit at the same places with the same values (e.g. lse = -inf of
     empty rows); NaN is never accepted.
@@ -151,12 +153,14 @@ def assert_close(name: str, actual: torch.Tensor, exact: torch.Tensor, dtype: to
         lp = lowp.detach().to("cpu", torch.float64)
         le = e if lowp_exact is None else lowp_exact.detach().to("cpu", torch.float64)
         ref_err = (lp - le).abs().masked_fill(~fin, 0).max().item()
-        bound = 2.0 * ref_err + LOWP_SLACK[dtype] * max(big, 1e-3) + LOWP_ATOL
+        bound = 2.0 * ref_err + LOWP_SLACK[dtype] * max(big, 1e-3) + LOWP_ATOL + extra_atol
         how = f"2 * error of the math run in {dtype} {ref_err:.3g} + slack"
     else:
         tol = TOL[dtype]
-        bound = tol["atol"] + tol["rtol"] * big
+        bound = tol["atol"] + tol["rtol"] * big + extra_atol
         how = f"atol {tol['atol']} + rtol {tol['rtol']} * max|exact| {big:.3g}"
+    if extra_atol:
+        how += f" + {extra_atol:g}"
     if not err <= bound:
         where = tuple(int(x) for x in torch.nonzero(diff == diff.max())[0])
         raise AssertionError(f"{name} ({dtype}): max error {err:.4g} > bound {bound:.4g} ({how}); "
@@ -463,8 +467,14 @@ def check_case(case: Case, *, backward: bool = True, lse_grad: bool = False,
             if key in ex:
                 assert key in fused and fused[key] is not None, f"{key}: fused op gave no gradient"
                 assert fused[key].dtype == inp[n].dtype, f"{key}: dtype {fused[key].dtype}, expected {inp[n].dtype}"
+                # On the float32 path (a learnable scale), the small parameters' gradients are
+                # sums of dS over every pair of a head computed in float32: where the exact sum
+                # is 0 (e.g. rows that see one key: P = 1, dS = 0), the float32 noise of the
+                # pairs' P ~ 1 +- 1e-7 remains, so such sums also get the float32 atol.
+                aggregated_fp32 = not ran_in_dtype and n in ("rel_bias", "span", "scale")
                 assert_close(f"{key} {tag}", fused[key], ex_grads[key], case.dtype, lowp and lowp[key],
-                             lowp_exact=ex[key])
+                             lowp_exact=ex[key],
+                             extra_atol=TOL[torch.float32]["atol"] if aggregated_fp32 else 0.0)
     return fused
 
 

@@ -13,14 +13,34 @@
 #include <c10/macros/Macros.h>
 
 #include <cstdint>
+#include <cstring>
 
 namespace fastattn {
 namespace rotary_cuda {
 
-// N elements of T moved as one aligned transaction (8 or 16 bytes).
+// N elements of T moved as one aligned transaction (4, 8 or 16 bytes).
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
   T v[N];
+};
+
+// The unsigned word as wide as a pack. Packs go to and from memory as that word, and stores go
+// through __stwb: assigning a Pack (or even a uint4) compiled to one store per element or per
+// 4 bytes (checked in the PTX: st.global.u16 / st.global.u32), eight 2-byte stores per 16 bytes
+// for half / bfloat16, while the loads were single 16-byte ones.
+template <int kBytes>
+struct PackWord;
+template <>
+struct PackWord<16> {
+  using type = uint4;
+};
+template <>
+struct PackWord<8> {
+  using type = uint2;
+};
+template <>
+struct PackWord<4> {
+  using type = uint32_t;
 };
 
 // Load N consecutive elements as float: one vector load when VEC (p aligned to the pack),
@@ -28,7 +48,10 @@ struct alignas(sizeof(T) * N) Pack {
 template <int N, bool VEC, typename T>
 __device__ __forceinline__ void load_as_float(const T* p, float (&out)[N]) {
   if constexpr (VEC) {
-    const Pack<T, N> pk = *reinterpret_cast<const Pack<T, N>*>(p);
+    using Word = typename PackWord<sizeof(T) * N>::type;
+    const Word w = *reinterpret_cast<const Word*>(p);
+    Pack<T, N> pk;
+    memcpy(&pk, &w, sizeof(w));
 #pragma unroll
     for (int i = 0; i < N; ++i) out[i] = static_cast<float>(pk.v[i]);
   } else {
@@ -40,10 +63,13 @@ __device__ __forceinline__ void load_as_float(const T* p, float (&out)[N]) {
 template <int N, bool VEC, typename T>
 __device__ __forceinline__ void store_from_float(T* p, const float (&in)[N]) {
   if constexpr (VEC) {
+    using Word = typename PackWord<sizeof(T) * N>::type;
     Pack<T, N> pk;
 #pragma unroll
     for (int i = 0; i < N; ++i) pk.v[i] = static_cast<T>(in[i]);
-    *reinterpret_cast<Pack<T, N>*>(p) = pk;
+    Word w;
+    memcpy(&w, &pk, sizeof(w));
+    __stwb(reinterpret_cast<Word*>(p), w);  // one st.global.v4/v2 (a plain assignment was split)
   } else {
 #pragma unroll
     for (int i = 0; i < N; ++i) p[i] = static_cast<T>(in[i]);
