@@ -178,7 +178,11 @@ def main(argv=None) -> int:
         ("fwd inplace bandwidth / copy_ bandwidth", speedup("copy_ (x -> preallocated)", "fastattn fwd inplace"), bw_target),
         ("fwd bandwidth / clone bandwidth (both allocate)", speedup("clone (allocate + copy)", "fastattn fwd"), bw_target),
     ]
-    ratio_rows = [[name, med, mn, f">= {target:g}", "met" if med >= target else "MISSED"]
+    # The speedup targets are the 2-core CPU targets; on a GPU only the bandwidth one is
+    # set, so there the speedups are shown for information.
+    cpu_only = {"fwd+bwd speedup vs eager seed formula", "fwd+bwd speedup vs torch.compile(seed formula)"}
+    ratio_rows = [[name, med, mn, f">= {target:g}" + (" (CPU)" if name in cpu_only else ""),
+                   "info" if dev.type == "cuda" and name in cpu_only else ("met" if med >= target else "MISSED")]
                   for name, (med, mn), target in checks]
 
     dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
