@@ -141,6 +141,32 @@ FA_HD bool distance_bias(const AttentionParamsT<Real>& p, int64_t b, int64_t h, 
   return true;
 }
 
+// Whether every local pair at a distance in [d_min, d_max] is visible with one common bias
+// term, and that term (*bias; *row is its rel_bias row, -1 without a table). True when there is
+// no alibi and no span, causality and the window let the whole range through, and either there
+// is no rel_bias or every distance of the range clamps to one table row (a tile max_dist - 1 or
+// more off the diagonal, as most tiles of a long sequence are). Global pairs in such a range get
+// the same term too: the window would let them through anyway, and the table does not care.
+// Kernels use it to give a whole tile one bias instead of evaluating the rule per element;
+// key_lengths and rows past Sq are the caller's business (a rectangle test).
+template <typename Real>
+FA_HD bool uniform_distance_bias(const AttentionParamsT<Real>& p, int64_t h, int64_t d_min,
+                                 int64_t d_max, Real* bias, int64_t* row) {
+  if (p.alibi_slopes != nullptr || p.has_span()) return false;
+  if (p.causal && d_min < 0) return false;
+  if (p.window_left >= 0 && d_max > p.window_left) return false;
+  if (p.window_right >= 0 && d_min < -p.window_right) return false;
+  *bias = Real(0);
+  *row = -1;
+  if (p.rel_bias != nullptr) {
+    const int64_t r = rel_bias_row(p, d_min);
+    if (rel_bias_row(p, d_max) != r) return false;
+    *bias = p.rel_bias[r * p.heads_q + h];
+    *row = r;
+  }
+  return true;
+}
+
 // Whether (i, j) is visible, and the additive logit term that is not scale * q.k.
 // `visible == false` leaves `bias` unspecified.
 template <typename Real>

@@ -139,67 +139,120 @@ inline void pack_transposed(const scalar_t* rows, int64_t stride, int64_t nq, in
   }
 }
 
-// The bias of the tile (queries [i0, i0 + nq), keys [j0, j0 + nk)) on the transposed scores
-// sT (nk x kBlockQ). A local tile (no global pair) gets its bias as a per-diagonal vector,
-// returned (row jj of sT adds diag[(nk - 1 - jj) + lane], -inf where masked) so that the caller
-// can fuse the addition into its next pass over sT; nullptr when the tile needs nothing. A
-// global tile gets its bias (or -inf) per element, applied here; nullptr is returned.
-// `diag` is scratch of kBlockQ + kBlockK entries. `tile_may_need_bias` is false when no option
-// can give a local tile a bias or a mask.
+// The bias of one tile (queries [i0, i0 + nq), keys [j0, j0 + nk)) on the transposed scores
+// sT (nk x kBlockQ), in the cheapest form that is exact for it:
+//   - a uniform tile (uniform_distance_bias: every pair visible, one common term, e.g. a tile
+//     whose distances all clamp to one end row of the rel_bias table, or any unmasked tile
+//     without a bias) gets `uniform`, which the caller folds into its max / exp shift: no
+//     per-element work at all;
+//   - another tile without global pairs gets `diag`, its bias per diagonal (row jj of sT adds
+//     diag[(nk - 1 - jj) + lane], -inf where masked), which the caller adds in its next pass
+//     over sT (diag stays null when every diagonal is visible with a zero bias);
+//   - a tile with global pairs gets its bias (or -inf) per element, applied here.
+// `diag_scratch` holds kBlockQ + kBlockK entries. `tile_may_need_bias` is false when no option
+// can give a tile a bias or a mask.
 template <typename acc_t>
-inline const acc_t* tile_bias(const AttentionParamsT<acc_t>& p, int64_t b, int64_t h, int64_t i0,
-                              int64_t nq, int64_t j0, int64_t nk, bool tile_may_need_bias,
-                              acc_t* sT, acc_t* diag) {
+struct TileBias {
+  const acc_t* diag = nullptr;  // per-diagonal bias, or null
+  acc_t uniform = 0;            // a term common to every pair (only when diag is null)
+  bool one_table_row = false;   // uniform, and all pairs read one rel_bias row (or none)
+};
+
+template <typename acc_t>
+inline TileBias<acc_t> tile_bias(const AttentionParamsT<acc_t>& p, int64_t b, int64_t h,
+                                 int64_t i0, int64_t nq, int64_t j0, int64_t nk,
+                                 bool tile_may_need_bias, acc_t* sT, acc_t* diag_scratch) {
+  TileBias<acc_t> tb;
+  if (!tile_may_need_bias) {
+    tb.one_table_row = true;
+    return tb;
+  }
+  // Visited tiles hold only keys < key_len and queries < Sq, so the distance rule decides.
+  int64_t row = -1;
+  if (uniform_distance_bias(p, h, p.query_pos(i0) - (j0 + nk - 1), p.query_pos(i0 + nq - 1) - j0,
+                            &tb.uniform, &row)) {
+    tb.one_table_row = true;
+    return tb;
+  }
+  tb.uniform = 0;
   if (!tile_has_global_pair(p, i0, j0)) {
-    if (!tile_may_need_bias) return nullptr;
-    if (!local_tile_diagonal_bias(p, b, h, i0, nq, j0, nk, kBlockQ + nk - 1, diag)) return nullptr;
-    return diag;
+    if (local_tile_diagonal_bias(p, b, h, i0, nq, j0, nk, kBlockQ + nk - 1, diag_scratch)) {
+      tb.diag = diag_scratch;
+    }
+    return tb;
   }
   // A tile with global pairs: the rules per element.
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   for (int64_t jj = 0; jj < nk; ++jj) {
-    acc_t* row = sT + jj * kBlockQ;
+    acc_t* row_s = sT + jj * kBlockQ;
     for (int64_t ii = 0; ii < nq; ++ii) {
       acc_t bias = 0;
       if (pair_bias(p, b, h, i0 + ii, j0 + jj, &bias)) {
-        row[ii] += bias;
+        row_s[ii] += bias;
       } else {
-        row[ii] = neg_inf;
+        row_s[ii] = neg_inf;
       }
     }
   }
-  return nullptr;
+  return tb;
 }
 
-// exp(x) for the softmax's arguments x = s - max <= 0 (x = -inf gives 0, NaN stays NaN):
-// Cody-Waite reduction x = n ln2 + r, a degree-5 polynomial fitted for relative error on
-// [-ln2/2, ln2/2], 2^n built in the exponent bits. Max error ~3.3 ulp (ATen's exp_u20: ~20 ulp)
-// in 14 vector operations (exp_u20: 18). Results below ~1.2e-38 flush to 0.
-inline Vectorized<float> softmax_exp(const Vectorized<float>& x) {
+// exp(x[0..N)) in place, for the softmax's arguments x = s - max (<= 0 up to rounding;
+// x = -inf gives 0, NaN stays NaN). float: x = n ln2 + r with one FMA against ln2 rounded to
+// float (its error, n * 1.9e-9, stays below 1 ulp of the result down to x = -40), a degree-5
+// polynomial fitted for relative error on [-ln2/2, ln2/2], and 2^n built in the exponent bits.
+// Inputs are clamped at -88, where round(x / ln2) = -127 and the 2^n bits are +0.0, so anything
+// below ~-87.7 gives exactly 0 with no extra mask. Max error (measured against double exp on
+// [-87, 0]): 3 ulp for x >= -10, 6.5 ulp at the bottom of the range (ATen's exp_u20: ~20 ulp).
+// 11 vector operations per vector (the previous two-constant version with a mask took 14), and
+// the N vectors go through each step together: on the development machine one exp chain is
+// latency-bound (~24 cycles per vector), four interleaved ones take ~15.
+template <int N>
+inline void softmax_exp_n(Vectorized<float>* x) {
 #if defined(CPU_CAPABILITY_AVX2)
-  const __m256 xv = x;
-  const __m256 lowest = _mm256_set1_ps(-87.33654f);  // ln(FLT_MIN)
+  const __m256 lowest = _mm256_set1_ps(-88.0f);
   const __m256 magic = _mm256_set1_ps(12582912.0f + 127.0f);  // 1.5 * 2^23 + exponent bias
-  const __m256 xc = _mm256_max_ps(lowest, xv);  // NaN in xv passes through (second operand)
-  const __m256 t = _mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), magic);
-  const __m256 n = _mm256_sub_ps(t, magic);  // round(x / ln2)
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), xc);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
-  __m256 poly = _mm256_set1_ps(0.008297650143504143f);
-  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(0.04191538318991661f));
-  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(0.16667574644088745f));
-  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(0.49998894333839417f));
-  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(0.9999997019767761f));
-  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.0000001192092896f));
-  // The low bits of t hold n + 127: shifted into the exponent field they make 2^n.
-  const __m256 two_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23));
-  const __m256 keep = _mm256_cmp_ps(xv, lowest, _CMP_NLT_UQ);  // false below range / -inf
-  return Vectorized<float>(_mm256_and_ps(_mm256_mul_ps(poly, two_n), keep));
+  __m256 xc[N], t[N], r[N], poly[N];
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) xc[i] = _mm256_max_ps(lowest, x[i]);  // NaN passes (2nd operand)
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) t[i] = _mm256_fmadd_ps(xc[i], _mm256_set1_ps(1.44269504088896341f), magic);
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) {
+    const __m256 n = _mm256_sub_ps(t[i], magic);  // round(x / ln2)
+    r[i] = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693147180559945f), xc[i]);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) {
+    poly[i] = _mm256_fmadd_ps(_mm256_set1_ps(0.008297650143504143f), r[i], _mm256_set1_ps(0.04191538318991661f));
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) poly[i] = _mm256_fmadd_ps(poly[i], r[i], _mm256_set1_ps(0.16667574644088745f));
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) poly[i] = _mm256_fmadd_ps(poly[i], r[i], _mm256_set1_ps(0.49998894333839417f));
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) poly[i] = _mm256_fmadd_ps(poly[i], r[i], _mm256_set1_ps(0.9999997019767761f));
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) poly[i] = _mm256_fmadd_ps(poly[i], r[i], _mm256_set1_ps(1.0000001192092896f));
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) {
+    // The low bits of t hold n + 127: shifted into the exponent field they make 2^n.
+    const __m256 two_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t[i]), 23));
+    x[i] = Vectorized<float>(_mm256_mul_ps(poly[i], two_n));
+  }
 #else
-  return x.exp();
+  for (int i = 0; i < N; ++i) x[i] = x[i].exp();
 #endif
 }
-inline Vectorized<double> softmax_exp(const Vectorized<double>& x) { return x.exp(); }
+template <int N>
+inline void softmax_exp_n(Vectorized<double>* x) {
+  for (int i = 0; i < N; ++i) x[i] = x[i].exp();
+}
+template <typename acc_t>
+inline Vectorized<acc_t> softmax_exp(Vectorized<acc_t> x) {
+  softmax_exp_n<1>(&x);
+  return x;
+}
 
 // Whether a local tile can have a bias or a mask at all (else tile_bias skips it). Key
 // lengths never mask inside a visited tile: the key ranges stop at key_len.
@@ -221,38 +274,57 @@ struct ForwardScratch {
         k_buf(need_convert ? kBlockK * dqk : 0), v_buf(need_convert ? kBlockK * dv : 0) {}
 };
 
-// One key tile of the online softmax, vectorized over the query lanes: adds the tile's
-// per-diagonal bias `diag` when given (see tile_bias), updates the running max m and sum l,
-// turns sT into probabilities exp(s - m_new) and returns in alpha the factor exp(m_old - m_new)
-// by which earlier output must be rescaled. Rows with no visible key so far (m = -inf) stay at
-// m = -inf, l = 0, P = 0, without NaN.
+// Rows of a score tile whose exponentials are computed together (see softmax_exp_n).
+constexpr int kExpRows = 4;
+
+// One key tile of the online softmax, vectorized over the query lanes: adds the tile's bias
+// (tb: per-diagonal vector or one uniform term, see tile_bias), updates the running max m and
+// sum l, turns sT into probabilities exp(s + bias - m_new) and returns in alpha the factor
+// exp(m_old - m_new) by which earlier output must be rescaled. Rows with no visible key so far
+// (m = -inf) stay at m = -inf, l = 0, P = 0, without NaN.
 template <typename acc_t>
-inline void online_softmax_tile(acc_t* sT, int64_t nk, const acc_t* diag, acc_t* m, acc_t* l,
-                                acc_t* alpha) {
+inline void online_softmax_tile(acc_t* sT, int64_t nk, const TileBias<acc_t>& tb, acc_t* m,
+                                acc_t* l, acc_t* alpha) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   const Vec neg_inf(-std::numeric_limits<acc_t>::infinity());
   const Vec zero(acc_t(0));
+  const Vec uniform(tb.uniform);
   for (int64_t v = 0; v < kBlockQ; v += W) {
     Vec tile_max = neg_inf;
-    if (diag != nullptr) {
+    if (tb.diag != nullptr) {
       for (int64_t jj = 0; jj < nk; ++jj) {
         acc_t* s = sT + jj * kBlockQ + v;
-        const Vec biased = Vec::loadu(s) + Vec::loadu(diag + (nk - 1 - jj) + v);
+        const Vec biased = Vec::loadu(s) + Vec::loadu(tb.diag + (nk - 1 - jj) + v);
         biased.store(s);
         tile_max = at::vec::maximum(tile_max, biased);
       }
     } else {
       for (int64_t jj = 0; jj < nk; ++jj) tile_max = at::vec::maximum(tile_max, Vec::loadu(sT + jj * kBlockQ + v));
+      tile_max = tile_max + uniform;  // the uniform term is added inside the exp below
     }
     const Vec m_old = Vec::loadu(m + v);
     const Vec m_new = at::vec::maximum(m_old, tile_max);  // NaN propagates
     const Vec m_safe = Vec::blendv(m_new, zero, m_new == neg_inf);
     const Vec a = softmax_exp(m_old - m_safe);
+    // exp(s + uniform - m_new) = exp(s - shift)
+    const Vec shift = tb.diag != nullptr ? m_safe : m_safe - uniform;
     Vec sum = zero;
-    for (int64_t jj = 0; jj < nk; ++jj) {
+    int64_t jj = 0;
+    for (; jj + kExpRows <= nk; jj += kExpRows) {
+      Vec e[kExpRows];
+#pragma GCC unroll 4
+      for (int u = 0; u < kExpRows; ++u) e[u] = Vec::loadu(sT + (jj + u) * kBlockQ + v) - shift;
+      softmax_exp_n<kExpRows>(e);
+#pragma GCC unroll 4
+      for (int u = 0; u < kExpRows; ++u) {
+        e[u].store(sT + (jj + u) * kBlockQ + v);
+        sum = sum + e[u];
+      }
+    }
+    for (; jj < nk; ++jj) {
       acc_t* s = sT + jj * kBlockQ + v;
-      const Vec e = softmax_exp(Vec::loadu(s) - m_safe);
+      const Vec e = softmax_exp(Vec::loadu(s) - shift);
       e.store(s);
       sum = sum + e;
     }
@@ -324,8 +396,8 @@ void attention_forward_impl(const at::Tensor& q, const at::Tensor& k, const at::
             // sT = K_tile · (scale * Q_block)ᵀ
             gemm_bcast<acc_t, false>(nk, kBlockQ, Dqk, k_tile, ldk, 1, s.qT.data(), kBlockQ,
                                      s.sT.data(), kBlockQ);
-            const acc_t* diag = tile_bias(p, b, h, i0, nq, j0, nk, may_need_bias, s.sT.data(), s.diag.data());
-            online_softmax_tile(s.sT.data(), nk, diag, s.m.data(), s.l.data(), s.alpha.data());
+            const TileBias<acc_t> tb = tile_bias(p, b, h, i0, nq, j0, nk, may_need_bias, s.sT.data(), s.diag.data());
+            online_softmax_tile(s.sT.data(), nk, tb, s.m.data(), s.l.data(), s.alpha.data());
             bool rescale = false;
             for (int64_t ii = 0; ii < nq; ++ii) rescale = rescale || s.alpha[ii] != acc_t(1);
             if (rescale) {
@@ -387,8 +459,8 @@ void recompute_lse(const AttentionParamsT<acc_t>& p, int64_t b, int64_t h, int64
       const int64_t nk = std::min(kBlockK, ranges.hi[rg] - j0);
       gemm_bcast<acc_t, false>(nk, kBlockQ, p.head_dim_qk, k_head + j0 * p.k_stride_s,
                                p.k_stride_s, 1, qT, kBlockQ, sT, kBlockQ);
-      const acc_t* tile_diag = tile_bias(p, b, h, i0, nq, j0, nk, may_need_bias, sT, diag);
-      online_softmax_tile(sT, nk, tile_diag, m, l, alpha);
+      const TileBias<acc_t> tb = tile_bias(p, b, h, i0, nq, j0, nk, may_need_bias, sT, diag);
+      online_softmax_tile(sT, nk, tb, m, l, alpha);
     }
   }
   for (int64_t ii = 0; ii < nq; ++ii) {
@@ -396,6 +468,63 @@ void recompute_lse(const AttentionParamsT<acc_t>& p, int64_t b, int64_t h, int64
       lse_safe[ii] = std::isnan(m[ii]) ? m[ii] : std::numeric_limits<acc_t>::infinity();
     } else {
       lse_safe[ii] = m[ii] + std::log(l[ii]);
+    }
+  }
+}
+
+// The backward's elementwise pass over one (nk x kBlockQ) tile, in one sweep over it:
+//   P  = exp(s + bias - lse)   into sT      (shift[x] = lse - uniform bias, per lane vector)
+//   dS = P * (dP - D)          into dsT     (dsT holds dP = V·dOᵀ on entry, delta[x] = D)
+// and, when asked, the sums of dS that the table / span gradients need: along the tile's
+// diagonals into td (kDiagSums, td zeroed, kBlockQ + nk - 1 entries), or over the whole tile
+// into total (kTileSum). Both sums add whole lane vectors, so they need a full query block
+// (padding lanes would be exact zeros, but only while the inputs are finite).
+// Rows go in the order r, r + W, r + 2W, ... (r < W): row jj adds into td at offset
+// nk - 1 - jj, so consecutive rows then touch exactly the vectors the previous one stored,
+// where in plain order each load would straddle two earlier stores by one lane and wait for
+// them to retire (store-to-load forwarding fails: that loop alone took ~17% of the backward's
+// non-GEMM time). The exponentials of a row's vectors are computed together (softmax_exp_n).
+template <typename acc_t>
+struct ProbabilityPassArgs {
+  acc_t* sT;
+  acc_t* dsT;
+  int64_t nk;
+  const acc_t* diag;  // per-diagonal bias (kHasDiag)
+  const Vectorized<acc_t>* shift;
+  const Vectorized<acc_t>* delta;
+  acc_t* td;
+  Vectorized<acc_t>* total;
+};
+
+template <typename acc_t, bool kHasDiag, bool kDiagSums, bool kTileSum>
+inline void probabilities_and_ds(const ProbabilityPassArgs<acc_t>& a) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  constexpr int kVecs = static_cast<int>(kBlockQ / W);
+  for (int64_t r = 0; r < W && r < a.nk; ++r) {
+    for (int64_t jj = r; jj < a.nk; jj += W) {
+      acc_t* p_row = a.sT + jj * kBlockQ;
+      acc_t* ds_row = a.dsT + jj * kBlockQ;
+      const int64_t offset = a.nk - 1 - jj;
+      Vec e[kVecs];
+#pragma GCC unroll 8
+      for (int x = 0; x < kVecs; ++x) {
+        Vec v = Vec::loadu(p_row + x * W);
+        if constexpr (kHasDiag) v = v + Vec::loadu(a.diag + offset + x * W);
+        e[x] = v - a.shift[x];
+      }
+      softmax_exp_n<kVecs>(e);
+#pragma GCC unroll 8
+      for (int x = 0; x < kVecs; ++x) {
+        e[x].store(p_row + x * W);
+        const Vec ds = e[x] * (Vec::loadu(ds_row + x * W) - a.delta[x]);
+        ds.store(ds_row + x * W);
+        if constexpr (kDiagSums) {
+          acc_t* t = a.td + offset + x * W;
+          (Vec::loadu(t) + ds).store(t);
+        }
+        if constexpr (kTileSum) a.total[x] = a.total[x] + ds;
+      }
     }
   }
 }
@@ -438,6 +567,7 @@ BackwardOutputs attention_backward_impl(
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   constexpr bool need_convert = !std::is_same_v<scalar_t, acc_t>;
+  constexpr int kLaneVecs = static_cast<int>(kBlockQ / W);
   const int64_t B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, Sq = p.seqlen_q, Sk = p.seqlen_k,
                 Dqk = p.head_dim_qk, Dv = p.head_dim_v;
   const int64_t group = p.group_size();
@@ -535,6 +665,8 @@ BackwardOutputs attention_backward_impl(
               s.lse_safe[ii] = l == -pos_inf ? pos_inf : l;
             }
             std::fill(s.dq.begin(), s.dq.begin() + nq * Dqk, acc_t(0));
+            Vec delta[kLaneVecs];
+            for (int x = 0; x < kLaneVecs; ++x) delta[x] = Vec::loadu(s.row_delta.data() + x * W);
 
             const KeyRanges ranges = visible_key_ranges(p, b, h, i0, i1);
             if constexpr (std::is_same_v<acc_t, double>) {
@@ -553,31 +685,35 @@ BackwardOutputs attention_backward_impl(
                                                   Dv, s.v_buf.data(), &ldv);
                 acc_t* sT = s.sT.data();
                 acc_t* dsT = s.dsT.data();
-                // P = exp(K·qT + bias - lse)
+                // S = K·qT (+ bias), dP = V·dOᵀ; then one pass: P = exp(S + bias - lse) into
+                // sT, dS = P * (dP - D) into dsT, and the sums of dS the table / span
+                // gradients need (fused for full query blocks, see probabilities_and_ds).
                 gemm_bcast<acc_t, false>(nk, kBlockQ, Dqk, k_tile, ldk, 1, s.qT.data(), kBlockQ, sT, kBlockQ);
-                const acc_t* diag = tile_bias(p, b, h, i0, nq, j0, nk, may_need_bias, sT, s.diag.data());
-                for (int64_t jj = 0; jj < nk; ++jj) {
-                  acc_t* row = sT + jj * kBlockQ;
-                  if (diag != nullptr) {
-                    const acc_t* d = diag + (nk - 1 - jj);
-                    for (int64_t x = 0; x < kBlockQ; x += W) {
-                      softmax_exp(Vec::loadu(row + x) + Vec::loadu(d + x) - Vec::loadu(s.lse_safe.data() + x)).store(row + x);
-                    }
-                  } else {
-                    for (int64_t x = 0; x < kBlockQ; x += W) {
-                      softmax_exp(Vec::loadu(row + x) - Vec::loadu(s.lse_safe.data() + x)).store(row + x);
-                    }
-                  }
-                }
-                // dP = V · dOᵀ, dS = P * (dP - D)
+                const TileBias<acc_t> tb = tile_bias(p, b, h, i0, nq, j0, nk, may_need_bias, sT, s.diag.data());
                 gemm_bcast<acc_t, false>(nk, kBlockQ, Dv, v_tile, ldv, 1, s.doT.data(), kBlockQ, dsT, kBlockQ);
-                for (int64_t jj = 0; jj < nk; ++jj) {
-                  acc_t* ds_row = dsT + jj * kBlockQ;
-                  const acc_t* p_row = sT + jj * kBlockQ;
-                  for (int64_t x = 0; x < kBlockQ; x += W) {
-                    (Vec::loadu(p_row + x) * (Vec::loadu(ds_row + x) - Vec::loadu(s.row_delta.data() + x)))
-                        .store(ds_row + x);
+                const bool full_block = nq == kBlockQ;
+                const bool fused_diag_sums = need_diag_sums && full_block && !tb.one_table_row;
+                const bool fused_tile_sum = need_table_grad && full_block && tb.one_table_row;
+                acc_t* td = s.tile_diag.data();
+                if (fused_diag_sums) std::fill(td, td + nk - 1 + kBlockQ, acc_t(0));
+                Vec shift[kLaneVecs], total[kLaneVecs];
+                for (int x = 0; x < kLaneVecs; ++x) {
+                  shift[x] = Vec::loadu(s.lse_safe.data() + x * W) - Vec(tb.uniform);
+                  total[x] = Vec(acc_t(0));
+                }
+                const ProbabilityPassArgs<acc_t> pass{sT, dsT, nk, tb.diag, shift, delta, td, total};
+                if (tb.diag != nullptr) {
+                  if (fused_diag_sums) {
+                    probabilities_and_ds<acc_t, true, true, false>(pass);
+                  } else {
+                    probabilities_and_ds<acc_t, true, false, false>(pass);
                   }
+                } else if (fused_diag_sums) {
+                  probabilities_and_ds<acc_t, false, true, false>(pass);
+                } else if (fused_tile_sum) {
+                  probabilities_and_ds<acc_t, false, false, true>(pass);
+                } else {
+                  probabilities_and_ds<acc_t, false, false, false>(pass);
                 }
                 // dV += P · dO, dK += dS · Q (scale applied once at the end), dQ += dSᵀ · K.
                 gemm_bcast<acc_t, true>(nk, Dv, nq, sT, kBlockQ, 1, do_blk, ldo, dv + j0 * Dv, Dv);
@@ -585,32 +721,44 @@ BackwardOutputs attention_backward_impl(
                 gemm_bcast<acc_t, true>(nq, Dqk, nk, dsT, 1, kBlockQ, k_tile, ldk, s.dq.data(), Dqk);
 
                 if (need_diag_sums) {
-                  // Sums of dS along the tile's diagonals: u = ii + (nk - 1 - jj).
-                  acc_t* td = s.tile_diag.data();
                   const int64_t ndiag = nq + nk - 1;
-                  std::fill(td, td + ndiag, acc_t(0));
-                  for (int64_t jj = 0; jj < nk; ++jj) {
-                    const acc_t* ds_row = dsT + jj * kBlockQ;
-                    acc_t* t = td + (nk - 1 - jj);
-                    for (int64_t ii = 0; ii < nq; ++ii) t[ii] += ds_row[ii];
-                  }
                   const int64_t d_first = p.query_pos(i0) - (j0 + nk - 1);
-                  if (need_table_grad) {
-                    double* acc = s.diag_acc.data() + (d_first - min_distance);
-                    for (int64_t u = 0; u < ndiag; ++u) acc[u] += static_cast<double>(td[u]);
-                  }
-                  if (need_span_grad) {
-                    if (!tile_has_global_pair(p, i0, j0)) {
-                      local_tile_diagonal_span_grad(p, b, h, i0, nq, j0, nk, s.span_diag.data());
-                      for (int64_t u = 0; u < ndiag; ++u) {
-                        span_acc += static_cast<double>(td[u]) * static_cast<double>(s.span_diag[u]);
-                      }
-                    } else {
+                  if (fused_tile_sum) {
+                    // Every pair of the tile reads one table row: its whole sum goes to one of
+                    // the tile's distances (all of which map to that row).
+                    alignas(64) acc_t lanes[kBlockQ];
+                    for (int x = 0; x < kLaneVecs; ++x) total[x].store(lanes + x * W);
+                    double sum = 0;
+                    for (int64_t ii = 0; ii < kBlockQ; ++ii) sum += static_cast<double>(lanes[ii]);
+                    s.diag_acc[d_first - min_distance] += sum;
+                  } else {
+                    if (!fused_diag_sums) {
+                      // Sums of dS along the tile's diagonals: u = ii + (nk - 1 - jj), real
+                      // query lanes only (a partial block).
+                      std::fill(td, td + ndiag, acc_t(0));
                       for (int64_t jj = 0; jj < nk; ++jj) {
-                        for (int64_t ii = 0; ii < nq; ++ii) {
-                          const acc_t gs = span_logit_grad(p, b, h, i0 + ii, j0 + jj);
-                          if (gs != acc_t(0)) {
-                            span_acc += static_cast<double>(dsT[jj * kBlockQ + ii]) * static_cast<double>(gs);
+                        const acc_t* ds_row = dsT + jj * kBlockQ;
+                        acc_t* t = td + (nk - 1 - jj);
+                        for (int64_t ii = 0; ii < nq; ++ii) t[ii] += ds_row[ii];
+                      }
+                    }
+                    if (need_table_grad) {
+                      double* acc = s.diag_acc.data() + (d_first - min_distance);
+                      for (int64_t u = 0; u < ndiag; ++u) acc[u] += static_cast<double>(td[u]);
+                    }
+                    if (need_span_grad) {
+                      if (!tile_has_global_pair(p, i0, j0)) {
+                        local_tile_diagonal_span_grad(p, b, h, i0, nq, j0, nk, s.span_diag.data());
+                        for (int64_t u = 0; u < ndiag; ++u) {
+                          span_acc += static_cast<double>(td[u]) * static_cast<double>(s.span_diag[u]);
+                        }
+                      } else {
+                        for (int64_t jj = 0; jj < nk; ++jj) {
+                          for (int64_t ii = 0; ii < nq; ++ii) {
+                            const acc_t gs = span_logit_grad(p, b, h, i0 + ii, j0 + jj);
+                            if (gs != acc_t(0)) {
+                              span_acc += static_cast<double>(dsT[jj * kBlockQ + ii]) * static_cast<double>(gs);
+                            }
                           }
                         }
                       }

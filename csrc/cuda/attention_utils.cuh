@@ -535,29 +535,17 @@ FA_DEVICE KeyTiles key_tiles(const KeyRanges& r, int64_t tile) {
 // [j0, j1) (unclipped tile bounds) of head (b, h): true only when every pair is visible and
 // gets the same additive logit term. Then *bias_log2 holds that term in base-2 units (what
 // fill_tile_table would store for each of the tile's distances) and *bias_row the rel_bias
-// table row it comes from (-1 without a table). By pair_bias this holds when there is no alibi
-// or span, the tile is inside the sequences and key_lengths, every distance passes causal and
-// the window (global pairs are visible whenever the window would let them through anyway, and
-// get the same rel_bias), and either there is no rel_bias or every distance of the tile clamps
-// to one table row: the tile lies max_dist - 1 or more off the diagonal, as most tiles of a
-// long sequence do. Such tiles cost what a tile without any bias costs.
+// table row it comes from (-1 without a table). The tile must lie inside the sequences and
+// key_lengths; the distance rule is uniform_distance_bias (common/attention_params.h, shared
+// with the CPU kernels). Such tiles cost what a tile without any bias costs.
 FA_DEVICE bool tile_is_uniform(const AttentionParams& p, int64_t b, int64_t h, int64_t i0,
                                int64_t i1, int64_t j0, int64_t j1, float* bias_log2,
                                int64_t* bias_row) {
-  if (p.alibi_slopes != nullptr || p.has_span()) return false;
   if (i1 > p.seqlen_q || j1 > p.key_len(b)) return false;
   const int64_t d_min = p.query_pos(i0) - (j1 - 1), d_max = p.query_pos(i1 - 1) - j0;
-  if (p.causal && d_min < 0) return false;
-  if (p.window_left >= 0 && d_max > p.window_left) return false;
-  if (p.window_right >= 0 && d_min < -p.window_right) return false;
-  *bias_log2 = 0.f;
-  *bias_row = -1;
-  if (p.rel_bias != nullptr) {
-    const int64_t row = rel_bias_row(p, d_min);
-    if (rel_bias_row(p, d_max) != row) return false;
-    *bias_log2 = p.rel_bias[row * p.heads_q + h] * kLog2e;  // as distance_bias + fill_tile_table
-    *bias_row = row;
-  }
+  float bias = 0.f;
+  if (!uniform_distance_bias(p, h, d_min, d_max, &bias, bias_row)) return false;
+  *bias_log2 = bias * kLog2e;  // as distance_bias + fill_tile_table
   return true;
 }
 
