@@ -656,7 +656,10 @@ struct RotaryArgs {
   at::ScalarType math = at::kFloat;  // float64 for float64 x, else float32
   at::Tensor inv_freq;               // (half,) math dtype, contiguous; or undefined
   at::Tensor cos, sin;               // (S_max, half) math dtype, contiguous; or undefined
-  at::Tensor pos;                    // (Bp, S) int64 contiguous on x's device; Bp = B or 1
+  at::Tensor pos;                    // (Bp, S) int64 contiguous on x's device; Bp = B or 1.
+                                     // Undefined on CUDA when no positions were given: the
+                                     // kernels then use offset + s (no arange launch per call)
+  int64_t offset = 0;
   at::Tensor rotation;               // (D, D) math dtype, contiguous; or undefined
 };
 
@@ -666,8 +669,8 @@ void kernel_apply(const at::Tensor& src, const at::Tensor& dst, const RotaryArgs
                   bool negate_sin, bool copy_rest) {
   if (src.is_cuda()) {
 #ifdef FASTATTN_WITH_CUDA
-    return rotary_cuda::apply(src, dst, a.inv_freq, a.cos, a.sin, a.pos, negate_sin, a.interleaved,
-                              a.rd, copy_rest);
+    return rotary_cuda::apply(src, dst, a.inv_freq, a.cos, a.sin, a.pos, a.offset, negate_sin,
+                              a.interleaved, a.rd, copy_rest);
 #else
     no_cuda_kernels();
 #endif
@@ -681,7 +684,7 @@ void kernel_backward_partials(const at::Tensor& grad, const at::Tensor& xsrc, co
                               const at::Tensor& d_cos, const at::Tensor& d_sin) {
   if (grad.is_cuda()) {
 #ifdef FASTATTN_WITH_CUDA
-    return rotary_cuda::backward_partials(grad, xsrc, gx, a.inv_freq, a.cos, a.sin, a.pos,
+    return rotary_cuda::backward_partials(grad, xsrc, gx, a.inv_freq, a.cos, a.sin, a.pos, a.offset,
                                           a.interleaved, a.rd, d_ang, d_cos, d_sin);
 #else
     no_cuda_kernels();
@@ -796,9 +799,8 @@ RotaryArgs check_args(const at::Tensor& x, const std::optional<at::Tensor>& inv_
                "fastattn: positions offset..offset+S-1 = ", offset, "..", offset + a.S - 1,
                " lie past the cos/sin table's ", a.cos.size(0), " rows");
     }
-    if (x.is_cuda()) {
-      a.pos = at::arange(offset, offset + a.S, x.options().dtype(at::kLong)).view({1, a.S});
-    } else {
+    a.offset = offset;
+    if (!x.is_cuda()) {
       // Filled directly: cheaper than an ATen op for the short vectors of decoding steps.
       a.pos = at::empty({1, a.S}, x.options().dtype(at::kLong));
       std::iota(a.pos.data_ptr<int64_t>(), a.pos.data_ptr<int64_t>() + a.S, offset);
@@ -903,7 +905,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rotary_ba
       d_sin = make();
     }
     if (nonempty) kernel_backward_partials(grad, xsrc, gsrc, a, d_ang, d_cos, d_sin);
-    const auto pos_flat = a.pos.expand({a.B, a.S}).reshape({-1}).contiguous();
+    const at::Tensor pos = a.pos.defined()
+        ? a.pos
+        : at::arange(a.offset, a.offset + a.S, x.options().dtype(at::kLong)).view({1, a.S});
+    const auto pos_flat = pos.expand({a.B, a.S}).reshape({-1}).contiguous();
     if (need_freq) {
       grad_freq = kernel_reduce_freq(d_ang.view({a.B * a.S, a.half}), pos_flat)
                       .to(inv_freq->scalar_type());

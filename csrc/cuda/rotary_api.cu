@@ -34,9 +34,10 @@ constexpr int kThreads = 256;
 constexpr int64_t kMaxGrid = 65535;
 
 // The kernels' view of the angle sources: inv_freq, or the cos/sin tables (both fp32 and
-// contiguous, as rotary.cpp's argument normalization leaves them), and the positions.
+// contiguous, as rotary.cpp's argument normalization leaves them), and the positions: a tensor,
+// or (pos undefined) pos_offset + s.
 AngleSource angle_source(const at::Tensor& inv_freq, const at::Tensor& cos, const at::Tensor& sin,
-                         const at::Tensor& pos) {
+                         const at::Tensor& pos, int64_t pos_offset) {
   AngleSource a{};
   if (inv_freq.defined()) {
     a.inv_freq = inv_freq.const_data_ptr<float>();
@@ -45,8 +46,13 @@ AngleSource angle_source(const at::Tensor& inv_freq, const at::Tensor& cos, cons
     a.sin = sin.const_data_ptr<float>();
     a.rows = cos.size(0);
   }
-  a.pos = pos.const_data_ptr<int64_t>();
-  a.per_batch = pos.size(0) != 1;
+  if (pos.defined()) {
+    a.pos = pos.const_data_ptr<int64_t>();
+    a.per_batch = pos.size(0) != 1;
+  } else {
+    a.pos = nullptr;
+    a.pos_offset = pos_offset;
+  }
   return a;
 }
 
@@ -168,8 +174,8 @@ void check_cuda_dtype(const at::Tensor& t, const char* name) {
 }  // namespace
 
 void apply(const at::Tensor& src, const at::Tensor& dst, const at::Tensor& inv_freq,
-           const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& pos, bool negate_sin,
-           bool interleaved, int64_t rd, bool copy_rest) {
+           const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& pos,
+           int64_t pos_offset, bool negate_sin, bool interleaved, int64_t rd, bool copy_rest) {
   check_cuda_dtype(src, "x");
   check_cuda_dtype(dst, "the output");
   TORCH_CHECK(src.size(3) <= std::numeric_limits<int>::max(), "fastattn: head dim too large");
@@ -184,7 +190,7 @@ void apply(const at::Tensor& src, const at::Tensor& dst, const at::Tensor& inv_f
   p.D = static_cast<int>(src.size(3));
   p.rd = static_cast<int>(rd);
   p.half = static_cast<int>(rd / 2);
-  p.angles = angle_source(inv_freq, cos, sin, pos);
+  p.angles = angle_source(inv_freq, cos, sin, pos, pos_offset);
   p.negate_sin = negate_sin;
   p.copy_rest = copy_rest;
   const auto st = src.scalar_type(), dt = dst.scalar_type();
@@ -208,8 +214,8 @@ void apply(const at::Tensor& src, const at::Tensor& dst, const at::Tensor& inv_f
 
 void backward_partials(const at::Tensor& grad, const at::Tensor& xsrc, const at::Tensor& gx,
                        const at::Tensor& inv_freq, const at::Tensor& cos, const at::Tensor& sin,
-                       const at::Tensor& pos, bool interleaved, int64_t rd, const at::Tensor& d_ang,
-                       const at::Tensor& d_cos, const at::Tensor& d_sin) {
+                       const at::Tensor& pos, int64_t pos_offset, bool interleaved, int64_t rd,
+                       const at::Tensor& d_ang, const at::Tensor& d_cos, const at::Tensor& d_sin) {
   check_cuda_dtype(grad, "grad_out");
   TORCH_CHECK(grad.size(3) <= std::numeric_limits<int>::max(), "fastattn: head dim too large");
   if (grad.numel() == 0) return;
@@ -224,7 +230,7 @@ void backward_partials(const at::Tensor& grad, const at::Tensor& xsrc, const at:
   p.D = static_cast<int>(grad.size(3));
   p.rd = static_cast<int>(rd);
   p.half = static_cast<int>(rd / 2);
-  p.angles = angle_source(inv_freq, cos, sin, pos);
+  p.angles = angle_source(inv_freq, cos, sin, pos, pos_offset);
   p.d_ang = d_ang.defined() ? d_ang.data_ptr<float>() : nullptr;
   p.d_cos = d_cos.defined() ? d_cos.data_ptr<float>() : nullptr;
   p.d_sin = d_sin.defined() ? d_sin.data_ptr<float>() : nullptr;

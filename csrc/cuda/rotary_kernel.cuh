@@ -88,8 +88,9 @@ struct AngleSource {
   const float* cos;       // (rows, half) fp32 contiguous, or nullptr (then so is sin)
   const float* sin;
   int64_t rows;           // the tables' rows
-  const int64_t* pos;     // (Bp, S) positions
+  const int64_t* pos;     // (Bp, S) positions, or nullptr: position = pos_offset + s
   bool per_batch;         // Bp == B (else 1)
+  int64_t pos_offset;
 };
 
 // sin and cos of an fp32 angle, to about 4e-7 absolute for any angle a position times a
@@ -113,7 +114,7 @@ template <int P>
 __device__ __forceinline__ void row_angles(const AngleSource& a, int64_t S, int half, int64_t b,
                                            int64_t s, int t0, bool negate_sin, float (&c)[P],
                                            float (&sn)[P]) {
-  const int64_t p = __ldg(a.pos + (a.per_batch ? b * S : 0) + s);
+  const int64_t p = a.pos != nullptr ? __ldg(a.pos + (a.per_batch ? b * S : 0) + s) : a.pos_offset + s;
   if (a.inv_freq != nullptr) {
     const float pf = static_cast<float>(p);
 #pragma unroll

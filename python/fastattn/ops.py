@@ -4,7 +4,8 @@ The op schemas are defined once, in csrc/fastattn.cpp; CPU and CUDA kernels regi
 Here each op gets
   - a fake kernel (shapes/dtypes only), so torch.compile(fullgraph=True) and FakeTensor
     tracing see real custom ops, and
-  - an autograd formula whose backward is the op's own `*_backward` kernel.
+  - an autograd formula whose backward is the op's own `*_backward` kernel (rotary's is
+    registered in C++, csrc/common/autograd.cpp; attention's below).
 Input validation for users lives in fastattn.functional; these wrappers assume valid input.
 """
 from __future__ import annotations
@@ -48,30 +49,10 @@ def _rotary_backward_fake(grad_out, x, inv_freq, cos, sin, positions, rotation, 
     return gx, gf, gc, gs, gr
 
 
-def _rotary_setup_context(ctx, inputs, output):
-    x, inv_freq, cos, sin, positions, rotation, offset, interleaved, rotary_dim = inputs
-    ctx.save_for_backward(x, inv_freq, cos, sin, positions, rotation)
-    ctx.offset, ctx.interleaved, ctx.rotary_dim = offset, interleaved, rotary_dim
-
-
-def _rotary_backward(ctx, grad_out):
-    x, inv_freq, cos, sin, positions, rotation = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    mask = [need[0], need[1], need[2] or need[3], need[5]]
-    gx, gf, gc, gs, gr = _ops.rotary_backward(
-        grad_out, x, inv_freq, cos, sin, positions, rotation, ctx.offset, ctx.interleaved,
-        ctx.rotary_dim, mask)
-    return (gx if need[0] else None, gf if need[1] else None, gc if need[2] else None,
-            gs if need[3] else None, None, gr if need[5] else None, None, None, None)
-
-
-torch.library.register_autograd("fastattn::rotary", _rotary_backward, setup_context=_rotary_setup_context)
-
-
-def rotary(x: Tensor, inv_freq: Optional[Tensor], cos: Optional[Tensor], sin: Optional[Tensor],
-           positions: Optional[Tensor], rotation: Optional[Tensor], offset: int,
-           interleaved: bool, rotary_dim: int) -> Tensor:
-    return _ops.rotary(x, inv_freq, cos, sin, positions, rotation, offset, interleaved, rotary_dim)
+# rotary's autograd formula is registered in C++ (csrc/common/autograd.cpp): the op is cheap
+# enough that a Python autograd layer would cost as much per call as the kernel. For the same
+# reason the wrapper is the overload itself, not the packet (which resolves it on every call).
+rotary = _ops.rotary.default
 
 
 def rotary_(x: Tensor, inv_freq: Optional[Tensor], cos: Optional[Tensor], sin: Optional[Tensor],
