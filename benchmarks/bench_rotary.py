@@ -15,6 +15,13 @@ What is timed (x is (B, H, S, D); angles from inv_freq at positions 0..S-1):
 GB/s counts the bytes a fused kernel must move: read x + write y (forward), plus read
 grad_out + write grad_x (backward).
 
+On CUDA each call is timed alone (latency: CUDA events around one call after a synchronize,
+so the host's time before the launch counts), and the bandwidth cases are also timed back to
+back (throughput: 20 queued calls between two events, as in a training loop; rows marked
+"back to back"). The issue asks for forward *throughput*, so the GPU bandwidth targets use the
+back-to-back rows; the per-call ratios are printed for information. On CPU calls are
+synchronous and there is one timing per case.
+
 Targets (issue 2): fwd+bwd >= 10x faster than eager and >= 2x faster than torch.compile of the
 seeds' formula; forward throughput >= 50% of copy_ (CPU) or >= 70% (GPU).
 """
@@ -30,7 +37,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import gbps, markdown_table, peak_memory, time_fn  # noqa: E402
+from common import gbps, markdown_table, peak_memory, time_back_to_back, time_fn  # noqa: E402
 
 try:
     import fastattn  # noqa: E402
@@ -160,6 +167,13 @@ def main(argv=None) -> int:
         rows.append([name, t.median_ms, t.min_ms, gbps(moved, t.median_ms),
                      None if mem is None else mem / 2**20])
         print(f"  {name:28s} {t}  {gbps(moved, t.median_ms):7.2f} GB/s", flush=True)
+    b2b = " (back to back)"
+    if dev.type == "cuda":
+        for name, fn, moved in cases[:4]:  # copy_, clone, fastattn fwd, fastattn fwd inplace
+            t = time_back_to_back(fn, **timing)
+            timings[name + b2b] = t
+            rows.append([name + b2b, t.median_ms, t.min_ms, gbps(moved, t.median_ms), None])
+            print(f"  {name + b2b:28s} {t}  {gbps(moved, t.median_ms):7.2f} GB/s", flush=True)
 
     # Each target as a ratio of medians (the figure that counts) and, for reference on a noisy
     # shared machine, of minimums (the least disturbed runs).
@@ -173,15 +187,25 @@ def main(argv=None) -> int:
         checks.append(("fwd+bwd speedup vs torch.compile(seed formula)",
                        speedup("compiled seed fwd+bwd", "fastattn fwd+bwd"), 2.0))
     # Same bytes moved, so the bandwidth ratio is the inverse time ratio.
+    # On CUDA the targets use the back-to-back (throughput) timings; the per-call ratios follow
+    # for information.
+    sfx = b2b if dev.type == "cuda" else ""
     checks += [
-        ("fwd bandwidth / copy_ bandwidth", speedup("copy_ (x -> preallocated)", "fastattn fwd"), bw_target),
-        ("fwd inplace bandwidth / copy_ bandwidth", speedup("copy_ (x -> preallocated)", "fastattn fwd inplace"), bw_target),
-        ("fwd bandwidth / clone bandwidth (both allocate)", speedup("clone (allocate + copy)", "fastattn fwd"), bw_target),
+        ("fwd bandwidth / copy_ bandwidth" + sfx, speedup("copy_ (x -> preallocated)" + sfx, "fastattn fwd" + sfx), bw_target),
+        ("fwd inplace bandwidth / copy_ bandwidth" + sfx, speedup("copy_ (x -> preallocated)" + sfx, "fastattn fwd inplace" + sfx), bw_target),
+        ("fwd bandwidth / clone bandwidth (both allocate)" + sfx, speedup("clone (allocate + copy)" + sfx, "fastattn fwd" + sfx), bw_target),
     ]
+    per_call = set()
+    if dev.type == "cuda":
+        per_call = {"fwd bandwidth / copy_ bandwidth (per call)", "fwd inplace bandwidth / copy_ bandwidth (per call)"}
+        checks += [
+            ("fwd bandwidth / copy_ bandwidth (per call)", speedup("copy_ (x -> preallocated)", "fastattn fwd"), bw_target),
+            ("fwd inplace bandwidth / copy_ bandwidth (per call)", speedup("copy_ (x -> preallocated)", "fastattn fwd inplace"), bw_target),
+        ]
     # The speedup targets are the issue's 2-core CPU targets; on a GPU only the bandwidth one is
     # set, so there the speedups are shown for information.
-    cpu_only = {"fwd+bwd speedup vs eager seed formula", "fwd+bwd speedup vs torch.compile(seed formula)"}
-    ratio_rows = [[name, med, mn, f">= {target:g}" + (" (CPU)" if name in cpu_only else ""),
+    cpu_only = {"fwd+bwd speedup vs eager seed formula", "fwd+bwd speedup vs torch.compile(seed formula)"} | per_call
+    ratio_rows = [[name, med, mn, f">= {target:g}" + (" (CPU)" if name in cpu_only and name not in per_call else ""),
                    "info" if dev.type == "cuda" and name in cpu_only else ("met" if med >= target else "MISSED")]
                   for name, (med, mn), target in checks]
 

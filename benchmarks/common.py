@@ -3,13 +3,19 @@
     from common import time_fn, peak_memory, markdown_table
 
     t = time_fn(lambda: f(x), device="cpu")          # -> Timing(median_ms=..., ...)
+    t = time_back_to_back(lambda: f(x), device="cuda")  # throughput: per call, calls queued
     ts = time_many({"a": fa, "b": fb}, device="cpu")  # -> {"a": Timing, "b": Timing}
     mem = peak_memory(lambda: f(x), device="cpu")     # -> bytes above the starting point
 
 time_fn runs `fn` a few times to warm up (allocator, caches, torch.compile, lazy init), then
 times `repeats` calls and reports the median (robust against a noisy shared machine) and the
 minimum. On CPU each call is timed with time.perf_counter; on CUDA with a pair of CUDA events
-around each call, after a synchronize, so that only GPU time between the events counts.
+around each call, after a synchronize, so that only GPU time between the events counts. That
+is a call's latency: the GPU waits while the host prepares the call, so the host time before
+the launch counts too. time_back_to_back measures throughput instead, as a training loop sees
+it: `calls` calls queued one after another between two events, so the host prepares the next
+call while the GPU runs the current one, and per-call host time counts only where it exceeds
+the kernel's. (On CPU, where calls are synchronous, the two are the same.)
 
 peak_memory reports how far memory rose above its level before the call: on CUDA from
 torch.cuda.max_memory_allocated; on CPU from the process's peak resident set (Linux VmHWM,
@@ -25,7 +31,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-__all__ = ["Timing", "time_fn", "time_many", "peak_memory", "sync", "markdown_table", "gbps"]
+__all__ = ["Timing", "time_fn", "time_back_to_back", "time_many", "peak_memory", "sync", "markdown_table", "gbps"]
 
 
 @dataclass
@@ -76,6 +82,35 @@ def _time_once(fn, dev) -> float:
     t0 = time.perf_counter()
     fn()
     return (time.perf_counter() - t0) * 1e3
+
+
+def time_back_to_back(fn: Callable[[], object], *, device="cpu", warmup: int = 3, repeats: int = 10,
+                      calls: int = 20, max_seconds: Optional[float] = 20.0) -> Timing:
+    """Median and minimum time per call, in milliseconds, of `calls` consecutive calls timed
+    together (throughput; see the module docstring); `repeats` such groups."""
+    dev = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    sync(dev)
+    times = []
+    start_all = time.perf_counter()
+    for i in range(repeats):
+        if dev.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end) / calls)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times.append((time.perf_counter() - t0) * 1e3 / calls)
+        if max_seconds is not None and i >= 2 and time.perf_counter() - start_all > max_seconds:
+            break
+    return Timing(statistics.median(times), min(times), len(times))
 
 
 def time_many(fns: dict, *, device="cpu", warmup: int = 3, repeats: int = 10,
