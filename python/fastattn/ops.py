@@ -4,8 +4,8 @@ The op schemas are defined once, in csrc/fastattn.cpp; CPU and CUDA kernels regi
 Here each op gets
   - a fake kernel (shapes/dtypes only), so torch.compile(fullgraph=True) and FakeTensor
     tracing see real custom ops, and
-  - an autograd formula whose backward is the op's own `*_backward` kernel (rotary's is
-    registered in C++, csrc/common/autograd.cpp; attention's below).
+  - an autograd formula whose backward is the op's own `*_backward` kernel, registered in
+    C++ (csrc/common/autograd.cpp) for speed; this module only documents it.
 Input validation for users lives in fastattn.functional; these wrappers assume valid input.
 """
 from __future__ import annotations
@@ -51,7 +51,8 @@ def _rotary_backward_fake(grad_out, x, inv_freq, cos, sin, positions, rotation, 
 
 # rotary's autograd formula is registered in C++ (csrc/common/autograd.cpp): the op is cheap
 # enough that a Python autograd layer would cost as much per call as the kernel. For the same
-# reason the wrapper is the overload itself, not the packet (which resolves it on every call).
+# reason the wrappers are the overloads themselves, not the packets (which resolve the
+# overload on every call).
 rotary = _ops.rotary.default
 
 
@@ -84,45 +85,8 @@ def _attention_backward_fake(grad_out, q, k, v, out, lse, grad_lse, scale, scale
     return gq, gk, gv, gb, gs
 
 
-def _attention_setup_context(ctx, inputs, output):
-    (q, k, v, scale, scale_tensor, causal, window_left, window_right, rel_bias, alibi_slopes,
-     span, span_ramp, num_global, key_lengths) = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, scale_tensor, rel_bias, alibi_slopes, span, key_lengths)
-    ctx.scale, ctx.causal, ctx.window = scale, causal, (window_left, window_right)
-    ctx.span_ramp, ctx.num_global = span_ramp, num_global
-
-
-def _attention_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, scale_tensor, rel_bias, alibi_slopes, span, key_lengths = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
-    gq, gk, gv, gb, gs = _ops.attention_backward(
-        grad_out, q, k, v, out, lse, grad_lse, ctx.scale, scale_tensor, ctx.causal,
-        ctx.window[0], ctx.window[1], rel_bias, alibi_slopes, span, ctx.span_ramp,
-        ctx.num_global, key_lengths, bool(need[8]), bool(need[10]))
-    g_scale = None
-    if need[4]:
-        # logits = s * q.k + ...  =>  dL/ds = sum_ij dS_ij q_i.k_j = sum(q * dq) / s (undefined
-        # at s == 0, where it comes out inf/nan). functional.attention runs fp16/bf16 inputs in
-        # fp32 when s is learnable: this sum cancels heavily and needs fp32 dq and out.
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        g_scale = ((q.to(acc) * gq.to(acc)).sum() / scale_tensor.to(acc)).to(scale_tensor.dtype)
-    return (gq, gk, gv, None, g_scale, None, None, None, gb if need[8] else None, None,
-            gs if need[10] else None, None, None, None)
-
-
-torch.library.register_autograd("fastattn::attention", _attention_backward,
-                                setup_context=_attention_setup_context)
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, scale_tensor: Optional[Tensor],
-              causal: bool, window_left: int, window_right: int, rel_bias: Optional[Tensor],
-              alibi_slopes: Optional[Tensor], span: Optional[Tensor], span_ramp: float,
-              num_global: int, key_lengths: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    return _ops.attention(q, k, v, scale, scale_tensor, causal, window_left, window_right,
-                          rel_bias, alibi_slopes, span, span_ramp, num_global, key_lengths)
+# attention's autograd formula is registered in C++ too (csrc/common/autograd.cpp).
+attention = _ops.attention.default
 
 
 def build_info() -> dict:
