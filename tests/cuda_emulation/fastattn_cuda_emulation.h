@@ -22,6 +22,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "common/checks.h"
+
 #include <array>
 #include <cstdint>
 #include <cstdio>
@@ -296,8 +298,9 @@ template <typename Args>
 void launch(void (*kernel)(Args), int64_t blocks, int threads, size_t smem_bytes,
             const DeviceContext& ctx, const Args& args, const char* name) {
   if (blocks == 0) return;
-  TORCH_CHECK(smem_bytes <= ctx.max_smem_per_block(), "fastattn: ", name, " needs ", smem_bytes,
-              " bytes of shared memory per block and this GPU allows ", ctx.max_smem_per_block());
+  // FA_CHECK (common/checks.h), as the library's own messages: no iostream number formatting.
+  FA_CHECK(smem_bytes <= ctx.max_smem_per_block(), "fastattn: ", name, " needs ", smem_bytes,
+           " bytes of shared memory per block and this GPU allows ", ctx.max_smem_per_block());
   ++g_launches;
   fastattn_emulation::run_grid(blocks, threads, smem_bytes, [&] { kernel(args); });
 }
