@@ -46,7 +46,8 @@ def _check_table_dtype(t: Tensor, name: str, x: Tensor):
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:
     # Kernels take any strides but need a unit stride in the last dim.
-    return t if (t.dim() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1) else t.contiguous()
+    # (The common case, a unit stride, is tested first: these checks run on every call.)
+    return t if (t.dim() == 0 or t.stride(-1) == 1 or t.shape[-1] <= 1) else t.contiguous()
 
 
 def _is_compiling() -> bool:
@@ -286,5 +287,6 @@ def attention(
         q, k, v = q.float(), k.float(), v.float()
     out, lse = ops.attention(q, k, v, scale_f, scale_tensor, bool(causal), left, right, rel_bias,
                              alibi_slopes, span, float(span_ramp), num_global, key_lengths)
-    out = out.to(out_dtype)
+    if out.dtype != out_dtype:  # (Tensor.to costs a few us even when it is a no-op)
+        out = out.to(out_dtype)
     return (out, lse) if return_lse else out
