@@ -199,7 +199,7 @@ inline TileBias<acc_t> tile_bias(const AttentionParamsT<acc_t>& p, int64_t b, in
 
 // exp(x[0..N)) in place, for the softmax's arguments x = s - max (<= 0 up to rounding;
 // x = -inf gives 0, NaN stays NaN). float: x = n ln2 + r with one FMA against ln2 rounded to
-// float (its error, n * 1.9e-9, stays below 1 ulp of the result down to x = -40), a degree-5
+// float (which adds a relative error of |n| * 1.9e-9: under 1 ulp for x >= -20), a degree-5
 // polynomial fitted for relative error on [-ln2/2, ln2/2], and 2^n built in the exponent bits.
 // Inputs are clamped at -88, where round(x / ln2) = -127 and the 2^n bits are +0.0, so anything
 // below ~-87.7 gives exactly 0 with no extra mask. Max error (measured against double exp on
