@@ -133,6 +133,15 @@ CASES = [
     (Case(B=2, Hq=2, Hkv=1, Sq=140, Sk=150, Dqk=32, Dv=32, dtype=BF16, rel_bias=4,
           key_lengths=(150, 120)), True),
     (Case(B=1, Hq=2, Hkv=2, Sq=100, Sk=100, Dqk=16, Dv=16, dtype=F32, rel_bias=1, scale="tensor"), False),
+    # several key blocks adding into each query block's dQ in turn (the backward walks query
+    # blocks from the last down; key blocks that see a query block take turns in key order):
+    # causal + window + global keys (key block 0 sees every query block, the others a band),
+    # GQA (two query heads per key block), Sq < Sk and Sq > Sk
+    (Case(B=1, Hq=4, Hkv=2, Sq=200, Sk=330, Dqk=32, Dv=32, dtype=BF16, causal=True, num_global=3,
+          window=(100, 20), rel_bias=40), True),
+    (Case(B=2, Hq=2, Hkv=1, Sq=150, Sk=200, Dqk=24, Dv=16, dtype=F32, window=(40, 40), rel_bias=30,
+          key_lengths=(200, 131)), False),
+    (Case(B=1, Hq=2, Hkv=2, Sq=300, Sk=140, Dqk=64, Dv=64, dtype=F16, causal=True, rel_bias=16), False),
     # the larger head-dim classes (96, 128, 256; Dqk != Dv; odd sizes are zero-padded)
     (Case(B=1, Hq=2, Hkv=1, Sq=40, Sk=70, Dqk=96, Dv=80, dtype=F16, causal=True, rel_bias=6), False),
     (Case(B=1, Hq=2, Hkv=2, Sq=70, Sk=40, Dqk=128, Dv=100, dtype=F32, rel_bias=6, span="bh"), False),
@@ -206,7 +215,8 @@ def test_empty_rows(emu):
 
 
 def test_backward_is_deterministic(emu):
-    """Two identical backward calls give bitwise identical gradients (no atomics)."""
+    """Two identical backward calls give bitwise identical gradients (dQ's atomics take turns in
+    a fixed order; the emulator checks every block's turn number)."""
     case = Case(B=1, Hq=2, Hkv=1, Sq=70, Sk=130, Dqk=16, Dv=16, dtype=BF16, rel_bias=11, span="bh",
                 span_values=(3.5, 20.25))
     inp = make_inputs(case)

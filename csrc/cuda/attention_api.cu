@@ -278,11 +278,6 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(
 // Backward
 // ---------------------------------------------------------------------------------------------
 
-// Query splits per (b, h) of the dQ kernel when it also reduces the bias/span gradients: each
-// block owns a partial row buffer of the table, so fewer blocks mean less memory; aim for about
-// this many blocks in total (enough to fill a GPU), never more than one per query block.
-constexpr int64_t kTargetGradBlocks = 1024;
-
 struct BackwardTensors {
   at::Tensor dout, out, lse, grad_lse;  // normalized inputs (grad_lse may be undefined)
   at::Tensor dq, dk, dv;                // outputs
@@ -317,6 +312,14 @@ void run_backward(const DeviceContext& ctx, const Prepared& in, BackwardTensors&
            0, ctx, a, "attention backward (delta)");
   }
 
+  // Kernel 2: dK, dV, the fp32 dQ sums and the per-(b, h, key block) partials of the bias /
+  // span gradients.
+  using Cfg = BwdConfig<T, kD>;
+  const int64_t num_k_blocks = ceil_div(Sk, Cfg::kBlockK);
+  const int64_t num_q_blocks = ceil_div(Sq, Cfg::kBlockQ);
+  const auto f32 = bt.lse.options();
+  at::Tensor dq_accum = at::zeros({B, Hq, Sq, p.head_dim_qk}, f32);
+  at::Tensor dq_turns = at::zeros({B, Hq, num_q_blocks}, f32.dtype(at::kInt));
   BwdArgs<T> a;
   a.p = p;
   a.q = data_of<T>(in.q);
@@ -329,44 +332,43 @@ void run_backward(const DeviceContext& ctx, const Prepared& in, BackwardTensors&
   a.lse = bt.lse.data_ptr<float>();
   a.delta = delta.data_ptr<float>();
   a.scale_ptr = in.scale_ptr;
-  a.dq = mutable_data_of<T>(bt.dq);
+  a.dq_accum = dq_accum.data_ptr<float>();
+  a.dq_turns = dq_turns.data_ptr<int>();
   a.dk = mutable_data_of<T>(bt.dk);
   a.dv = mutable_data_of<T>(bt.dv);
   a.bias_partial = nullptr;
   a.span_partial = nullptr;
+  a.num_k_blocks = num_k_blocks;
+  a.num_q_blocks = num_q_blocks;
   a.q_vec = vector_friendly(in.q);
   a.k_vec = vector_friendly(in.k);
   a.v_vec = vector_friendly(in.v);
   a.dout_vec = vector_friendly(bt.dout);
-
-  // Kernel 2: dK, dV.
-  using KV = BwdKVConfig<T, kD>;
-  a.num_k_blocks = ceil_div(Sk, KV::kBlockK);
-  a.n_split = 1;
-  launch(&attention_bwd_dkdv_kernel<T, kD>, a.num_k_blocks * B * Hkv, KV::kThreads,
-         KV::kSmemBytes, ctx, a, "attention backward (dK, dV)");
-
-  // Kernel 3: dQ and the per-block partials of the bias / span gradients.
-  using QC = BwdQConfig<T, kD>;
-  const int64_t num_q_blocks = ceil_div(Sq, QC::kBlockQ);
-  int64_t n_split = num_q_blocks;
-  if ((bt.want_bias_grad || bt.want_span_grad) && B * Hq > 0) {
-    n_split = std::min(num_q_blocks, std::max<int64_t>(1, ceil_div(kTargetGradBlocks, B * Hq)));
-  }
-  a.n_split = n_split;
+  const int64_t n_split = num_k_blocks;  // partials per (b, h)
   const int64_t table_rows = 2 * p.max_dist - 1;
   at::Tensor bias_partial, span_partial;
   if (bt.want_bias_grad) {
-    bias_partial = at::zeros({B * Hq * n_split, table_rows}, bt.lse.options());
+    bias_partial = at::zeros({B * Hq * n_split, table_rows}, f32);
     a.bias_partial = bias_partial.data_ptr<float>();
   }
   if (bt.want_span_grad) {
-    span_partial = at::zeros({B * Hq * n_split}, bt.lse.options());
+    span_partial = at::zeros({B * Hq * n_split}, f32);
     a.span_partial = span_partial.data_ptr<float>();
   }
-  const size_t dq_smem = QC::kSmemBytesBase + (bt.want_bias_grad ? QC::kSmemBytesBias : 0);
-  launch(&attention_bwd_dq_kernel<T, kD>, n_split * B * Hq, QC::kThreads, dq_smem, ctx, a,
-         "attention backward (dQ)");
+  launch(&attention_bwd_kernel<T, kD>, num_k_blocks * B * Hkv, Cfg::kThreads, Cfg::kSmemBytes,
+         ctx, a, "attention backward");
+
+  // Kernel 3: dQ = scale * dq_accum in the element type.
+  {
+    DqConvertArgs<T> c;
+    c.dq_accum = dq_accum.data_ptr<float>();
+    c.dq = mutable_data_of<T>(bt.dq);
+    c.scale_ptr = in.scale_ptr;
+    c.scale = p.scale;
+    c.numel = dq_accum.numel();
+    launch(&attention_bwd_dq_convert_kernel<T>, std::min<int64_t>(ceil_div(c.numel, 256), 4096), 256, 0,
+           ctx, c, "attention backward (dQ)");
+  }
 
   // Fixed-order reductions of the partials.
   if (bt.want_bias_grad) {

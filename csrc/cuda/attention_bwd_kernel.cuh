@@ -1,28 +1,40 @@
-// Backward attention kernels. Deterministic: no atomics; every output element is written by
-// exactly one thread block, and every sum over blocks runs in a fixed order.
+// Backward attention kernels. Deterministic: every sum over thread blocks runs in a fixed
+// order, so two backward passes on the same inputs give bitwise-equal gradients.
 //
 // With P = exp(logits - lse) (recomputed from the forward's lse, never stored) and
 // dS = dlogits:
-//   D_i    = rowsum(dO_i * O_i) - grad_lse_i                         (kernel 1: delta)
+//   D_i    = rowsum(dO_i * O_i) - grad_lse_i                           (kernel 1: delta)
 //   dP     = dO V^T,   dS = P * (dP - D)
-//   dV     = P^T dO,   dK = scale * dS^T Q                           (kernel 2: dK/dV)
-//   dQ     = scale * dS K                                            (kernel 3: dQ)
-//   grad_rel_bias[row(d), h] += dS,  grad_span[b, h] += dS * dlogit/dspan  (kernel 3)
+//   dV     = P^T dO,   dK = scale * dS^T Q,   dQ = scale * dS K          (kernel 2)
+//   grad_rel_bias[row(d), h] += dS,  grad_span[b, h] += dS * dlogit/dspan  (kernel 2)
 //
-// Kernel 2 runs one block per (key block, b * Hkv + h_kv) and loops over the group's query
-// heads and over the query blocks that can see the key block, in a fixed order, so GQA needs
-// no atomics; the next query block's Q and dO arrive by cp.async (double-buffered) while the
-// current one is computed. Kernel 3 runs one block per (query split, b * Hq + h): a block handles query
-// blocks split, split + n_split, ... and walks their visible key tiles like the forward (the
-// next tile's K and V arrive by cp.async, double-buffered, while the current one is used). It
-// accumulates dQ in registers, the span gradient per thread, and the bias-table gradient in a
-// per-block partial row buffer in global memory (only this block touches it). Per key tile
-// whose distances span several table rows, dS is staged in shared memory, summed along each
-// diagonal (one distance d) by one thread, then per table row (clamped distances share a row)
-// by one thread. A tile whose distances all clamp to one end row of the table (tile_is_uniform:
-// most tiles of a long sequence) only adds its dS to a per-thread register for that end, summed
-// over the block at the end. Small reduction kernels then add the per-block partials in a
-// fixed order.
+// Kernel 2 is FlashAttention-2's backward: one block per (key block, b * Hkv + h_kv) keeps its
+// K and V tiles and the dK, dV accumulators (in registers) while it walks the group's query
+// heads and, for each, the query blocks that can see its keys, from the last to the first. Per
+// query block it computes S^T and dP^T (keys x queries), P and dS into shared memory, then
+// dV += P^T dO, dK += dS^T Q, and this key block's share of dQ = dS K, which it adds into an
+// fp32 dQ buffer. Five matrix products per (query block, key block), against seven when dQ had
+// a kernel of its own that recomputed S and dP. The next query block's Q arrives by cp.async
+// while the current one is computed (double-buffered), its dO while dQ is.
+//
+// Determinism of dQ: the key blocks that add into one query block's dQ take turns
+// (wait_for_turn / pass_turn, attention_utils.cuh) in ascending key-block order, so the fp32
+// atomics on each element always run in the same order. Walking query blocks from the last
+// down makes the turns cheap: with causal masks, windows or full attention alike, a lower key
+// block reaches any query block no later than a higher one (it sees the same or earlier query
+// blocks), so after the first query block the blocks of a head run in step without waiting.
+// A block only ever waits for lower-index blocks, which the GPU started first (the usual
+// assumption of in-order block dispatch), so the wait always ends. A small kernel then scales
+// and converts the dQ buffer.
+//
+// The table gradient: per (query block, key block) tile whose distances span several table
+// rows, dS (in shared memory, as the element type: the value dK and dQ use too) is summed along
+// each diagonal (one distance d) by one thread, then per table row (clamped distances share a
+// row) by one thread, into a partial row buffer of the (b, h, key block) that only this block
+// touches. A tile whose distances all clamp to one end row of the table (tile_is_uniform: most
+// tiles of a long sequence) only adds its dS to a per-thread register for that end, summed over
+// the block when the head is done. The span gradient is a per-thread sum likewise. Small
+// reduction kernels then add the partials over batches and key blocks in a fixed order.
 #pragma once
 
 #include "attention_utils.cuh"
@@ -62,7 +74,7 @@ __global__ void __launch_bounds__(kDeltaWarps * 32) attention_bwd_delta_kernel(c
 }
 
 // ---------------------------------------------------------------------------------------------
-// Kernels 2 and 3: shared arguments
+// Kernel 2: dK, dV, dQ and the rel_bias / span gradients
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 struct BwdArgs {
@@ -75,13 +87,13 @@ struct BwdArgs {
   const float* lse;       // (B, Hq, Sq) contiguous
   const float* delta;     // (B, Hq, Sq) contiguous
   const float* scale_ptr; // device pointer to the scale, or null
-  T* dq;                  // (B, Hq, Sq, Dqk) contiguous
+  float* dq_accum;        // (B, Hq, Sq, Dqk) fp32, zero-initialized; dS K without the scale
+  int* dq_turns;          // (B, Hq, num_q_blocks) zero-initialized turn counters
   T* dk;                  // (B, Hkv, Sk, Dqk) contiguous
   T* dv;                  // (B, Hkv, Sk, Dv) contiguous
-  float* bias_partial;    // (B * Hq * n_split, 2 * max_dist - 1) zero-initialized, or null
-  float* span_partial;    // (B * Hq * n_split), or null
-  int64_t num_k_blocks;   // kernel 2
-  int64_t n_split;        // kernel 3: blocks per (b, h)
+  float* bias_partial;    // (B, Hq, num_k_blocks, 2 * max_dist - 1) zero-initialized, or null
+  float* span_partial;    // (B, Hq, num_k_blocks) zero-initialized, or null
+  int64_t num_k_blocks, num_q_blocks;
   bool q_vec, k_vec, v_vec, dout_vec;  // 16-byte vector loads allowed
 };
 
@@ -104,240 +116,65 @@ FA_DEVICE void load_row_stats(float* s_lse, float* s_delta, const float* lse_bh,
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Kernel 2: dK, dV
-// ---------------------------------------------------------------------------------------------
+// Tile sizes and warp roles for element type T and padded head dim kD.
 template <typename T, int kD>
-struct BwdKVConfig {
+struct BwdConfig {
   static constexpr bool kTensorCores = !is_float32<T>();
-  static constexpr int kBlockK = kTensorCores ? (kD <= 128 ? 64 : 32) : (kD <= 128 ? 32 : 16);
-  static constexpr int kBlockQ = kTensorCores ? 32 : (kD <= 128 ? 32 : 16);
-  static constexpr int kWarps = kTensorCores ? 4 : (kD <= 128 ? 4 : 2);
+  static constexpr bool kWide = kD > 128;  // the 256 class: half the tiles, same registers
+  static constexpr int kBlockK = kTensorCores ? (kWide ? 64 : 128) : (kWide ? 32 : 64);
+  static constexpr int kBlockQ = kTensorCores ? (kWide ? 32 : 64) : (kWide ? 16 : 32);
+  static constexpr int kWarps = kTensorCores ? 8 : 4;
   static constexpr int kThreads = kWarps * 32;
-  // Warp roles. Every warp owns a 16-key slab; kSplit warps share a slab and split
-  //  - phase A (P^T and dS^T, 16 keys x kBlockQ queries) by queries: kQueriesPerWarp each,
-  //  - phase B (dK, dV accumulators, 16 keys x kD dims) by dims: kDimsPerWarp each.
-  static constexpr int kSlabs = kBlockK / 16;
-  static constexpr int kSplit = kWarps / kSlabs;
-  static constexpr int kQueriesPerWarp = kBlockQ / kSplit;
-  static constexpr int kDimsPerWarp = kD / kSplit;
-  static constexpr int kLd = kD + smem_pad<T>();       // K, V, Q, dO tiles
-  static constexpr int kLdT = kBlockQ + smem_pad<T>(); // P^T, dS^T tiles (keys x queries)
-  static constexpr int kQTile = kBlockQ * kLd;          // one Q (or dO) buffer, elements
-  // K, V; Q and dO twice (the next query block's arrive while this one is computed); P^T, dS^T.
-  static constexpr size_t kSmemBytes =
-      sizeof(T) * (static_cast<size_t>(2 * kBlockK) * kLd + 4 * kQTile + 2 * kBlockK * kLdT) +
-      sizeof(float) * (2 * kBlockQ + TileTable<kBlockQ, kBlockK>::kFloats);
-  static_assert(kWarps % kSlabs == 0, "warps per slab");
-  static_assert(kQueriesPerWarp % 8 == 0 && kDimsPerWarp % 8 == 0, "8-column accumulator tiles");
-  static_assert(kBlockQ % 16 == 0, "query tile is the K dim of P^T dO");
-};
+  // Warp grids (warps along rows x along columns) of the three products; a warp's tile is
+  // (16 kM) x (8 kN) (warp_tile_mma). Larger, squarer warp tiles read less shared memory per
+  // mma; the dK, dV accumulators (2 kMB kNB 4 floats per thread) bound them.
+  //   A: S^T = K Q^T and dP^T = V dO^T, kBlockK keys x kBlockQ queries;
+  static constexpr int kGridAK = kTensorCores ? 4 : 2, kGridAQ = kWarps / kGridAK;
+  //   B: dV += P^T dO and dK += dS^T Q, kBlockK keys x kD dims;
+  static constexpr int kGridBK = (kTensorCores && !kWide) ? 4 : 2, kGridBD = kWarps / kGridBK;
+  //   C: dQ_part = dS K, kBlockQ queries x kD dims.
+  static constexpr int kGridCQ = kTensorCores ? 2 : (kWide ? 1 : 2), kGridCD = kWarps / kGridCQ;
+  static constexpr int kMA = kBlockK / kGridAK / 16, kNA = kBlockQ / kGridAQ / 8;
+  static constexpr int kMB = kBlockK / kGridBK / 16, kNB = kD / kGridBD / 8;
+  static constexpr int kMC = kBlockQ / kGridCQ / 16, kNC = kD / kGridCD / 8;
+  static_assert(kMA * 16 * kGridAK == kBlockK && kNA * 8 * kGridAQ == kBlockQ, "grid A");
+  static_assert(kMB * 16 * kGridBK == kBlockK && kNB * 8 * kGridBD == kD, "grid B");
+  static_assert(kMC * 16 * kGridCQ == kBlockQ && kNC * 8 * kGridCD == kD, "grid C");
+  static_assert(kGridAK * kGridAQ == kWarps && kGridBK * kGridBD == kWarps && kGridCQ * kGridCD == kWarps,
+                "every warp has a tile in every product");
 
-template <typename T, int kD>
-__global__ void __launch_bounds__(BwdKVConfig<T, kD>::kThreads)
-    attention_bwd_dkdv_kernel(const BwdArgs<T> args) {
-  using Cfg = BwdKVConfig<T, kD>;
-  constexpr int kBK = Cfg::kBlockK, kBQ = Cfg::kBlockQ, kLd = Cfg::kLd, kLdT = Cfg::kLdT;
-  constexpr int kThreads = Cfg::kThreads;
-  constexpr int kQW = Cfg::kQueriesPerWarp, kDW = Cfg::kDimsPerWarp;
-  constexpr int kTilesA = kQW / 8;  // accumulator tiles of P^T / dP^T (8 queries each)
-  constexpr int kTilesB = kDW / 8;  // accumulator tiles of dK / dV (8 dims each)
-  const AttentionParams& p = args.p;
-
-  T* sK = reinterpret_cast<T*>(dynamic_smem());
-  T* sV = sK + kBK * kLd;
-  T* sQ_buf = sV + kBK * kLd;           // Q of query block n in buffer n % 2
-  T* sdO_buf = sQ_buf + 2 * Cfg::kQTile;  // dO likewise
-  T* sPt = sdO_buf + 2 * Cfg::kQTile;   // P^T   (keys x queries)
-  T* sdSt = sPt + kBK * kLdT; // dS^T  (keys x queries)
-  float* s_lse = reinterpret_cast<float*>(sdSt + kBK * kLdT);
-  float* s_delta = s_lse + kBQ;
-  float* s_table = s_delta + kBQ;  // the (query block, key block) tile's logit table
-
-  const int64_t k_block = blockIdx.x % args.num_k_blocks;
-  const int64_t bh_kv = blockIdx.x / args.num_k_blocks;  // b * Hkv + h_kv
-  const int64_t b = bh_kv / p.heads_kv, h_kv = bh_kv % p.heads_kv;
-  const int64_t group = p.group_size();
-  const int64_t j0 = k_block * kBK;
-  const int64_t valid_keys = min64(kBK, p.seqlen_k - j0);
-
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int g = lane / 4, t = lane % 4;
-  const int slab = warp % Cfg::kSlabs;  // this warp's keys: [16 * slab, 16 * slab + 16)
-  const int part = warp / Cfg::kSlabs;  // its share of the queries (phase A) / dims (phase B)
-
-  const T* k_bh = args.k + b * p.k_stride_b + h_kv * p.k_stride_h;
-  const T* v_bh = args.v + b * p.v_stride_b + h_kv * p.v_stride_h;
-  load_tile_async<T, kBK, kD, kThreads>(sK, kLd, k_bh, p.k_stride_s, j0, valid_keys,
-                                        p.head_dim_qk, args.k_vec);
-  load_tile_async<T, kBK, kD, kThreads>(sV, kLd, v_bh, p.v_stride_s, j0, valid_keys,
-                                        p.head_dim_v, args.v_vec);
-
-  const float scale = read_scale(p, args.scale_ptr);
-  const float scale_log2 = scale * kLog2e;
-  float acc_dk[kTilesB][4], acc_dv[kTilesB][4];
-  zero_acc(acc_dk);
-  zero_acc(acc_dv);
-
-  // The block visits (query head gi of the group, query block qb) in that order, skipping the
-  // query blocks that cannot see this key block (the same decision for the whole block).
-  // advance() steps to the next such pair and says whether there is one.
-  const int64_t num_q_blocks = ceil_div(p.seqlen_q, kBQ);
-  const auto advance = [&](int64_t& gi, int64_t& qb) -> bool {
-    if (num_q_blocks == 0) return false;
-    for (;;) {
-      if (++qb == num_q_blocks) {
-        qb = 0;
-        if (++gi == group) return false;
-      }
-      const int64_t i0 = qb * kBQ, i1 = min64(i0 + kBQ, p.seqlen_q);
-      if (key_tile_in_ranges(visible_key_ranges(p, b, h_kv * group + gi, i0, i1), j0, j0 + kBK)) {
-        return true;
-      }
-    }
-  };
-  // Q and dO of (gi, qb) into buffer `buf` by cp.async (the caller commits the group).
-  const auto prefetch = [&](int64_t gi, int64_t qb, int buf) {
-    const int64_t h = h_kv * group + gi;
-    const int64_t i0 = qb * kBQ, rows = min64(kBQ, p.seqlen_q - i0);
-    load_tile_async<T, kBQ, kD, kThreads>(sQ_buf + buf * Cfg::kQTile, kLd,
-                                          args.q + b * p.q_stride_b + h * p.q_stride_h,
-                                          p.q_stride_s, i0, rows, p.head_dim_qk, args.q_vec);
-    load_tile_async<T, kBQ, kD, kThreads>(sdO_buf + buf * Cfg::kQTile, kLd,
-                                          args.dout + b * args.dout_stride_b + h * args.dout_stride_h,
-                                          args.dout_stride_s, i0, rows, p.head_dim_v, args.dout_vec);
-  };
-
-  int64_t next_gi = 0, next_qb = -1;
-  bool have_next = advance(next_gi, next_qb);
-  if (have_next) prefetch(next_gi, next_qb, 0);
-  cp_async_commit();  // K and V (with the first Q/dO when there is one)
-  for (int buf = 0; have_next; buf ^= 1) {
-    const int64_t gi = next_gi, qb = next_qb;
-    have_next = advance(next_gi, next_qb);
-    const int64_t h = h_kv * group + gi;
-    const int64_t bh = b * p.heads_q + h;
-    const int64_t i0 = qb * kBQ;
-    T* sQ = sQ_buf + buf * Cfg::kQTile;
-    T* sdO = sdO_buf + buf * Cfg::kQTile;
-
-    cp_async_wait<0>();
-    __syncthreads();  // this block's Q/dO (and K/V) landed; phase B of the previous one is done
-                      // with the other buffer, sPt, sdSt and the row stats
-    if (have_next) {
-      prefetch(next_gi, next_qb, buf ^ 1);
-      cp_async_commit();
-    }
-    load_row_stats<kBQ, kThreads>(s_lse, s_delta, args.lse + bh * p.seqlen_q,
-                                  args.delta + bh * p.seqlen_q, i0, p.seqlen_q);
-    float tile_bias;  // the common bias of a uniform tile (base 2)
-    int64_t tile_bias_row;
-    const bool uniform =
-        tile_is_uniform(p, b, h, i0, i0 + kBQ, j0, j0 + kBK, &tile_bias, &tile_bias_row);
-    const TileRules rules = tile_rules<kBQ, kBK>(p, b, i0, j0);
-    if (!uniform) fill_tile_table<kBQ, kBK, kThreads>(p, b, h, i0, j0, rules.has_global(), s_table);
-    __syncthreads();
-
-    // Phase A: S^T = K Q^T and dP^T = V dO^T for 16 keys x kQW queries.
-    const int q_first = part * kQW;  // first query (in the tile) of this warp
-    float acc_s[kTilesA][4], acc_dp[kTilesA][4];
-    zero_acc(acc_s);
-    zero_acc(acc_dp);
-    warp_mma_nt<T, kTilesA, kD>(acc_s, sK + slab * 16 * kLd, kLd, sQ + q_first * kLd, kLd);
-    warp_mma_nt<T, kTilesA, kD>(acc_dp, sV + slab * 16 * kLd, kLd, sdO + q_first * kLd, kLd);
-
-#pragma unroll
-    for (int n = 0; n < kTilesA; ++n) {
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int key = slab * 16 + g + 8 * hf;  // row of the accumulator: a key
-        float pv[2], ds[2];
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int query = q_first + n * 8 + 2 * t + e;  // column: a query
-          const float qk = acc_s[n][2 * hf + e];
-          const float x = uniform ? fmaf(qk, scale_log2, tile_bias)
-                                  : tile_logit_log2<kBQ, kBK>(rules, s_table, query, key, qk, scale_log2);
-          pv[e] = exp2f(x - s_lse[query]);
-          ds[e] = pv[e] * (acc_dp[n][2 * hf + e] - s_delta[query]);
-        }
-        const int col = q_first + n * 8 + 2 * t;
-        store_pair(sPt + key * kLdT + col, pv[0], pv[1]);
-        store_pair(sdSt + key * kLdT + col, ds[0], ds[1]);
-      }
-    }
-    __syncthreads();  // the warps sharing a slab read each other's P^T / dS^T columns
-
-    // Phase B: dV += P^T dO and dK += dS^T Q for 16 keys x kDW dims.
-    const int d_first = part * kDW;
-    warp_mma_nn<T, kTilesB, kBQ>(acc_dv, sPt + slab * 16 * kLdT, kLdT, sdO + d_first, kLd);
-    warp_mma_nn<T, kTilesB, kBQ>(acc_dk, sdSt + slab * 16 * kLdT, kLdT, sQ + d_first, kLd);
-  }
-
-  // Stage dK (times scale) and dV in sK / sV, then write them out.
-  cp_async_wait<0>();  // K and V, when no query block came (the loop never waited)
-  __syncthreads();
-#pragma unroll
-  for (int n = 0; n < kTilesB; ++n) {
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int key = slab * 16 + g + 8 * hf;
-      const int col = part * kDW + n * 8 + 2 * t;
-      store_pair(sK + key * kLd + col, acc_dk[n][2 * hf] * scale, acc_dk[n][2 * hf + 1] * scale);
-      store_pair(sV + key * kLd + col, acc_dv[n][2 * hf], acc_dv[n][2 * hf + 1]);
-    }
-  }
-  __syncthreads();
-  // dK, dV are freshly allocated contiguous tensors (16-byte aligned rows when D % 8 == 0).
-  const int64_t dk_stride_s = p.head_dim_qk, dv_stride_s = p.head_dim_v;
-  T* dk_bh = args.dk + bh_kv * p.seqlen_k * dk_stride_s;
-  T* dv_bh = args.dv + bh_kv * p.seqlen_k * dv_stride_s;
-  store_tile<T, kBK, kD, kThreads>(sK, kLd, dk_bh, dk_stride_s, j0, valid_keys, p.head_dim_qk,
-                                   p.head_dim_qk % (16 / sizeof(T)) == 0);
-  store_tile<T, kBK, kD, kThreads>(sV, kLd, dv_bh, dv_stride_s, j0, valid_keys, p.head_dim_v,
-                                   p.head_dim_v % (16 / sizeof(T)) == 0);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Kernel 3: dQ, and the rel_bias / span gradients
-// ---------------------------------------------------------------------------------------------
-template <typename T, int kD>
-struct BwdQConfig {
-  static constexpr bool kTensorCores = !is_float32<T>();
-  static constexpr int kBlockQ = kTensorCores ? (kD <= 128 ? 64 : 32) : (kD <= 128 ? 32 : 16);
-  static constexpr int kBlockK = kTensorCores ? 32 : (kD <= 128 ? 32 : 16);
-  static constexpr int kWarps = kBlockQ / 16;
-  static constexpr int kThreads = kWarps * 32;
-  static constexpr int kLd = kD + smem_pad<T>();        // Q, dO, K, V tiles
-  static constexpr int kLdS = kBlockK + smem_pad<T>();  // dS tile in T (operand of dS K)
-  static constexpr int kLdF = kBlockK + 1;              // dS tile in fp32 (bias gradient)
+  static constexpr int kLd = kD + smem_pad<T>();        // K, V, Q, dO tiles
+  static constexpr int kLdT = kBlockQ + smem_pad<T>();  // P^T, dS^T tiles (keys x queries)
+  static constexpr int kQTile = kBlockQ * kLd;           // one Q buffer, elements
   static constexpr int kDiagonals = kBlockQ + kBlockK - 1;
-  static constexpr int kKTile = kBlockK * kLd;  // one K (or V) buffer, elements
-  // Q, dO; K and V twice (the next key tile's arrive while this one is computed); dS.
-  static constexpr size_t kSmemBytesBase =
-      sizeof(T) * (static_cast<size_t>(2 * kBlockQ) * kLd + 4 * kKTile + kBlockQ * kLdS) +
-      sizeof(float) * (2 * kBlockQ + kWarps + TileTable<kBlockQ, kBlockK>::kFloats);
-  // Extra shared memory when the bias-table gradient is computed.
-  static constexpr size_t kSmemBytesBias = sizeof(float) * (kBlockQ * kLdF + kDiagonals);
-  static_assert(kBlockK % 16 == 0, "key tile is the K dim of dS K");
+  // K, V; Q twice (the next query block's arrives while this one is computed), dO once (the
+  // next one arrives during the dQ product); P^T, dS^T; lse, delta, warp sums, the tile's logit
+  // table and the diagonal sums of the table gradient.
+  static constexpr size_t kSmemTiles =
+      sizeof(T) * (static_cast<size_t>(2 * kBlockK) * kLd + 3 * kQTile + 2 * kBlockK * kLdT);
+  static constexpr size_t kSmemBytes =
+      kSmemTiles + sizeof(float) * (2 * kBlockQ + kWarps + TileTable<kBlockQ, kBlockK>::kFloats + kDiagonals);
+  // An A100 gives a block at most 163 KB (166912 bytes); the H100 227 KB.
+  static_assert(kSmemBytes <= 166912, "the backward must fit an A100's shared memory");
 };
 
-// Adds the tile's dS (queries [i0, i0 + kBQ) x keys [j0, j0 + kBK), fp32 in s_ds with row
-// length kBK + 1, zero on masked pairs) to the block's partial bias-table rows, deterministically:
-// pass 1 sums each diagonal (one distance d) in ascending query order; pass 2 adds, for each
-// table row, its diagonals in ascending d (several only where rel_bias_row clamps) and updates
-// the row, which no other thread of any block touches.
-template <int kBQ, int kBK, int kThreads>
-FA_DEVICE void accumulate_rel_bias_grad(const AttentionParams& p, const float* s_ds, float* s_diag,
-                                        int64_t i0, int64_t j0, float* partial_rows) {
-  constexpr int kLdF = kBK + 1, kDiagonals = kBQ + kBK - 1;
+// Adds the tile's dS (queries [i0, i0 + kBQ) x keys [j0, j0 + kBK), read from s_dst, dS^T in
+// the element type with row length ld; zero on masked pairs) to the partial table rows,
+// deterministically: pass 1 sums each diagonal (one distance d) in ascending query order; pass
+// 2 adds, for each table row, its diagonals in ascending d (several only where rel_bias_row
+// clamps) and updates the row, which no other block touches. Ends before a barrier: s_diag
+// must not be written again until the caller's next one.
+template <typename T, int kBQ, int kBK, int kThreads>
+FA_DEVICE void accumulate_rel_bias_grad(const AttentionParams& p, const T* s_dst, int ld,
+                                        float* s_diag, int64_t i0, int64_t j0, float* partial_rows) {
+  constexpr int kDiagonals = kBQ + kBK - 1;
   // Slot s holds q_l - k_l = s - (kBK - 1), i.e. d = d_first + s.
   for (int s = threadIdx.x; s < kDiagonals; s += kThreads) {
     const int offset = s - (kBK - 1);
     const int q_begin = offset > 0 ? offset : 0;
     const int q_end = kBQ < kBK + offset ? kBQ : kBK + offset;
     float sum = 0.f;
-    for (int q = q_begin; q < q_end; ++q) sum += s_ds[q * kLdF + (q - offset)];
+    for (int q = q_begin; q < q_end; ++q) sum += to_float(s_dst[(q - offset) * ld + q]);
     s_diag[s] = sum;
   }
   __syncthreads();
@@ -370,180 +207,292 @@ FA_DEVICE float block_sum_fixed_order(float value, float* s_warp_sums) {
 }
 
 template <typename T, int kD>
-__global__ void __launch_bounds__(BwdQConfig<T, kD>::kThreads)
-    attention_bwd_dq_kernel(const BwdArgs<T> args) {
-  using Cfg = BwdQConfig<T, kD>;
-  constexpr int kBQ = Cfg::kBlockQ, kBK = Cfg::kBlockK, kLd = Cfg::kLd, kLdS = Cfg::kLdS;
-  constexpr int kLdF = Cfg::kLdF, kThreads = Cfg::kThreads, kWarps = Cfg::kWarps;
-  constexpr int kTilesS = kBK / 8;  // accumulator tiles of S / dP (8 keys each)
-  constexpr int kTilesQ = kD / 8;   // accumulator tiles of dQ (8 dims each)
+__global__ void __launch_bounds__(BwdConfig<T, kD>::kThreads)
+    attention_bwd_kernel(const BwdArgs<T> args) {
+  using Cfg = BwdConfig<T, kD>;
+  constexpr int kBK = Cfg::kBlockK, kBQ = Cfg::kBlockQ, kLd = Cfg::kLd, kLdT = Cfg::kLdT;
+  constexpr int kThreads = Cfg::kThreads, kWarps = Cfg::kWarps;
+  constexpr int kMA = Cfg::kMA, kNA = Cfg::kNA, kMB = Cfg::kMB, kNB = Cfg::kNB;
+  constexpr int kMC = Cfg::kMC, kNC = Cfg::kNC;
   const AttentionParams& p = args.p;
   const bool want_bias_grad = args.bias_partial != nullptr;
   const bool want_span_grad = args.span_partial != nullptr;
 
-  T* sQ = reinterpret_cast<T*>(dynamic_smem());
-  T* sdO = sQ + kBQ * kLd;
-  T* sK_buf = sdO + kBQ * kLd;          // K of the n-th key tile in buffer n % 2
-  T* sV_buf = sK_buf + 2 * Cfg::kKTile;  // V likewise
-  T* sdS = sV_buf + 2 * Cfg::kKTile;
-  float* s_lse = reinterpret_cast<float*>(sdS + kBQ * kLdS);
+  T* sK = reinterpret_cast<T*>(dynamic_smem());
+  T* sV = sK + kBK * kLd;
+  T* sQ_buf = sV + kBK * kLd;             // Q of the n-th visited query block in buffer n % 2
+  T* sdO = sQ_buf + 2 * Cfg::kQTile;
+  T* sPt = sdO + Cfg::kQTile;             // P^T   (keys x queries)
+  T* sdSt = sPt + kBK * kLdT;             // dS^T  (keys x queries)
+  float* s_lse = reinterpret_cast<float*>(sdSt + kBK * kLdT);
   float* s_delta = s_lse + kBQ;
   float* s_warp_sums = s_delta + kBQ;
-  float* s_table = s_warp_sums + kWarps;   // the current tile's logit table
-  float* s_ds_f32 = s_table + TileTable<kBQ, kBK>::kFloats;  // only when want_bias_grad (host sizes the smem)
-  float* s_diag = s_ds_f32 + kBQ * kLdF;
+  float* s_table = s_warp_sums + kWarps;  // the current tile's logit table
+  float* s_diag = s_table + TileTable<kBQ, kBK>::kFloats;
 
-  const int64_t split = blockIdx.x % args.n_split;
-  const int64_t bh = blockIdx.x / args.n_split;  // b * Hq + h
-  const int64_t b = bh / p.heads_q, h = bh % p.heads_q;
-  const int64_t h_kv = h / p.group_size();
+  const int64_t k_block = blockIdx.x % args.num_k_blocks;
+  const int64_t bh_kv = blockIdx.x / args.num_k_blocks;  // b * Hkv + h_kv
+  const int64_t b = bh_kv / p.heads_kv, h_kv = bh_kv % p.heads_kv;
+  const int64_t group = p.group_size();
+  const int64_t j0 = k_block * kBK;
+  const int64_t valid_keys = min64(kBK, p.seqlen_k - j0);
+  const int64_t num_q_blocks = args.num_q_blocks;
+  const int64_t table_rows = 2 * p.max_dist - 1;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
-  const int row0 = warp * 16;
+  // This warp's tiles in the three products (first row, first column).
+  const int a_key0 = (warp / Cfg::kGridAQ) * kMA * 16, a_q0 = (warp % Cfg::kGridAQ) * kNA * 8;
+  const int b_key0 = (warp / Cfg::kGridBD) * kMB * 16, b_d0 = (warp % Cfg::kGridBD) * kNB * 8;
+  const int c_q0 = (warp / Cfg::kGridCD) * kMC * 16, c_d0 = (warp % Cfg::kGridCD) * kNC * 8;
 
-  const T* q_bh = args.q + b * p.q_stride_b + h * p.q_stride_h;
-  const T* do_bh = args.dout + b * args.dout_stride_b + h * args.dout_stride_h;
   const T* k_bh = args.k + b * p.k_stride_b + h_kv * p.k_stride_h;
   const T* v_bh = args.v + b * p.v_stride_b + h_kv * p.v_stride_h;
-  const int64_t dq_stride_s = p.head_dim_qk;  // dQ is a fresh contiguous tensor
-  T* dq_bh = args.dq + bh * p.seqlen_q * dq_stride_s;
-  float* bias_rows = want_bias_grad ? args.bias_partial + blockIdx.x * (2 * p.max_dist - 1) : nullptr;
+  load_tile_async<T, kBK, kD, kThreads>(sK, kLd, k_bh, p.k_stride_s, j0, valid_keys,
+                                        p.head_dim_qk, args.k_vec);
+  load_tile_async<T, kBK, kD, kThreads>(sV, kLd, v_bh, p.v_stride_s, j0, valid_keys,
+                                        p.head_dim_v, args.v_vec);
 
   const float scale = read_scale(p, args.scale_ptr);
   const float scale_log2 = scale * kLog2e;
-  float span_acc = 0.f;  // this thread's share of dL/dspan[b, h]
-  // This thread's share of the uniform tiles' dS for table row 0 and row 2 * max_dist - 2 (the
-  // same row when max_dist == 1: every tile then uses edge_sums[0]).
-  float edge_sums[2] = {0.f, 0.f};
+  float acc_dk[kMB][kNB][4], acc_dv[kMB][kNB][4];
+  zero_acc(acc_dk);
+  zero_acc(acc_dv);
 
-  const int64_t num_q_blocks = ceil_div(p.seqlen_q, kBQ);
-  for (int64_t qb = split; qb < num_q_blocks; qb += args.n_split) {
+  // The keys query block qb of head h can see; a key block takes part in the query block when
+  // it intersects them. Every key block makes this same test, so it also says whose turns come
+  // before this block's in the query block's dQ.
+  const auto query_block_ranges = [&](int64_t h, int64_t qb) -> KeyRanges {
     const int64_t i0 = qb * kBQ;
-    const int64_t i1 = min64(i0 + kBQ, p.seqlen_q);
-    __syncthreads();  // the previous query block's dQ has been copied out of sQ
-    load_tile_async<T, kBQ, kD, kThreads>(sQ, kLd, q_bh, p.q_stride_s, i0, i1 - i0,
-                                          p.head_dim_qk, args.q_vec);
-    load_tile_async<T, kBQ, kD, kThreads>(sdO, kLd, do_bh, args.dout_stride_s, i0, i1 - i0,
-                                          p.head_dim_v, args.dout_vec);
+    return visible_key_ranges(p, b, h, i0, min64(i0 + kBQ, p.seqlen_q));
+  };
+  const auto sees_keys = [&](const KeyRanges& r, int64_t key_block) -> bool {
+    return key_tile_in_ranges(r, key_block * kBK, key_block * kBK + kBK);
+  };
+  // The block visits (query head gi of the group, query block qb): heads in order, query
+  // blocks from the last down, skipping those that cannot see this key block. advance() steps
+  // to the next such pair and says whether there is one (start from gi = 0, qb = num_q_blocks).
+  const auto advance = [&](int64_t& gi, int64_t& qb) -> bool {
+    if (num_q_blocks == 0) return false;
+    for (;;) {
+      if (--qb < 0) {
+        qb = num_q_blocks - 1;
+        if (++gi == group) return false;
+      }
+      if (sees_keys(query_block_ranges(h_kv * group + gi, qb), k_block)) return true;
+    }
+  };
+  const auto load_q = [&](int64_t gi, int64_t qb, int buf) {
+    const int64_t h = h_kv * group + gi;
+    const int64_t i0 = qb * kBQ, rows = min64(kBQ, p.seqlen_q - i0);
+    load_tile_async<T, kBQ, kD, kThreads>(sQ_buf + buf * Cfg::kQTile, kLd,
+                                          args.q + b * p.q_stride_b + h * p.q_stride_h,
+                                          p.q_stride_s, i0, rows, p.head_dim_qk, args.q_vec);
+  };
+  const auto load_dout = [&](int64_t gi, int64_t qb) {
+    const int64_t h = h_kv * group + gi;
+    const int64_t i0 = qb * kBQ, rows = min64(kBQ, p.seqlen_q - i0);
+    load_tile_async<T, kBQ, kD, kThreads>(sdO, kLd, args.dout + b * args.dout_stride_b + h * args.dout_stride_h,
+                                          args.dout_stride_s, i0, rows, p.head_dim_v, args.dout_vec);
+  };
+
+  // Per-thread shares of the current head's span gradient and of its uniform tiles' dS for
+  // table row 0 and row 2 * max_dist - 2 (the same row when max_dist == 1: every tile then
+  // uses edge_sums[0]); flushed into the head's partials when the head is done.
+  float span_acc = 0.f;
+  float edge_sums[2] = {0.f, 0.f};
+  int* turn_to_pass = nullptr;  // thread 0: the dQ turn to pass at the next barrier
+
+  int64_t next_gi = 0, next_qb = num_q_blocks;
+  bool have_next = advance(next_gi, next_qb);
+  if (have_next) {
+    load_q(next_gi, next_qb, 0);
+    load_dout(next_gi, next_qb);
+  }
+  cp_async_commit();  // K and V (with the first Q and dO when there is one)
+  for (int buf = 0; have_next; buf ^= 1) {
+    const int64_t gi = next_gi, qb = next_qb;
+    have_next = advance(next_gi, next_qb);
+    const int64_t h = h_kv * group + gi;
+    const int64_t bh = b * p.heads_q + h;
+    const int64_t i0 = qb * kBQ;
+    T* sQ = sQ_buf + buf * Cfg::kQTile;
+
+    cp_async_wait<0>();
+    __syncthreads();  // Q, dO (and K, V) landed; the previous step is done with everything
+                      // else, and every thread has fenced its dQ atomics
+    if (threadIdx.x == 0 && turn_to_pass != nullptr) pass_turn(turn_to_pass);
+    if (have_next) {
+      load_q(next_gi, next_qb, buf ^ 1);
+      cp_async_commit();
+    }
     load_row_stats<kBQ, kThreads>(s_lse, s_delta, args.lse + bh * p.seqlen_q,
                                   args.delta + bh * p.seqlen_q, i0, p.seqlen_q);
-    // K and V of key tile kt into buffer `buf` by cp.async (the caller commits the group).
-    const auto prefetch = [&](int64_t kt, int buf) {
-      const int64_t j0 = kt * kBK, valid_keys = min64(kBK, p.seqlen_k - j0);
-      load_tile_async<T, kBK, kD, kThreads>(sK_buf + buf * Cfg::kKTile, kLd, k_bh, p.k_stride_s,
-                                            j0, valid_keys, p.head_dim_qk, args.k_vec);
-      load_tile_async<T, kBK, kD, kThreads>(sV_buf + buf * Cfg::kKTile, kLd, v_bh, p.v_stride_s,
-                                            j0, valid_keys, p.head_dim_v, args.v_vec);
-    };
+    float tile_bias;  // the common bias of a uniform tile (base 2)
+    int64_t tile_bias_row;
+    const bool uniform =
+        tile_is_uniform(p, b, h, i0, i0 + kBQ, j0, j0 + kBK, &tile_bias, &tile_bias_row);
+    const TileRules rules = tile_rules<kBQ, kBK>(p, b, i0, j0);
+    if (!uniform) fill_tile_table<kBQ, kBK, kThreads>(p, b, h, i0, j0, rules.has_global(), s_table);
+    __syncthreads();
 
-    float acc_dq[kTilesQ][4];
-    zero_acc(acc_dq);
-    const KeyTiles tiles = key_tiles(visible_key_ranges(p, b, h, i0, i1), kBK);
-    if (tiles.first() < tiles.end) prefetch(tiles.first(), 0);
-    cp_async_commit();  // Q, dO and the first K/V tile
-    int buf = 0;
-    for (int64_t kt = tiles.first(); kt < tiles.end; kt = tiles.next(kt), buf ^= 1) {
-      const int64_t j0 = kt * kBK;
-      const T* sK = sK_buf + buf * Cfg::kKTile;
-      const T* sV = sV_buf + buf * Cfg::kKTile;
-      cp_async_wait<0>();
-      __syncthreads();  // this tile's K/V (and Q/dO) landed; every warp is done with the
-                        // previous tile (the other buffer, the table, the fp32 dS)
-      if (tiles.next(kt) < tiles.end) {
-        prefetch(tiles.next(kt), buf ^ 1);
-        cp_async_commit();
-      }
-      float tile_bias;  // the common bias of a uniform tile (base 2)
-      int64_t tile_bias_row;
-      const bool uniform =
-          tile_is_uniform(p, b, h, i0, i0 + kBQ, j0, j0 + kBK, &tile_bias, &tile_bias_row);
-      const TileRules rules = tile_rules<kBQ, kBK>(p, b, i0, j0);
-      if (!uniform) fill_tile_table<kBQ, kBK, kThreads>(p, b, h, i0, j0, rules.has_global(), s_table);
-      __syncthreads();
-      // A uniform tile's dS all goes to one table row, an end row (every distance clamps): it
-      // is summed in this thread's register for that end instead of along the diagonals.
-      const bool bias_grad_by_diagonal = want_bias_grad && !uniform;
-      float tile_ds_sum = 0.f;  // this thread's dS of a uniform tile
-
-      float acc_s[kTilesS][4], acc_dp[kTilesS][4];
+    // A: S^T = K Q^T and dP^T = V dO^T for this warp's keys x queries; P and dS into shared
+    // memory (transposed: keys x queries, the A operands of phase B).
+    {
+      float acc_s[kMA][kNA][4], acc_dp[kMA][kNA][4];
       zero_acc(acc_s);
       zero_acc(acc_dp);
-      warp_mma_nt<T, kTilesS, kD>(acc_s, sQ + row0 * kLd, kLd, sK, kLd);
-      warp_mma_nt<T, kTilesS, kD>(acc_dp, sdO + row0 * kLd, kLd, sV, kLd);
-
+      warp_tile_mma<T, kMA, kNA, kD, false, BLayout::kNK>(acc_s, sK + a_key0 * kLd, kLd, sQ + a_q0 * kLd, kLd);
+      warp_tile_mma<T, kMA, kNA, kD, false, BLayout::kNK>(acc_dp, sV + a_key0 * kLd, kLd, sdO + a_q0 * kLd, kLd);
+      float tile_ds_sum = 0.f;  // this thread's dS of a uniform tile
 #pragma unroll
-      for (int n = 0; n < kTilesS; ++n) {
+      for (int m = 0; m < kMA; ++m) {
 #pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const int query = row0 + g + 8 * hf;
-          float ds[2];
+        for (int n = 0; n < kNA; ++n) {
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int key = n * 8 + 2 * t + e;
-            const float qk = acc_s[n][2 * hf + e];
-            const float x = uniform ? fmaf(qk, scale_log2, tile_bias)
-                                    : tile_logit_log2<kBQ, kBK>(rules, s_table, query, key, qk, scale_log2);
-            const float pv = exp2f(x - s_lse[query]);
-            ds[e] = pv * (acc_dp[n][2 * hf + e] - s_delta[query]);
-            // Uniform tiles have no span (tile_is_uniform), so only the others contribute.
-            if (!uniform && want_span_grad && pv != 0.f) {
-              span_acc += ds[e] * span_logit_grad(p, b, h, i0 + query, j0 + key);
+          for (int hf = 0; hf < 2; ++hf) {
+            const int key = a_key0 + m * 16 + g + 8 * hf;  // row of the accumulator: a key
+            float pv[2], ds[2];
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int query = a_q0 + n * 8 + 2 * t + e;  // column: a query
+              const float qk = acc_s[m][n][2 * hf + e];
+              const float x = uniform ? fmaf(qk, scale_log2, tile_bias)
+                                      : tile_logit_log2<kBQ, kBK>(rules, s_table, query, key, qk, scale_log2);
+              pv[e] = exp2f(x - s_lse[query]);
+              ds[e] = pv[e] * (acc_dp[m][n][2 * hf + e] - s_delta[query]);
+              // Uniform tiles have no span (tile_is_uniform), so only the others contribute.
+              if (!uniform && want_span_grad && pv[e] != 0.f) {
+                span_acc += ds[e] * span_logit_grad(p, b, h, i0 + query, j0 + key);
+              }
             }
-          }
-          store_pair(sdS + query * kLdS + n * 8 + 2 * t, ds[0], ds[1]);
-          if (want_bias_grad && uniform) tile_ds_sum += ds[0] + ds[1];
-          if (bias_grad_by_diagonal) {
-            s_ds_f32[query * kLdF + n * 8 + 2 * t] = ds[0];
-            s_ds_f32[query * kLdF + n * 8 + 2 * t + 1] = ds[1];
+            if (want_bias_grad && uniform) tile_ds_sum += ds[0] + ds[1];
+            const int col = a_q0 + n * 8 + 2 * t;
+            store_pair(sPt + key * kLdT + col, pv[0], pv[1]);
+            store_pair(sdSt + key * kLdT + col, ds[0], ds[1]);
           }
         }
       }
-      if (want_bias_grad && uniform) {
+      if (want_bias_grad && uniform) {  // (not edge_sums[index]: that would live in local memory)
         if (tile_bias_row == 0) {
           edge_sums[0] += tile_ds_sum;
         } else {
           edge_sums[1] += tile_ds_sum;
         }
       }
-      __syncwarp();  // dS rows written by this warp's lanes are read by all its lanes
-      warp_mma_nn<T, kTilesQ, kBK>(acc_dq, sdS + row0 * kLdS, kLdS, sK, kLd);
+    }
+    __syncthreads();  // P^T and dS^T are complete (each product reads other warps' parts)
 
-      if (bias_grad_by_diagonal) {  // the same for the whole block
-        __syncthreads();  // the whole fp32 dS tile is written
-        accumulate_rel_bias_grad<kBQ, kBK, kThreads>(p, s_ds_f32, s_diag, i0, j0, bias_rows);
-      }
+    if (want_bias_grad && !uniform) {  // the same for the whole block
+      float* bias_rows = args.bias_partial + (bh * args.num_k_blocks + k_block) * table_rows;
+      accumulate_rel_bias_grad<T, kBQ, kBK, kThreads>(p, sdSt, kLdT, s_diag, i0, j0, bias_rows);
     }
 
-    // dQ = scale * dS K for this query block, staged in sQ.
-    cp_async_wait<0>();  // Q/dO, when no key tile came (the loop never waited)
-    __syncthreads();
+    // B: dV += P^T dO and dK += dS^T Q for this warp's keys x dims.
+    warp_tile_mma<T, kMB, kNB, kBQ, false, BLayout::kKN>(acc_dv, sPt + b_key0 * kLdT, kLdT, sdO + b_d0, kLd);
+    warp_tile_mma<T, kMB, kNB, kBQ, false, BLayout::kKN>(acc_dk, sdSt + b_key0 * kLdT, kLdT, sQ + b_d0, kLd);
+    __syncthreads();  // every warp is done with dO
+    if (have_next) {
+      load_dout(next_gi, next_qb);
+      cp_async_commit();
+    }
+
+    // C: this key block's share of dQ = dS K (queries x dims; dS read from dS^T), added into
+    // the fp32 buffer in this key block's turn.
+    {
+      float acc_dq[kMC][kNC][4];
+      zero_acc(acc_dq);
+      warp_tile_mma<T, kMC, kNC, kBK, true, BLayout::kKN>(acc_dq, sdSt + c_q0, kLdT, sK + c_d0, kLd);
+      int turn = 0;  // key blocks before this one that add into this query block's dQ
+      const KeyRanges ranges = query_block_ranges(h, qb);
+      for (int64_t kb = 0; kb < k_block; ++kb) turn += sees_keys(ranges, kb) ? 1 : 0;
+      int* turns = args.dq_turns + bh * num_q_blocks + qb;
+      wait_for_turn(turns, turn);
+      float* dq_rows = args.dq_accum + (bh * p.seqlen_q + i0) * p.head_dim_qk;
 #pragma unroll
-    for (int n = 0; n < kTilesQ; ++n) {
+      for (int m = 0; m < kMC; ++m) {
+#pragma unroll
+        for (int n = 0; n < kNC; ++n) {
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            const int64_t row = c_q0 + m * 16 + g + 8 * (r / 2);
+            const int col = c_d0 + n * 8 + 2 * t + (r % 2);
+            if (i0 + row < p.seqlen_q && col < p.head_dim_qk) {
+              atomic_add_f32(dq_rows + row * p.head_dim_qk + col, acc_dq[m][n][r]);
+            }
+          }
+        }
+      }
+      thread_fence();  // the adds are visible before the turn passes (after the next barrier)
+      turn_to_pass = turns;
+    }
+
+    // The head is done: its span and uniform-tile table sums join its partials.
+    if (!have_next || next_gi != gi) {
+      if (want_bias_grad) {
+        const float low = block_sum_fixed_order<kWarps>(edge_sums[0], s_warp_sums);
+        const float high = block_sum_fixed_order<kWarps>(edge_sums[1], s_warp_sums);
+        if (threadIdx.x == 0) {
+          float* bias_rows = args.bias_partial + (bh * args.num_k_blocks + k_block) * table_rows;
+          bias_rows[0] += low;
+          bias_rows[table_rows - 1] += high;
+        }
+        edge_sums[0] = edge_sums[1] = 0.f;
+      }
+      if (want_span_grad) {
+        const float total = block_sum_fixed_order<kWarps>(span_acc, s_warp_sums);
+        if (threadIdx.x == 0) args.span_partial[bh * args.num_k_blocks + k_block] = total;
+        span_acc = 0.f;
+      }
+    }
+  }
+
+  // Stage dK (times scale) and dV in sK / sV, then write them out.
+  cp_async_wait<0>();  // K and V, when no query block came (the loop never waited)
+  __syncthreads();
+  if (threadIdx.x == 0 && turn_to_pass != nullptr) pass_turn(turn_to_pass);
+#pragma unroll
+  for (int m = 0; m < kMB; ++m) {
+#pragma unroll
+    for (int n = 0; n < kNB; ++n) {
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
-        store_pair(sQ + (row0 + g + 8 * hf) * kLd + n * 8 + 2 * t, acc_dq[n][2 * hf] * scale,
-                   acc_dq[n][2 * hf + 1] * scale);
+        const int key = b_key0 + m * 16 + g + 8 * hf;
+        const int col = b_d0 + n * 8 + 2 * t;
+        store_pair(sK + key * kLd + col, acc_dk[m][n][2 * hf] * scale, acc_dk[m][n][2 * hf + 1] * scale);
+        store_pair(sV + key * kLd + col, acc_dv[m][n][2 * hf], acc_dv[m][n][2 * hf + 1]);
       }
     }
-    __syncthreads();
-    store_tile<T, kBQ, kD, kThreads>(sQ, kLd, dq_bh, dq_stride_s, i0, i1 - i0, p.head_dim_qk,
-                                     p.head_dim_qk % (16 / sizeof(T)) == 0);
   }
+  __syncthreads();
+  // dK, dV are freshly allocated contiguous tensors (16-byte aligned rows when D % 8 == 0).
+  const int64_t dk_stride_s = p.head_dim_qk, dv_stride_s = p.head_dim_v;
+  T* dk_bh = args.dk + bh_kv * p.seqlen_k * dk_stride_s;
+  T* dv_bh = args.dv + bh_kv * p.seqlen_k * dv_stride_s;
+  store_tile<T, kBK, kD, kThreads>(sK, kLd, dk_bh, dk_stride_s, j0, valid_keys, p.head_dim_qk,
+                                   p.head_dim_qk % (16 / sizeof(T)) == 0);
+  store_tile<T, kBK, kD, kThreads>(sV, kLd, dv_bh, dv_stride_s, j0, valid_keys, p.head_dim_v,
+                                   p.head_dim_v % (16 / sizeof(T)) == 0);
+}
 
-  if (want_bias_grad) {
-    // The end rows' uniform-tile sums join the partial rows, after every diagonal update of
-    // this block (the barriers order them): fixed-order block sums, added by thread 0.
-    const float low = block_sum_fixed_order<kWarps>(edge_sums[0], s_warp_sums);
-    const float high = block_sum_fixed_order<kWarps>(edge_sums[1], s_warp_sums);
-    if (threadIdx.x == 0) {
-      bias_rows[0] += low;
-      bias_rows[2 * p.max_dist - 2] += high;
-    }
-  }
-  if (want_span_grad) {
-    const float total = block_sum_fixed_order<kWarps>(span_acc, s_warp_sums);
-    if (threadIdx.x == 0) args.span_partial[blockIdx.x] = total;
+// ---------------------------------------------------------------------------------------------
+// Kernel 3: dQ = scale * dq_accum, converted to the element type
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+struct DqConvertArgs {
+  const float* dq_accum;   // (B, Hq, Sq, Dqk) fp32
+  T* dq;                   // same shape, contiguous
+  const float* scale_ptr;  // device pointer to the scale, or null
+  float scale;
+  int64_t numel;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(256) attention_bwd_dq_convert_kernel(const DqConvertArgs<T> a) {
+  const float scale = a.scale_ptr != nullptr ? *a.scale_ptr : a.scale;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < a.numel;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    a.dq[i] = from_float<T>(a.dq_accum[i] * scale);
   }
 }
 

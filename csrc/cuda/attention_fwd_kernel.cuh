@@ -6,8 +6,10 @@
 //   1. K and V arrive in shared memory by cp.async (zero-padded past Sk and the head dim),
 //      software-pipelined: V of this tile loads while S = Q K^T is computed, K of the next
 //      tile while O += P V is;
-//   2. each warp computes S = Q K^T for its 16 query rows (tensor cores fed by ldmatrix for
-//      half/bfloat16, CUDA-core FMAs for float32, same register layout);
+//   2. each warp computes S = Q K^T for its 16 kRowTiles query rows (tensor cores fed by
+//      ldmatrix for half/bfloat16, CUDA-core FMAs for float32, same register layout; with two
+//      row tiles, as FlashAttention-2, every K and V fragment read from shared memory feeds two
+//      mma instructions);
 //   3. logits = scale * S + bias in base-2 units; masked pairs get -inf. Tiles where every pair
 //      is visible with one common bias (none, or a rel_bias row every distance clamps to) skip
 //      the per-element rule (tile_is_uniform); the others look the rule up in a per-tile
@@ -44,11 +46,15 @@ struct FwdArgs {
 template <typename T, int kD>
 struct FwdConfig {
   static constexpr bool kTensorCores = !is_float32<T>();
-  // Queries per block (16 per warp) and keys per tile. Chosen so that the fp32 accumulators
-  // fit in registers (O: kD / 2 floats per thread) and shared memory stays under ~99 KB.
-  static constexpr int kBlockQ = (kTensorCores || kD <= 128) ? 64 : 32;
-  static constexpr int kBlockK = kTensorCores ? (kD <= 128 ? 64 : 32) : (kD <= 128 ? 32 : 16);
-  static constexpr int kWarps = kBlockQ / 16;
+  // Row tiles (16 queries each) per warp, queries per block and keys per tile. Chosen so that
+  // the fp32 accumulators fit in registers (O: kRowTiles * kD / 2 floats per thread, S:
+  // kRowTiles * kBlockK / 2) and shared memory stays under ~99 KB.
+  static constexpr int kRowTiles = (kTensorCores && kD <= 128) ? 2 : 1;
+  static constexpr int kWarps = (kTensorCores || kD <= 128) ? 4 : 2;
+  static constexpr int kBlockQ = kWarps * 16 * kRowTiles;
+  // (kD = 128 with 64 keys spilled 128 bytes per thread at 255 registers: 32 keys, as
+  // FlashAttention-2's 128 x 32 configuration, fits.)
+  static constexpr int kBlockK = kTensorCores ? (kD <= 96 ? 64 : 32) : (kD <= 128 ? 32 : 16);
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kLd = kD + smem_pad<T>();        // row length of the Q, K, V tiles
   static constexpr int kLdP = kBlockK + smem_pad<T>();  // row length of the P tile
@@ -62,13 +68,14 @@ struct FwdConfig {
 };
 
 template <typename T, int kD>
-__global__ void __launch_bounds__(FwdConfig<T, kD>::kThreads)
+__global__ void __launch_bounds__(FwdConfig<T, kD>::kThreads, 1)
     attention_fwd_kernel(const FwdArgs<T> args) {
   using Cfg = FwdConfig<T, kD>;
   constexpr int kBQ = Cfg::kBlockQ, kBK = Cfg::kBlockK, kLd = Cfg::kLd, kLdP = Cfg::kLdP;
   constexpr int kThreads = Cfg::kThreads;
-  constexpr int kTilesS = kBK / 8;  // accumulator tiles of S (8 keys each)
-  constexpr int kTilesO = kD / 8;   // accumulator tiles of O (8 value dims each)
+  constexpr int kM = Cfg::kRowTiles;
+  constexpr int kTilesS = kBK / 8;  // accumulator tiles of S (8 keys each) per row tile
+  constexpr int kTilesO = kD / 8;   // accumulator tiles of O (8 value dims each) per row tile
   const AttentionParams& p = args.p;
 
   T* sQ = reinterpret_cast<T*>(dynamic_smem());
@@ -87,19 +94,23 @@ __global__ void __launch_bounds__(FwdConfig<T, kD>::kThreads)
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;  // accumulator rows g and g + 8, columns 2t and 2t + 1
-  const int row0 = warp * 16;            // this warp's first row in the query tile
+  const int row0 = warp * 16 * kM;       // this warp's first row in the query tile
 
   const T* q_bh = args.q + b * p.q_stride_b + h * p.q_stride_h;
   const T* k_bh = args.k + b * p.k_stride_b + h_kv * p.k_stride_h;
   const T* v_bh = args.v + b * p.v_stride_b + h_kv * p.v_stride_h;
 
   const float scale_log2 = read_scale(p, args.scale_ptr) * kLog2e;
-  float acc_o[kTilesO][4];
+  float acc_o[kM][kTilesO][4];
   zero_acc(acc_o);
-  // Per accumulator row half (rows g and g + 8): the running max of the base-2 logits and
-  // this thread's share of the running sum of exp2(logit - max).
-  float row_max[2] = {-INFINITY, -INFINITY};
-  float row_sum[2] = {0.f, 0.f};
+  // Per row tile m and accumulator row half hf (rows 16m + g and 16m + g + 8): the running max
+  // of the base-2 logits and this thread's share of the running sum of exp2(logit - max).
+  float row_max[kM][2], row_sum[kM][2];
+#pragma unroll
+  for (int m = 0; m < kM; ++m) {
+    row_max[m][0] = row_max[m][1] = -INFINITY;
+    row_sum[m][0] = row_sum[m][1] = 0.f;
+  }
 
   const KeyRanges ranges = visible_key_ranges(p, b, h, i0, i1);
   const KeyTiles tiles = key_tiles(ranges, kBK);
@@ -138,68 +149,70 @@ __global__ void __launch_bounds__(FwdConfig<T, kD>::kThreads)
     load_v(kt);
     cp_async_commit();
 
-    // S = Q K^T for this warp's 16 rows.
-    float acc_s[kTilesS][4];
+    // S = Q K^T for this warp's rows.
+    float acc_s[kM][kTilesS][4];
     zero_acc(acc_s);
-    warp_mma_nt<T, kTilesS, kD>(acc_s, sQ + row0 * kLd, kLd, sK, kLd);
+    warp_tile_mma<T, kM, kTilesS, kD, false, BLayout::kNK>(acc_s, sQ + row0 * kLd, kLd, sK, kLd);
 
     // Logits in base-2 units; -inf where masked.
-    if (uniform) {
 #pragma unroll
-      for (int n = 0; n < kTilesS; ++n) {
-#pragma unroll
-        for (int r = 0; r < 4; ++r) acc_s[n][r] = fmaf(acc_s[n][r], scale_log2, tile_bias);
-      }
-    } else {
+    for (int m = 0; m < kM; ++m) {
 #pragma unroll
       for (int n = 0; n < kTilesS; ++n) {
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
-          acc_s[n][r] = tile_logit_log2<kBQ, kBK>(rules, table, row0 + g + 8 * (r / 2),
-                                                  n * 8 + 2 * t + (r % 2), acc_s[n][r], scale_log2);
+          acc_s[m][n][r] = uniform ? fmaf(acc_s[m][n][r], scale_log2, tile_bias)
+                                   : tile_logit_log2<kBQ, kBK>(rules, table, row0 + m * 16 + g + 8 * (r / 2),
+                                                               n * 8 + 2 * t + (r % 2), acc_s[m][n][r],
+                                                               scale_log2);
         }
       }
     }
 
-    // Online softmax: new row max, rescale what was accumulated so far.
-    float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int n = 0; n < kTilesS; ++n) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) tile_max[r / 2] = max_nan(tile_max[r / 2], acc_s[n][r]);
-    }
-    float base[2];  // what exp2 subtracts: the new max, or 0 while the row has seen only -inf
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const float new_max = max_nan(row_max[hf], quad_max(tile_max[hf]));
-      base[hf] = new_max == -INFINITY ? 0.f : new_max;
-      const float alpha = exp2f(row_max[hf] - base[hf]);  // 0 when the old max was -inf
-      row_max[hf] = new_max;
-      row_sum[hf] *= alpha;
-#pragma unroll
-      for (int n = 0; n < kTilesO; ++n) {
-        acc_o[n][2 * hf] *= alpha;
-        acc_o[n][2 * hf + 1] *= alpha;
-      }
-    }
-
-    // P = exp2(logit - base), summed into the row sums (in fp32, before rounding).
-#pragma unroll
-    for (int n = 0; n < kTilesS; ++n) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        acc_s[n][r] = exp2f(acc_s[n][r] - base[r / 2]);
-        row_sum[r / 2] += acc_s[n][r];
-      }
-    }
-    if constexpr (!Cfg::kTensorCores) {
-      // float32: P goes through this warp's own 16 rows of sP.
-      T* sP_warp = sP + row0 * kLdP;
+    for (int m = 0; m < kM; ++m) {
+      // Online softmax: new row max, rescale what was accumulated so far.
+      float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
       for (int n = 0; n < kTilesS; ++n) {
 #pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          store_pair(sP_warp + (g + 8 * hf) * kLdP + n * 8 + 2 * t, acc_s[n][2 * hf], acc_s[n][2 * hf + 1]);
+        for (int r = 0; r < 4; ++r) tile_max[r / 2] = max_nan(tile_max[r / 2], acc_s[m][n][r]);
+      }
+      float base[2];  // what exp2 subtracts: the new max, or 0 while the row has seen only -inf
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const float new_max = max_nan(row_max[m][hf], quad_max(tile_max[hf]));
+        base[hf] = new_max == -INFINITY ? 0.f : new_max;
+        const float alpha = exp2f(row_max[m][hf] - base[hf]);  // 0 when the old max was -inf
+        row_max[m][hf] = new_max;
+        row_sum[m][hf] *= alpha;
+#pragma unroll
+        for (int n = 0; n < kTilesO; ++n) {
+          acc_o[m][n][2 * hf] *= alpha;
+          acc_o[m][n][2 * hf + 1] *= alpha;
+        }
+      }
+      // P = exp2(logit - base), summed into the row sums (in fp32, before rounding).
+#pragma unroll
+      for (int n = 0; n < kTilesS; ++n) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          acc_s[m][n][r] = exp2f(acc_s[m][n][r] - base[r / 2]);
+          row_sum[m][r / 2] += acc_s[m][n][r];
+        }
+      }
+    }
+    if constexpr (!Cfg::kTensorCores) {
+      // float32: P goes through this warp's own rows of sP.
+#pragma unroll
+      for (int m = 0; m < kM; ++m) {
+        T* sP_tile = sP + (row0 + m * 16) * kLdP;
+#pragma unroll
+        for (int n = 0; n < kTilesS; ++n) {
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            store_pair(sP_tile + (g + 8 * hf) * kLdP + n * 8 + 2 * t, acc_s[m][n][2 * hf], acc_s[m][n][2 * hf + 1]);
+          }
         }
       }
     }
@@ -211,11 +224,12 @@ __global__ void __launch_bounds__(FwdConfig<T, kD>::kThreads)
     cp_async_commit();
 
     if constexpr (Cfg::kTensorCores) {
-      uint32_t p_frag[kBK / 16][4];
-      accumulator_to_a_fragments<T, kTilesS>(p_frag, acc_s);
-      warp_mma_nn_areg<T, kTilesO, kBK>(acc_o, p_frag, sV, kLd);
+      uint32_t p_frag[kM][kBK / 16][4];
+#pragma unroll
+      for (int m = 0; m < kM; ++m) accumulator_to_a_fragments<T, kTilesS>(p_frag[m], acc_s[m]);
+      warp_mma_nn_areg<T, kM, kTilesO, kBK>(acc_o, p_frag, sV, kLd);
     } else {
-      warp_mma_nn<T, kTilesO, kBK>(acc_o, sP + row0 * kLdP, kLdP, sV, kLd);
+      warp_tile_mma<T, kM, kTilesO, kBK, false, BLayout::kKN>(acc_o, sP + row0 * kLdP, kLdP, sV, kLd);
     }
   }
   cp_async_wait<0>();  // nothing may still be in flight into shared memory at exit
@@ -224,18 +238,21 @@ __global__ void __launch_bounds__(FwdConfig<T, kD>::kThreads)
   __syncthreads();  // no warp reads sQ any more
   float* lse_bh = args.lse + bh * p.seqlen_q;
 #pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    const float total = quad_sum(row_sum[hf]);
-    const bool empty = row_max[hf] == -INFINITY;  // no visible key, or only -inf logits
-    const float inv = empty ? 0.f : 1.f / total;
-    const int row = row0 + g + 8 * hf;
+  for (int m = 0; m < kM; ++m) {
 #pragma unroll
-    for (int n = 0; n < kTilesO; ++n) {
-      store_pair(sQ + row * kLd + n * 8 + 2 * t, acc_o[n][2 * hf] * inv,
-                 acc_o[n][2 * hf + 1] * inv);
-    }
-    if (t == 0 && i0 + row < p.seqlen_q) {
-      lse_bh[i0 + row] = empty ? -INFINITY : (row_max[hf] + log2f(total)) * kLn2;
+    for (int hf = 0; hf < 2; ++hf) {
+      const float total = quad_sum(row_sum[m][hf]);
+      const bool empty = row_max[m][hf] == -INFINITY;  // no visible key, or only -inf logits
+      const float inv = empty ? 0.f : 1.f / total;
+      const int row = row0 + m * 16 + g + 8 * hf;
+#pragma unroll
+      for (int n = 0; n < kTilesO; ++n) {
+        store_pair(sQ + row * kLd + n * 8 + 2 * t, acc_o[m][n][2 * hf] * inv,
+                   acc_o[m][n][2 * hf + 1] * inv);
+      }
+      if (t == 0 && i0 + row < p.seqlen_q) {
+        lse_bh[i0 + row] = empty ? -INFINITY : (row_max[m][hf] + log2f(total)) * kLn2;
+      }
     }
   }
   __syncthreads();

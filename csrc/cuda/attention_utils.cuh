@@ -248,15 +248,6 @@ FA_DEVICE void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_
 #endif
 }
 
-// The A fragment (16 x 16, rows g and g + 8) of a row-major 16 x K slab at column k0.
-template <typename T>
-FA_DEVICE void load_a_fragment(uint32_t (&af)[4], const T* a, int lda, int k0, int g, int t) {
-  af[0] = load_pair_bits(a + g * lda + k0 + 2 * t);
-  af[1] = load_pair_bits(a + (g + 8) * lda + k0 + 2 * t);
-  af[2] = load_pair_bits(a + g * lda + k0 + 2 * t + 8);
-  af[3] = load_pair_bits(a + (g + 8) * lda + k0 + 2 * t + 8);
-}
-
 // The A fragment of a row-major 16 x K slab at column k0, by ldmatrix: matrices (rows 0-7,
 // cols k0..), (rows 8-15, k0..), (rows 0-7, k0+8..), (rows 8-15, k0+8..) are a[0..3].
 template <typename T>
@@ -264,113 +255,136 @@ FA_DEVICE void load_a_fragment_ldmatrix(uint32_t (&af)[4], const T* a, int lda, 
   ldmatrix_x4(af, a + ((lane & 7) + ((lane >> 3) & 1) * 8) * lda + k0 + (lane >> 4) * 8);
 }
 
-// acc[n] += af * B[k0 .. k0+16, n*8 .. n*8+8] for every n, B row-major (K x 8N, ldb) in shared
-// memory. Transposed ldmatrix of the 8x8 blocks (rows k0.. / k0+8.., cols n*8.. / (n+1)*8..)
-// gives the b0, b1 fragments of tiles n and n + 1.
-template <typename T, int kNTiles>
-FA_DEVICE void warp_mma_b_rowmajor(float (&acc)[kNTiles][4], const uint32_t (&af)[4], const T* b,
-                                   int ldb, int k0, int lane) {
-  const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-  for (int n = 0; n < kNTiles; n += 2) {
-    if (n + 1 < kNTiles) {
-      uint32_t bf4[4];
-      ldmatrix_x4</*kTrans=*/true>(bf4, b + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ldb + n * 8 + (lane >> 4) * 8);
-      const uint32_t b_lo[2] = {bf4[0], bf4[1]}, b_hi[2] = {bf4[2], bf4[3]};
-      mma_m16n8k16<T>(acc[n], af, b_lo);
-      mma_m16n8k16<T>(acc[n + 1], af, b_hi);
-    } else {
-      // B fragment: rows (k) 2t, 2t+1 and 2t+8, 2t+9 of column n*8+g.
-      const T* bcol = b + (k0 + 2 * t) * ldb + n * 8 + g;
-      const uint32_t bf[2] = {pack_bits(bcol, bcol + ldb), pack_bits(bcol + 8 * ldb, bcol + 9 * ldb)};
-      mma_m16n8k16<T>(acc[n], af, bf);
-    }
-  }
-}
+// How a B operand (K x N) is stored in shared memory.
+enum class BLayout {
+  kNK,  // as its transpose, N x K row-major: B(k, n) = b[n * ldb + k] (K in S = Q K^T)
+  kKN,  // row-major K x N: B(k, n) = b[k * ldb + n] (V in O = P V)
+};
 
-// acc (16 x 8N) += A * B^T, with A a 16 x K row-major slab (leading dimension lda) and B an
-// 8N x K row-major slab (ldb), both in shared memory. ("NT": both operands K-contiguous.)
-template <typename T, int kNTiles, int kK>
-FA_DEVICE void warp_mma_nt(float (&acc)[kNTiles][4], const T* a, int lda, const T* b, int ldb) {
+// One warp's tile product acc += A * B, with acc a (16 kM) x (8 kN) fp32 result held as kM x kN
+// mma accumulator tiles (acc[m][n] is the 16 x 8 tile of rows 16m.., columns 8n..). Operands
+// in shared memory:
+//   A (16 kM x kK): row-major, A(r, k) = a[r * lda + k]; or with kATrans stored transposed,
+//                   A(r, k) = a[k * lda + r] (dS in dQ = dS K, kept as dS^T);
+//   B (kK x 8 kN):  see BLayout.
+// Each A fragment is loaded once per 16-wide k step and used for all kN column tiles, each B
+// fragment once and used for all kM row tiles: a 32 x 32 warp tile reads half the shared
+// memory per mma of a 16 x 64 one. float32 runs the same layout on CUDA-core FMAs.
+template <typename T, int kM, int kN, int kK, bool kATrans, BLayout kB>
+FA_DEVICE void warp_tile_mma(float (&acc)[kM][kN][4], const T* a, int lda, const T* b, int ldb) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   if constexpr (is_float32<T>()) {
 #pragma unroll 2
     for (int k = 0; k < kK; ++k) {
-      const float a_lo = a[g * lda + k], a_hi = a[(g + 8) * lda + k];
+      float a_lo[kM], a_hi[kM];
 #pragma unroll
-      for (int n = 0; n < kNTiles; ++n) {
-        const float b0 = b[(n * 8 + 2 * t) * ldb + k], b1 = b[(n * 8 + 2 * t + 1) * ldb + k];
-        acc[n][0] = fmaf(a_lo, b0, acc[n][0]);
-        acc[n][1] = fmaf(a_lo, b1, acc[n][1]);
-        acc[n][2] = fmaf(a_hi, b0, acc[n][2]);
-        acc[n][3] = fmaf(a_hi, b1, acc[n][3]);
+      for (int m = 0; m < kM; ++m) {
+        const int r = m * 16 + g;
+        a_lo[m] = kATrans ? a[k * lda + r] : a[r * lda + k];
+        a_hi[m] = kATrans ? a[k * lda + r + 8] : a[(r + 8) * lda + k];
+      }
+#pragma unroll
+      for (int n = 0; n < kN; ++n) {
+        const int c = n * 8 + 2 * t;
+        float b0, b1;
+        if constexpr (kB == BLayout::kNK) {
+          b0 = b[c * ldb + k];
+          b1 = b[(c + 1) * ldb + k];
+        } else {
+          const float2 bb = *reinterpret_cast<const float2*>(b + k * ldb + c);
+          b0 = bb.x;
+          b1 = bb.y;
+        }
+#pragma unroll
+        for (int m = 0; m < kM; ++m) {
+          acc[m][n][0] = fmaf(a_lo[m], b0, acc[m][n][0]);
+          acc[m][n][1] = fmaf(a_lo[m], b1, acc[m][n][1]);
+          acc[m][n][2] = fmaf(a_hi[m], b0, acc[m][n][2]);
+          acc[m][n][3] = fmaf(a_hi[m], b1, acc[m][n][3]);
+        }
       }
     }
   } else {
-    static_assert(kK % 16 == 0, "warp_mma_nt: K must be a multiple of 16");
+    static_assert(kK % 16 == 0, "warp_tile_mma: K must be a multiple of 16");
 #pragma unroll
     for (int k0 = 0; k0 < kK; k0 += 16) {
-      uint32_t af[4];
-      load_a_fragment_ldmatrix(af, a, lda, k0, lane);
+      uint32_t af[kM][4];
 #pragma unroll
-      for (int n = 0; n < kNTiles; n += 2) {
-        if (n + 1 < kNTiles) {
-          // Four 8x8 matrices of B (rows = B^T's columns): keys n*8.. / (n+1)*8.. by dims
-          // k0.. / k0+8..: the b0, b1 fragments of tiles n and n + 1.
-          uint32_t bf4[4];
-          ldmatrix_x4(bf4, b + (n * 8 + (lane & 7) + (lane >> 4) * 8) * ldb + k0 + ((lane >> 3) & 1) * 8);
-          const uint32_t b_lo[2] = {bf4[0], bf4[1]}, b_hi[2] = {bf4[2], bf4[3]};
-          mma_m16n8k16<T>(acc[n], af, b_lo);
-          mma_m16n8k16<T>(acc[n + 1], af, b_hi);
+      for (int m = 0; m < kM; ++m) {
+        if constexpr (kATrans) {
+          // The four 8x8 matrices of A's fragment are 8x8 blocks of the stored A^T, read
+          // transposed: (k0.., r0..), (k0.., r0+8..), (k0+8.., r0..), (k0+8.., r0+8..).
+          ldmatrix_x4</*kTrans=*/true>(af[m], a + (k0 + (lane & 7) + ((lane >> 4) & 1) * 8) * lda + m * 16 + ((lane >> 3) & 1) * 8);
         } else {
-          // B^T's column n*8+g is row n*8+g of b: the k-pairs are contiguous.
-          const T* brow = b + (n * 8 + g) * ldb + k0 + 2 * t;
-          const uint32_t bf[2] = {load_pair_bits(brow), load_pair_bits(brow + 8)};
-          mma_m16n8k16<T>(acc[n], af, bf);
+          load_a_fragment_ldmatrix(af[m], a + m * 16 * lda, lda, k0, lane);
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < kN; n += 2) {
+        if (n + 1 < kN) {
+          // Four 8x8 matrices: the b0, b1 fragments of column tiles n and n + 1.
+          uint32_t bf4[4];
+          if constexpr (kB == BLayout::kNK) {
+            ldmatrix_x4(bf4, b + (n * 8 + (lane & 7) + (lane >> 4) * 8) * ldb + k0 + ((lane >> 3) & 1) * 8);
+          } else {
+            ldmatrix_x4</*kTrans=*/true>(bf4, b + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ldb + n * 8 + (lane >> 4) * 8);
+          }
+          const uint32_t b_lo[2] = {bf4[0], bf4[1]}, b_hi[2] = {bf4[2], bf4[3]};
+#pragma unroll
+          for (int m = 0; m < kM; ++m) {
+            mma_m16n8k16<T>(acc[m][n], af[m], b_lo);
+            mma_m16n8k16<T>(acc[m][n + 1], af[m], b_hi);
+          }
+        } else {
+          // An odd last tile. B fragment: rows (k) 2t, 2t+1 and 2t+8, 2t+9 of column n*8+g.
+          uint32_t bf[2];
+          if constexpr (kB == BLayout::kNK) {
+            const T* brow = b + (n * 8 + g) * ldb + k0 + 2 * t;  // the k-pairs are contiguous
+            bf[0] = load_pair_bits(brow);
+            bf[1] = load_pair_bits(brow + 8);
+          } else {
+            const T* bcol = b + (k0 + 2 * t) * ldb + n * 8 + g;
+            bf[0] = pack_bits(bcol, bcol + ldb);
+            bf[1] = pack_bits(bcol + 8 * ldb, bcol + 9 * ldb);
+          }
+#pragma unroll
+          for (int m = 0; m < kM; ++m) mma_m16n8k16<T>(acc[m][n], af[m], bf);
         }
       }
     }
   }
 }
 
-// acc (16 x 8N) += A * B, with A a 16 x K row-major slab (lda) and B a K x 8N row-major slab
-// (ldb), both in shared memory. ("NN": B is N-contiguous, so its k-pairs are gathered.)
-template <typename T, int kNTiles, int kK>
-FA_DEVICE void warp_mma_nn(float (&acc)[kNTiles][4], const T* a, int lda, const T* b, int ldb) {
+// acc ((16 kM) x 8N) += A * B with A given as mma A fragments in registers (a[m][k0 / 16] for
+// row tile m, e.g. P converted from an accumulator by accumulator_to_a_fragments) and B a
+// K x 8N row-major slab in shared memory; each B fragment is read once for all kM row tiles.
+// Tensor-core types only.
+template <typename T, int kM, int kNTiles, int kK>
+FA_DEVICE void warp_mma_nn_areg(float (&acc)[kM][kNTiles][4], const uint32_t (&a)[kM][kK / 16][4],
+                                const T* b, int ldb) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  if constexpr (is_float32<T>()) {
-#pragma unroll 2
-    for (int k = 0; k < kK; ++k) {
-      const float a_lo = a[g * lda + k], a_hi = a[(g + 8) * lda + k];
 #pragma unroll
-      for (int n = 0; n < kNTiles; ++n) {
-        const float2 bb = *reinterpret_cast<const float2*>(b + k * ldb + n * 8 + 2 * t);
-        acc[n][0] = fmaf(a_lo, bb.x, acc[n][0]);
-        acc[n][1] = fmaf(a_lo, bb.y, acc[n][1]);
-        acc[n][2] = fmaf(a_hi, bb.x, acc[n][2]);
-        acc[n][3] = fmaf(a_hi, bb.y, acc[n][3]);
+  for (int kk = 0; kk < kK / 16; ++kk) {
+    const int k0 = kk * 16;
+#pragma unroll
+    for (int n = 0; n < kNTiles; n += 2) {
+      if (n + 1 < kNTiles) {
+        uint32_t bf4[4];
+        ldmatrix_x4</*kTrans=*/true>(bf4, b + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ldb + n * 8 + (lane >> 4) * 8);
+        const uint32_t b_lo[2] = {bf4[0], bf4[1]}, b_hi[2] = {bf4[2], bf4[3]};
+#pragma unroll
+        for (int m = 0; m < kM; ++m) {
+          mma_m16n8k16<T>(acc[m][n], a[m][kk], b_lo);
+          mma_m16n8k16<T>(acc[m][n + 1], a[m][kk], b_hi);
+        }
+      } else {
+        const T* bcol = b + (k0 + 2 * t) * ldb + n * 8 + g;
+        const uint32_t bf[2] = {pack_bits(bcol, bcol + ldb), pack_bits(bcol + 8 * ldb, bcol + 9 * ldb)};
+#pragma unroll
+        for (int m = 0; m < kM; ++m) mma_m16n8k16<T>(acc[m][n], a[m][kk], bf);
       }
     }
-  } else {
-    static_assert(kK % 16 == 0, "warp_mma_nn: K must be a multiple of 16");
-#pragma unroll
-    for (int k0 = 0; k0 < kK; k0 += 16) {
-      uint32_t af[4];
-      load_a_fragment_ldmatrix(af, a, lda, k0, lane);
-      warp_mma_b_rowmajor<T, kNTiles>(acc, af, b, ldb, k0, lane);
-    }
   }
-}
-
-// acc (16 x 8N) += A * B with A given as mma A fragments in registers (a[k0 / 16], e.g. P
-// converted from an accumulator by accumulator_to_a_fragments) and B a K x 8N row-major slab
-// in shared memory. Tensor-core types only.
-template <typename T, int kNTiles, int kK>
-FA_DEVICE void warp_mma_nn_areg(float (&acc)[kNTiles][4], const uint32_t (&a)[kK / 16][4],
-                                const T* b, int ldb) {
-  const int lane = threadIdx.x & 31;
-#pragma unroll
-  for (int kk = 0; kk < kK / 16; ++kk) warp_mma_b_rowmajor<T, kNTiles>(acc, a[kk], b, ldb, kk * 16, lane);
 }
 
 // The accumulator of a 16 x kK product (fp32, mma C layout) as A fragments of T for the next
@@ -393,6 +407,52 @@ FA_DEVICE void zero_acc(float (&acc)[kNTiles][4]) {
 #pragma unroll
     for (int r = 0; r < 4; ++r) acc[n][r] = 0.f;
   }
+}
+
+template <int kM, int kN>
+FA_DEVICE void zero_acc(float (&acc)[kM][kN][4]) {
+#pragma unroll
+  for (int m = 0; m < kM; ++m) zero_acc(acc[m]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ordered accumulation across thread blocks (the backward's dQ, see attention_bwd_kernel.cuh)
+// ---------------------------------------------------------------------------------------------
+// Blocks that add into one buffer take turns in a fixed order: a block whose turn is number
+// `turn` (0, 1, ...) calls wait_for_turn(counter, turn) in every thread, adds (atomics, which
+// the turns serialize, so the float sums always run in the same order), then every thread
+// calls __threadfence(), the block synchronizes and one thread calls pass_turn(counter). A
+// block only ever waits for blocks with a lower index (the caller's ordering guarantees it),
+// which the GPU started earlier, so the wait always ends. The emulator runs blocks one after
+// the other in index order, so there the turn must already have come: it checks that instead,
+// which tests the callers' turn numbering.
+FA_DEVICE void wait_for_turn(const int* counter, int turn) {
+#if defined(FASTATTN_CUDA_EMULATION)
+  fastattn_emulation::check_turn(*counter, turn);
+#elif defined(__CUDA_ARCH__)
+  while (*reinterpret_cast<const volatile int*>(counter) < turn) __nanosleep(40);
+  __threadfence();  // what the previous blocks added is seen after their counter increment
+#endif
+}
+FA_DEVICE void pass_turn(int* counter) {
+#if defined(FASTATTN_CUDA_EMULATION)
+  ++*counter;
+#elif defined(__CUDA_ARCH__)
+  atomicAdd(counter, 1);
+#endif
+}
+// dst += value, from one thread, atomically (plain in the emulator, which runs one fiber at a time).
+FA_DEVICE void atomic_add_f32(float* dst, float value) {
+#if defined(FASTATTN_CUDA_EMULATION)
+  *dst += value;
+#elif defined(__CUDA_ARCH__)
+  atomicAdd(dst, value);
+#endif
+}
+FA_DEVICE void thread_fence() {
+#if !defined(FASTATTN_CUDA_EMULATION) && defined(__CUDA_ARCH__)
+  __threadfence();
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -170,6 +170,17 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* row_addr, bool trans) {
   warp_barrier();  // every lane has read the addresses before they are overwritten
 }
 
+// The backward's ordered dQ accumulation (wait_for_turn in attention_utils.cuh): blocks run
+// one after the other in index order here, so every earlier block has passed its turn already
+// and the counter must equal the turn exactly; anything else is a wrong turn number.
+inline void check_turn(int counter, int turn) {
+  if (counter != turn) {
+    std::fprintf(stderr, "fastattn emulator: block %u waits for turn %d but the counter is at %d\n",
+                 g_block_idx.x, turn, counter);
+    std::abort();
+  }
+}
+
 inline void fiber_entry() {
   BlockState& B = g_block;
   B.body();
