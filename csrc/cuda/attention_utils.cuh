@@ -430,7 +430,13 @@ FA_DEVICE void wait_for_turn(const int* counter, int turn) {
 #if defined(FASTATTN_CUDA_EMULATION)
   fastattn_emulation::check_turn(*counter, turn);
 #elif defined(__CUDA_ARCH__)
-  while (*reinterpret_cast<const volatile int*>(counter) < turn) __nanosleep(40);
+  // A legitimate wait lasts at most about one query block's work of the previous block. If the
+  // turn has not come after 2^28 sleeps (over 10 s), something broke the in-order assumption:
+  // fail the launch loudly rather than hang the process.
+  for (unsigned int sleeps = 0; *reinterpret_cast<const volatile int*>(counter) < turn; ++sleeps) {
+    if (sleeps == (1u << 28)) __trap();
+    __nanosleep(40);
+  }
   __threadfence();  // what the previous blocks added is seen after their counter increment
 #endif
 }
