@@ -47,6 +47,7 @@ class DeviceContext {
   int major() const { return props_->major; }
   int minor() const { return props_->minor; }
   size_t max_smem_per_block() const { return props_->sharedMemPerBlockOptin; }
+  int64_t multiprocessors() const { return props_->multiProcessorCount; }
 
  private:
   c10::cuda::CUDAGuard guard_;
@@ -318,6 +319,22 @@ void run_backward(const DeviceContext& ctx, const Prepared& in, BackwardTensors&
   const int64_t num_k_blocks = ceil_div(Sk, Cfg::kBlockK);
   const int64_t num_q_blocks = ceil_div(Sq, Cfg::kBlockQ);
   const auto f32 = bt.lse.options();
+  // GQA / MQA: a block walks the query heads of its kv head in series. When that leaves the
+  // GPU short of blocks (fewer than two per SM), the group's query heads are split over
+  // blocks, each writing fp32 dK/dV partials that a small kernel adds in split order.
+  const int64_t group = p.group_size();
+  const int64_t kv_blocks = num_k_blocks * B * Hkv;
+  int64_t heads_per_split = group;
+  if (group > 1 && kv_blocks > 0 && kv_blocks < 2 * ctx.multiprocessors()) {
+    const int64_t want_splits = std::min(group, ceil_div(2 * ctx.multiprocessors(), kv_blocks));
+    heads_per_split = ceil_div(group, want_splits);
+  }
+  const int64_t group_splits = group > 0 ? ceil_div(group, heads_per_split) : 1;
+  at::Tensor dk_partial, dv_partial;  // (group_splits, B, Hkv, Sk, D) fp32 when split
+  if (group_splits > 1) {
+    dk_partial = at::empty({group_splits, B, Hkv, Sk, p.head_dim_qk}, f32);
+    dv_partial = at::empty({group_splits, B, Hkv, Sk, p.head_dim_v}, f32);
+  }
   at::Tensor dq_accum = at::zeros({B, Hq, Sq, p.head_dim_qk}, f32);
   at::Tensor dq_turns = at::zeros({B, Hq, num_q_blocks}, f32.dtype(at::kInt));
   BwdArgs<T> a;
@@ -338,8 +355,12 @@ void run_backward(const DeviceContext& ctx, const Prepared& in, BackwardTensors&
   a.dv = mutable_data_of<T>(bt.dv);
   a.bias_partial = nullptr;
   a.span_partial = nullptr;
+  a.dk_partial = group_splits > 1 ? dk_partial.data_ptr<float>() : nullptr;
+  a.dv_partial = group_splits > 1 ? dv_partial.data_ptr<float>() : nullptr;
   a.num_k_blocks = num_k_blocks;
   a.num_q_blocks = num_q_blocks;
+  a.heads_per_split = heads_per_split;
+  a.group_splits = group_splits;
   a.q_vec = vector_friendly(in.q);
   a.k_vec = vector_friendly(in.k);
   a.v_vec = vector_friendly(in.v);
@@ -355,8 +376,19 @@ void run_backward(const DeviceContext& ctx, const Prepared& in, BackwardTensors&
     span_partial = at::zeros({B * Hq * n_split}, f32);
     a.span_partial = span_partial.data_ptr<float>();
   }
-  launch(&attention_bwd_kernel<T, kD>, num_k_blocks * B * Hkv, Cfg::kThreads, Cfg::kSmemBytes,
+  launch(&attention_bwd_kernel<T, kD>, kv_blocks * group_splits, Cfg::kThreads, Cfg::kSmemBytes,
          ctx, a, "attention backward");
+  if (group_splits > 1) {
+    for (int which = 0; which < 2; ++which) {
+      GroupSplitReduceArgs<T> r;
+      r.partial = (which == 0 ? dk_partial : dv_partial).data_ptr<float>();
+      r.out = mutable_data_of<T>(which == 0 ? bt.dk : bt.dv);
+      r.numel = (which == 0 ? bt.dk : bt.dv).numel();
+      r.splits = group_splits;
+      launch(&attention_bwd_group_split_reduce_kernel<T>, std::min<int64_t>(ceil_div(r.numel, 256), 4096),
+             256, 0, ctx, r, which == 0 ? "attention backward (dK)" : "attention backward (dV)");
+    }
+  }
 
   // Kernel 3: dQ = scale * dq_accum in the element type.
   {

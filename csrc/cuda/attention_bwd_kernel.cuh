@@ -89,11 +89,14 @@ struct BwdArgs {
   const float* scale_ptr; // device pointer to the scale, or null
   float* dq_accum;        // (B, Hq, Sq, Dqk) fp32, zero-initialized; dS K without the scale
   int* dq_turns;          // (B, Hq, num_q_blocks) zero-initialized turn counters
-  T* dk;                  // (B, Hkv, Sk, Dqk) contiguous
+  T* dk;                  // (B, Hkv, Sk, Dqk) contiguous (when the group is not split)
   T* dv;                  // (B, Hkv, Sk, Dv) contiguous
+  float* dk_partial;      // (group_splits, B, Hkv, Sk, Dqk) fp32 when the group is split, else null
+  float* dv_partial;      // (group_splits, B, Hkv, Sk, Dv)
   float* bias_partial;    // (B, Hq, num_k_blocks, 2 * max_dist - 1) zero-initialized, or null
   float* span_partial;    // (B, Hq, num_k_blocks) zero-initialized, or null
   int64_t num_k_blocks, num_q_blocks;
+  int64_t heads_per_split, group_splits;  // query heads of a group per block; blocks per group
   bool q_vec, k_vec, v_vec, dout_vec;  // 16-byte vector loads allowed
 };
 
@@ -230,10 +233,15 @@ __global__ void __launch_bounds__(BwdConfig<T, kD>::kThreads)
   float* s_table = s_warp_sums + kWarps;  // the current tile's logit table
   float* s_diag = s_table + TileTable<kBQ, kBK>::kFloats;
 
+  // Block index = ((b * Hkv + h_kv) * group_splits + split) * num_k_blocks + key block: the key
+  // blocks of one (b, query heads) set are consecutive and ascending, as the dQ turns need.
   const int64_t k_block = blockIdx.x % args.num_k_blocks;
-  const int64_t bh_kv = blockIdx.x / args.num_k_blocks;  // b * Hkv + h_kv
+  const int64_t split = (blockIdx.x / args.num_k_blocks) % args.group_splits;
+  const int64_t bh_kv = blockIdx.x / args.num_k_blocks / args.group_splits;  // b * Hkv + h_kv
   const int64_t b = bh_kv / p.heads_kv, h_kv = bh_kv % p.heads_kv;
-  const int64_t group = p.group_size();
+  // This block's query heads of the group: [gi_begin, gi_end).
+  const int64_t gi_begin = split * args.heads_per_split;
+  const int64_t gi_end = min64(gi_begin + args.heads_per_split, p.group_size());
   const int64_t j0 = k_block * kBK;
   const int64_t valid_keys = min64(kBK, p.seqlen_k - j0);
   const int64_t num_q_blocks = args.num_q_blocks;
@@ -269,15 +277,16 @@ __global__ void __launch_bounds__(BwdConfig<T, kD>::kThreads)
   const auto sees_keys = [&](const KeyRanges& r, int64_t key_block) -> bool {
     return key_tile_in_ranges(r, key_block * kBK, key_block * kBK + kBK);
   };
-  // The block visits (query head gi of the group, query block qb): heads in order, query
+  // The block visits (query head gi of the group, query block qb): its heads in order, query
   // blocks from the last down, skipping those that cannot see this key block. advance() steps
-  // to the next such pair and says whether there is one (start from gi = 0, qb = num_q_blocks).
+  // to the next such pair and says whether there is one (start from gi_begin, num_q_blocks).
+  const int64_t group = p.group_size();
   const auto advance = [&](int64_t& gi, int64_t& qb) -> bool {
-    if (num_q_blocks == 0) return false;
+    if (num_q_blocks == 0 || gi >= gi_end) return false;
     for (;;) {
       if (--qb < 0) {
         qb = num_q_blocks - 1;
-        if (++gi == group) return false;
+        if (++gi >= gi_end) return false;
       }
       if (sees_keys(query_block_ranges(h_kv * group + gi, qb), k_block)) return true;
     }
@@ -303,7 +312,7 @@ __global__ void __launch_bounds__(BwdConfig<T, kD>::kThreads)
   float edge_sums[2] = {0.f, 0.f};
   int* turn_to_pass = nullptr;  // thread 0: the dQ turn to pass at the next barrier
 
-  int64_t next_gi = 0, next_qb = num_q_blocks;
+  int64_t next_gi = gi_begin, next_qb = num_q_blocks;
   bool have_next = advance(next_gi, next_qb);
   if (have_next) {
     load_q(next_gi, next_qb, 0);
@@ -447,10 +456,31 @@ __global__ void __launch_bounds__(BwdConfig<T, kD>::kThreads)
     }
   }
 
-  // Stage dK (times scale) and dV in sK / sV, then write them out.
   cp_async_wait<0>();  // K and V, when no query block came (the loop never waited)
   __syncthreads();
   if (threadIdx.x == 0 && turn_to_pass != nullptr) pass_turn(turn_to_pass);
+  if (args.dk_partial != nullptr) {
+    // A split group: this split's fp32 dK (times scale) and dV, straight from the registers.
+    const int64_t row0 = (split * p.batch * p.heads_kv + bh_kv) * p.seqlen_k + j0;
+    float* dk_rows = args.dk_partial + row0 * p.head_dim_qk;
+    float* dv_rows = args.dv_partial + row0 * p.head_dim_v;
+#pragma unroll
+    for (int m = 0; m < kMB; ++m) {
+#pragma unroll
+      for (int n = 0; n < kNB; ++n) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int key = b_key0 + m * 16 + g + 8 * (r / 2);
+          const int col = b_d0 + n * 8 + 2 * t + (r % 2);
+          if (key >= valid_keys) continue;
+          if (col < p.head_dim_qk) dk_rows[key * p.head_dim_qk + col] = acc_dk[m][n][r] * scale;
+          if (col < p.head_dim_v) dv_rows[key * p.head_dim_v + col] = acc_dv[m][n][r];
+        }
+      }
+    }
+    return;
+  }
+  // Stage dK (times scale) and dV in sK / sV, then write them out.
 #pragma unroll
   for (int m = 0; m < kMB; ++m) {
 #pragma unroll
@@ -493,6 +523,24 @@ __global__ void __launch_bounds__(256) attention_bwd_dq_convert_kernel(const DqC
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < a.numel;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     a.dq[i] = from_float<T>(a.dq_accum[i] * scale);
+  }
+}
+
+// dK or dV of a split group: out = sum over splits, in split order, of partial[split].
+template <typename T>
+struct GroupSplitReduceArgs {
+  const float* partial;  // (splits, numel) fp32
+  T* out;                // numel, contiguous
+  int64_t numel, splits;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(256) attention_bwd_group_split_reduce_kernel(const GroupSplitReduceArgs<T> a) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < a.numel;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float sum = 0.f;
+    for (int64_t s = 0; s < a.splits; ++s) sum += a.partial[s * a.numel + i];
+    a.out[i] = from_float<T>(sum);
   }
 }
 

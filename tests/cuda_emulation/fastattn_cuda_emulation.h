@@ -297,6 +297,12 @@ class DeviceContext {
   int stream() const { return 0; }
   int major() const { return 9; }
   int minor() const { return 0; }
+  // FASTATTN_EMU_SMS: the SM count the host code sizes grids for (default 132, an H100; the
+  // emulator's small test grids then split GQA groups over blocks).
+  int64_t multiprocessors() const {
+    const char* s = std::getenv("FASTATTN_EMU_SMS");
+    return s ? std::strtoll(s, nullptr, 10) : 132;
+  }
   size_t max_smem_per_block() const {
     const char* s = std::getenv("FASTATTN_EMU_MAX_SMEM");
     return s ? std::strtoull(s, nullptr, 10) : 232448;  // H100
