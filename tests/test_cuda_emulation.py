@@ -147,6 +147,10 @@ CASES = [
     (Case(B=1, Hq=2, Hkv=2, Sq=70, Sk=40, Dqk=128, Dv=100, dtype=F32, rel_bias=6, span="bh"), False),
     (Case(B=1, Hq=2, Hkv=1, Sq=40, Sk=50, Dqk=256, Dv=200, dtype=BF16, rel_bias=6, num_global=2,
           window=(5, 3)), True),
+    # the same turn-taking at the large head-dim tile shapes (D=128: 128-key / 64-query blocks;
+    # D=256: 64 / 32), three key blocks per query block
+    (Case(B=1, Hq=2, Hkv=1, Sq=150, Sk=300, Dqk=128, Dv=128, dtype=BF16, causal=True, rel_bias=50), False),
+    (Case(B=1, Hq=1, Hkv=1, Sq=70, Sk=150, Dqk=256, Dv=256, dtype=F16, window=(60, 60), rel_bias=20), True),
 ]
 
 
