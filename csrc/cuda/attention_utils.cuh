@@ -191,14 +191,11 @@ FA_DEVICE void ldmatrix_x4(uint32_t (&r)[4], const void* row_addr) {
 // cp.async: a 16-byte global -> shared copy that completes asynchronously (cached in L2 only),
 // or 16 zero bytes when !valid (src-size 0: nothing is read). Completion: cp_async_commit()
 // closes a group, cp_async_wait<N>() waits until at most N groups are pending; a barrier then
-// makes the data visible to the other threads. (The emulator copies at once.)
+// makes the data visible to the other threads. (The emulator models the groups, with NaN
+// bytes in a destination until its copy completes.)
 FA_DEVICE void cp_async_16(void* smem_dst, const void* gmem_src, bool valid) {
 #if defined(FASTATTN_CUDA_EMULATION)
-  if (valid) {
-    std::memcpy(smem_dst, gmem_src, 16);
-  } else {
-    std::memset(smem_dst, 0, 16);
-  }
+  fastattn_emulation::cp_async_16(smem_dst, gmem_src, valid);
 #elif defined(__CUDA_ARCH__)
   const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
   const int src_bytes = valid ? 16 : 0;
@@ -207,13 +204,17 @@ FA_DEVICE void cp_async_16(void* smem_dst, const void* gmem_src, bool valid) {
 #endif
 }
 FA_DEVICE void cp_async_commit() {
-#if !defined(FASTATTN_CUDA_EMULATION) && defined(__CUDA_ARCH__)
+#if defined(FASTATTN_CUDA_EMULATION)
+  fastattn_emulation::cp_async_commit();
+#elif defined(__CUDA_ARCH__)
   asm volatile("cp.async.commit_group;\n" ::);
 #endif
 }
 template <int kPending>
 FA_DEVICE void cp_async_wait() {
-#if !defined(FASTATTN_CUDA_EMULATION) && defined(__CUDA_ARCH__)
+#if defined(FASTATTN_CUDA_EMULATION)
+  fastattn_emulation::cp_async_wait(kPending);
+#elif defined(__CUDA_ARCH__)
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 #endif
 }

@@ -7,7 +7,8 @@
 // cooperative scheduler (deadlocks, e.g. a divergent barrier, abort with a message);
 // __shfl_xor_sync and mma.sync.m16n8k16 exchange registers through per-warp buffers, the mma
 // using the fragment layout of the PTX ISA. Shared memory is filled with NaN bytes before each
-// block, so reads of unwritten shared memory show up as NaN. Fibers run in ascending,
+// block, so reads of unwritten shared memory show up as NaN; cp.async copies complete at the
+// cp.async.wait_group that covers their group, and their destination reads as NaN until then. Fibers run in ascending,
 // descending or random order between barriers (FASTATTN_EMU_SCHEDULE=0/1/2), which exposes
 // missing barriers.
 #pragma once
@@ -29,6 +30,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <random>
 #include <vector>
@@ -50,12 +52,20 @@ struct Dim3 {
   unsigned int x = 0, y = 0, z = 0;
 };
 
+// One 16-byte cp.async in flight: its destination holds NaN bytes until the copy completes.
+struct AsyncCopy {
+  unsigned char* dst;
+  const unsigned char* src;  // null: zero fill (src-size 0)
+};
+
 struct Fiber {
   ucontext_t ctx;
   std::vector<char> stack;
   int waiting = 0;  // 0: runnable, 1: at a block barrier, 2: at a warp barrier
   uint64_t wait_gen = 0;
   bool done = false;
+  std::vector<AsyncCopy> open_copies;              // issued since the last commit
+  std::deque<std::vector<AsyncCopy>> copy_groups;  // committed, oldest first
 };
 
 struct BlockState {
@@ -108,6 +118,39 @@ inline void warp_barrier() {
     ++B.warp_gen[w];
   }
   yield();
+}
+
+// cp.async as the PTX ISA defines it, per thread: a copy is issued into the open group,
+// cp.async.commit_group closes that group, cp.async.wait_group N completes every committed group
+// but the newest N. Until its copy completes, a destination holds NaN bytes, so a read that
+// comes too early (no wait, or no barrier after another thread's wait) and a copy issued into a
+// buffer that other threads still read (no barrier before the issue) both show up as NaN.
+// Copies still in flight when a thread exits complete then.
+inline void complete_copies(const std::vector<AsyncCopy>& copies) {
+  for (const AsyncCopy& c : copies) {
+    if (c.src != nullptr) {
+      std::memcpy(c.dst, c.src, 16);
+    } else {
+      std::memset(c.dst, 0, 16);
+    }
+  }
+}
+inline void cp_async_16(void* dst, const void* src, bool valid) {
+  Fiber& f = g_block.fibers[g_block.current];
+  std::memset(dst, 0xff, 16);
+  f.open_copies.push_back({static_cast<unsigned char*>(dst), valid ? static_cast<const unsigned char*>(src) : nullptr});
+}
+inline void cp_async_commit() {
+  Fiber& f = g_block.fibers[g_block.current];
+  f.copy_groups.push_back(std::move(f.open_copies));
+  f.open_copies.clear();
+}
+inline void cp_async_wait(int pending) {
+  Fiber& f = g_block.fibers[g_block.current];
+  while (static_cast<int>(f.copy_groups.size()) > pending) {
+    complete_copies(f.copy_groups.front());
+    f.copy_groups.pop_front();
+  }
 }
 
 inline float half_bits_to_float(uint32_t bits, bool bf16) {
@@ -184,7 +227,12 @@ inline void check_turn(int counter, int turn) {
 inline void fiber_entry() {
   BlockState& B = g_block;
   B.body();
-  B.fibers[B.current].done = true;
+  Fiber& f = B.fibers[B.current];
+  for (const auto& group : f.copy_groups) complete_copies(group);
+  complete_copies(f.open_copies);
+  f.copy_groups.clear();
+  f.open_copies.clear();
+  f.done = true;
   // returning switches to uc_link (the scheduler)
 }
 
@@ -211,6 +259,8 @@ inline void run_block(int threads, const std::function<void()>& body, std::mt199
     f.stack.resize(512 * 1024);
     f.waiting = 0;
     f.done = false;
+    f.open_copies.clear();
+    f.copy_groups.clear();
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = f.stack.data();
     f.ctx.uc_stack.ss_size = f.stack.size();
