@@ -108,11 +108,23 @@ def unavailable_reason() -> Optional[str]:
     return None
 
 
+# FASTATTN_EMU_ASAN=1 builds the emulator with AddressSanitizer (a separate library), so that a
+# kernel's out-of-bounds global or shared memory access aborts with a report (written to
+# log_path: pytest's output capture would swallow it). Run the tests with the runtime preloaded:
+#   FASTATTN_EMU_ASAN=1 LD_PRELOAD=$(gcc -print-file-name=libasan.so) \
+#     ASAN_OPTIONS=detect_leaks=0:log_path=/tmp/asan python -m pytest tests/test_cuda_emulation.py
+# (ASan warns once that it does not fully support swapcontext; the fibers' stacks are ordinary
+# heap memory, and the whole emulated suite runs clean.)
+ASAN = os.environ.get("FASTATTN_EMU_ASAN", "0") not in ("", "0")
+SANITIZE_FLAGS = ["-fsanitize=address", "-fno-omit-frame-pointer"] if ASAN else []
+
+
 def extra_cflags() -> list[str]:
     incs = cuda_include_dirs()
     assert incs is not None, unavailable_reason()
     return (["-O2", "-fno-strict-aliasing", "-DFASTATTN_CUDA_EMULATION",
-             f"-I{CSRC}", f"-I{CSRC / 'cuda'}", f"-I{HERE}"] + [f"-I{d}" for d in incs] + ["-w"])
+             f"-I{CSRC}", f"-I{CSRC / 'cuda'}", f"-I{HERE}"] + [f"-I{d}" for d in incs] + ["-w"]
+            + SANITIZE_FLAGS)
 
 
 _loaded: Optional[str] = None
@@ -127,7 +139,8 @@ def load(verbose: bool = False) -> str:
     if reason is not None:
         raise RuntimeError(f"fastattn CUDA emulator cannot be built here: {reason}")
     from torch.utils import cpp_extension
-    path = cpp_extension.load(name=NAME, sources=[str(s) for s in SOURCES], extra_cflags=extra_cflags(),
+    path = cpp_extension.load(name=NAME + ("_asan" if ASAN else ""), sources=[str(s) for s in SOURCES],
+                              extra_cflags=extra_cflags(), extra_ldflags=SANITIZE_FLAGS,
                               is_python_module=False, verbose=verbose)
     _loaded = path if isinstance(path, str) else str(path)
     return _loaded
