@@ -5,6 +5,8 @@
 #   info      GPU, driver, torch, nvcc
 #   build     pip install --no-build-isolation . (FASTATTN_CUDA_ARCHS, default 90), keeps _C.so
 #   inplace   use a _C.so carried in python/fastattn/ instead of building (PYTHONPATH=python)
+#   smoke     a minute's check that the attention kernels finish, match the float64 reference and
+#             repeat bitwise (benchmarks/gpu/smoke.py), under a time limit: a hang shows up here
 #   test      the CUDA tests (pytest -m cuda), in parallel
 #   testall   the whole suite
 #   sanitize  compute-sanitizer memcheck + racecheck on small shapes (benchmarks/gpu/sanitize_cases.py)
@@ -44,13 +46,22 @@ for stage in "$@"; do
       step "error paths"
       $PY benchmarks/gpu/error_paths.py || rc=1
       ;;
+    smoke)
+      step "smoke"
+      timeout 240 $PY benchmarks/gpu/smoke.py 2>&1 | tee "$OUT/smoke.log"
+      status=${PIPESTATUS[0]}
+      [ "$status" = 124 ] && echo "smoke: TIMED OUT after 240 s (a kernel hangs?)"
+      [ "$status" = 0 ] || { echo "smoke failed (exit $status): stopping here"; exit 1; }
+      ;;
     test)
       step "CUDA tests"
-      $PY -m pytest tests -q -m cuda -n 12 -p no:cacheprovider 2>&1 | tee "$OUT/test-cuda.log" | tail -40 || rc=1
+      timeout 540 $PY -m pytest tests -q -m cuda -n 12 -p no:cacheprovider 2>&1 | tee "$OUT/test-cuda.log" | tail -40
+      [ "${PIPESTATUS[0]}" = 0 ] || rc=1
       ;;
     testall)
       step "all tests"
-      $PY -m pytest tests -q -n 12 -p no:cacheprovider 2>&1 | tee "$OUT/test-all.log" | tail -40 || rc=1
+      timeout 540 $PY -m pytest tests -q -n 12 -p no:cacheprovider 2>&1 | tee "$OUT/test-all.log" | tail -40
+      [ "${PIPESTATUS[0]}" = 0 ] || rc=1
       ;;
     sanitize)
       step "compute-sanitizer"
