@@ -230,6 +230,20 @@ def test_backward_is_deterministic(emu):
         assert torch.equal(runs[0][key], runs[1][key]), f"{key} differs between two identical calls"
 
 
+def test_unordered_dq_diagnostic(emu, monkeypatch):
+    """FASTATTN_CUDA_UNORDERED_DQ=1 (for profiling what the turns cost) only drops the waits
+    and the fence: the emulator runs blocks in index order, so the shares still arrive in turn
+    order and every result is bitwise the ordered one."""
+    case = Case(B=1, Hq=4, Hkv=2, Sq=150, Sk=200, Dqk=32, Dv=32, dtype=F16, causal=True, rel_bias=20)
+    inp = make_inputs(case)
+    grad_out = torch.randn(case.B, case.Hq, case.Sq, case.Dv, generator=torch.Generator().manual_seed(3)).to(case.dtype)
+    ordered = run_attention(emulated_attention, clone_inputs(inp), case, grad_out)
+    monkeypatch.setenv("FASTATTN_CUDA_UNORDERED_DQ", "1")
+    unordered = run_attention(emulated_attention, clone_inputs(inp), case, grad_out)
+    for key in ("out", "lse", "grad_q", "grad_k", "grad_v", "grad_rel_bias"):
+        assert torch.equal(ordered[key], unordered[key]), f"{key} differs with FASTATTN_CUDA_UNORDERED_DQ=1"
+
+
 def test_gqa_group_split(emu, monkeypatch):
     """GQA/MQA backward with the group's query heads split over blocks (few kv blocks for the
     GPU: fp32 dK/dV partials added in split order) and without (FASTATTN_EMU_SMS=1: enough

@@ -4,13 +4,15 @@ issue-3 shape (and issue 2's rotary shape):
     python benchmarks/gpu/profile_attention.py [--S 4096] [--D 128]
 
 Runs fastattn.attention forward and forward+backward with the learned table (the table's
-gradient on), without it, and SDPA's flash backend for scale, and prints the summed CUDA time
-of each kernel per call. A diagnostic for a lent GPU, not a benchmark of record (that is
+gradient on), once more with the backward's dQ turns switched off (FASTATTN_CUDA_UNORDERED_DQ:
+what the deterministic order costs), without the table, and SDPA's flash backend for scale,
+and prints the summed CUDA time of each kernel per call. A diagnostic for a lent GPU, not a benchmark of record (that is
 benchmarks/bench_attention.py).
 """
 from __future__ import annotations
 
 import argparse
+import os
 from collections import defaultdict
 
 import torch
@@ -62,6 +64,15 @@ def main() -> int:
         leaves = [q, k, v, table] if bias else [q, k, v]
         return torch.autograd.grad(out, leaves, grad_out)
 
+    def fwd_bwd_unordered_dq():
+        # The diagnostic switch of the CUDA backward (attention_api.cu): no dQ turns, so the
+        # difference to "fastattn fwd+bwd, table" is what the bitwise-reproducible order costs.
+        os.environ["FASTATTN_CUDA_UNORDERED_DQ"] = "1"
+        try:
+            return fwd_bwd(True)
+        finally:
+            del os.environ["FASTATTN_CUDA_UNORDERED_DQ"]
+
     def sdpa_fwd_bwd():
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
             out = F.scaled_dot_product_attention(q, k, v)
@@ -79,6 +90,7 @@ def main() -> int:
         "copy_ of the same tensor": lambda: copy_dst.copy_(xr),
         "fastattn fwd, table": lambda: fwd(True),
         "fastattn fwd+bwd, table": lambda: fwd_bwd(True),
+        "fastattn fwd+bwd, table, dQ without turns (diagnostic, not deterministic)": fwd_bwd_unordered_dq,
         "fastattn fwd, no bias": lambda: fwd(False),
         "fastattn fwd+bwd, no bias": lambda: fwd_bwd(False),
         "SDPA flash fwd+bwd": sdpa_fwd_bwd,

@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -351,6 +352,12 @@ void run_backward(const DeviceContext& ctx, const Prepared& in, BackwardTensors&
   a.scale_ptr = in.scale_ptr;
   a.dq_accum = dq_accum.data_ptr<float>();
   a.dq_turns = dq_turns.data_ptr<int>();
+  // FASTATTN_CUDA_UNORDERED_DQ=1 (a diagnostic, read per call): the key blocks add their dQ
+  // shares without waiting for their turns (and without the fence before passing them), as a
+  // non-deterministic kernel would, so that a profile can put a number on what the fixed order
+  // costs. Gradients then are not bitwise reproducible; never set it otherwise.
+  const char* unordered = std::getenv("FASTATTN_CUDA_UNORDERED_DQ");
+  a.dq_in_turns = unordered == nullptr || unordered[0] == '\0' || unordered[0] == '0';
   a.dk = mutable_data_of<T>(bt.dk);
   a.dv = mutable_data_of<T>(bt.dv);
   a.bias_partial = nullptr;

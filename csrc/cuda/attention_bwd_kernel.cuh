@@ -89,6 +89,7 @@ struct BwdArgs {
   const float* scale_ptr; // device pointer to the scale, or null
   float* dq_accum;        // (B, Hq, Sq, Dqk) fp32, zero-initialized; dS K without the scale
   int* dq_turns;          // (B, Hq, num_q_blocks) zero-initialized turn counters
+  bool dq_in_turns;       // false only for measuring what the turns cost (see attention_api.cu)
   T* dk;                  // (B, Hkv, Sk, Dqk) contiguous (when the group is not split)
   T* dv;                  // (B, Hkv, Sk, Dv) contiguous
   float* dk_partial;      // (group_splits, B, Hkv, Sk, Dqk) fp32 when the group is split, else null
@@ -416,7 +417,7 @@ __global__ void __launch_bounds__(BwdConfig<T, kD>::kThreads)
       const KeyRanges ranges = query_block_ranges(h, qb);
       for (int64_t kb = 0; kb < k_block; ++kb) turn += sees_keys(ranges, kb) ? 1 : 0;
       int* turns = args.dq_turns + bh * num_q_blocks + qb;
-      wait_for_turn(turns, turn);
+      if (args.dq_in_turns) wait_for_turn(turns, turn);
       float* dq_rows = args.dq_accum + (bh * p.seqlen_q + i0) * p.head_dim_qk;
 #pragma unroll
       for (int m = 0; m < kMC; ++m) {
@@ -432,7 +433,7 @@ __global__ void __launch_bounds__(BwdConfig<T, kD>::kThreads)
           }
         }
       }
-      thread_fence();  // the adds are visible before the turn passes (after the next barrier)
+      if (args.dq_in_turns) thread_fence();  // the adds are visible before the turn passes (after the next barrier)
       turn_to_pass = turns;
     }
 
