@@ -218,16 +218,20 @@ def test_empty_rows(emu):
         assert (got["grad_" + n][0] == 0).all(), f"grad_{n} of the empty batch"
 
 
-def test_backward_is_deterministic(emu):
+def test_backward_is_deterministic(emu, monkeypatch):
     """Two identical backward calls give bitwise identical gradients (dQ's atomics take turns in
-    a fixed order; the emulator checks every block's turn number)."""
+    a fixed order; the emulator checks every block's turn number), also when the blocks start
+    in reverse index order (CUDA promises no order: blocks take their work by ticket)."""
     case = Case(B=1, Hq=2, Hkv=1, Sq=70, Sk=130, Dqk=16, Dv=16, dtype=BF16, rel_bias=11, span="bh",
                 span_values=(3.5, 20.25))
     inp = make_inputs(case)
     grad_out = torch.randn(case.B, case.Hq, case.Sq, case.Dv, generator=torch.Generator().manual_seed(7)).to(case.dtype)
     runs = [run_attention(emulated_attention, clone_inputs(inp), case, grad_out) for _ in range(2)]
+    monkeypatch.setenv("FASTATTN_EMU_BLOCK_ORDER", "reverse")
+    runs.append(run_attention(emulated_attention, clone_inputs(inp), case, grad_out))
     for key in ("out", "lse", "grad_q", "grad_k", "grad_v", "grad_rel_bias", "grad_span"):
         assert torch.equal(runs[0][key], runs[1][key]), f"{key} differs between two identical calls"
+        assert torch.equal(runs[0][key], runs[2][key]), f"{key} differs with the blocks in reverse order"
 
 
 def test_unordered_dq_diagnostic(emu, monkeypatch):

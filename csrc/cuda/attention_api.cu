@@ -337,7 +337,8 @@ void run_backward(const DeviceContext& ctx, const Prepared& in, BackwardTensors&
     dv_partial = at::empty({group_splits, B, Hkv, Sk, p.head_dim_v}, f32);
   }
   at::Tensor dq_accum = at::zeros({B, Hq, Sq, p.head_dim_qk}, f32);
-  at::Tensor dq_turns = at::zeros({B, Hq, num_q_blocks}, f32.dtype(at::kInt));
+  // The dQ turn counters (B, Hq, num_q_blocks), then the block-ticket counter.
+  at::Tensor dq_turns = at::zeros({B * Hq * num_q_blocks + 1}, f32.dtype(at::kInt));
   BwdArgs<T> a;
   a.p = p;
   a.q = data_of<T>(in.q);
@@ -352,6 +353,7 @@ void run_backward(const DeviceContext& ctx, const Prepared& in, BackwardTensors&
   a.scale_ptr = in.scale_ptr;
   a.dq_accum = dq_accum.data_ptr<float>();
   a.dq_turns = dq_turns.data_ptr<int>();
+  a.block_tickets = a.dq_turns + B * Hq * num_q_blocks;
   // FASTATTN_CUDA_UNORDERED_DQ=1 (a diagnostic, read per call): the key blocks add their dQ
   // shares without waiting for their turns (and without the fence before passing them), as a
   // non-deterministic kernel would, so that a profile can put a number on what the fixed order

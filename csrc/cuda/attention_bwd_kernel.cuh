@@ -23,8 +23,9 @@
 // down makes the turns cheap: with causal masks, windows or full attention alike, a lower key
 // block reaches any query block no later than a higher one (it sees the same or earlier query
 // blocks), so after the first query block the blocks of a head run in step without waiting.
-// A block only ever waits for lower-index blocks, which the GPU started first (the usual
-// assumption of in-order block dispatch), so the wait always ends. A small kernel then scales
+// A block's work index is a ticket it takes when it starts, and it only ever waits for blocks
+// with lower tickets, which have started (no assumption on the order CUDA starts blocks in),
+// so the wait always ends. A small kernel then scales
 // and converts the dQ buffer.
 //
 // The table gradient: per (query block, key block) tile whose distances span several table
@@ -89,6 +90,7 @@ struct BwdArgs {
   const float* scale_ptr; // device pointer to the scale, or null
   float* dq_accum;        // (B, Hq, Sq, Dqk) fp32, zero-initialized; dS K without the scale
   int* dq_turns;          // (B, Hq, num_q_blocks) zero-initialized turn counters
+  int* block_tickets;     // one zero-initialized counter: blocks take their work in start order
   bool dq_in_turns;       // false only for measuring what the turns cost (see attention_api.cu)
   T* dk;                  // (B, Hkv, Sk, Dqk) contiguous (when the group is not split)
   T* dv;                  // (B, Hkv, Sk, Dv) contiguous
@@ -157,7 +159,8 @@ struct BwdConfig {
   static constexpr size_t kSmemTiles =
       sizeof(T) * (static_cast<size_t>(2 * kBlockK) * kLd + 3 * kQTile + 2 * kBlockK * kLdT);
   static constexpr size_t kSmemBytes =
-      kSmemTiles + sizeof(float) * (2 * kBlockQ + kWarps + TileTable<kBlockQ, kBlockK>::kFloats + kDiagonals);
+      kSmemTiles + sizeof(float) * (2 * kBlockQ + kWarps + TileTable<kBlockQ, kBlockK>::kFloats + kDiagonals) +
+      sizeof(int);  // the block's ticket
   // An A100 gives a block at most 163 KB (166912 bytes); the H100 227 KB.
   static_assert(kSmemBytes <= 166912, "the backward must fit an A100's shared memory");
 };
@@ -233,12 +236,19 @@ __global__ void __launch_bounds__(BwdConfig<T, kD>::kThreads)
   float* s_warp_sums = s_delta + kBQ;
   float* s_table = s_warp_sums + kWarps;  // the current tile's logit table
   float* s_diag = s_table + TileTable<kBQ, kBK>::kFloats;
+  int* s_ticket = reinterpret_cast<int*>(s_diag + Cfg::kDiagonals);
 
-  // Block index = ((b * Hkv + h_kv) * group_splits + split) * num_k_blocks + key block: the key
-  // blocks of one (b, query heads) set are consecutive and ascending, as the dQ turns need.
-  const int64_t k_block = blockIdx.x % args.num_k_blocks;
-  const int64_t split = (blockIdx.x / args.num_k_blocks) % args.group_splits;
-  const int64_t bh_kv = blockIdx.x / args.num_k_blocks / args.group_splits;  // b * Hkv + h_kv
+  // The block's work comes from a ticket taken when it starts, not from blockIdx: a block only
+  // ever waits (dQ turns) for blocks with lower tickets, which have started and never wait for
+  // it, so the waits end whatever order the GPU starts blocks in (CUDA does not promise
+  // blockIdx order). Ticket = ((b * Hkv + h_kv) * group_splits + split) * num_k_blocks + key
+  // block: the key blocks of one (b, query heads) set are consecutive and ascending.
+  if (threadIdx.x == 0) *s_ticket = take_ticket(args.block_tickets);
+  __syncthreads();
+  const int64_t ticket = *s_ticket;
+  const int64_t k_block = ticket % args.num_k_blocks;
+  const int64_t split = (ticket / args.num_k_blocks) % args.group_splits;
+  const int64_t bh_kv = ticket / args.num_k_blocks / args.group_splits;  // b * Hkv + h_kv
   const int64_t b = bh_kv / p.heads_kv, h_kv = bh_kv % p.heads_kv;
   // This block's query heads of the group: [gi_begin, gi_end).
   const int64_t gi_begin = split * args.heads_per_split;

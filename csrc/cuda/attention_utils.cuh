@@ -424,21 +424,33 @@ FA_DEVICE void zero_acc(float (&acc)[kM][kN][4]) {
 // the turns serialize, so the float sums always run in the same order), then every thread
 // calls __threadfence(), the block synchronizes and one thread calls pass_turn(counter). A
 // block only ever waits for blocks with a lower index (the caller's ordering guarantees it),
-// which the GPU started earlier, so the wait always ends. The emulator runs blocks one after
+// and the index is a ticket taken when the block starts (take_ticket), so those blocks have
+// started and the wait always ends. The emulator runs blocks one after
 // the other in index order, so there the turn must already have come: it checks that instead,
 // which tests the callers' turn numbering.
 FA_DEVICE void wait_for_turn(const int* counter, int turn) {
 #if defined(FASTATTN_CUDA_EMULATION)
   fastattn_emulation::check_turn(*counter, turn);
 #elif defined(__CUDA_ARCH__)
-  // A legitimate wait lasts at most about one query block's work of the previous block. If the
-  // turn has not come after 2^28 sleeps (over 10 s), something broke the in-order assumption:
-  // fail the launch loudly rather than hang the process.
+  // A legitimate wait lasts a few query blocks' work of the blocks before. If the turn has not
+  // come after 2^28 sleeps (over 10 s), the turn numbering is wrong: fail the launch loudly
+  // rather than hang the process.
   for (unsigned int sleeps = 0; *reinterpret_cast<const volatile int*>(counter) < turn; ++sleeps) {
     if (sleeps == (1u << 28)) __trap();
     __nanosleep(40);
   }
   __threadfence();  // what the previous blocks added is seen after their counter increment
+#endif
+}
+// The next number of a counter, for the block's one calling thread: with it as the block's
+// work index, blocks that start earlier get lower indices (see the backward kernel).
+FA_DEVICE int take_ticket(int* counter) {
+#if defined(FASTATTN_CUDA_EMULATION)
+  return (*counter)++;
+#elif defined(__CUDA_ARCH__)
+  return atomicAdd(counter, 1);
+#else
+  return 0;
 #endif
 }
 FA_DEVICE void pass_turn(int* counter) {

@@ -214,8 +214,9 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* row_addr, bool trans) {
 }
 
 // The backward's ordered dQ accumulation (wait_for_turn in attention_utils.cuh): blocks run
-// one after the other in index order here, so every earlier block has passed its turn already
-// and the counter must equal the turn exactly; anything else is a wrong turn number.
+// one after the other here, and take their work in that order (tickets), so every earlier
+// block has passed its turn already and the counter must equal the turn exactly; anything
+// else is a wrong turn number.
 inline void check_turn(int counter, int turn) {
   if (counter != turn) {
     std::fprintf(stderr, "fastattn emulator: block %u waits for turn %d but the counter is at %d\n",
@@ -298,11 +299,20 @@ inline void run_block(int threads, const std::function<void()>& body, std::mt199
   }
 }
 
+// FASTATTN_EMU_BLOCK_ORDER=reverse runs the blocks of a grid from the last index down (CUDA
+// promises no order): kernels must not depend on blockIdx order.
+inline bool reverse_block_order() {
+  const char* s = std::getenv("FASTATTN_EMU_BLOCK_ORDER");
+  return s != nullptr && std::strcmp(s, "reverse") == 0;
+}
+
 inline void run_grid(int64_t blocks, int threads, size_t smem_bytes, const std::function<void()>& body) {
   std::mt19937 rng(1234);
   g_grid_dim.x = static_cast<unsigned>(blocks);
   g_block_dim.x = threads;
-  for (int64_t blk = 0; blk < blocks; ++blk) {
+  const bool reverse = reverse_block_order();
+  for (int64_t n = 0; n < blocks; ++n) {
+    const int64_t blk = reverse ? blocks - 1 - n : n;
     g_smem.assign(smem_bytes + 16, 0xff);  // NaN bytes: reads of unwritten smem become NaN
     g_block_idx.x = static_cast<unsigned>(blk);
     run_block(threads, body, rng);
