@@ -12,10 +12,12 @@ import itertools
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import fastattn
 from fastattn import reference
-from conftest import HAS_CUDA, LOW_PRECISION, assert_close, pairwise
+from conftest import HAS_CUDA, LOW_PRECISION, assert_close, pairwise, random_settings
 
 ops = torch.ops.fastattn
 
@@ -208,6 +210,34 @@ def test_options_pairwise(device, row):
                           seed=3)
     opts["interleaved"] = row["interleaved"]
     check(t, opts, dtype, inplace=row["inplace"], seed=3)
+
+
+@st.composite
+def rotary_calls(draw, device: str):
+    """(tensors, options, dtype, inplace, seed) of one random rotary call on `device`: any
+    head dim (odd ones too), any even rotary_dim, every option and layout, a random subset of
+    the gradients (Hypothesis; FASTATTN_RANDOM_EXAMPLES=N explores N fresh calls)."""
+    dtype = draw(st.sampled_from(ROTARY_DTYPES[device]))
+    D = draw(st.integers(2, 136))
+    full = D - D % 2
+    rd = draw(st.one_of(st.just(full), st.integers(1, full // 2).map(lambda pairs: 2 * pairs)))
+    inplace = draw(st.booleans())
+    seed = draw(st.integers(0, 2 ** 20))
+    t, opts = make_inputs(B=draw(st.integers(1, 3)), H=draw(st.integers(1, 4)), S=draw(st.integers(1, 70)),
+                          D=D, rd=rd, dtype=dtype, device=device,
+                          angles=draw(st.sampled_from(ANGLES)), positions=draw(st.sampled_from(POSITIONS)),
+                          rotation=draw(st.booleans()), layout=draw(st.sampled_from(("contiguous", "bshd"))),
+                          grads="none" if inplace else draw(st.sampled_from(("all", "x", "params"))), seed=seed)
+    opts["interleaved"] = draw(st.booleans())
+    return t, opts, dtype, inplace, seed
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@random_settings(100)
+@given(data=st.data())
+def test_random_calls(device, data):
+    t, opts, dtype, inplace, seed = data.draw(rotary_calls(device))
+    check(t, opts, dtype, inplace=inplace, seed=seed)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,0 +1,93 @@
+"""fastattn.attention on random calls (Hypothesis): every option, shape, dtype and layout drawn
+at once (tests/attention_strategies.py), judged against both float64 references exactly as the
+fixed cases are (conftest.check_case); and two properties that need no reference at all:
+GQA is the same math as MHA with repeated K/V, and the last rows of a call are the call on the
+last queries alone (bottom-right alignment), whatever the options.
+
+CI runs a fixed, derandomized set of examples; `FASTATTN_RANDOM_EXAMPLES=500 pytest
+tests/test_attention_random.py` explores fresh ones.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from hypothesis import given
+
+import fastattn
+from attention_strategies import attention_cases
+from conftest import (HAS_CUDA, LOW_PRECISION, TOL, assert_close, case_id, check_case, make_inputs,
+                      pin_threads, random_settings)
+
+_threads = pytest.fixture(autouse=True)(pin_threads)
+
+
+@random_settings(150)
+@given(drawn=attention_cases("cpu"))
+def test_random_calls_cpu(drawn):
+    case, lse_grad = drawn
+    check_case(case, lse_grad=lse_grad)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build of fastattn")
+@random_settings(60)
+@given(drawn=attention_cases("cuda"))
+def test_random_calls_cuda(drawn):
+    case, lse_grad = drawn
+    check_case(case, lse_grad=lse_grad)
+
+
+def _options(case, inp) -> dict:
+    kw = {n: inp[n] for n in ("rel_bias", "alibi_slopes", "span", "key_lengths", "scale") if n in inp}
+    return dict(kw, **case.options())
+
+
+@random_settings(60)
+@given(drawn=attention_cases("cpu"))
+def test_gqa_is_mha_with_repeated_kv(drawn):
+    """A GQA/MQA call equals the MHA call on K/V repeated over each group: the forward bitwise
+    (each query head runs the same arithmetic on the same K/V values), dQ bitwise, and dK/dV
+    equal to the group sums of the MHA gradients (summed in another order: close)."""
+    case, _ = drawn
+    case = replace(case, Hq=case.Hkv * 3, span=None, layout="contiguous", dtype=torch.float32)
+    inp = make_inputs(case)
+    group = case.Hq // case.Hkv
+    g = torch.Generator().manual_seed(case.seed + 7)
+    grad_out = torch.randn(case.B, case.Hq, case.Sq, case.Dv, generator=g)
+
+    def run(k, v):
+        q = inp["q"].detach().clone().requires_grad_(True)
+        k = k.detach().clone().requires_grad_(True)
+        v = v.detach().clone().requires_grad_(True)
+        out = fastattn.attention(q, k, v, **_options(case, inp))
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
+        return out, dq, dk, dv
+
+    out_g, dq_g, dk_g, dv_g = run(inp["k"], inp["v"])
+    out_m, dq_m, dk_m, dv_m = run(inp["k"].repeat_interleave(group, 1), inp["v"].repeat_interleave(group, 1))
+    assert torch.equal(out_g, out_m), f"{case_id(case)}: GQA forward differs from MHA on repeated K/V"
+    assert torch.equal(dq_g, dq_m), f"{case_id(case)}: GQA dQ differs from MHA on repeated K/V"
+    for name, got, full in (("dK", dk_g, dk_m), ("dV", dv_g, dv_m)):
+        summed = full.double().unflatten(1, (case.Hkv, group)).sum(2)
+        assert_close(f"{name} vs group sums of MHA", got, summed, torch.float32)
+
+
+@random_settings(60)
+@given(drawn=attention_cases("cpu"))
+def test_last_rows_are_the_call_on_the_last_queries(drawn):
+    """Queries are aligned bottom-right (query i of Sq stands at i + Sk - Sq), so dropping the
+    first queries changes nothing for the others: out and lse of the last n rows of a call
+    equal those of the call on q[:, :, -n:] (decode steps rely on this), for every option."""
+    case, _ = drawn
+    if case.dtype in LOW_PRECISION:
+        case = replace(case, dtype=torch.float32)  # tile-dependent rounding would blur the check
+    inp = make_inputs(case, requires_grad=False)
+    n = max(1, case.Sq // 3)
+    opts = _options(case, inp)
+    full_out, full_lse = fastattn.attention(inp["q"], inp["k"], inp["v"], return_lse=True, **opts)
+    tail_out, tail_lse = fastattn.attention(inp["q"][:, :, -n:], inp["k"], inp["v"], return_lse=True, **opts)
+    tol = TOL[case.dtype]
+    torch.testing.assert_close(tail_out, full_out[:, :, -n:], atol=tol["atol"], rtol=tol["rtol"])
+    torch.testing.assert_close(tail_lse, full_lse[:, :, -n:], atol=tol["atol"], rtol=tol["rtol"])
