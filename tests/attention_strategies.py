@@ -29,17 +29,20 @@ F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float1
 TILE_EDGES = (31, 32, 33, 63, 64, 65, 96, 127, 128, 129, 191, 192, 255, 256, 257)
 
 DEVICE_KINDS = {
-    # dtypes, head dims, the largest B * Hq * Sq * Sk * max(Dqk, Dv) (a cost budget), longest S
-    "cpu": dict(dtypes=(F32, F64, BF16, F16), dims=st.integers(1, 80), budget=6_000_000, max_seq=300),
+    # dtypes, head dims, the longest S, and two cost caps: `work`, the largest
+    # B * Hq * Sq * Sk * max(Dqk, Dv) (the kernel), and `pairs`, the largest B * Hq * Sq * Sk
+    # (the float64 dense references on the CPU, which every kind runs)
+    "cpu": dict(dtypes=(F32, F64, BF16, F16), dims=st.integers(1, 80), max_seq=300,
+                work=6_000_000, pairs=1_000_000),
     # the CUDA kernels: head dims 1..256 (zero-padded to 32/64/96/128/256)
     "cuda": dict(dtypes=(BF16, F16, F32),
                  dims=st.one_of(st.sampled_from((32, 64, 96, 128, 256)), st.integers(1, 256)),
-                 budget=60_000_000, max_seq=700),
+                 max_seq=700, work=100_000_000, pairs=1_000_000),
     # the same kernels on the CPU emulator, which runs ~1e6 times slower than a GPU
     "emu": dict(dtypes=(BF16, F16, F32),
                 dims=st.one_of(st.sampled_from((32, 64, 128)), st.integers(1, 136),
                                st.sampled_from((200, 256))),
-                budget=2_500_000, max_seq=300),
+                max_seq=300, work=2_500_000, pairs=1_000_000),
 }
 
 
@@ -60,9 +63,9 @@ def attention_cases(draw, kind: str = "cpu") -> tuple[Case, bool]:
     Hq = Hkv * draw(st.sampled_from((1, 2, 3)))
     Dqk = draw(spec["dims"])
     Dv = draw(st.one_of(st.just(Dqk), spec["dims"]))
-    # Keep the call within the device's budget: shorten the longer sequence (the draw stays
+    # Keep the call within the caps: shorten the longer sequence (the draw stays
     # reproducible, and the tile-edge lengths mostly survive since they are short).
-    while B * Hq * Sq * Sk * max(Dqk, Dv) > spec["budget"]:
+    while B * Hq * Sq * Sk * max(Dqk, Dv) > spec["work"] or B * Hq * Sq * Sk > spec["pairs"]:
         if Sq >= Sk:
             Sq = max(1, Sq // 2)
         else:

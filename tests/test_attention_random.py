@@ -1,8 +1,8 @@
 """fastattn.attention on random calls (Hypothesis): every option, shape, dtype and layout drawn
 at once (tests/attention_strategies.py), judged against both float64 references exactly as the
-fixed cases are (conftest.check_case); and two properties that need no reference at all:
-GQA is the same math as MHA with repeated K/V, and the last rows of a call are the call on the
-last queries alone (bottom-right alignment), whatever the options.
+fixed cases are (conftest.check_case); and properties that need no reference at all: GQA is
+the same math as MHA with repeated K/V, the last rows of a call are the call on the last
+queries alone (bottom-right alignment), and the CPU results do not depend on the thread count.
 
 CI runs a fixed, derandomized set of examples; `FASTATTN_RANDOM_EXAMPLES=500 pytest
 tests/test_attention_random.py` explores fresh ones.
@@ -17,8 +17,8 @@ from hypothesis import given
 
 import fastattn
 from attention_strategies import attention_cases
-from conftest import (HAS_CUDA, LOW_PRECISION, TOL, assert_close, case_id, check_case, make_inputs,
-                      pin_threads, random_settings)
+from conftest import (HAS_CUDA, LOW_PRECISION, TOL, assert_close, case_id, check_case, clone_inputs,
+                      make_inputs, pin_threads, random_settings, run_attention)
 
 _threads = pytest.fixture(autouse=True)(pin_threads)
 
@@ -91,3 +91,26 @@ def test_last_rows_are_the_call_on_the_last_queries(drawn):
     tol = TOL[case.dtype]
     torch.testing.assert_close(tail_out, full_out[:, :, -n:], atol=tol["atol"], rtol=tol["rtol"])
     torch.testing.assert_close(tail_lse, full_lse[:, :, -n:], atol=tol["atol"], rtol=tol["rtol"])
+
+
+@random_settings(40)
+@given(drawn=attention_cases("cpu"))
+def test_cpu_results_do_not_depend_on_the_thread_count(drawn):
+    """The CPU kernels split work by shape only and reduce partials in a fixed order, so the
+    forward and every gradient are bitwise the same on 1, 2 or 3 threads."""
+    case, lse_grad = drawn
+    inp = make_inputs(case)
+    g = torch.Generator().manual_seed(case.seed + 1000)
+    grad_out = torch.randn(case.B, case.Hq, case.Sq, case.Dv, generator=g).to(case.dtype)
+    grad_lse = torch.randn(case.B, case.Hq, case.Sq, generator=g) if lse_grad else None
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            runs.append(run_attention(fastattn.attention, clone_inputs(inp), case, grad_out, grad_lse))
+    finally:
+        torch.set_num_threads(before)
+    for key, value in runs[0].items():
+        for threads, other in zip((2, 3), runs[1:]):
+            assert torch.equal(value, other[key]), f"{case_id(case)}: {key} differs on {threads} threads"

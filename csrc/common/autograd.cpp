@@ -180,6 +180,17 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     return {out, lse};
   }
 
+  // sum(a * b), in `acc`. On the CPU the products are added in one fixed order (a running
+  // sum: cumsum runs sequentially along its dim) because at::sum splits a large reduction by
+  // the thread count, and every other gradient of the backward is bitwise the same on any
+  // number of threads. CUDA's sum is already the same from run to run on a device.
+  static at::Tensor sum_of_products(const at::Tensor& a, const at::Tensor& b, at::ScalarType acc) {
+    if (!a.device().is_cpu()) return (a.to(acc) * b.to(acc)).sum();
+    // (a leading 0 makes the last entry of the running sum exist for empty inputs too)
+    const at::Tensor products = at::constant_pad_nd((a.to(at::kDouble) * b.to(at::kDouble)).reshape({-1}), {1, 0});
+    return products.cumsum(0).select(0, -1).to(acc);
+  }
+
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3],
@@ -210,7 +221,7 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
       // at s == 0, where it comes out inf/nan). functional.attention runs fp16/bf16 inputs in
       // fp32 when s is learnable: this sum cancels heavily and needs fp32 dq and out.
       const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-      g_scale = ((q.to(acc) * gq.to(acc)).sum() / scale_tensor.to(acc)).to(scale_tensor.scalar_type());
+      g_scale = (sum_of_products(q, gq, acc) / scale_tensor.to(acc)).to(scale_tensor.scalar_type());
     }
     const at::Tensor none;
     return {gq,   gk,   gv,   none, g_scale, none, none, none, need_table ? g_table : none,
