@@ -29,6 +29,8 @@ from typing import Optional, Sequence
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 
 import fastattn
 from fastattn import reference
@@ -107,12 +109,21 @@ def random_settings(default_examples: int):
     `default_examples` examples: the same every run, so CI is reproducible.
     FASTATTN_RANDOM_EXAMPLES=N runs N freshly random examples instead, for bug hunting (a
     failure prints the falsifying call; Hypothesis's database in .hypothesis/ replays it)."""
-    from hypothesis import HealthCheck, settings
     requested = os.environ.get("FASTATTN_RANDOM_EXAMPLES")
     common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     if requested:
         return settings(max_examples=int(requested), **common)
     return settings(max_examples=default_examples, derandomize=True, database=None, **common)
+
+
+@st.composite
+def any_tensor(draw, rank_range=(0, 5), size_max=4, dtypes=(torch.float32, torch.float64, torch.int64)):
+    """A tensor of any rank, sizes (0 included) and dtype: what a bent argument of a direct
+    torch.ops call may be (the op-level fuzz tests)."""
+    rank = draw(st.integers(*rank_range))
+    shape = tuple(draw(st.integers(0, size_max)) for _ in range(rank))
+    dtype = draw(st.sampled_from(dtypes))
+    return torch.randn(shape).to(dtype) if dtype.is_floating_point else torch.randint(-2, 6, shape)
 
 
 # ---------------------------------------------------------------------------------------------

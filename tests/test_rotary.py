@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import fastattn
 from fastattn import reference
-from conftest import HAS_CUDA, LOW_PRECISION, assert_close, pairwise, random_settings
+from conftest import HAS_CUDA, LOW_PRECISION, any_tensor, assert_close, pairwise, random_settings
 
 ops = torch.ops.fastattn
 
@@ -468,6 +468,56 @@ def test_direct_op_calls_are_checked():
                             [True, True, False, False])
     with pytest.raises(RuntimeError):
         ops.rotary_(torch.randn(1, 1, 4, 8).expand(2, 2, 4, 8), inv, None, None, None, None, 0, False, 8)
+
+
+@st.composite
+def _op_arguments(draw):
+    """Arguments of torch.ops.fastattn.rotary as a caller that skips the Python checks could
+    pass them: a valid call (inv_freq or cos/sin tables, any positions, rotation, layout) with
+    up to two arguments bent: a tensor of any rank, size or dtype, positions past the table,
+    an offset or rotary_dim out of range."""
+    B, H, S = (draw(st.integers(1, 3)) for _ in range(3))
+    D = draw(st.integers(2, 12))
+    rd = 2 * draw(st.integers(1, D // 2))
+    rows = S + draw(st.integers(0, 3))
+    table = draw(st.booleans())
+    args = dict(x=torch.randn(B, H, S, D), inv_freq=None if table else torch.rand(rd // 2),
+                cos=torch.randn(rows, rd // 2) if table else None, sin=torch.randn(rows, rd // 2) if table else None,
+                positions=draw(st.sampled_from((None, torch.randint(0, rows, (S,)), torch.randint(0, rows, (B, S))))),
+                rotation=draw(st.sampled_from((None, torch.randn(D, D) / D))),
+                offset=draw(st.integers(0, rows - S)) if table else draw(st.integers(0, 100)),
+                interleaved=draw(st.booleans()), rotary_dim=rd)
+    bad = dict(positions=st.one_of(any_tensor(rank_range=(0, 3), dtypes=(torch.int64, torch.int32, torch.float32)),
+                                   st.just(torch.full((S,), rows)), st.just(torch.full((B, S), -1))),
+               offset=st.one_of(st.integers(-3, -1), st.integers(rows - S + 1, rows + 2)),
+               rotary_dim=st.one_of(st.integers(-2, 1), st.integers(D + 1, D + 3), st.just(rd - 1)))
+    for name in draw(st.lists(st.sampled_from(list(args)), max_size=2, unique=True)):
+        if name == "interleaved":
+            continue
+        args[name] = draw(bad.get(name, any_tensor()))
+    return args
+
+
+@random_settings(300)
+@given(args=_op_arguments())
+def test_op_level_calls_run_or_fail_in_the_checks(args):
+    """A direct torch.ops call (no Python validation) with arguments bent in any way either runs
+    (out of x's shape, its backward and the in-place variant too, no NaN from finite inputs) or
+    fails in fastattn's own C++ checks: a RuntimeError whose message starts with "fastattn:",
+    not an ATen error from inside a kernel, nor a crash or an out-of-bounds read."""
+    values = list(args.values())
+    try:
+        out = ops.rotary(*values)
+    except RuntimeError as e:
+        assert str(e).startswith("fastattn:"), f"rejected outside fastattn's checks: {str(e).splitlines()[0]}"
+        return
+    x = args["x"]
+    assert out.shape == x.shape and not out.isnan().any()
+    grads = ops.rotary_backward(torch.ones_like(out), *values, [True, True, True, True])
+    assert grads[0].shape == x.shape
+    y = x.clone()
+    ops.rotary_(y, *values[1:])
+    assert torch.equal(y, out) or torch.allclose(y, out, atol=1e-6), "rotary_ and rotary differ"
 
 
 # ---------------------------------------------------------------------------------------------
