@@ -154,13 +154,15 @@ def _op_arguments(draw):
     return args
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @random_settings(300)
-@given(args=_op_arguments())
-def test_op_level_calls_run_or_fail_in_the_checks(args):
+@given(data=st.data())
+def test_op_level_calls_run_or_fail_in_the_checks(device, data):
     """A direct torch.ops call (no Python validation) with arguments bent in any way either runs,
     returning out (B, Hq, Sq, Dv) and lse (B, Hq, Sq) with no NaN where no input is NaN, and
     then its backward runs too, or fails in fastattn's own C++ checks: a RuntimeError whose
     message starts with "fastattn:" (not an ATen error from deep inside a kernel, nor a crash)."""
+    args = {n: a.to(device) if isinstance(a, torch.Tensor) else a for n, a in data.draw(_op_arguments()).items()}
     try:
         out, lse = torch.ops.fastattn.attention(*args.values())
     except RuntimeError as e:
