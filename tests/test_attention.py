@@ -122,6 +122,59 @@ def test_decode_step_equals_last_rows(device, new_tokens, opts):
 
 
 # ---------------------------------------------------------------------------------------------
+# short queries (decode steps, short chunks): the CPU forward packs the query heads of a kv group
+# that visit the same keys into one task, and scores single rows by dot products
+# ---------------------------------------------------------------------------------------------
+SHORT_QUERY_CASES = [
+    # MQA, one row: 32 heads in one task's lanes, dot-product scores
+    Case(B=1, Hq=32, Hkv=1, Sq=1, Sk=300, Dqk=64, Dv=64, causal=True, rel_bias=8, seed=70),
+    # GQA, 3 rows x 8 heads = 24 lanes; head dims that are not a multiple of the vector width
+    Case(B=2, Hq=16, Hkv=2, Sq=3, Sk=200, Dqk=33, Dv=20, alibi=True, key_lengths=(200, 57), seed=71),
+    # 16 rows: two heads per task; windows and global tokens (global tiles get per-element bias)
+    Case(B=1, Hq=8, Hkv=2, Sq=16, Sk=150, Dqk=16, Dv=16, window=(20, 0), num_global=3, rel_bias=30, seed=72),
+    # per-head spans: heads whose key ranges differ go to separate tasks
+    Case(B=2, Hq=8, Hkv=1, Sq=1, Sk=100, Dqk=16, Dv=16, span="h", span_values=(3.5, 20.25, 60.75), seed=73),
+    # MHA, one row: the output kept as a row (o += P V); float16 and bfloat16 tiles are converted
+    Case(B=2, Hq=3, Hkv=3, Sq=1, Sk=190, Dqk=64, Dv=64, dtype=F16, causal=True, rel_bias=40, seed=74),
+    Case(B=2, Hq=3, Hkv=3, Sq=1, Sk=190, Dqk=24, Dv=40, dtype=BF16, alibi=True, seed=75),
+    # one row, Dv not a multiple of the vector width: lanes for the output
+    Case(B=1, Hq=2, Hkv=1, Sq=1, Sk=130, Dqk=20, Dv=12, rel_bias=5, scale="tensor", seed=76),
+    # float64 (4 lanes per vector), Sq > Sk (the first row sees no key under causal)
+    Case(B=1, Hq=6, Hkv=2, Sq=2, Sk=1, Dqk=18, Dv=18, dtype=F64, causal=True, seed=77),
+    Case(B=1, Hq=6, Hkv=2, Sq=5, Sk=129, Dqk=18, Dv=8, dtype=F64, rel_bias=50, seed=78),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", SHORT_QUERY_CASES, ids=case_id)
+def test_short_queries(device, case):
+    check_case(for_device(case, device), lse_grad=case.seed % 2 == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [c for c in SHORT_QUERY_CASES if c.Hq > c.Hkv], ids=case_id)
+def test_packed_heads_equal_heads_alone(device, case):
+    """Each query head's out and lse are bitwise those of a call on that head alone (its kv
+    head, table column, slope, span): packing heads into one task changes speed, not results."""
+    case = for_device(case, device)
+    inp = make_inputs(case, requires_grad=False)
+    kw = {n: inp[n] for n in ("key_lengths", "scale") if n in inp}
+    out, lse = fastattn.attention(inp["q"], inp["k"], inp["v"], return_lse=True,
+                                  rel_bias=inp.get("rel_bias"), alibi_slopes=inp.get("alibi_slopes"),
+                                  span=inp.get("span"), **case.options(), **kw)
+    group = case.Hq // case.Hkv
+    for h in range(case.Hq):
+        hk = slice(h // group, h // group + 1)
+        one = lambda name: inp[name][..., h:h + 1] if name in inp else None
+        out_h, lse_h = fastattn.attention(inp["q"][:, h:h + 1], inp["k"][:, hk], inp["v"][:, hk],
+                                          return_lse=True, rel_bias=one("rel_bias"),
+                                          alibi_slopes=one("alibi_slopes"), span=one("span"),
+                                          **case.options(), **kw)
+        assert torch.equal(out_h, out[:, h:h + 1]), f"head {h}: out differs"
+        assert torch.equal(lse_h, lse[:, h:h + 1]), f"head {h}: lse differs"
+
+
+# ---------------------------------------------------------------------------------------------
 # strided inputs
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)

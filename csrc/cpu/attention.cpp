@@ -4,7 +4,9 @@
 // common/attention_params.h (pair_bias, span_logit_grad, local_key_range, ...), evaluated by
 // the tile helpers of cpu/attention_tiles.h. Nothing of size (Sq, Sk) is ever allocated.
 //
-// Forward (flash / online softmax), one task per (batch, query head, query block of kBlockQ):
+// Forward (flash / online softmax), one task per (batch, query head, query block of kBlockQ),
+// or, for short queries (decode steps), per (batch, several heads of one kv group): see
+// ForwardTask. The query rows of a task are its "lanes":
 //   qT  = scale * Q_blockᵀ                         (Dqk x BQ, packed once per task)
 //   for each visited key tile (attention_tiles.h: at most two key ranges, tiles outside the
 //   window / span / causal range are skipped):
@@ -125,17 +127,28 @@ inline const acc_t* rows_as_acc(const scalar_t* src, int64_t stride, int64_t n, 
   }
 }
 
-// Packs scale * rows[i0 .. i0 + nq) (row stride `stride`, `dim` columns) transposed into
-// dst (dim x kBlockQ); the padding lanes [nq, kBlockQ) are zero.
+// Packs scale * rows[0 .. nq) (row stride `stride`, `dim` columns) transposed into the lanes
+// [lane0, lane0 + nq) of dst (dim x kBlockQ); with lane0 == 0 the lanes [nq, kBlockQ) are
+// zeroed (padding), with lane0 > 0 the other lanes are left as they are (see pad_lanes).
 template <typename scalar_t, typename acc_t>
 inline void pack_transposed(const scalar_t* rows, int64_t stride, int64_t nq, int64_t dim,
-                            acc_t scale, acc_t* dst) {
-  for (int64_t d = 0; d < dim; ++d) {
-    std::fill(dst + d * kBlockQ + nq, dst + (d + 1) * kBlockQ, acc_t(0));
+                            acc_t scale, acc_t* dst, int64_t lane0 = 0) {
+  if (lane0 == 0) {
+    for (int64_t d = 0; d < dim; ++d) {
+      std::fill(dst + d * kBlockQ + nq, dst + (d + 1) * kBlockQ, acc_t(0));
+    }
   }
   for (int64_t ii = 0; ii < nq; ++ii) {
     const scalar_t* r = rows + ii * stride;
-    for (int64_t d = 0; d < dim; ++d) dst[d * kBlockQ + ii] = scale * static_cast<acc_t>(r[d]);
+    for (int64_t d = 0; d < dim; ++d) dst[d * kBlockQ + lane0 + ii] = scale * static_cast<acc_t>(r[d]);
+  }
+}
+
+// Zeroes the lanes [lanes, padded_lanes) of the `dim` rows of a (dim x kBlockQ) lane array.
+template <typename acc_t>
+inline void pad_lanes(acc_t* dst, int64_t dim, int64_t lanes, int64_t padded_lanes) {
+  for (int64_t d = 0; d < dim; ++d) {
+    std::fill(dst + d * kBlockQ + lanes, dst + d * kBlockQ + padded_lanes, acc_t(0));
   }
 }
 
@@ -265,50 +278,42 @@ inline bool any_local_bias(const AttentionParamsT<acc_t>& p) {
 // ------------------------------------------------------------------------------------------
 // Forward
 // ------------------------------------------------------------------------------------------
-template <typename acc_t>
-struct ForwardScratch {
-  std::vector<acc_t> qT, sT, oT, m, l, alpha, diag, k_buf, v_buf;
-  ForwardScratch(int64_t dqk, int64_t dv, bool need_convert)
-      : qT(dqk * kBlockQ), sT(kBlockK * kBlockQ), oT(dv * kBlockQ), m(kBlockQ), l(kBlockQ),
-        alpha(kBlockQ), diag(kBlockQ + kBlockK),
-        k_buf(need_convert ? kBlockK * dqk : 0), v_buf(need_convert ? kBlockK * dv : 0) {}
-};
-
 // Rows of a score tile whose exponentials are computed together (see softmax_exp_n).
 constexpr int kExpRows = 4;
 
-// One key tile of the online softmax, vectorized over the query lanes: adds the tile's bias
-// (tb: per-diagonal vector or one uniform term, see tile_bias), updates the running max m and
-// sum l, turns sT into probabilities exp(s + bias - m_new) and returns in alpha the factor
-// exp(m_old - m_new) by which earlier output must be rescaled. Rows with no visible key so far
-// (m = -inf) stay at m = -inf, l = 0, P = 0, without NaN.
+// One key tile of the online softmax, vectorized over the lanes [0, lanes) (a multiple of the
+// vector width): adds the tile's bias (`diag`: per-diagonal vector of a task with one head, see
+// tile_bias, or null; `uniform`: a term per lane, 0 where the bias is already in sT), updates
+// the running max m and sum l, turns sT into probabilities exp(s + bias - m_new) and returns in
+// alpha the factor exp(m_old - m_new) by which earlier output must be rescaled. Rows with no
+// visible key so far (m = -inf) stay at m = -inf, l = 0, P = 0, without NaN.
 template <typename acc_t>
-inline void online_softmax_tile(acc_t* sT, int64_t nk, const TileBias<acc_t>& tb, acc_t* m,
-                                acc_t* l, acc_t* alpha) {
+inline void online_softmax_tile(acc_t* sT, int64_t nk, int64_t lanes, const acc_t* diag,
+                                const acc_t* uniform, acc_t* m, acc_t* l, acc_t* alpha) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   const Vec neg_inf(-std::numeric_limits<acc_t>::infinity());
   const Vec zero(acc_t(0));
-  const Vec uniform(tb.uniform);
-  for (int64_t v = 0; v < kBlockQ; v += W) {
+  for (int64_t v = 0; v < lanes; v += W) {
+    const Vec lane_uniform = Vec::loadu(uniform + v);
     Vec tile_max = neg_inf;
-    if (tb.diag != nullptr) {
+    if (diag != nullptr) {
       for (int64_t jj = 0; jj < nk; ++jj) {
         acc_t* s = sT + jj * kBlockQ + v;
-        const Vec biased = Vec::loadu(s) + Vec::loadu(tb.diag + (nk - 1 - jj) + v);
+        const Vec biased = Vec::loadu(s) + Vec::loadu(diag + (nk - 1 - jj) + v);
         biased.store(s);
         tile_max = at::vec::maximum(tile_max, biased);
       }
     } else {
       for (int64_t jj = 0; jj < nk; ++jj) tile_max = at::vec::maximum(tile_max, Vec::loadu(sT + jj * kBlockQ + v));
-      tile_max = tile_max + uniform;  // the uniform term is added inside the exp below
     }
+    tile_max = tile_max + lane_uniform;  // the uniform term is added inside the exp below
     const Vec m_old = Vec::loadu(m + v);
     const Vec m_new = at::vec::maximum(m_old, tile_max);  // NaN propagates
     const Vec m_safe = Vec::blendv(m_new, zero, m_new == neg_inf);
     const Vec a = softmax_exp(m_old - m_safe);
     // exp(s + uniform - m_new) = exp(s - shift)
-    const Vec shift = tb.diag != nullptr ? m_safe : m_safe - uniform;
+    const Vec shift = m_safe - lane_uniform;
     Vec sum = zero;
     int64_t jj = 0;
     for (; jj + kExpRows <= nk; jj += kExpRows) {
@@ -334,6 +339,108 @@ inline void online_softmax_tile(acc_t* sT, int64_t nk, const TileBias<acc_t>& tb
   }
 }
 
+// A forward task: the query rows [i0, i0 + nq) of the heads h0 .. h0 + num_heads - 1 of batch
+// b, all in one kv group and all visiting the same key ranges. Their rows share the score
+// tile's lanes, head after head (lane g * nq + ii is row i0 + ii of head h0 + g), so each K and
+// V tile is read once for all of them. A task normally holds one query block of one head;
+// when a head's queries fill less than half a block (decode steps, short chunks), a task packs
+// the heads of a GQA/MQA group instead, so that the lanes are not mostly padding and a group's
+// K and V are not read once per query head. Every lane's arithmetic is the same whatever else
+// shares its task (the products, softmax and bias are per lane), so the packing changes speed,
+// never results.
+struct ForwardTask {
+  int64_t b, h0, num_heads, i0, nq;
+};
+
+inline bool same_key_ranges(const KeyRanges& x, const KeyRanges& y) {
+  if (x.count != y.count) return false;
+  for (int c = 0; c < x.count; ++c) {
+    if (x.lo[c] != y.lo[c] || x.hi[c] != y.hi[c]) return false;
+  }
+  return true;
+}
+
+template <typename acc_t>
+std::vector<ForwardTask> forward_tasks(const AttentionParamsT<acc_t>& p) {
+  const int64_t B = p.batch, Hkv = p.heads_kv, Sq = p.seqlen_q, group = p.group_size();
+  const int64_t num_qblocks = (Sq + kBlockQ - 1) / kBlockQ;
+  const int64_t max_heads = (num_qblocks == 1 && 2 * Sq <= kBlockQ) ? kBlockQ / Sq : 1;
+  std::vector<ForwardTask> tasks;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t hkv = 0; hkv < Hkv; ++hkv) {
+      for (int64_t qb = 0; qb < num_qblocks; ++qb) {
+        const int64_t i0 = qb * kBlockQ, nq = std::min(kBlockQ, Sq - i0);
+        KeyRanges task_ranges;
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t h = hkv * group + g;
+          const KeyRanges ranges = visible_key_ranges(p, b, h, i0, i0 + nq);
+          ForwardTask* last = tasks.empty() ? nullptr : &tasks.back();
+          if (g > 0 && last->num_heads < max_heads && same_key_ranges(ranges, task_ranges)) {
+            ++last->num_heads;
+          } else {
+            tasks.push_back({b, h, 1, i0, nq});
+            task_ranges = ranges;
+          }
+        }
+      }
+    }
+  }
+  return tasks;
+}
+
+template <typename acc_t>
+struct ForwardScratch {
+  std::vector<acc_t> qT, sT, oT, m, l, alpha, lane_uniform, diag, k_buf, v_buf;
+  std::vector<acc_t> q_rows;  // tasks of single-row heads only (see dot_scores)
+  ForwardScratch(int64_t dqk, int64_t dv, bool need_convert)
+      : qT(dqk * kBlockQ), sT(kBlockK * kBlockQ), oT(dv * kBlockQ), m(kBlockQ), l(kBlockQ),
+        alpha(kBlockQ), lane_uniform(kBlockQ), diag(kBlockQ + kBlockK),
+        k_buf(need_convert ? kBlockK * dqk : 0), v_buf(need_convert ? kBlockK * dv : 0),
+        q_rows(kBlockQ * dqk) {}
+};
+
+// Scores of tasks whose heads have one query row each (decode steps): sT[jj][x] = the dot
+// product of query row x (q_rows, row-major, scale included) with key jj, for the first
+// `lanes` lanes. A key block product would spend a vector lane per query row, i.e. W times the
+// work for one row; here each score is a dot product along the head dim: vector partial sums
+// over d, then a fixed shuffle tree, then the tail. Four keys go through together (independent
+// chains), and each score is the same sequence of operations whatever its neighbours, so the
+// result of a row never depends on what else its task holds (GQA stays bitwise MHA).
+template <typename acc_t>
+inline void dot_scores(const acc_t* k_tile, int64_t ldk, int64_t nk, const acc_t* q_rows,
+                       int64_t lanes, int64_t lanes_padded, int64_t dim, acc_t* sT) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  constexpr int64_t kKeys = 4;
+  const int64_t dim_vec = dim / W * W;
+  auto add = [](Vec& x, Vec& y) { return x + y; };
+  for (int64_t j0 = 0; j0 < nk; j0 += kKeys) {
+    const int64_t n = std::min(kKeys, nk - j0);
+    for (int64_t x = 0; x < lanes; ++x) {
+      const acc_t* q = q_rows + x * dim;
+      Vec acc[kKeys];
+      for (int64_t u = 0; u < kKeys; ++u) acc[u] = Vec(acc_t(0));
+      for (int64_t d = 0; d < dim_vec; d += W) {
+        const Vec qv = Vec::loadu(q + d);
+#pragma GCC unroll 4
+        for (int64_t u = 0; u < kKeys; ++u) {
+          if (u < n) acc[u] = at::vec::fmadd(qv, Vec::loadu(k_tile + (j0 + u) * ldk + d), acc[u]);
+        }
+      }
+      for (int64_t u = 0; u < n; ++u) {
+        const acc_t* k_row = k_tile + (j0 + u) * ldk;
+        acc_t sum = at::vec::vec_reduce_all<acc_t>(add, acc[u]);
+        for (int64_t d = dim_vec; d < dim; ++d) sum = std::fma(q[d], k_row[d], sum);
+        sT[(j0 + u) * kBlockQ + x] = sum;
+      }
+    }
+  }
+  // Padding lanes score 0, as a zero query would.
+  for (int64_t jj = 0; jj < nk && lanes < lanes_padded; ++jj) {
+    std::fill(sT + jj * kBlockQ + lanes, sT + jj * kBlockQ + lanes_padded, acc_t(0));
+  }
+}
+
 template <typename scalar_t>
 void attention_forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const AttentionParamsT<acc_type<scalar_t>>& p, at::Tensor& out,
@@ -342,11 +449,10 @@ void attention_forward_impl(const at::Tensor& q, const at::Tensor& k, const at::
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   constexpr bool need_convert = !std::is_same_v<scalar_t, acc_t>;
-  const int64_t B = p.batch, Hq = p.heads_q, Sq = p.seqlen_q, Dqk = p.head_dim_qk,
-                Dv = p.head_dim_v;
+  const int64_t Hq = p.heads_q, Sq = p.seqlen_q, Dqk = p.head_dim_qk, Dv = p.head_dim_v;
   const int64_t group = p.group_size();
-  const int64_t num_qblocks = (Sq + kBlockQ - 1) / kBlockQ;
-  const int64_t num_tasks = B * Hq * num_qblocks;
+  const std::vector<ForwardTask> tasks = forward_tasks(p);
+  const int64_t num_tasks = static_cast<int64_t>(tasks.size());
   if (num_tasks == 0) return;
   const scalar_t* q_ptr = q.data_ptr<scalar_t>();
   const scalar_t* k_ptr = k.data_ptr<scalar_t>();
@@ -355,16 +461,17 @@ void attention_forward_impl(const at::Tensor& q, const at::Tensor& k, const at::
   float* lse_ptr = lse.data_ptr<float>();
   const bool may_need_bias = any_local_bias(p);
   const acc_t scale = static_cast<acc_t>(p.scale);
+  auto padded = [](int64_t lanes) { return (lanes + W - 1) / W * W; };
 
   // Most expensive tasks first (causal, windows and global rows make them uneven), then the
   // dynamic hand-out balances the tail.
   std::vector<int64_t> cost(num_tasks);
   for (int64_t t = 0; t < num_tasks; ++t) {
-    const int64_t qb = t % num_qblocks, bh = t / num_qblocks;
-    const int64_t i0 = qb * kBlockQ, i1 = std::min(i0 + kBlockQ, Sq);
-    const KeyRanges r = visible_key_ranges(p, bh / Hq, bh % Hq, i0, i1);
+    const ForwardTask& task = tasks[t];
+    const KeyRanges r = visible_key_ranges(p, task.b, task.h0, task.i0, task.i0 + task.nq);
     cost[t] = 0;
     for (int c = 0; c < r.count; ++c) cost[t] += r.hi[c] - r.lo[c];
+    cost[t] *= padded(task.num_heads * task.nq);
   }
   std::vector<int64_t> order(num_tasks);
   std::iota(order.begin(), order.end(), 0);
@@ -373,62 +480,108 @@ void attention_forward_impl(const at::Tensor& q, const at::Tensor& k, const at::
   run_tasks(
       num_tasks, [&] { return ForwardScratch<acc_t>(Dqk, Dv, need_convert); },
       [&](int64_t task_index, ForwardScratch<acc_t>& s) {
-        const int64_t task = order[task_index];
-        const int64_t qb = task % num_qblocks, bh = task / num_qblocks;
-        const int64_t b = bh / Hq, h = bh % Hq, hkv = h / group;
-        const int64_t i0 = qb * kBlockQ, i1 = std::min(i0 + kBlockQ, Sq), nq = i1 - i0;
-        const scalar_t* q_rows = q_ptr + b * p.q_stride_b + h * p.q_stride_h + i0 * p.q_stride_s;
+        const ForwardTask& task = tasks[order[task_index]];
+        const int64_t b = task.b, h0 = task.h0, hkv = h0 / group, heads = task.num_heads;
+        const int64_t i0 = task.i0, nq = task.nq, i1 = i0 + nq;
+        const int64_t lanes = heads * nq, lanes_padded = padded(lanes);
+        // Heads with one query row each (decode steps) get their scores by dot_scores. A task
+        // of a single row also keeps its output as a row (the first Dv entries of oT) and adds
+        // o += P · V_tile: the same fused multiply-adds per element, in the same order, as the
+        // lane product, with no vector lanes spent on padding (Dv a multiple of W: the row
+        // product has no scalar column tail).
+        const bool dot_mode = nq == 1;
+        const bool row_mode = lanes == 1 && Dv % W == 0;
         const scalar_t* k_head = k_ptr + b * p.k_stride_b + hkv * p.k_stride_h;
         const scalar_t* v_head = v_ptr + b * p.v_stride_b + hkv * p.v_stride_h;
 
-        pack_transposed(q_rows, p.q_stride_s, nq, Dqk, scale, s.qT.data());
+        for (int64_t g = 0; g < heads; ++g) {
+          const scalar_t* q_rows = q_ptr + b * p.q_stride_b + (h0 + g) * p.q_stride_h + i0 * p.q_stride_s;
+          pack_transposed(q_rows, p.q_stride_s, nq, Dqk, scale, s.qT.data(), g * nq);
+          if (dot_mode) {
+            for (int64_t d = 0; d < Dqk; ++d) s.q_rows[g * Dqk + d] = s.qT[d * kBlockQ + g];
+          }
+        }
+        pad_lanes(s.qT.data(), Dqk, lanes, lanes_padded);
         std::fill(s.m.begin(), s.m.end(), -std::numeric_limits<acc_t>::infinity());
         std::fill(s.l.begin(), s.l.end(), acc_t(0));
         std::fill(s.oT.begin(), s.oT.end(), acc_t(0));
+        std::fill(s.lane_uniform.begin(), s.lane_uniform.end(), acc_t(0));
 
-        const KeyRanges ranges = visible_key_ranges(p, b, h, i0, i1);
+        // Every head of the task visits these (forward_tasks groups heads by them).
+        const KeyRanges ranges = visible_key_ranges(p, b, h0, i0, i1);
         for (int rg = 0; rg < ranges.count; ++rg) {
           for (int64_t j0 = ranges.lo[rg]; j0 < ranges.hi[rg]; j0 += kBlockK) {
             const int64_t nk = std::min(kBlockK, ranges.hi[rg] - j0);
             int64_t ldk = 0, ldv = 0;
             const acc_t* k_tile = rows_as_acc(k_head + j0 * p.k_stride_s, p.k_stride_s, nk, Dqk,
                                               s.k_buf.data(), &ldk);
-            // sT = K_tile · (scale * Q_block)ᵀ
-            gemm_bcast<acc_t, false>(nk, kBlockQ, Dqk, k_tile, ldk, 1, s.qT.data(), kBlockQ,
-                                     s.sT.data(), kBlockQ);
-            const TileBias<acc_t> tb = tile_bias(p, b, h, i0, nq, j0, nk, may_need_bias, s.sT.data(), s.diag.data());
-            online_softmax_tile(s.sT.data(), nk, tb, s.m.data(), s.l.data(), s.alpha.data());
+            if (dot_mode) {
+              dot_scores(k_tile, ldk, nk, s.q_rows.data(), lanes, lanes_padded, Dqk, s.sT.data());
+            } else {
+              // sT = K_tile · (scale * Q_lanes)ᵀ
+              gemm_bcast<acc_t, false>(nk, lanes_padded, Dqk, k_tile, ldk, 1, s.qT.data(),
+                                       kBlockQ, s.sT.data(), kBlockQ);
+            }
+            // The bias, head by head. A task with one head adds a per-diagonal bias inside the
+            // softmax's first pass; with several heads each head's diagonals are added here.
+            const acc_t* fused_diag = nullptr;
+            for (int64_t g = 0; g < heads; ++g) {
+              acc_t* sT_head = s.sT.data() + g * nq;
+              const TileBias<acc_t> tb = tile_bias(p, b, h0 + g, i0, nq, j0, nk, may_need_bias,
+                                                   sT_head, s.diag.data());
+              std::fill(s.lane_uniform.begin() + g * nq, s.lane_uniform.begin() + (g + 1) * nq, tb.uniform);
+              if (tb.diag != nullptr && heads == 1) {
+                fused_diag = tb.diag;
+              } else if (tb.diag != nullptr) {
+                for (int64_t jj = 0; jj < nk; ++jj) {
+                  const acc_t* diag_row = tb.diag + (nk - 1 - jj);
+                  for (int64_t ii = 0; ii < nq; ++ii) sT_head[jj * kBlockQ + ii] += diag_row[ii];
+                }
+              }
+            }
+            online_softmax_tile(s.sT.data(), nk, lanes_padded, fused_diag, s.lane_uniform.data(),
+                                s.m.data(), s.l.data(), s.alpha.data());
             bool rescale = false;
-            for (int64_t ii = 0; ii < nq; ++ii) rescale = rescale || s.alpha[ii] != acc_t(1);
-            if (rescale) {
+            for (int64_t x = 0; x < lanes; ++x) rescale = rescale || s.alpha[x] != acc_t(1);
+            if (rescale && row_mode) {
+              const Vec a(s.alpha[0]);
+              for (int64_t d = 0; d < Dv; d += W) (Vec::loadu(s.oT.data() + d) * a).store(s.oT.data() + d);
+            } else if (rescale) {
               for (int64_t d = 0; d < Dv; ++d) {
                 acc_t* o = s.oT.data() + d * kBlockQ;
-                for (int64_t x = 0; x < kBlockQ; x += W) {
+                for (int64_t x = 0; x < lanes_padded; x += W) {
                   (Vec::loadu(o + x) * Vec::loadu(s.alpha.data() + x)).store(o + x);
                 }
               }
             }
             const acc_t* v_tile = rows_as_acc(v_head + j0 * p.v_stride_s, p.v_stride_s, nk, Dv,
                                               s.v_buf.data(), &ldv);
-            // oT += V_tileᵀ · P   (A(d, j) = V[j][d])
-            gemm_bcast<acc_t, true>(Dv, kBlockQ, nk, v_tile, 1, ldv, s.sT.data(), kBlockQ,
-                                    s.oT.data(), kBlockQ);
+            if (row_mode) {
+              // o (the first Dv entries of oT) += P (lane 0 of sT) · V_tile
+              gemm_bcast<acc_t, true>(1, Dv, nk, s.sT.data(), 0, kBlockQ, v_tile, ldv,
+                                      s.oT.data(), Dv);
+            } else {
+              // oT += V_tileᵀ · P   (A(d, j) = V[j][d])
+              gemm_bcast<acc_t, true>(Dv, lanes_padded, nk, v_tile, 1, ldv, s.sT.data(), kBlockQ,
+                                      s.oT.data(), kBlockQ);
+            }
           }
         }
 
         // out = oTᵀ / l, lse = m + log l. Empty rows: zeros and -inf. A NaN or +inf logit
         // makes the row NaN (lse NaN / +inf), as in the reference.
-        for (int64_t ii = 0; ii < nq; ++ii) {
-          const int64_t i = i0 + ii;
+        for (int64_t x = 0; x < lanes; ++x) {
+          const int64_t h = h0 + x / nq, i = i0 + x % nq;
           scalar_t* o = out_ptr + b * p.o_stride_b + h * p.o_stride_h + i * p.o_stride_s;
           float* lse_i = lse_ptr + (b * Hq + h) * Sq + i;
-          const acc_t mi = s.m[ii], li = s.l[ii];
+          const acc_t mi = s.m[x], li = s.l[x];
           if (std::isnan(mi) || mi == std::numeric_limits<acc_t>::infinity()) {
             for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());
             *lse_i = static_cast<float>(mi);
           } else if (li > acc_t(0)) {
             const acc_t inv = acc_t(1) / li;
-            for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<scalar_t>(s.oT[d * kBlockQ + ii] * inv);
+            const int64_t o_stride = row_mode ? 1 : kBlockQ;
+            for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<scalar_t>(s.oT[d * o_stride + x] * inv);
             *lse_i = static_cast<float>(mi + std::log(li));
           } else {
             for (int64_t d = 0; d < Dv; ++d) o[d] = scalar_t(0);
@@ -442,7 +595,7 @@ void attention_forward_impl(const at::Tensor& q, const at::Tensor& k, const at::
 // Backward
 // ------------------------------------------------------------------------------------------
 // Exact log-sum-exp of the rows of one query block (float64 backward): the forward's online
-// softmax without the output. `work` holds >= 3 * kBlockQ entries. Writes lse_safe[ii] for the
+// softmax without the output. `work` holds >= 4 * kBlockQ entries. Writes lse_safe[ii] for the
 // nq rows: lse, or +inf for a row with no visible key (so that exp(s - lse) = 0 there).
 template <typename acc_t, typename scalar_t>
 void recompute_lse(const AttentionParamsT<acc_t>& p, int64_t b, int64_t h, int64_t i0, int64_t nq,
@@ -452,6 +605,7 @@ void recompute_lse(const AttentionParamsT<acc_t>& p, int64_t b, int64_t h, int64
   acc_t* m = work;
   acc_t* l = work + kBlockQ;
   acc_t* alpha = work + 2 * kBlockQ;
+  acc_t* uniform = work + 3 * kBlockQ;
   std::fill(m, m + kBlockQ, -std::numeric_limits<acc_t>::infinity());
   std::fill(l, l + kBlockQ, acc_t(0));
   for (int rg = 0; rg < ranges.count; ++rg) {
@@ -460,7 +614,8 @@ void recompute_lse(const AttentionParamsT<acc_t>& p, int64_t b, int64_t h, int64
       gemm_bcast<acc_t, false>(nk, kBlockQ, p.head_dim_qk, k_head + j0 * p.k_stride_s,
                                p.k_stride_s, 1, qT, kBlockQ, sT, kBlockQ);
       const TileBias<acc_t> tb = tile_bias(p, b, h, i0, nq, j0, nk, may_need_bias, sT, diag);
-      online_softmax_tile(sT, nk, tb, m, l, alpha);
+      std::fill(uniform, uniform + kBlockQ, tb.uniform);
+      online_softmax_tile(sT, nk, kBlockQ, tb.diag, uniform, m, l, alpha);
     }
   }
   for (int64_t ii = 0; ii < nq; ++ii) {
@@ -540,7 +695,7 @@ struct BackwardScratch {
         k_buf(need_convert ? kBlockK * dqk : 0), v_buf(need_convert ? kBlockK * dv : 0),
         row_delta(kBlockQ), lse_safe(kBlockQ), dq(kBlockQ * dqk), diag(kBlockQ + kBlockK),
         span_diag(kBlockQ + kBlockK), tile_diag(kBlockQ + kBlockK),
-        lse_work(std::is_same_v<acc_t, double> ? 3 * kBlockQ : 0), diag_acc(num_distances) {}
+        lse_work(std::is_same_v<acc_t, double> ? 4 * kBlockQ : 0), diag_acc(num_distances) {}
 };
 
 // The number of query-block chunks per (batch, kv head) in the backward: enough tasks to keep
