@@ -80,6 +80,8 @@ for stage in "$@"; do
       tail -30 "$OUT/bench-attention.log"
       $PY benchmarks/bench_window.py --device cuda ${BENCH_ARGS:-} --record "$rec" > "$OUT/bench-window.log" 2>&1
       tail -25 "$OUT/bench-window.log"
+      $PY benchmarks/bench_decode.py --device cuda ${BENCH_ARGS:-} --record "$rec" > "$OUT/bench-decode.log" 2>&1
+      tail -8 "$OUT/bench-decode.log"
       ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac

@@ -345,9 +345,10 @@ inline void online_softmax_tile(acc_t* sT, int64_t nk, int64_t lanes, const acc_
 // V tile is read once for all of them. A task normally holds one query block of one head;
 // when a head's queries fill less than half a block (decode steps, short chunks), a task packs
 // the heads of a GQA/MQA group instead, so that the lanes are not mostly padding and a group's
-// K and V are not read once per query head. Every lane's arithmetic is the same whatever else
-// shares its task (the products, softmax and bias are per lane), so the packing changes speed,
-// never results.
+// K and V are not read once per query head, but no more heads than keep every thread busy
+// (an MQA step at batch 1 is otherwise one task). Every lane's arithmetic is the same whatever
+// else shares its task (the products, softmax and bias are per lane), so the packing changes
+// speed, never results: it may depend on the thread count.
 struct ForwardTask {
   int64_t b, h0, num_heads, i0, nq;
 };
@@ -364,7 +365,9 @@ template <typename acc_t>
 std::vector<ForwardTask> forward_tasks(const AttentionParamsT<acc_t>& p) {
   const int64_t B = p.batch, Hkv = p.heads_kv, Sq = p.seqlen_q, group = p.group_size();
   const int64_t num_qblocks = (Sq + kBlockQ - 1) / kBlockQ;
-  const int64_t max_heads = (num_qblocks == 1 && 2 * Sq <= kBlockQ) ? kBlockQ / Sq : 1;
+  int64_t max_heads = (num_qblocks == 1 && 2 * Sq <= kBlockQ) ? kBlockQ / Sq : 1;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  max_heads = std::max<int64_t>(1, std::min(max_heads, (B * p.heads_q + threads - 1) / threads));
   std::vector<ForwardTask> tasks;
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t hkv = 0; hkv < Hkv; ++hkv) {
