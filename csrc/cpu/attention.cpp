@@ -77,14 +77,27 @@ constexpr int64_t kBlockK = 128;
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
+// Multiply-adds (roughly) below which a call's tasks run on the calling thread: starting and
+// joining an OpenMP team costs microseconds, more than such a call's arithmetic (a decode step
+// with a short cache, a small test case).
+constexpr int64_t kMinParallelWork = int64_t(1) << 17;
+
 // Runs body(task, scratch) for every task in [0, num_tasks) on ATen's thread pool, handing
-// tasks out dynamically (atomic counter) so that uneven tasks balance. Every task writes only
-// what it owns, so the results never depend on which thread ran which task.
+// tasks out dynamically (atomic counter) so that uneven tasks balance; `work` estimates the
+// multiply-adds of all tasks. Every task writes only what it owns, so the results never depend
+// on which thread ran which task.
 template <typename MakeScratch, typename Body>
-void run_tasks(int64_t num_tasks, const MakeScratch& make_scratch, const Body& body) {
+void run_tasks(int64_t num_tasks, int64_t work, const MakeScratch& make_scratch, const Body& body) {
   if (num_tasks <= 0) return;
+  const int64_t workers = work < kMinParallelWork
+                              ? 1
+                              : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_tasks));
+  if (workers == 1) {
+    auto scratch = make_scratch();
+    for (int64_t t = 0; t < num_tasks; ++t) body(t, scratch);
+    return;
+  }
   std::atomic<int64_t> next{0};
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_tasks));
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     auto scratch = make_scratch();
     for (int64_t t = next.fetch_add(1); t < num_tasks; t = next.fetch_add(1)) body(t, scratch);
@@ -479,9 +492,10 @@ void attention_forward_impl(const at::Tensor& q, const at::Tensor& k, const at::
   std::vector<int64_t> order(num_tasks);
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+  const int64_t work = std::accumulate(cost.begin(), cost.end(), int64_t(0)) * (Dqk + Dv);
 
   run_tasks(
-      num_tasks, [&] { return ForwardScratch<acc_t>(Dqk, Dv, need_convert); },
+      num_tasks, work, [&] { return ForwardScratch<acc_t>(Dqk, Dv, need_convert); },
       [&](int64_t task_index, ForwardScratch<acc_t>& s) {
         const ForwardTask& task = tasks[order[task_index]];
         const int64_t b = task.b, h0 = task.h0, hkv = h0 / group, heads = task.num_heads;
@@ -776,8 +790,10 @@ BackwardOutputs attention_backward_impl(
   const int64_t o_sb = out.stride(0), o_sh = out.stride(1), o_ss = out.stride(2);
   const acc_t pos_inf = std::numeric_limits<acc_t>::infinity();
 
+  // (an upper bound: every query block against every key, five products)
+  const int64_t work = B * Hq * num_qblocks * kBlockQ * Sk * (2 * Dqk + 3 * Dv);
   run_tasks(
-      num_tasks, [&] { return BackwardScratch<acc_t>(Dqk, Dv, need_convert, num_distances); },
+      num_tasks, work, [&] { return BackwardScratch<acc_t>(Dqk, Dv, need_convert, num_distances); },
       [&](int64_t task, BackwardScratch<acc_t>& s) {
         const int64_t chunk = task % chunks, bkv = task / chunks;
         const int64_t b = bkv / Hkv, hkv = bkv % Hkv;
