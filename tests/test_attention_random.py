@@ -31,6 +31,25 @@ def test_random_calls_cpu(drawn):
     check_case(case, lse_grad=lse_grad)
 
 
+@random_settings(60)
+@given(data=st.data())
+def test_random_short_query_calls_cpu(data):
+    """Random calls with a few queries (decode steps, short chunks) and large GQA/MQA groups:
+    the CPU forward packs a group's heads into one task and scores single rows by dot
+    products (csrc/cpu/attention.cpp, ForwardTask)."""
+    case, lse_grad = data.draw(attention_cases("cpu"))
+    Sq = data.draw(st.integers(1, 16))
+    Hq = case.Hkv * data.draw(st.sampled_from((1, 2, 5, 8, 16, 32)))
+    Sk = case.Sk
+    while case.B * Hq * Sq * Sk * max(case.Dqk, case.Dv) > 20_000_000 and Sk > 1:
+        Sk //= 2
+    layout = "contiguous" if case.layout == "packed" else case.layout
+    key_lengths = None if case.key_lengths is None else tuple(min(n, Sk) for n in case.key_lengths)
+    case = replace(case, Sq=Sq, Hq=Hq, Sk=Sk, layout=layout, key_lengths=key_lengths,
+                   num_global=min(case.num_global, Sk))
+    check_case(case, lse_grad=lse_grad)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build of fastattn")
 @random_settings(60)
