@@ -62,3 +62,19 @@ def test_main_job_self_check_passes():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "== build" in proc.stdout and "FAIL" not in proc.stdout
     assert proc.stdout.count("PASS") == 5
+
+
+def test_main_job_benchmark_table_and_chart(tmp_path):
+    # `python -m fastattn --quick --plot`: the benchmark table has a time for every row (a row
+    # whose call raised would say "failed" and show nan) and the chart is written.
+    chart = tmp_path / "bench.png"
+    proc = subprocess.run([sys.executable, "-m", "fastattn", "--quick", "--device", "cpu", "--plot", str(chart)],
+                          capture_output=True, text=True, env=dict(os.environ), timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("  | ") and "implementation" not in line]
+    ops = {line.split("|")[1].strip() for line in rows}
+    assert {"rotary fwd+bwd", "attention+rel_bias fwd+bwd", "attention decode step, GQA 32/4"} <= ops, proc.stdout
+    for line in rows:
+        ms = float(line.split("|")[3])
+        assert ms == ms and ms > 0 and "failed" not in line, line
+    assert chart.stat().st_size > 0

@@ -150,6 +150,18 @@ def benchmark(device: str, quick: bool):
         idx = d.clamp(1 - max_dist, max_dist - 1) + max_dist - 1
         return table[idx].permute(2, 0, 1).unsqueeze(0).to(dt)
 
+    # A KV-cache decode step: one new query per sequence against a cache of 4 S keys, GQA with
+    # 8 query heads per kv head (forward only: generation runs without autograd).
+    q1 = torch.randn(4, 4 * H, 1, D, device=device, dtype=dt)
+    k1 = torch.randn(4, H // 2, 4 * S, D, device=device, dtype=dt)
+    v1 = torch.randn(4, H // 2, 4 * S, D, device=device, dtype=dt)
+
+    def no_grad(fn):
+        def run():
+            with torch.no_grad():
+                fn()
+        return run
+
     cases = [
         ("rotary fwd+bwd", "fastattn", rot_fwd_bwd(fastattn)),
         ("rotary fwd+bwd", "eager reference", rot_fwd_bwd(reference)),
@@ -161,6 +173,9 @@ def benchmark(device: str, quick: bool):
          ).sum().backward()),
         ("attention+rel_bias fwd+bwd", "SDPA, no bias (floor)",
          lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()),
+        ("attention decode step, GQA 32/4", "fastattn", no_grad(lambda: fastattn.attention(q1, k1, v1))),
+        ("attention decode step, GQA 32/4", "SDPA",
+         no_grad(lambda: F.scaled_dot_product_attention(q1, k1, v1, enable_gqa=True))),
     ]
     try:
         from tqdm import tqdm
@@ -216,10 +231,12 @@ def main(argv=None) -> int:
     if not args.no_bench:
         rows, cfg = benchmark(args.device, args.quick)
         print(f"== benchmark ({cfg['device']}, {cfg['dtype']}, S={cfg['S']}, H={cfg['H']}, D={cfg['D']}; median ms)")
-        print(f"  | {'op':28s} | {'implementation':26s} | {'ms':>9s} |")
-        print(f"  |{'-' * 30}|{'-' * 28}|{'-' * 11}|")
+        w_op = max(len(op) for op, _, _ in rows)
+        w_impl = max(len("implementation"), *(len(impl) for _, impl, _ in rows))
+        print(f"  | {'op':{w_op}s} | {'implementation':{w_impl}s} | {'ms':>9s} |")
+        print(f"  |{'-' * (w_op + 2)}|{'-' * (w_impl + 2)}|{'-' * 11}|")
         for op, impl, ms in rows:
-            print(f"  | {op:28s} | {impl:26s} | {ms:9.2f} |")
+            print(f"  | {op:{w_op}s} | {impl:{w_impl}s} | {ms:9.2f} |")
         if args.plot:
             _plot(rows, cfg, args.plot)
             print(f"  chart saved to {args.plot}")
