@@ -356,7 +356,7 @@ inline void online_softmax_tile(acc_t* sT, int64_t nk, int64_t lanes, const acc_
 // b, all in one kv group and all visiting the same key ranges. Their rows share the score
 // tile's lanes, head after head (lane g * nq + ii is row i0 + ii of head h0 + g), so each K and
 // V tile is read once for all of them. A task normally holds one query block of one head;
-// when a head's queries fill less than half a block (decode steps, short chunks), a task packs
+// when a head's queries fill at most half a block (decode steps, short chunks), a task packs
 // the heads of a GQA/MQA group instead, so that the lanes are not mostly padding and a group's
 // K and V are not read once per query head, but no more heads than keep every thread busy
 // (an MQA step at batch 1 is otherwise one task). Every lane's arithmetic is the same whatever
