@@ -338,6 +338,52 @@ def test_mha_kv_cache_decode_equals_full_pass(n_kv_head, rotary):
     assert set(cache) == {"k", "v"} and cache["k"].shape == (2, n_kv_head, 9, 4)
 
 
+# ------------------------------------------------------------------ the growing KV cache
+def test_append_to_cache_grows_in_place_and_never_changes_a_view():
+    from fastattn.nn._common import append_to_cache
+    prefill = torch.randn(2, 3, 5, 4)
+    steps = [torch.randn(2, 3, 1, 4) for _ in range(4)]
+    with torch.no_grad():
+        a = append_to_cache(prefill, steps[0], dim=2)         # a new buffer with room
+        b = append_to_cache(a, steps[1], dim=2)                # written into that room
+        assert b.data_ptr() == a.data_ptr() and b._base is a._base
+        a_before = a.clone()
+        c = append_to_cache(a, steps[2], dim=2)                # a branch from an older view: copied
+        assert c.data_ptr() != a.data_ptr()
+        d = append_to_cache(b[:, :, :6], steps[3], dim=2)      # a rollback (sliced view): copied
+        assert d.data_ptr() != b.data_ptr()
+    torch.testing.assert_close(a, a_before, rtol=0, atol=0)
+    torch.testing.assert_close(b, torch.cat([prefill, steps[0], steps[1]], 2), rtol=0, atol=0)
+    torch.testing.assert_close(c, torch.cat([prefill, steps[0], steps[2]], 2), rtol=0, atol=0)
+    torch.testing.assert_close(d, torch.cat([prefill, steps[0], steps[3]], 2), rtol=0, atol=0)
+    # while autograd records, always a plain cat (a buffer written in place would break backward)
+    leaf = torch.randn(2, 3, 1, 4, requires_grad=True)
+    e = append_to_cache(b, leaf, dim=2)
+    assert e._base is None and e.grad_fn is not None
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_decoding_without_autograd_writes_one_cache_buffer(impl):
+    """Generation runs under no_grad: the cache then grows in place (no copy of the whole cache
+    per step) and decoding still equals the full pass, for MHA/GQA and MLA alike."""
+    tol = TOL if impl == "reference" else FUSED_TOL
+    torch.manual_seed(0)
+    mha = fnn.MultiheadAttention(16, 4, 2, rotary="rope", causal=True, rel_bias_max_dist=3, impl=impl)
+    mla = make_mla(impl=impl, causal=True)
+    x = torch.randn(2, 9, 16)
+    for m, key in ((mha, "k"), (mla, "latent")):
+        with torch.no_grad():
+            full = m(x)
+            out, cache = m(x[:, :3], cache={})
+            outs, ptrs = [out], set()
+            for t in range(3, 9):
+                out, cache = m(x[:, t:t + 1], cache=cache)
+                outs.append(out)
+                ptrs.add(cache[key].data_ptr())
+        torch.testing.assert_close(torch.cat(outs, 1), full, **tol)
+        assert len(ptrs) == 1, f"{type(m).__name__}: the cache was copied during decoding"
+
+
 # ------------------------------------------------------------------ MLA
 def make_mla(impl="reference", **kw):
     return fnn.MultiheadLatentAttention(16, 4, 6, qk_nope_head_dim=4, qk_rope_head_dim=2,

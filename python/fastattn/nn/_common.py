@@ -83,3 +83,38 @@ def alibi_slopes(n_head: int) -> torch.Tensor:
         c = 2 ** math.floor(math.log2(n_head))
         s = pow2(c) + pow2(2 * c)[0::2][: n_head - c]
     return torch.tensor(s, dtype=torch.float32)
+
+
+# The attribute of a cache buffer that says how many of its entries (along the cache's
+# sequence dim) are in use; see append_to_cache.
+_CACHE_FILLED = "_fastattn_cache_filled"
+
+
+def append_to_cache(past: torch.Tensor, new: torch.Tensor, dim: int) -> torch.Tensor:
+    """``torch.cat([past, new], dim)`` for a growing KV cache, in amortized O(len(new)).
+
+    The tensors it returns are views of the first entries of a buffer with room to grow along
+    ``dim`` (25% more than needed, at least 64 entries), so appending to the most recent of them
+    writes the new entries into that room instead of copying the whole cache on every decode
+    step. Anything else falls back to a copy, so no tensor ever sees its entries change: an
+    older or a sliced view (branching as in beam search, a rollback), autograd recording (the
+    cache requires grad), torch.compile tracing, or a mismatched dtype/device.
+    """
+    n_past, n_new = past.shape[dim], new.shape[dim]
+    base = past._base
+    recording = torch.is_grad_enabled() and (past.requires_grad or new.requires_grad)
+    if recording or torch.compiler.is_compiling() or past.dtype != new.dtype or past.device != new.device:
+        return torch.cat([past, new], dim)
+    if (base is not None and getattr(base, _CACHE_FILLED, None) == n_past
+            and base.shape[dim] >= n_past + n_new and past.data_ptr() == base.data_ptr()
+            and past.stride() == base.stride() and past.shape == base.narrow(dim, 0, n_past).shape):
+        base.narrow(dim, n_past, n_new).copy_(new)
+    else:
+        total = n_past + n_new
+        shape = list(past.shape)
+        shape[dim] = total + max(64, total // 4)
+        base = past.new_empty(shape)
+        base.narrow(dim, 0, n_past).copy_(past)
+        base.narrow(dim, n_past, n_new).copy_(new)
+    setattr(base, _CACHE_FILLED, n_past + n_new)
+    return base.narrow(dim, 0, n_past + n_new)

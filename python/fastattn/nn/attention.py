@@ -8,7 +8,8 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ._common import alibi_slopes, check_impl, check_input, check_positive_int, check_window, ops
+from ._common import (alibi_slopes, append_to_cache, check_impl, check_input, check_positive_int,
+                      check_window, ops)
 from .bias import RelativePositionBias
 from .rotary import GivensRotaryEmbedding, RotaryEmbedding
 
@@ -61,7 +62,9 @@ class MultiheadAttention(nn.Module):
     cache is ``{"k": (B, n_kv_head, S_past, head_dim), "v": ...}`` (rotary already applied)
     and new keys are appended; for cross-attention it is ``{"cross_k", "cross_v"}``, computed
     from ``xa`` on the first call and reused after (``xa`` may then be None). Decoding token
-    by token with ``causal=True`` gives the same outputs as one full pass.
+    by token with ``causal=True`` gives the same outputs as one full pass. Without autograd
+    recording (``torch.no_grad()``) ``k``/``v`` are views of buffers that grow in place, so a
+    step does not copy the whole cache (see ``append_to_cache``).
     """
 
     def __init__(self, d_model: int, n_head: int, n_kv_head: Optional[int] = None, *,
@@ -199,8 +202,8 @@ class MultiheadAttention(nn.Module):
             if self.rotary is not None:
                 q, k = self.rotary.rotate((q, k), offset=offset, impl=self.impl)
             if past:
-                k = torch.cat([cache["k"], k], dim=2)
-                v = torch.cat([cache["v"], v], dim=2)
+                k = append_to_cache(cache["k"], k, dim=2)
+                v = append_to_cache(cache["v"], v, dim=2)
             if cache is not None:
                 new_cache["k"], new_cache["v"] = k, v
         o = self.attend(q, k, v, key_lengths=key_lengths, span=span, span_ramp=span_ramp)

@@ -7,7 +7,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ._common import check_impl, check_input, check_positive_int, check_window, ops
+from ._common import append_to_cache, check_impl, check_input, check_positive_int, check_window, ops
 from .rotary import RotaryEmbedding
 
 Cache = Dict[str, torch.Tensor]
@@ -56,7 +56,8 @@ class MultiheadLatentAttention(nn.Module):
 
     KV cache: pass ``cache={}`` to start; the module then returns ``(out, cache)`` with
     ``cache = {"latent": (B, S_past, d_c), "k_rope": (B, S_past, dr)}`` (normalized latent,
-    rotated key) — nothing per head.
+    rotated key) — nothing per head. Without autograd recording these are views of buffers
+    that grow in place (see ``append_to_cache``).
     """
 
     def __init__(self, d_model: int, n_head: int, kv_lora_rank: int, *,
@@ -145,8 +146,8 @@ class MultiheadLatentAttention(nn.Module):
         q_rope, k_rope = self.rotary.rotate((q_rope, k_rope), offset=offset, impl=self.impl)
         k_rope = k_rope.squeeze(1)                                    # (B, S, dr)
         if past:
-            c = torch.cat([cache["latent"], c], dim=1)
-            k_rope = torch.cat([cache["k_rope"], k_rope], dim=1)
+            c = append_to_cache(cache["latent"], c, dim=1)
+            k_rope = append_to_cache(cache["k_rope"], k_rope, dim=1)
         if absorb is None:
             absorb = cache is not None
         attention = ops(self.impl).attention
