@@ -339,8 +339,14 @@ def test_mha_kv_cache_decode_equals_full_pass(n_kv_head, rotary):
 
 
 # ------------------------------------------------------------------ the growing KV cache
-def test_append_to_cache_grows_in_place_and_never_changes_a_view():
-    from fastattn.nn._common import append_to_cache
+def test_append_to_caches_grows_in_place_and_never_changes_a_view():
+    from fastattn.nn._common import append_to_caches
+
+    def append_to_cache(past, new, dim):
+        (out,), joint = append_to_caches([past], [new], dim)
+        assert joint is out or torch.equal(joint, out)
+        return out
+
     prefill = torch.randn(2, 3, 5, 4)
     steps = [torch.randn(2, 3, 1, 4) for _ in range(4)]
     with torch.no_grad():
@@ -362,6 +368,24 @@ def test_append_to_cache_grows_in_place_and_never_changes_a_view():
     assert e._base is None and e.grad_fn is not None
 
 
+def test_append_to_caches_keeps_caches_side_by_side():
+    # MLA's latent and rotary key: one buffer, the joint [latent, k_rope] is a view of it
+    from fastattn.nn._common import append_to_caches
+    latent, rope = torch.randn(2, 5, 6), torch.randn(2, 5, 2)
+    new_latent, new_rope = torch.randn(2, 1, 6), torch.randn(2, 1, 2)
+    with torch.no_grad():
+        (l1, r1), j1 = append_to_caches([latent, rope], [new_latent[:, :1], new_rope], dim=1)
+        (l2, r2), j2 = append_to_caches([l1, r1], [new_latent, new_rope], dim=1)
+    assert l2._base is r2._base is j2._base is j1._base and l2.data_ptr() == j2.data_ptr()
+    want_l = torch.cat([latent, new_latent, new_latent], 1)
+    want_r = torch.cat([rope, new_rope, new_rope], 1)
+    torch.testing.assert_close(l2, want_l, rtol=0, atol=0)
+    torch.testing.assert_close(r2, want_r, rtol=0, atol=0)
+    torch.testing.assert_close(j2, torch.cat([want_l, want_r], -1), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="last dim"):
+        append_to_caches([latent], [new_latent], dim=-1)
+
+
 @pytest.mark.parametrize("impl", ["reference", "fused"])
 def test_decoding_without_autograd_writes_one_cache_buffer(impl):
     """Generation runs under no_grad: the cache then grows in place (no copy of the whole cache
@@ -371,7 +395,7 @@ def test_decoding_without_autograd_writes_one_cache_buffer(impl):
     mha = fnn.MultiheadAttention(16, 4, 2, rotary="rope", causal=True, rel_bias_max_dist=3, impl=impl)
     mla = make_mla(impl=impl, causal=True)
     x = torch.randn(2, 9, 16)
-    for m, key in ((mha, "k"), (mla, "latent")):
+    for m, key in ((mha, "k"), (mla, "latent"), (mla, "k_rope")):
         with torch.no_grad():
             full = m(x)
             out, cache = m(x[:, :3], cache={})

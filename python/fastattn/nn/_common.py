@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 
@@ -86,35 +86,56 @@ def alibi_slopes(n_head: int) -> torch.Tensor:
 
 
 # The attribute of a cache buffer that says how many of its entries (along the cache's
-# sequence dim) are in use; see append_to_cache.
+# sequence dim) are in use; see append_to_caches.
 _CACHE_FILLED = "_fastattn_cache_filled"
 
 
-def append_to_cache(past: torch.Tensor, new: torch.Tensor, dim: int) -> torch.Tensor:
-    """``torch.cat([past, new], dim)`` for a growing KV cache, in amortized O(len(new)).
+def append_to_caches(pasts: Sequence[torch.Tensor], news: Sequence[torch.Tensor], dim: int
+                     ) -> Tuple[List[torch.Tensor], torch.Tensor]:
+    """``torch.cat([past, new], dim)`` for each pair of a growing KV cache, in amortized
+    O(len(new)); also returns the caches' concatenation along their last dim.
 
-    The tensors it returns are views of the first entries of a buffer with room to grow along
-    ``dim`` (25% more than needed, at least 64 entries), so appending to the most recent of them
-    writes the new entries into that room instead of copying the whole cache on every decode
-    step. Anything else falls back to a copy, so no tensor ever sees its entries change: an
-    older or a sliced view (branching as in beam search, a rollback), autograd recording (the
-    cache requires grad), torch.compile tracing, or a mismatched dtype/device.
+    The caches it returns are views of one buffer that holds them side by side along the last
+    dim (MLA's latent and rotary key; or a single tensor) and has room to grow along ``dim``
+    (25% more than needed, at least 64 entries). Appending to the most recent of them writes
+    the new entries into that room instead of copying the whole cache on every decode step, and
+    the joint concatenation is a view too. Anything else falls back to copies, so no tensor
+    ever sees its entries change: older or sliced views (branching as in beam search, a
+    rollback), autograd recording (the cache requires grad), torch.compile tracing, mixed
+    dtypes or devices.
     """
-    n_past, n_new = past.shape[dim], new.shape[dim]
-    base = past._base
-    recording = torch.is_grad_enabled() and (past.requires_grad or new.requires_grad)
-    if recording or torch.compiler.is_compiling() or past.dtype != new.dtype or past.device != new.device:
-        return torch.cat([past, new], dim)
-    if (base is not None and getattr(base, _CACHE_FILLED, None) == n_past
-            and base.shape[dim] >= n_past + n_new and past.data_ptr() == base.data_ptr()
-            and past.stride() == base.stride() and past.shape == base.narrow(dim, 0, n_past).shape):
-        base.narrow(dim, n_past, n_new).copy_(new)
-    else:
+    tensors = list(pasts) + list(news)
+    if dim % pasts[0].dim() == pasts[0].dim() - 1:
+        raise ValueError("append_to_caches: the caches are joined along their last dim; `dim` must be another")
+    n_past, n_new = pasts[0].shape[dim], news[0].shape[dim]
+    widths = [t.shape[-1] for t in pasts]
+    offsets = [sum(widths[:i]) for i in range(len(widths))]
+    recording = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if (recording or torch.compiler.is_compiling()
+            or any(t.dtype != tensors[0].dtype or t.device != tensors[0].device for t in tensors)):
+        parts = [torch.cat([p, n], dim) for p, n in zip(pasts, news)]
+        return parts, parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+
+    def views_of(base) -> bool:  # pasts are the filled part of `base`, side by side
+        if base is None or getattr(base, _CACHE_FILLED, None) != n_past or base.shape[-1] != sum(widths):
+            return False
+        if base.shape[dim] < n_past + n_new:
+            return False
+        filled = base.narrow(dim, 0, n_past)
+        return all(p.data_ptr() == base.data_ptr() + off * base.element_size()
+                   and p.stride() == base.stride() and p.shape == filled.narrow(-1, off, w).shape
+                   for p, off, w in zip(pasts, offsets, widths))
+
+    base = pasts[0]._base
+    if not views_of(base):
         total = n_past + n_new
-        shape = list(past.shape)
-        shape[dim] = total + max(64, total // 4)
-        base = past.new_empty(shape)
-        base.narrow(dim, 0, n_past).copy_(past)
-        base.narrow(dim, n_past, n_new).copy_(new)
+        shape = list(pasts[0].shape)
+        shape[dim], shape[-1] = total + max(64, total // 4), sum(widths)
+        base = pasts[0].new_empty(shape)
+        for p, off, w in zip(pasts, offsets, widths):
+            base.narrow(dim, 0, n_past).narrow(-1, off, w).copy_(p)
+    for n, off, w in zip(news, offsets, widths):
+        base.narrow(dim, n_past, n_new).narrow(-1, off, w).copy_(n)
     setattr(base, _CACHE_FILLED, n_past + n_new)
-    return base.narrow(dim, 0, n_past + n_new)
+    joint = base.narrow(dim, 0, n_past + n_new)
+    return [joint.narrow(-1, off, w) for off, w in zip(offsets, widths)], joint

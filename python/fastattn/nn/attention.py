@@ -8,7 +8,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ._common import (alibi_slopes, append_to_cache, check_impl, check_input, check_positive_int,
+from ._common import (alibi_slopes, append_to_caches, check_impl, check_input, check_positive_int,
                       check_window, ops)
 from .bias import RelativePositionBias
 from .rotary import GivensRotaryEmbedding, RotaryEmbedding
@@ -64,7 +64,7 @@ class MultiheadAttention(nn.Module):
     from ``xa`` on the first call and reused after (``xa`` may then be None). Decoding token
     by token with ``causal=True`` gives the same outputs as one full pass. Without autograd
     recording (``torch.no_grad()``) ``k``/``v`` are views of buffers that grow in place, so a
-    step does not copy the whole cache (see ``append_to_cache``).
+    step does not copy the whole cache (see ``append_to_caches``).
     """
 
     def __init__(self, d_model: int, n_head: int, n_kv_head: Optional[int] = None, *,
@@ -202,8 +202,8 @@ class MultiheadAttention(nn.Module):
             if self.rotary is not None:
                 q, k = self.rotary.rotate((q, k), offset=offset, impl=self.impl)
             if past:
-                k = append_to_cache(cache["k"], k, dim=2)
-                v = append_to_cache(cache["v"], v, dim=2)
+                (k,), _ = append_to_caches([cache["k"]], [k], dim=2)
+                (v,), _ = append_to_caches([cache["v"]], [v], dim=2)
             if cache is not None:
                 new_cache["k"], new_cache["v"] = k, v
         o = self.attend(q, k, v, key_lengths=key_lengths, span=span, span_ramp=span_ramp)

@@ -7,7 +7,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ._common import append_to_cache, check_impl, check_input, check_positive_int, check_window, ops
+from ._common import append_to_caches, check_impl, check_input, check_positive_int, check_window, ops
 from .rotary import RotaryEmbedding
 
 Cache = Dict[str, torch.Tensor]
@@ -56,8 +56,9 @@ class MultiheadLatentAttention(nn.Module):
 
     KV cache: pass ``cache={}`` to start; the module then returns ``(out, cache)`` with
     ``cache = {"latent": (B, S_past, d_c), "k_rope": (B, S_past, dr)}`` (normalized latent,
-    rotated key) — nothing per head. Without autograd recording these are views of buffers
-    that grow in place (see ``append_to_cache``).
+    rotated key) — nothing per head. Without autograd recording both are views of one buffer
+    that holds them side by side and grows in place (see ``append_to_caches``), so a decode step
+    copies neither the cache nor, on the absorbed path, their concatenation.
     """
 
     def __init__(self, d_model: int, n_head: int, kv_lora_rank: int, *,
@@ -145,9 +146,10 @@ class MultiheadLatentAttention(nn.Module):
         offset = cache["latent"].shape[1] if past else 0
         q_rope, k_rope = self.rotary.rotate((q_rope, k_rope), offset=offset, impl=self.impl)
         k_rope = k_rope.squeeze(1)                                    # (B, S, dr)
+        latent_and_rope = None  # (B, Sk, dc + dr): [c, k_rope], the absorbed path's keys
         if past:
-            c = append_to_cache(cache["latent"], c, dim=1)
-            k_rope = append_to_cache(cache["k_rope"], k_rope, dim=1)
+            (c, k_rope), latent_and_rope = append_to_caches([cache["latent"], cache["k_rope"]],
+                                                            [c, k_rope], dim=1)
         if absorb is None:
             absorb = cache is not None
         attention = ops(self.impl).attention
@@ -157,7 +159,9 @@ class MultiheadLatentAttention(nn.Module):
             w_uk, w_uv = self.absorbed_weights()
             q_lat = torch.einsum("bhsn,hnc->bhsc", q_nope, w_uk.to(q_nope.dtype))
             qa = torch.cat([q_lat, q_rope], dim=-1)                   # (B, H, Sq, dc+dr)
-            ka = torch.cat([c, k_rope], dim=-1).unsqueeze(1)          # (B, 1, Sk, dc+dr)
+            if latent_and_rope is None:
+                latent_and_rope = torch.cat([c, k_rope], dim=-1)
+            ka = latent_and_rope.unsqueeze(1)                         # (B, 1, Sk, dc+dr)
             va = c.unsqueeze(1)                                       # (B, 1, Sk, dc)
             o_lat = attention(qa, ka, va, **kw)                       # (B, H, Sq, dc)
             o = torch.einsum("bhsc,hvc->bhsv", o_lat, w_uv.to(o_lat.dtype))
