@@ -15,8 +15,9 @@ each with no bias and with a learned (2*512 - 1, Hq) relative-position table. Wh
   SDPA                        F.scaled_dot_product_attention(q, k, v, enable_gqa=Hq != Hkv)
   SDPA + materialized bias    the bias row table[clamped distances] -> (1, Hq, 1, Sk) built
                               inside the timed region, then SDPA with attn_mask=bias
-and a whole decode step of fastattn.nn.MultiheadAttention(512, 8, rotary="rope") with 4096
-cached tokens (projections, rotary, the cache append, attention), under torch.no_grad.
+and a whole decode step of fastattn.nn.MultiheadAttention(512, 8, rotary="rope") and of a
+16-head fastattn.nn.MultiheadLatentAttention (latent 512, absorbed) with 4096 cached tokens
+(projections, rotary, the cache append, attention), under torch.no_grad.
 A decode step reads the whole cache once and does little arithmetic per byte, so the table
 also gives the cache read rate (bytes of k and v / time) of each. Information only: no issue
 sets a decode target.
@@ -96,20 +97,28 @@ def main(argv=None) -> int:
 
     # A whole decode step of a module with a KV cache: projections, rotary, the cache append
     # and attention (what a generation loop runs per layer and token).
-    module = fastattn.nn.MultiheadAttention(512, 8, causal=True, rotary="rope").to(dev, dtype)
     prefill = 256 if args.quick else 4096
-    with torch.no_grad():
-        _, cache = module(torch.randn(1, prefill, 512, generator=gen).to(dev, dtype), cache={})
-        token = torch.randn(1, 1, 512, generator=gen).to(dev, dtype)
-        state = {"cache": cache}
+    modules = {
+        "fastattn.nn.MultiheadAttention(512, 8, rotary)":
+            (512, fastattn.nn.MultiheadAttention(512, 8, causal=True, rotary="rope")),
+        "fastattn.nn.MultiheadLatentAttention(1024, 16, latent 512, absorbed)":
+            (1024, fastattn.nn.MultiheadLatentAttention(1024, 16, 512, qk_nope_head_dim=64, qk_rope_head_dim=32,
+                                                        v_head_dim=64, causal=True)),
+    }
+    for name, (width, module) in modules.items():
+        module = module.to(dev, dtype)
+        with torch.no_grad():
+            _, cache = module(torch.randn(1, prefill, width, generator=gen).to(dev, dtype), cache={})
+            token = torch.randn(1, 1, width, generator=gen).to(dev, dtype)
+            state = {"cache": cache}
 
-        def module_step():
-            _, state["cache"] = module(token, cache=state["cache"])
+            def module_step():
+                _, state["cache"] = module(token, cache=state["cache"])
 
-        t = time_many({"step": module_step}, device=dev, warmup=args.warmup, repeats=args.repeats)["step"]
-    label = f"fastattn.nn.MultiheadAttention(512, 8, rotary) B=1, {prefill} cached tokens"
-    print(f"{label}: {t}", flush=True)
-    rows.append([label, "one decode step (no_grad)", t.median_ms, None])
+            t = time_many({"step": module_step}, device=dev, warmup=args.warmup, repeats=args.repeats)["step"]
+        label = f"{name} B=1, {prefill} cached tokens"
+        print(f"{label}: {t}", flush=True)
+        rows.append([label, "one decode step (no_grad)", t.median_ms, None])
 
     dev_name = torch.cuda.get_device_name(dev) if cuda else f"CPU, {torch.get_num_threads()} threads"
     header = (f"one decode step (Sq=1), {str(dtype).replace('torch.', '')}, table ({2 * MAX_DIST - 1}, Hq); "
