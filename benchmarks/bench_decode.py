@@ -15,6 +15,8 @@ each with no bias and with a learned (2*512 - 1, Hq) relative-position table. Wh
   SDPA                        F.scaled_dot_product_attention(q, k, v, enable_gqa=Hq != Hkv)
   SDPA + materialized bias    the bias row table[clamped distances] -> (1, Hq, 1, Sk) built
                               inside the timed region, then SDPA with attn_mask=bias
+  (CUDA) ..., split-KV off    fastattn with FASTATTN_CUDA_KV_SPLITS=1: one block walks all
+                              keys of its query block (what the split-KV forward gains)
 and a whole decode step of fastattn.nn.MultiheadAttention(512, 8, rotary="rope") and of a
 16-head fastattn.nn.MultiheadLatentAttention (latent 512, absorbed) with 4096 cached tokens
 (projections, rotary, the cache append, attention), under torch.no_grad.
@@ -42,6 +44,15 @@ CASES = [  # name, B, Hq, Hkv, Sk, D
     ("MQA", 1, 32, 1, 8192, 128),
 ]
 MAX_DIST = 512
+
+
+def unsplit(call):
+    """call() with the CUDA forward's split-KV turned off (read per call by the op)."""
+    os.environ["FASTATTN_CUDA_KV_SPLITS"] = "1"
+    try:
+        return call()
+    finally:
+        del os.environ["FASTATTN_CUDA_KV_SPLITS"]
 
 
 def main(argv=None) -> int:
@@ -83,6 +94,10 @@ def main(argv=None) -> int:
             "fastattn + table": lambda: fastattn.attention(q, k, v, rel_bias=table),
             "SDPA + materialized bias": sdpa_bias,
         }
+        if cuda:
+            fns["fastattn, split-KV off"] = lambda: unsplit(lambda: fastattn.attention(q, k, v))
+            fns["fastattn + table, split-KV off"] = lambda: unsplit(
+                lambda: fastattn.attention(q, k, v, rel_bias=table))
         with torch.no_grad():
             err = (fns["fastattn + table"]().float() - sdpa_bias().float()).abs().max().item()
             times = time_many(fns, device=dev, warmup=args.warmup, repeats=args.repeats)

@@ -520,3 +520,25 @@ def test_cuda_backward_many_key_blocks(causal):
     runs = [run_attention(fastattn.attention, inp, case, g) for _ in range(3)]
     for key in ("grad_q", "grad_k", "grad_v", "grad_rel_bias"):
         assert all(torch.equal(runs[0][key], r[key]) for r in runs[1:]), f"{key} differs between identical runs"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build of fastattn")
+@pytest.mark.parametrize("parts", ("0", "1", "5", "300"), ids=("auto", "unsplit", "parts5", "parts300"))
+@pytest.mark.parametrize("case", [
+    # a decode step with a table (per head: not folded), a short prompt over a long cache with
+    # global keys and a window (visited tiles with a gap), a GQA decode step (folded into
+    # query rows) with padded batches
+    Case(B=1, Hq=4, Hkv=4, Sq=1, Sk=5000, Dqk=128, Dv=128, dtype=BF16, rel_bias=200, device="cuda"),
+    Case(B=1, Hq=2, Hkv=1, Sq=20, Sk=3000, Dqk=64, Dv=64, dtype=F16, causal=True, num_global=4,
+         window=(700, 0), alibi=True, device="cuda"),
+    Case(B=3, Hq=16, Hkv=2, Sq=1, Sk=4100, Dqk=96, Dv=96, dtype=BF16, key_lengths=(4100, 0, 333),
+         device="cuda"),
+    Case(B=1, Hq=8, Hkv=1, Sq=1, Sk=2500, Dqk=64, Dv=64, dtype=F32, scale="tensor", device="cuda"),
+], ids=case_id)
+def test_cuda_split_kv_forward(monkeypatch, case, parts):
+    """Split-KV forward (FASTATTN_CUDA_KV_SPLITS: 0 = the host's choice, 1 = off, more parts
+    than key tiles = empty parts) and GQA decode steps folded into query rows, on the GPU:
+    out, lse and gradients against both references."""
+    monkeypatch.setenv("FASTATTN_CUDA_KV_SPLITS", parts)
+    check_case(case, lse_grad=True)

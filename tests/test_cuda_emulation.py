@@ -237,3 +237,110 @@ def test_gqa_group_split(emu, monkeypatch):
     assert launches["132"] == launches["1"] + 2, launches
     for key in ("out", "lse", "grad_q", "grad_rel_bias", "grad_span"):
         assert torch.equal(results["132"][key], results["1"][key]), f"{key} depends on the group split"
+
+
+# ---------------------------------------------------------------------------------------------
+# split-KV forward and decode steps with the group folded into query rows
+# ---------------------------------------------------------------------------------------------
+SPLIT_CASES = [
+    # (case, forced parts): full, causal and Sq > Sk; global keys with a window (the visited
+    # tiles have a gap that a part may start in, end at or straddle); more parts than key tiles
+    # (empty parts); rows that see no key (key_lengths 0, a window past the keys); a table,
+    # alibi and a span (per-head rules inside the parts); every dtype and a wide head dim.
+    (Case(B=1, Hq=2, Hkv=1, Sq=40, Sk=300, Dqk=32, Dv=24, dtype=BF16, rel_bias=20), 3),
+    (Case(B=2, Hq=2, Hkv=2, Sq=70, Sk=200, Dqk=16, Dv=16, dtype=F32, causal=True, alibi=True,
+          key_lengths=(200, 0)), 2),
+    (Case(B=1, Hq=2, Hkv=1, Sq=9, Sk=400, Dqk=64, Dv=64, dtype=F16, num_global=3, window=(40, 0),
+          rel_bias=50), 4),
+    (Case(B=1, Hq=2, Hkv=2, Sq=30, Sk=130, Dqk=8, Dv=8, dtype=F16, window=(5, 5), span="bh",
+          span_values=(3.5, 9.25), span_ramp=4.0, scale="tensor"), 9),
+    (Case(B=1, Hq=1, Hkv=1, Sq=70, Sk=60, Dqk=128, Dv=100, dtype=BF16, causal=True, rel_bias=6), 5),
+]
+
+
+@pytest.mark.parametrize("case,parts", SPLIT_CASES, ids=[f"{case_id(c)}-parts{n}" for c, n in SPLIT_CASES])
+def test_split_kv_forward(emu, monkeypatch, case, parts):
+    """The forward with each query block's key tiles split over `parts` blocks (their fp32
+    partial O and lse merged by the combine kernel in part order) matches the reference, with
+    its gradients (the backward runs on the merged out and lse); unsplit, the same call makes
+    one launch fewer (no combine) and runs parts-times fewer forward blocks."""
+    counts = {}
+    for forced in (str(parts), "1"):
+        monkeypatch.setenv("FASTATTN_CUDA_KV_SPLITS", forced)
+        launches, blocks = emu.launches(), emu.blocks()
+        q = torch.zeros(case.B, case.Hq, case.Sq, case.Dqk, dtype=case.dtype)
+        k = torch.zeros(case.B, case.Hkv, case.Sk, case.Dqk, dtype=case.dtype)
+        v = torch.zeros(case.B, case.Hkv, case.Sk, case.Dv, dtype=case.dtype)
+        emu.attention(q, k, v, 1.0, None, False, -1, -1, None, None, None, 32.0, 0, None)
+        counts[forced] = (emu.launches() - launches, emu.blocks() - blocks)
+        check_emulated(case, lse_grad=forced == "1")
+    split_launches, split_blocks = counts[str(parts)]
+    launches, blocks = counts["1"]
+    assert split_launches == launches + 1 == 2, counts
+    combine_blocks = -(-case.B * case.Hq * case.Sq // 8)  # one warp per row, 8 rows a block
+    assert split_blocks == parts * blocks + combine_blocks, counts
+
+
+def test_split_kv_is_deterministic_and_close_to_unsplit(emu, monkeypatch):
+    """The parts are merged in a fixed order: the same call twice is bitwise the same; and the
+    split result is the unsplit one up to the rounding of the merge (fp32)."""
+    case = Case(B=1, Hq=2, Hkv=1, Sq=20, Sk=500, Dqk=32, Dv=32, dtype=F32, rel_bias=30, causal=True)
+    inp = make_inputs(case, requires_grad=False)
+    args = lambda: (inp["q"], inp["k"], inp["v"], 0.3, None, True, -1, -1, inp["rel_bias"], None, None,
+                    32.0, 0, None)
+    monkeypatch.setenv("FASTATTN_CUDA_KV_SPLITS", "6")
+    out1, lse1 = emu.attention(*args())
+    out2, lse2 = emu.attention(*args())
+    assert torch.equal(out1, out2) and torch.equal(lse1, lse2)
+    monkeypatch.setenv("FASTATTN_CUDA_KV_SPLITS", "1")
+    out0, lse0 = emu.attention(*args())
+    torch.testing.assert_close(out1, out0, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse1, lse0, atol=2e-6, rtol=1e-6)
+
+
+def test_split_kv_heuristic(emu, monkeypatch):
+    """Without FASTATTN_CUDA_KV_SPLITS the host splits only a grid that leaves the GPU's block
+    slots idle, and only with enough keys (>= 128 a part): a 300-key decode step on 132 SMs
+    splits (one launch more: the combine), on 1 SM it does not; a 60-key call never does."""
+    monkeypatch.delenv("FASTATTN_CUDA_KV_SPLITS", raising=False)
+
+    def launches(sms, Sk):
+        monkeypatch.setenv("FASTATTN_EMU_SMS", sms)
+        q = torch.zeros(1, 2, 1, 32, dtype=BF16)
+        k = torch.zeros(1, 2, Sk, 32, dtype=BF16)
+        before = emu.launches()
+        emu.attention(q, k, k, 1.0, None, False, -1, -1, None, None, None, 32.0, 0, None)
+        return emu.launches() - before
+
+    assert launches("132", 300) == 2
+    assert launches("1", 300) == 1
+    assert launches("132", 60) == 1
+
+
+DECODE_CASES = [
+    # GQA / MQA decode steps (Sq = 1): folded into query rows when no rule differs per head and
+    # every key is visible to the one query (True), kept per head otherwise (False).
+    (Case(B=2, Hq=8, Hkv=2, Sq=1, Sk=150, Dqk=32, Dv=40, dtype=BF16, key_lengths=(150, 7)), True),
+    (Case(B=1, Hq=6, Hkv=1, Sq=1, Sk=90, Dqk=64, Dv=64, dtype=F16, causal=True, scale="tensor"), True),
+    (Case(B=2, Hq=4, Hkv=2, Sq=1, Sk=70, Dqk=16, Dv=16, dtype=F32, window=(69, 0), num_global=2,
+          layout="bshd", key_lengths=(0, 70)), True),
+    (Case(B=1, Hq=4, Hkv=2, Sq=1, Sk=70, Dqk=16, Dv=16, dtype=F32, window=(20, 0), num_global=2), False),
+    (Case(B=1, Hq=4, Hkv=1, Sq=1, Sk=70, Dqk=16, Dv=16, dtype=BF16, rel_bias=8), False),
+    (Case(B=1, Hq=4, Hkv=2, Sq=1, Sk=70, Dqk=16, Dv=16, dtype=F16, alibi=True, causal=True), False),
+    (Case(B=1, Hq=4, Hkv=4, Sq=1, Sk=70, Dqk=16, Dv=16, dtype=F16), False),  # MHA: nothing to fold
+]
+
+
+@pytest.mark.parametrize("case,folded", DECODE_CASES, ids=[case_id(c) for c, _ in DECODE_CASES])
+def test_decode_step_group_folded_into_rows(emu, monkeypatch, case, folded):
+    """A GQA/MQA decode step whose query heads share every rule runs as one head with `group`
+    query rows (one forward block per kv head instead of one per query head); it and the
+    unfolded steps match the reference, with gradients."""
+    monkeypatch.setenv("FASTATTN_CUDA_KV_SPLITS", "1")
+    inp = make_inputs(case, requires_grad=False)
+    before = emu.blocks()
+    options = {name: value for name, value in inp.items() if name not in ("q", "k", "v")}
+    emulated_attention(inp["q"], inp["k"], inp["v"], **options, **case.options())
+    expected_blocks = case.B * (case.Hkv if folded else case.Hq)
+    assert emu.blocks() - before == expected_blocks
+    check_emulated(case, lse_grad=True)

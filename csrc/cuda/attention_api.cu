@@ -19,6 +19,7 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
@@ -229,6 +230,70 @@ Prepared prepare_inputs(const DeviceContext& ctx, const at::Tensor& q_in, const 
 // ---------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------
+
+// A decode step of a GQA/MQA group (Sq = 1) whose query heads differ only in q: no per-head
+// bias (rel_bias, alibi, span) and a mask that shows the one query every key (causal and a
+// right window never hide a key from the last position; a left window must reach key 0).
+// Then the group's query heads act as Sq = group query rows of one head, as FlashAttention
+// does: K/V tiles are read once per group instead of once per query head, and the rows fill
+// one query tile instead of one 1-row tile per head. The call becomes (B, Hkv, group, D) over
+// a strided view of q (no copy); no rule then depends on the rows' positions. Returns whether
+// it applied; the caller views out / lse the same way.
+bool fold_group_into_rows(Prepared& in) {
+  AttentionParams& p = in.params;
+  const int64_t group = p.group_size();
+  const bool every_key_visible = p.window_left < 0 || p.window_left >= p.seqlen_k - 1;
+  if (p.seqlen_q != 1 || group <= 1 || p.rel_bias != nullptr || p.alibi_slopes != nullptr ||
+      p.span != nullptr || !every_key_visible) {
+    return false;
+  }
+  const int64_t head_stride = p.q_stride_h;
+  in.q = in.q.as_strided({p.batch, p.heads_kv, group, p.head_dim_qk},
+                         {p.q_stride_b, group * head_stride, head_stride, 1});
+  p.heads_q = p.heads_kv;
+  p.seqlen_q = group;
+  p.q_stride_h = group * head_stride;
+  p.q_stride_s = head_stride;
+  p.causal = false;
+  p.window_left = p.window_right = -1;
+  p.num_global = 0;
+  return true;
+}
+
+// FASTATTN_CUDA_KV_SPLITS=N (read per call; tests and profiling): N split-KV parts per query
+// block whatever the grid, 1 to turn splitting off. Unset or 0: kv_splits' choice.
+int64_t forced_kv_splits() {
+  const char* s = std::getenv("FASTATTN_CUDA_KV_SPLITS");
+  return s == nullptr ? 0 : std::max<int64_t>(0, std::strtoll(s, nullptr, 10));
+}
+
+// How many blocks share each query block's key tiles (split-KV). FlashAttention-2's rule: none
+// when the grid already fills most of the GPU's block slots; otherwise the fewest parts whose
+// last wave of blocks is nearly as full (>= 85%) as the best count's, with at least
+// kMinKeysPerSplit keys a part (a part must outweigh its combine cost) and at most 128 parts.
+int64_t kv_splits(int64_t blocks, int64_t key_tiles, int64_t keys_per_tile, int64_t slots) {
+  constexpr int64_t kMinKeysPerSplit = 128, kMaxSplits = 128;
+  if (blocks == 0 || 5 * blocks >= 4 * slots) return 1;
+  const int64_t tiles_per_split = std::max<int64_t>(1, kMinKeysPerSplit / keys_per_tile);
+  const int64_t max_splits = std::min({kMaxSplits, slots, key_tiles / tiles_per_split});
+  const auto wave_fill = [&](int64_t splits) {
+    const double waves = static_cast<double>(blocks * splits) / static_cast<double>(slots);
+    return waves / std::ceil(waves);
+  };
+  // A count that gives no part fewer tiles than one split less would is not worth having.
+  const auto worth = [&](int64_t splits) {
+    return splits == 1 || ceil_div(key_tiles, splits) != ceil_div(key_tiles, splits - 1);
+  };
+  double best = 0.;
+  for (int64_t s = 1; s <= max_splits; ++s) {
+    if (worth(s)) best = std::max(best, wave_fill(s));
+  }
+  for (int64_t s = 1; s <= max_splits; ++s) {
+    if (worth(s) && wave_fill(s) >= 0.85 * best) return s;
+  }
+  return 1;
+}
+
 template <typename T, int kD>
 void run_forward(const DeviceContext& ctx, const Prepared& in, at::Tensor& out, at::Tensor& lse) {
   using Cfg = FwdConfig<T, kD>;
@@ -249,8 +314,40 @@ void run_forward(const DeviceContext& ctx, const Prepared& in, at::Tensor& out, 
   a.k_vec = vector_friendly(in.k);
   a.v_vec = vector_friendly(in.v);
   a.out_vec = vector_friendly(out);
-  launch(&attention_fwd_kernel<T, kD>, a.num_q_blocks * p.batch * p.heads_q, Cfg::kThreads,
-         Cfg::kSmemBytes, ctx, a, "attention forward");
+  // Block slots of the GPU: two blocks of up to 4 warps fit an SM (<= 255 registers a thread).
+  const int64_t slots = ctx.multiprocessors() * (Cfg::kThreads <= 128 ? 2 : 1);
+  const int64_t blocks = a.num_q_blocks * p.batch * p.heads_q;
+  const int64_t forced = forced_kv_splits();
+  a.num_splits = forced > 0 ? forced
+                            : kv_splits(blocks, ceil_div(p.seqlen_k, Cfg::kBlockK), Cfg::kBlockK, slots);
+  const int64_t rows = p.batch * p.heads_q * p.seqlen_q;
+  at::Tensor out_partial, lse_partial;
+  a.out_partial = a.lse_partial = nullptr;
+  if (a.num_splits > 1) {
+    out_partial = at::empty({a.num_splits, rows, p.head_dim_v}, lse.options());
+    lse_partial = at::empty({a.num_splits, rows}, lse.options());
+    a.out_partial = out_partial.data_ptr<float>();
+    a.lse_partial = lse_partial.data_ptr<float>();
+  }
+  launch(&attention_fwd_kernel<T, kD>, blocks * a.num_splits, Cfg::kThreads, Cfg::kSmemBytes, ctx,
+         a, "attention forward");
+  if (a.num_splits > 1) {
+    FwdCombineArgs<T> c;
+    c.out_partial = a.out_partial;
+    c.lse_partial = a.lse_partial;
+    c.out = a.out;
+    c.lse = a.lse;
+    c.rows = rows;
+    c.num_splits = a.num_splits;
+    c.heads = p.heads_q;
+    c.seqlen = p.seqlen_q;
+    c.head_dim = p.head_dim_v;
+    c.o_stride_b = out.stride(0);
+    c.o_stride_h = out.stride(1);
+    c.o_stride_s = out.stride(2);
+    launch(&attention_fwd_combine_kernel<T>, ceil_div(rows, kCombineWarps), kCombineWarps * 32, 0, ctx,
+           c, "attention forward (split-KV combine)");
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_cuda(
@@ -267,10 +364,17 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(
   const AttentionParams& p = in.params;
   at::Tensor out = at::empty({p.batch, p.heads_q, p.seqlen_q, p.head_dim_v}, in.q.options());
   at::Tensor lse = at::empty({p.batch, p.heads_q, p.seqlen_q}, in.q.options().dtype(at::kFloat));
+  // The kernels write through views of out and lse: with a decode step's group folded into
+  // query rows, (B, Hkv, group, Dv) and (B, Hkv, group) views of the same memory.
+  at::Tensor out_rows = out, lse_rows = lse;
+  if (fold_group_into_rows(in)) {
+    out_rows = out.view({p.batch, p.heads_q, p.seqlen_q, p.head_dim_v});
+    lse_rows = lse.view({p.batch, p.heads_q, p.seqlen_q});
+  }
   FASTATTN_DISPATCH_CUDA_FLOATING(in.q.scalar_type(), "fastattn::attention (CUDA)", [&] {
     using T = typename DeviceType<scalar_t>::type;
     dispatch_head_dim(std::max(p.head_dim_qk, p.head_dim_v), [&](auto head_dim) {
-      run_forward<T, decltype(head_dim)::value>(ctx, in, out, lse);
+      run_forward<T, decltype(head_dim)::value>(ctx, in, out_rows, lse_rows);
     });
   });
   return {out, lse};

@@ -22,6 +22,13 @@
 // At the end O / rowsum is written (staged through shared memory for wide stores), with
 // lse = ln(sum exp(logits)). A row that sees no key (or only -inf logits) gets O = 0 and
 // lse = -inf.
+//
+// Split-KV (FlashDecoding): when the (query block, head) blocks alone would leave SMs idle (a
+// decode step, a short prompt with few heads), num_splits > 1 blocks share each query block's
+// key tiles, each taking a consecutive part (KeyTiles::part_of); a block writes its normalized
+// partial O and its lse in fp32, and attention_fwd_combine_kernel merges the parts in split
+// order (deterministic). Warps whose query rows all lie past Sq (a decode step fills one row
+// of the tile) skip the products and the softmax; they only help load tiles.
 #pragma once
 
 #include "attention_utils.cuh"
@@ -39,6 +46,9 @@ struct FwdArgs {
   float* lse;              // (B, Hq, Sq) contiguous
   const float* scale_ptr;  // device pointer to the scale (learnable temperature), or null
   int64_t num_q_blocks;
+  int64_t num_splits;      // blocks per (query block, head) sharing its key tiles (split-KV)
+  float* out_partial;      // num_splits > 1: (num_splits, B * Hq * Sq, Dv) fp32, else null
+  float* lse_partial;      // num_splits > 1: (num_splits, B * Hq * Sq) fp32, else null
   bool q_vec, k_vec, v_vec, out_vec;  // 16-byte vector copies allowed (alignment checked)
 };
 
@@ -85,8 +95,10 @@ __global__ void __launch_bounds__(FwdConfig<T, kD>::kThreads, 1)
   float* s_tables = reinterpret_cast<float*>(dynamic_smem() + Cfg::kSmemTiles);
   constexpr int kTableFloats = TileTable<kBQ, kBK>::kFloats;
 
+  // blockIdx.x = (bh * num_splits + split) * num_q_blocks + q_block
   const int64_t q_block = blockIdx.x % args.num_q_blocks;
-  const int64_t bh = blockIdx.x / args.num_q_blocks;  // b * Hq + h
+  const int64_t split = (blockIdx.x / args.num_q_blocks) % args.num_splits;
+  const int64_t bh = blockIdx.x / args.num_q_blocks / args.num_splits;  // b * Hq + h
   const int64_t b = bh / p.heads_q, h = bh % p.heads_q;
   const int64_t h_kv = h / p.group_size();  // GQA: k/v are read in place, never expanded
   const int64_t i0 = q_block * kBQ;
@@ -95,6 +107,8 @@ __global__ void __launch_bounds__(FwdConfig<T, kD>::kThreads, 1)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;  // accumulator rows g and g + 8, columns 2t and 2t + 1
   const int row0 = warp * 16 * kM;       // this warp's first row in the query tile
+  // A warp whose rows all lie past Sq has nothing to compute (it still loads and waits).
+  const bool warp_has_rows = row0 < i1 - i0;
 
   const T* q_bh = args.q + b * p.q_stride_b + h * p.q_stride_h;
   const T* k_bh = args.k + b * p.k_stride_b + h_kv * p.k_stride_h;
@@ -113,7 +127,7 @@ __global__ void __launch_bounds__(FwdConfig<T, kD>::kThreads, 1)
   }
 
   const KeyRanges ranges = visible_key_ranges(p, b, h, i0, i1);
-  const KeyTiles tiles = key_tiles(ranges, kBK);
+  const KeyTiles tiles = key_tiles(ranges, kBK).part_of(split, args.num_splits);
   auto load_k = [&](int64_t kt) {
     const int64_t j0 = kt * kBK;
     load_tile_async<T, kBK, kD, kThreads>(sK, kLd, k_bh, p.k_stride_s, j0, min64(kBK, p.seqlen_k - j0),
@@ -149,11 +163,13 @@ __global__ void __launch_bounds__(FwdConfig<T, kD>::kThreads, 1)
     load_v(kt);
     cp_async_commit();
 
-    // S = Q K^T for this warp's rows.
     float acc_s[kM][kTilesS][4];
+    // S = Q K^T for this warp's rows (zero for a warp without rows: its softmax runs on
+    // zeros, cheaper than branching around it, and its rows are never written).
     zero_acc(acc_s);
-    warp_tile_mma<T, kM, kTilesS, kD, false, BLayout::kNK>(acc_s, sQ + row0 * kLd, kLd, sK, kLd);
-
+    if (warp_has_rows) {
+      warp_tile_mma<T, kM, kTilesS, kD, false, BLayout::kNK>(acc_s, sQ + row0 * kLd, kLd, sK, kLd);
+    }
     // Logits in base-2 units; -inf where masked.
 #pragma unroll
     for (int m = 0; m < kM; ++m) {
@@ -223,20 +239,26 @@ __global__ void __launch_bounds__(FwdConfig<T, kD>::kThreads, 1)
     if (next < tiles.end) load_k(next);
     cp_async_commit();
 
-    if constexpr (Cfg::kTensorCores) {
-      uint32_t p_frag[kM][kBK / 16][4];
+    if (warp_has_rows) {  // O += P V
+      if constexpr (Cfg::kTensorCores) {
+        uint32_t p_frag[kM][kBK / 16][4];
 #pragma unroll
-      for (int m = 0; m < kM; ++m) accumulator_to_a_fragments<T, kTilesS>(p_frag[m], acc_s[m]);
-      warp_mma_nn_areg<T, kM, kTilesO, kBK>(acc_o, p_frag, sV, kLd);
-    } else {
-      warp_tile_mma<T, kM, kTilesO, kBK, false, BLayout::kKN>(acc_o, sP + row0 * kLdP, kLdP, sV, kLd);
+        for (int m = 0; m < kM; ++m) accumulator_to_a_fragments<T, kTilesS>(p_frag[m], acc_s[m]);
+        warp_mma_nn_areg<T, kM, kTilesO, kBK>(acc_o, p_frag, sV, kLd);
+      } else {
+        warp_tile_mma<T, kM, kTilesO, kBK, false, BLayout::kKN>(acc_o, sP + row0 * kLdP, kLdP, sV, kLd);
+      }
     }
   }
   cp_async_wait<0>();  // nothing may still be in flight into shared memory at exit
 
-  // Normalize, write lse and stage O in sQ (free now) for wide, coalesced stores.
+  // Normalize, write lse and stage O in sQ (free now) for wide, coalesced stores; or, as one
+  // part of a split-KV row, write this part's O and lse as fp32 partials (rows of
+  // out_partial / lse_partial: split * B * Hq * Sq + bh * Sq + i).
   __syncthreads();  // no warp reads sQ any more
-  float* lse_bh = args.lse + bh * p.seqlen_q;
+  const bool split_kv = args.num_splits > 1;
+  const int64_t row_base = (split_kv ? split * p.batch * p.heads_q + bh : bh) * p.seqlen_q + i0;
+  float* lse_rows = (split_kv ? args.lse_partial : args.lse) + row_base;
 #pragma unroll
   for (int m = 0; m < kM; ++m) {
 #pragma unroll
@@ -245,20 +267,79 @@ __global__ void __launch_bounds__(FwdConfig<T, kD>::kThreads, 1)
       const bool empty = row_max[m][hf] == -INFINITY;  // no visible key, or only -inf logits
       const float inv = empty ? 0.f : 1.f / total;
       const int row = row0 + m * 16 + g + 8 * hf;
+      const bool valid_row = i0 + row < p.seqlen_q;
+      if (split_kv) {
+        float* o_row = args.out_partial + (row_base + row) * p.head_dim_v;
 #pragma unroll
-      for (int n = 0; n < kTilesO; ++n) {
-        store_pair(sQ + row * kLd + n * 8 + 2 * t, acc_o[m][n][2 * hf] * inv,
-                   acc_o[m][n][2 * hf + 1] * inv);
+        for (int n = 0; n < kTilesO; ++n) {
+          const int col = n * 8 + 2 * t;
+          if (valid_row && col < p.head_dim_v) o_row[col] = acc_o[m][n][2 * hf] * inv;
+          if (valid_row && col + 1 < p.head_dim_v) o_row[col + 1] = acc_o[m][n][2 * hf + 1] * inv;
+        }
+      } else {
+#pragma unroll
+        for (int n = 0; n < kTilesO; ++n) {
+          store_pair(sQ + row * kLd + n * 8 + 2 * t, acc_o[m][n][2 * hf] * inv,
+                     acc_o[m][n][2 * hf + 1] * inv);
+        }
       }
-      if (t == 0 && i0 + row < p.seqlen_q) {
-        lse_bh[i0 + row] = empty ? -INFINITY : (row_max[m][hf] + log2f(total)) * kLn2;
+      if (t == 0 && valid_row) {
+        lse_rows[row] = empty ? -INFINITY : (row_max[m][hf] + log2f(total)) * kLn2;
       }
     }
   }
+  if (split_kv) return;  // (the same for the whole block)
   __syncthreads();
   T* o_bh = args.out + b * p.o_stride_b + h * p.o_stride_h;
   store_tile<T, kBQ, kD, kThreads>(sQ, kLd, o_bh, p.o_stride_s, i0, i1 - i0, p.head_dim_v,
                                    args.out_vec);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Split-KV: merge the parts of each row, in split order
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+struct FwdCombineArgs {
+  const float* out_partial;  // (num_splits, rows, Dv) fp32, each part normalized by its own sum
+  const float* lse_partial;  // (num_splits, rows) fp32, ln of each part's sum; -inf when empty
+  T* out;                    // (B, Hq, Sq, Dv), strides below
+  float* lse;                // (B, Hq, Sq) contiguous
+  int64_t rows;              // B * Hq * Sq
+  int64_t num_splits, heads, seqlen, head_dim;
+  int64_t o_stride_b, o_stride_h, o_stride_s;
+};
+
+constexpr int kCombineWarps = 8;  // rows per block (one warp per row)
+
+// With the parts' lse l_s and outputs O_s: lse = m + ln(sum_s exp(l_s - m)), m = max_s l_s, and
+// O = sum_s exp(l_s - lse) O_s, both summed in ascending s. A row no part saw (every l_s = -inf)
+// gets O = 0 and lse = -inf, as the single-block kernel gives it.
+template <typename T>
+__global__ void __launch_bounds__(kCombineWarps * 32) attention_fwd_combine_kernel(const FwdCombineArgs<T> a) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kCombineWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= a.rows) return;  // idle warps of the last block (no barrier in this kernel)
+  float max_lse = -INFINITY;
+  for (int64_t s = 0; s < a.num_splits; ++s) max_lse = fmaxf(max_lse, a.lse_partial[s * a.rows + row]);
+  float total = 0.f;
+  if (max_lse != -INFINITY) {
+    for (int64_t s = 0; s < a.num_splits; ++s) total += expf(a.lse_partial[s * a.rows + row] - max_lse);
+  }
+  const bool empty = max_lse == -INFINITY;
+  const float lse = empty ? -INFINITY : max_lse + logf(total);
+  const int64_t b = row / (a.heads * a.seqlen), h = (row / a.seqlen) % a.heads, i = row % a.seqlen;
+  T* out_row = a.out + b * a.o_stride_b + h * a.o_stride_h + i * a.o_stride_s;
+  for (int64_t d = lane; d < a.head_dim; d += 32) {
+    float o = 0.f;
+    if (!empty) {
+      for (int64_t s = 0; s < a.num_splits; ++s) {
+        const float w = expf(a.lse_partial[s * a.rows + row] - lse);  // 0 for an empty part
+        o += w * a.out_partial[(s * a.rows + row) * a.head_dim + d];
+      }
+    }
+    out_row[d] = from_float<T>(o);
+  }
+  if (lane == 0) a.lse[row] = lse;
 }
 
 }  // namespace cuda_attn

@@ -584,11 +584,27 @@ FA_DEVICE bool key_tile_in_ranges(const KeyRanges& r, int64_t j0, int64_t j1) {
 
 // The key tiles (of width kBc) that intersect KeyRanges, visited in ascending order:
 //   for (int64_t kt = tiles.first(); kt < tiles.end; kt = tiles.next(kt)) ...
-// i.e. tiles [0, end) minus the gap [gap_begin, gap_end) between global and local keys.
+// i.e. tiles [begin, end) minus the gap [gap_begin, gap_end) between global and local keys.
 struct KeyTiles {
-  int64_t gap_begin, gap_end, end;
-  FA_DEVICE int64_t first() const { return gap_begin == 0 ? gap_end : 0; }
+  int64_t begin, gap_begin, gap_end, end;
+  FA_DEVICE int64_t first() const { return begin; }
   FA_DEVICE int64_t next(int64_t kt) const { return kt + 1 == gap_begin ? gap_end : kt + 1; }
+  // How many tiles are visited, and the n-th of them (n < count()), for tiles [0, end).
+  FA_DEVICE int64_t count() const { return end - (gap_end - gap_begin); }
+  FA_DEVICE int64_t nth(int64_t n) const { return n < gap_begin ? n : gap_end + (n - gap_begin); }
+  // Part `part` of `parts` consecutive, near-equal parts of the visited tiles (split-KV: each
+  // part is one block's share); an empty part has first() == end. For tiles [0, end) only.
+  FA_DEVICE KeyTiles part_of(int64_t part, int64_t parts) const {
+    const int64_t n = count(), lo = n * part / parts, hi = n * (part + 1) / parts;
+    KeyTiles t = *this;
+    if (lo >= hi) {
+      t.begin = t.end = 0;
+      return t;
+    }
+    t.begin = nth(lo);
+    t.end = nth(hi - 1) + 1;
+    return t;
+  }
 };
 
 FA_DEVICE KeyTiles key_tiles(const KeyRanges& r, int64_t tile) {
@@ -596,17 +612,18 @@ FA_DEVICE KeyTiles key_tiles(const KeyRanges& r, int64_t tile) {
   KeyTiles kt;
   if (r.local_end <= r.local_begin) {  // only global keys
     kt.gap_begin = kt.gap_end = kt.end = global_tiles;
-    return kt;
-  }
-  const int64_t local_first = r.local_begin / tile, local_end = ceil_div(r.local_end, tile);
-  if (local_first <= global_tiles) {  // the two ranges touch: no gap
-    kt.end = max64(global_tiles, local_end);
-    kt.gap_begin = kt.gap_end = kt.end;
   } else {
-    kt.gap_begin = global_tiles;
-    kt.gap_end = local_first;
-    kt.end = local_end;
+    const int64_t local_first = r.local_begin / tile, local_end = ceil_div(r.local_end, tile);
+    if (local_first <= global_tiles) {  // the two ranges touch: no gap
+      kt.end = max64(global_tiles, local_end);
+      kt.gap_begin = kt.gap_end = kt.end;
+    } else {
+      kt.gap_begin = global_tiles;
+      kt.gap_end = local_first;
+      kt.end = local_end;
+    }
   }
+  kt.begin = kt.gap_begin == 0 ? kt.gap_end : 0;
   return kt;
 }
 

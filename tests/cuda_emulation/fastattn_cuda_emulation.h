@@ -370,6 +370,7 @@ class DeviceContext {
 };
 
 inline int64_t g_launches = 0;
+inline int64_t g_blocks = 0;  // thread blocks run, over all launches
 
 template <typename Args>
 void launch(void (*kernel)(Args), int64_t blocks, int threads, size_t smem_bytes,
@@ -379,6 +380,7 @@ void launch(void (*kernel)(Args), int64_t blocks, int threads, size_t smem_bytes
   FA_CHECK(smem_bytes <= ctx.max_smem_per_block(), "fastattn: ", name, " needs ", smem_bytes,
            " bytes of shared memory per block and this GPU allows ", ctx.max_smem_per_block());
   ++g_launches;
+  g_blocks += blocks;
   fastattn_emulation::run_grid(blocks, threads, smem_bytes, [&] { kernel(args); });
 }
 

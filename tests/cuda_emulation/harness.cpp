@@ -16,6 +16,7 @@ TORCH_LIBRARY(fastattn_emu, m) {
       "int num_global, Tensor? key_lengths, bool need_rel_bias_grad, bool need_span_grad) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("launches() -> int", [] { return fastattn::cuda_attn::g_launches; });
+  m.def("blocks() -> int", [] { return fastattn::cuda_attn::g_blocks; });
   m.def("barriers() -> int", [] { return fastattn_emulation::g_barriers; });
 }
 
