@@ -27,6 +27,8 @@ import pytest
 import torch
 from hypothesis import given
 
+import fastattn.reference
+
 from attention_strategies import attention_cases
 from conftest import (LOW_PRECISION, Case, case_id, check_case, clone_inputs, make_inputs, pin_threads,
                       random_settings, run_attention)
@@ -344,3 +346,31 @@ def test_decode_step_group_folded_into_rows(emu, monkeypatch, case, folded):
     expected_blocks = case.B * (case.Hkv if folded else case.Hq)
     assert emu.blocks() - before == expected_blocks
     check_emulated(case, lse_grad=True)
+
+
+@pytest.mark.parametrize("slack", ("", "0"), ids=("slack8", "slack0"))
+@pytest.mark.parametrize("dtype", (F16, F32), ids=("float16", "float32"))
+def test_forward_lazy_rescale(emu, monkeypatch, dtype, slack):
+    """The forward rescales a row's output only when a tile's logits exceed the row's reference
+    max by more than 2^8 in exp2 terms (FASTATTN_CUDA_RESCALE_SLACK=0, a profiling switch:
+    whenever the max grows). Rows whose logits grow steadily (a rescale every tile), shrink
+    (none after the first), grow slowly (P up to 2^8 without a rescale: fp16 P must not
+    overflow), or jump once by a lot, all match the reference."""
+    monkeypatch.setenv("FASTATTN_CUDA_KV_SPLITS", "1")
+    monkeypatch.setenv("FASTATTN_CUDA_RESCALE_SLACK", slack)
+    Sk, D = 300, 16
+    j = torch.arange(Sk, dtype=torch.float64)
+    k = torch.zeros(1, 1, Sk, D, dtype=torch.float64)
+    k[0, 0, :, 0] = 0.1 * j                  # logit of row r at key j: q[r, 0] * 0.1 j (+ jump)
+    k[0, 0, 200, 1] = 1.0                    # a jump at key 200 for the last row
+    q = torch.zeros(1, 1, 4, D, dtype=torch.float64)
+    q[0, 0, :, 0] = torch.tensor([1.0, -1.0, 0.02, 0.0])
+    q[0, 0, 3, 1] = 25.0
+    v = torch.randn(1, 1, Sk, D, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    out, lse = emu.attention(q.to(dtype), k.to(dtype), v.to(dtype), 1.0, None, False, -1, -1, None, None,
+                             None, 32.0, 0, None)
+    ref_out, ref_lse = fastattn.reference.attention(q.to(dtype).double(), k.to(dtype).double(),
+                                                    v.to(dtype).double(), scale=1.0, return_lse=True)
+    atol = 2e-3 if dtype == F16 else 1e-5
+    torch.testing.assert_close(out.double(), ref_out, atol=atol, rtol=0)
+    torch.testing.assert_close(lse.double(), ref_lse.double(), atol=1e-4, rtol=1e-5)

@@ -5,7 +5,8 @@ issue-3 shape (and issue 2's rotary shape):
 
 Runs fastattn.attention forward and forward+backward with the learned table (the table's
 gradient on), once more with the backward's dQ turns switched off (FASTATTN_CUDA_UNORDERED_DQ:
-what the deterministic order costs), without the table, and SDPA's flash backend for scale,
+what the deterministic order costs) and the forward with its lazy rescale off
+(FASTATTN_CUDA_RESCALE_SLACK=0: what it saves), without the table, and SDPA's flash backend for scale,
 and prints the summed CUDA time of each kernel per call. A diagnostic for a lent GPU, not a benchmark of record (that is
 benchmarks/bench_attention.py).
 """
@@ -73,6 +74,15 @@ def main() -> int:
         finally:
             del os.environ["FASTATTN_CUDA_UNORDERED_DQ"]
 
+    def fwd_classic_rescale():
+        # The forward's lazy rescale switched off (FASTATTN_CUDA_RESCALE_SLACK=0: rescale
+        # whenever a row's max grows): the difference to "fastattn fwd, table" is what it saves.
+        os.environ["FASTATTN_CUDA_RESCALE_SLACK"] = "0"
+        try:
+            return fwd(True)
+        finally:
+            del os.environ["FASTATTN_CUDA_RESCALE_SLACK"]
+
     def sdpa_fwd_bwd():
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
             out = F.scaled_dot_product_attention(q, k, v)
@@ -89,6 +99,7 @@ def main() -> int:
         "rotary fwd bf16 (4, 32, 2048, 128)": lambda: fastattn.rotary(xr, inv_freq=inv_freq),
         "copy_ of the same tensor": lambda: copy_dst.copy_(xr),
         "fastattn fwd, table": lambda: fwd(True),
+        "fastattn fwd, table, rescale whenever the max grows (diagnostic)": fwd_classic_rescale,
         "fastattn fwd+bwd, table": lambda: fwd_bwd(True),
         "fastattn fwd+bwd, table, dQ without turns (diagnostic, not deterministic)": fwd_bwd_unordered_dq,
         "fastattn fwd, no bias": lambda: fwd(False),

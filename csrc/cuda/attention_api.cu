@@ -267,6 +267,15 @@ int64_t forced_kv_splits() {
   return s == nullptr ? 0 : std::max<int64_t>(0, std::strtoll(s, nullptr, 10));
 }
 
+// The forward's lazy-rescale slack (base 2, see attention_fwd_kernel.cuh): 8, or
+// FASTATTN_CUDA_RESCALE_SLACK (read per call, clamped to [0, 8]; profiling only: 0 rescales
+// whenever a row's max grows, as a classic online softmax).
+float rescale_slack() {
+  const char* s = std::getenv("FASTATTN_CUDA_RESCALE_SLACK");
+  if (s == nullptr || s[0] == '\0') return 8.f;
+  return std::min(8.f, std::max(0.f, std::strtof(s, nullptr)));
+}
+
 // How many blocks share each query block's key tiles (split-KV). FlashAttention-2's rule: none
 // when the grid already fills most of the GPU's block slots; otherwise the fewest parts whose
 // last wave of blocks is nearly as full (>= 85%) as the best count's, with at least
@@ -310,6 +319,7 @@ void run_forward(const DeviceContext& ctx, const Prepared& in, at::Tensor& out, 
   a.lse = lse.data_ptr<float>();
   a.scale_ptr = in.scale_ptr;
   a.num_q_blocks = ceil_div(p.seqlen_q, Cfg::kBlockQ);
+  a.rescale_slack = rescale_slack();
   a.q_vec = vector_friendly(in.q);
   a.k_vec = vector_friendly(in.k);
   a.v_vec = vector_friendly(in.v);

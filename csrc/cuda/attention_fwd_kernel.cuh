@@ -14,8 +14,9 @@
 //      is visible with one common bias (none, or a rel_bias row every distance clamps to) skip
 //      the per-element rule (tile_is_uniform); the others look the rule up in a per-tile
 //      diagonal table (fill_tile_table / tile_logit_log2);
-//   4. online softmax in fp32 (running row max and row sum; the output accumulator is rescaled
-//      when the max grows);
+//   4. online softmax in fp32 (a reference max and a running sum per row; the output
+//      accumulator is rescaled only when a logit exceeds the reference by more than 2^8 in
+//      exp2 terms, which after the first tiles of a row is rare);
 //   5. P = exp2(logit - max) is rounded to the input type and, for tensor cores, kept in
 //      registers as the A operand of O += P V (the accumulator layout of S is the fragment
 //      layout of A); float32 stages P in the warp's rows of a shared tile.
@@ -49,6 +50,7 @@ struct FwdArgs {
   int64_t num_splits;      // blocks per (query block, head) sharing its key tiles (split-KV)
   float* out_partial;      // num_splits > 1: (num_splits, B * Hq * Sq, Dv) fp32, else null
   float* lse_partial;      // num_splits > 1: (num_splits, B * Hq * Sq) fp32, else null
+  float rescale_slack;     // base 2: how far a logit may exceed its row's reference max (<= 8)
   bool q_vec, k_vec, v_vec, out_vec;  // 16-byte vector copies allowed (alignment checked)
 };
 
@@ -185,27 +187,48 @@ __global__ void __launch_bounds__(FwdConfig<T, kD>::kThreads, 1)
       }
     }
 
+    // Online softmax, rescaling lazily (as FlashAttention-4): exp2 subtracts a reference max
+    // per row, which only moves (rescaling O and the row sum) when a logit of this tile
+    // exceeds it by more than rescale_slack (8), so P stays <= 2^8 (fine for fp16 P and
+    // fp32 sums) and most tiles of a long row skip the kTilesO * 4 multiplies per row tile.
+    // The result is the same up to rounding: O and the sum are relative to the same reference,
+    // and lse = reference + log2(sum). One vote per warp keeps the branch uniform; a NaN max
+    // forces the rescale (the comparison is false), so NaN still propagates.
+    float tile_row_max[kM][2];
+    bool needs_rescale = false;
 #pragma unroll
     for (int m = 0; m < kM; ++m) {
-      // Online softmax: new row max, rescale what was accumulated so far.
-      float tile_max[2] = {-INFINITY, -INFINITY};
+      float thread_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
       for (int n = 0; n < kTilesS; ++n) {
 #pragma unroll
-        for (int r = 0; r < 4; ++r) tile_max[r / 2] = max_nan(tile_max[r / 2], acc_s[m][n][r]);
+        for (int r = 0; r < 4; ++r) thread_max[r / 2] = max_nan(thread_max[r / 2], acc_s[m][n][r]);
       }
-      float base[2];  // what exp2 subtracts: the new max, or 0 while the row has seen only -inf
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
-        const float new_max = max_nan(row_max[m][hf], quad_max(tile_max[hf]));
-        base[hf] = new_max == -INFINITY ? 0.f : new_max;
-        const float alpha = exp2f(row_max[m][hf] - base[hf]);  // 0 when the old max was -inf
-        row_max[m][hf] = new_max;
-        row_sum[m][hf] *= alpha;
+        tile_row_max[m][hf] = quad_max(thread_max[hf]);
+        needs_rescale |= !(tile_row_max[m][hf] <= row_max[m][hf] + args.rescale_slack);
+      }
+    }
+    const bool rescale = __any_sync(0xffffffffu, needs_rescale) != 0;
 #pragma unroll
-        for (int n = 0; n < kTilesO; ++n) {
-          acc_o[m][n][2 * hf] *= alpha;
-          acc_o[m][n][2 * hf + 1] *= alpha;
+    for (int m = 0; m < kM; ++m) {
+      float base[2];  // what exp2 subtracts: the reference max, or 0 while the row has seen only -inf
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        if (rescale) {
+          const float new_max = max_nan(row_max[m][hf], tile_row_max[m][hf]);
+          base[hf] = new_max == -INFINITY ? 0.f : new_max;
+          const float alpha = exp2f(row_max[m][hf] - base[hf]);  // 0 when the old max was -inf
+          row_max[m][hf] = new_max;
+          row_sum[m][hf] *= alpha;
+#pragma unroll
+          for (int n = 0; n < kTilesO; ++n) {
+            acc_o[m][n][2 * hf] *= alpha;
+            acc_o[m][n][2 * hf + 1] *= alpha;
+          }
+        } else {
+          base[hf] = row_max[m][hf] == -INFINITY ? 0.f : row_max[m][hf];
         }
       }
       // P = exp2(logit - base), summed into the row sums (in fp32, before rounding).

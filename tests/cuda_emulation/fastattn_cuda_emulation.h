@@ -347,6 +347,19 @@ inline T __shfl_xor_sync(unsigned int, T value, int lane_mask) {
   return result;
 }
 
+// Whether any lane of the warp passes a nonzero predicate (every lane gets the same answer).
+inline int __any_sync(unsigned int, int predicate) {
+  using namespace fastattn_emulation;
+  BlockState& B = g_block;
+  const int w = B.current / 32, lane = B.current % 32;
+  B.shfl[w][lane] = predicate != 0 ? 1 : 0;
+  warp_barrier();
+  int any = 0;
+  for (int l = 0; l < 32; ++l) any |= static_cast<int>(B.shfl[w][l]);
+  warp_barrier();
+  return any;
+}
+
 // The host side of attention_api.cu: device context and kernel launch.
 namespace fastattn {
 namespace cuda_attn {
