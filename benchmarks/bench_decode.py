@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import gbps, markdown_table, time_many  # noqa: E402
+from common import gbps, markdown_table, time_many, with_env  # noqa: E402
 from bench_attention import fastattn, report  # noqa: E402
 
 CASES = [  # name, B, Hq, Hkv, Sk, D
@@ -44,15 +44,6 @@ CASES = [  # name, B, Hq, Hkv, Sk, D
     ("MQA", 1, 32, 1, 8192, 128),
 ]
 MAX_DIST = 512
-
-
-def unsplit(call):
-    """call() with the CUDA forward's split-KV turned off (read per call by the op)."""
-    os.environ["FASTATTN_CUDA_KV_SPLITS"] = "1"
-    try:
-        return call()
-    finally:
-        del os.environ["FASTATTN_CUDA_KV_SPLITS"]
 
 
 def main(argv=None) -> int:
@@ -95,9 +86,10 @@ def main(argv=None) -> int:
             "SDPA + materialized bias": sdpa_bias,
         }
         if cuda:
-            fns["fastattn, split-KV off"] = lambda: unsplit(lambda: fastattn.attention(q, k, v))
-            fns["fastattn + table, split-KV off"] = lambda: unsplit(
-                lambda: fastattn.attention(q, k, v, rel_bias=table))
+            fns["fastattn, split-KV off"] = lambda: with_env(
+                "FASTATTN_CUDA_KV_SPLITS", "1", lambda: fastattn.attention(q, k, v))
+            fns["fastattn + table, split-KV off"] = lambda: with_env(
+                "FASTATTN_CUDA_KV_SPLITS", "1", lambda: fastattn.attention(q, k, v, rel_bias=table))
         with torch.no_grad():
             err = (fns["fastattn + table"]().float() - sdpa_bias().float()).abs().max().item()
             times = time_many(fns, device=dev, warmup=args.warmup, repeats=args.repeats)

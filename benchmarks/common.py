@@ -24,6 +24,7 @@ read it as an estimate.
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -164,6 +165,21 @@ def peak_memory(fn: Callable[[], object], *, device="cpu") -> Optional[int]:
     if base is None or peak is None:
         return None
     return max(0, peak - base)
+
+
+def with_env(name: str, value: str, call: Callable[[], object]) -> object:
+    """call() with environment variable `name` set to `value` (restored after): for the
+    switches fastattn's CUDA ops read per call (FASTATTN_CUDA_KV_SPLITS, ..._RESCALE_SLACK,
+    ..._UNORDERED_DQ), so that one run can time a kernel with and without an optimization."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        return call()
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
 
 
 def gbps(nbytes: float, ms: float) -> float:

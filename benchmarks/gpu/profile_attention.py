@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections import defaultdict
 
 import torch
@@ -21,6 +22,9 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import fastattn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from common import with_env  # noqa: E402  (benchmarks/common.py)
 
 
 def kernel_times(fn, iters: int = 5) -> dict:
@@ -68,20 +72,12 @@ def main() -> int:
     def fwd_bwd_unordered_dq():
         # The diagnostic switch of the CUDA backward (attention_api.cu): no dQ turns, so the
         # difference to "fastattn fwd+bwd, table" is what the bitwise-reproducible order costs.
-        os.environ["FASTATTN_CUDA_UNORDERED_DQ"] = "1"
-        try:
-            return fwd_bwd(True)
-        finally:
-            del os.environ["FASTATTN_CUDA_UNORDERED_DQ"]
+        return with_env("FASTATTN_CUDA_UNORDERED_DQ", "1", lambda: fwd_bwd(True))
 
     def fwd_classic_rescale():
-        # The forward's lazy rescale switched off (FASTATTN_CUDA_RESCALE_SLACK=0: rescale
-        # whenever a row's max grows): the difference to "fastattn fwd, table" is what it saves.
-        os.environ["FASTATTN_CUDA_RESCALE_SLACK"] = "0"
-        try:
-            return fwd(True)
-        finally:
-            del os.environ["FASTATTN_CUDA_RESCALE_SLACK"]
+        # The forward's lazy rescale switched off (rescale whenever a row's max grows): the
+        # difference to "fastattn fwd, table" is what it saves.
+        return with_env("FASTATTN_CUDA_RESCALE_SLACK", "0", lambda: fwd(True))
 
     def sdpa_fwd_bwd():
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
