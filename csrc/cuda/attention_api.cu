@@ -355,7 +355,7 @@ void run_forward(const DeviceContext& ctx, const Prepared& in, at::Tensor& out, 
     c.o_stride_b = out.stride(0);
     c.o_stride_h = out.stride(1);
     c.o_stride_s = out.stride(2);
-    launch(&attention_fwd_combine_kernel<T>, ceil_div(rows, kCombineWarps), kCombineWarps * 32, 0, ctx,
+    launch(&attention_fwd_combine_kernel<T>, ceil_div(rows, kRowWarps), kRowWarps * 32, 0, ctx,
            c, "attention forward (split-KV combine)");
   }
 }
@@ -424,7 +424,7 @@ void run_backward(const DeviceContext& ctx, const Prepared& in, BackwardTensors&
     a.out_stride_b = bt.out.stride(0);
     a.out_stride_h = bt.out.stride(1);
     a.out_stride_s = bt.out.stride(2);
-    launch(&attention_bwd_delta_kernel<T>, ceil_div(a.total_rows, kDeltaWarps), kDeltaWarps * 32,
+    launch(&attention_bwd_delta_kernel<T>, ceil_div(a.total_rows, kRowWarps), kRowWarps * 32,
            0, ctx, a, "attention backward (delta)");
   }
 

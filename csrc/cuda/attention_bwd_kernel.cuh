@@ -58,20 +58,17 @@ struct DeltaArgs {
   int64_t out_stride_b, out_stride_h, out_stride_s;
 };
 
-constexpr int kDeltaWarps = 8;  // rows per block (one warp per row)
-
 template <typename T>
-__global__ void __launch_bounds__(kDeltaWarps * 32) attention_bwd_delta_kernel(const DeltaArgs<T> a) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kDeltaWarps + threadIdx.x / 32;
+__global__ void __launch_bounds__(kRowWarps * 32) attention_bwd_delta_kernel(const DeltaArgs<T> a) {
+  const WarpRow r = warp_row(a.total_rows, a.heads, a.seqlen);
   const int lane = threadIdx.x % 32;
-  if (row >= a.total_rows) return;  // idle warps of the last block (no barrier in this kernel)
-  const int64_t b = row / (a.heads * a.seqlen), h = (row / a.seqlen) % a.heads, i = row % a.seqlen;
-  const T* dout_row = a.dout + b * a.dout_stride_b + h * a.dout_stride_h + i * a.dout_stride_s;
-  const T* out_row = a.out + b * a.out_stride_b + h * a.out_stride_h + i * a.out_stride_s;
+  if (!r.valid) return;  // (no barrier in this kernel)
+  const T* dout_row = a.dout + r.b * a.dout_stride_b + r.h * a.dout_stride_h + r.i * a.dout_stride_s;
+  const T* out_row = a.out + r.b * a.out_stride_b + r.h * a.out_stride_h + r.i * a.out_stride_s;
   float sum = 0.f;
   for (int64_t d = lane; d < a.head_dim; d += 32) sum += to_float(dout_row[d]) * to_float(out_row[d]);
   sum = warp_sum(sum);
-  if (lane == 0) a.delta[row] = sum - (a.grad_lse != nullptr ? a.grad_lse[row] : 0.f);
+  if (lane == 0) a.delta[r.row] = sum - (a.grad_lse != nullptr ? a.grad_lse[r.row] : 0.f);
 }
 
 // ---------------------------------------------------------------------------------------------

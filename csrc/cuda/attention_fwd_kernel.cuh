@@ -332,37 +332,35 @@ struct FwdCombineArgs {
   int64_t o_stride_b, o_stride_h, o_stride_s;
 };
 
-constexpr int kCombineWarps = 8;  // rows per block (one warp per row)
-
 // With the parts' lse l_s and outputs O_s: lse = m + ln(sum_s exp(l_s - m)), m = max_s l_s, and
 // O = sum_s exp(l_s - lse) O_s, both summed in ascending s. A row no part saw (every l_s = -inf)
 // gets O = 0 and lse = -inf, as the single-block kernel gives it.
 template <typename T>
-__global__ void __launch_bounds__(kCombineWarps * 32) attention_fwd_combine_kernel(const FwdCombineArgs<T> a) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kCombineWarps + threadIdx.x / 32;
+__global__ void __launch_bounds__(kRowWarps * 32) attention_fwd_combine_kernel(const FwdCombineArgs<T> a) {
+  const WarpRow r = warp_row(a.rows, a.heads, a.seqlen);
   const int lane = threadIdx.x % 32;
-  if (row >= a.rows) return;  // idle warps of the last block (no barrier in this kernel)
+  if (!r.valid) return;  // (no barrier in this kernel)
+  const float* lse_parts = a.lse_partial + r.row;  // part s at lse_parts[s * rows]
   float max_lse = -INFINITY;
-  for (int64_t s = 0; s < a.num_splits; ++s) max_lse = fmaxf(max_lse, a.lse_partial[s * a.rows + row]);
-  float total = 0.f;
-  if (max_lse != -INFINITY) {
-    for (int64_t s = 0; s < a.num_splits; ++s) total += expf(a.lse_partial[s * a.rows + row] - max_lse);
-  }
+  for (int64_t s = 0; s < a.num_splits; ++s) max_lse = fmaxf(max_lse, lse_parts[s * a.rows]);
   const bool empty = max_lse == -INFINITY;
+  float total = 0.f;
+  if (!empty) {
+    for (int64_t s = 0; s < a.num_splits; ++s) total += expf(lse_parts[s * a.rows] - max_lse);
+  }
   const float lse = empty ? -INFINITY : max_lse + logf(total);
-  const int64_t b = row / (a.heads * a.seqlen), h = (row / a.seqlen) % a.heads, i = row % a.seqlen;
-  T* out_row = a.out + b * a.o_stride_b + h * a.o_stride_h + i * a.o_stride_s;
+  T* out_row = a.out + r.b * a.o_stride_b + r.h * a.o_stride_h + r.i * a.o_stride_s;
   for (int64_t d = lane; d < a.head_dim; d += 32) {
     float o = 0.f;
     if (!empty) {
       for (int64_t s = 0; s < a.num_splits; ++s) {
-        const float w = expf(a.lse_partial[s * a.rows + row] - lse);  // 0 for an empty part
-        o += w * a.out_partial[(s * a.rows + row) * a.head_dim + d];
+        const float w = expf(lse_parts[s * a.rows] - lse);  // 0 for an empty part
+        o += w * a.out_partial[(s * a.rows + r.row) * a.head_dim + d];
       }
     }
     out_row[d] = from_float<T>(o);
   }
-  if (lane == 0) a.lse[row] = lse;
+  if (lane == 0) a.lse[r.row] = lse;
 }
 
 }  // namespace cuda_attn

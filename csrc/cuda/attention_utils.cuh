@@ -89,6 +89,27 @@ FA_DEVICE float warp_sum(float x) {
   return x;
 }
 
+// Row kernels (the backward's delta, the split-KV combine) give one warp to each row
+// b * (H * S) + h * S + i of a (B, H, S) grid, kWarps rows a block: the warp's row and its
+// coordinates (launch ceil(rows / kRowWarps) blocks of kRowWarps * 32 threads). `valid` is
+// false for the idle warps of the last block.
+struct WarpRow {
+  int64_t row, b, h, i;
+  bool valid;
+};
+
+constexpr int kRowWarps = 8;  // rows (warps) per block of a row kernel
+
+FA_DEVICE WarpRow warp_row(int64_t rows, int64_t heads, int64_t seqlen) {
+  WarpRow r;
+  r.row = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / 32;
+  r.valid = r.row < rows;
+  r.b = r.row / (heads * seqlen);
+  r.h = (r.row / seqlen) % heads;
+  r.i = r.row % seqlen;
+  return r;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Element conversions. T is float, __half or __nv_bfloat16.
 // ---------------------------------------------------------------------------------------------
