@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 from hypothesis import given
+from hypothesis import strategies as st
 
 import fastattn.reference
 
@@ -171,12 +172,21 @@ def test_emulated_kernels_match_reference(emu, case, lse_grad):
 
 
 @random_settings(12)
-@given(drawn=attention_cases("emu"))
-def test_random_calls(emu, drawn):
+@given(drawn=attention_cases("emu"), parts=st.sampled_from(["", "1", "2", "3", "7"]))
+def test_random_calls(emu, drawn, parts):
     """Random shapes, head dims, dtypes, layouts and option combinations
-    (tests/attention_strategies.py); FASTATTN_RANDOM_EXAMPLES=N explores N fresh ones."""
+    (tests/attention_strategies.py), with the forward's split-KV part count drawn too ("": the
+    host's choice); FASTATTN_RANDOM_EXAMPLES=N explores N fresh ones."""
     case, lse_grad = drawn
-    check_emulated(case, lse_grad)
+    before = os.environ.get("FASTATTN_CUDA_KV_SPLITS")
+    os.environ["FASTATTN_CUDA_KV_SPLITS"] = parts
+    try:
+        check_emulated(case, lse_grad)
+    finally:
+        if before is None:
+            del os.environ["FASTATTN_CUDA_KV_SPLITS"]
+        else:
+            os.environ["FASTATTN_CUDA_KV_SPLITS"] = before
 
 
 def test_empty_rows(emu):
