@@ -343,17 +343,19 @@ DECODE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("parts", (1, 3), ids=("unsplit", "parts3"))
 @pytest.mark.parametrize("case,folded", DECODE_CASES, ids=[case_id(c) for c, _ in DECODE_CASES])
-def test_decode_step_group_folded_into_rows(emu, monkeypatch, case, folded):
+def test_decode_step_group_folded_into_rows(emu, monkeypatch, case, folded, parts):
     """A GQA/MQA decode step whose query heads share every rule runs as one head with `group`
-    query rows (one forward block per kv head instead of one per query head); it and the
-    unfolded steps match the reference, with gradients."""
-    monkeypatch.setenv("FASTATTN_CUDA_KV_SPLITS", "1")
+    query rows (one forward block per kv head and part instead of one per query head and
+    part); it and the unfolded steps match the reference, with gradients, split or not."""
+    monkeypatch.setenv("FASTATTN_CUDA_KV_SPLITS", str(parts))
     inp = make_inputs(case, requires_grad=False)
     before = emu.blocks()
     options = {name: value for name, value in inp.items() if name not in ("q", "k", "v")}
     emulated_attention(inp["q"], inp["k"], inp["v"], **options, **case.options())
-    expected_blocks = case.B * (case.Hkv if folded else case.Hq)
+    combine_blocks = -(-case.B * case.Hq // 8) if parts > 1 else 0  # one warp per output row
+    expected_blocks = parts * case.B * (case.Hkv if folded else case.Hq) + combine_blocks
     assert emu.blocks() - before == expected_blocks
     check_emulated(case, lse_grad=True)
 
