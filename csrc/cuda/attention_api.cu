@@ -289,7 +289,8 @@ int64_t kv_splits(int64_t blocks, int64_t key_tiles, int64_t keys_per_tile, int6
     const double waves = static_cast<double>(blocks * splits) / static_cast<double>(slots);
     return waves / std::ceil(waves);
   };
-  // A count that gives no part fewer tiles than one split less would is not worth having.
+  // A count is only worth having if its longest part is shorter than with one part fewer
+  // (otherwise it adds blocks without shortening the walk).
   const auto worth = [&](int64_t splits) {
     return splits == 1 || ceil_div(key_tiles, splits) != ceil_div(key_tiles, splits - 1);
   };

@@ -15,8 +15,8 @@
 //      the per-element rule (tile_is_uniform); the others look the rule up in a per-tile
 //      diagonal table (fill_tile_table / tile_logit_log2);
 //   4. online softmax in fp32 (a reference max and a running sum per row; the output
-//      accumulator is rescaled only when a logit exceeds the reference by more than 2^8 in
-//      exp2 terms, which after the first tiles of a row is rare);
+//      accumulator is rescaled only when a base-2 logit exceeds the reference by more than 8,
+//      which after the first tiles of a row is rare; P stays below 2^8);
 //   5. P = exp2(logit - max) is rounded to the input type and, for tensor cores, kept in
 //      registers as the A operand of O += P V (the accumulator layout of S is the fragment
 //      layout of A); float32 stages P in the warp's rows of a shared tile.
@@ -29,7 +29,8 @@
 // key tiles, each taking a consecutive part (KeyTiles::part_of); a block writes its normalized
 // partial O and its lse in fp32, and attention_fwd_combine_kernel merges the parts in split
 // order (deterministic). Warps whose query rows all lie past Sq (a decode step fills one row
-// of the tile) skip the products and the softmax; they only help load tiles.
+// of the tile) skip the two matrix products (their softmax runs on zeros, cheaper than a
+// branch) and otherwise only help load tiles.
 #pragma once
 
 #include "attention_utils.cuh"
