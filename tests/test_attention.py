@@ -542,3 +542,29 @@ def test_cuda_split_kv_forward(monkeypatch, case, parts):
     out, lse and gradients against both references."""
     monkeypatch.setenv("FASTATTN_CUDA_KV_SPLITS", parts)
     check_case(case, lse_grad=True)
+
+
+def test_autograd_records_only_when_needed():
+    """The ops' C++ Autograd kernels call the kernel directly when autograd will not record the
+    call (no input requires grad, or grad mode is off) and build a node otherwise, for any
+    differentiable input, the fixed alibi slopes included (their gradient is None)."""
+    q = torch.randn(1, 2, 5, 8)
+    slopes = torch.tensor([0.5, 0.25])
+    out = fastattn.attention(q, q, q)
+    assert out.grad_fn is None and not out.requires_grad
+    with torch.no_grad():
+        out = fastattn.attention(q.requires_grad_(), q, q)
+    assert out.grad_fn is None and not out.requires_grad
+    for name, kwargs in (("q", {}), ("alibi_slopes", {"alibi_slopes": slopes.clone().requires_grad_()}),
+                         ("rel_bias", {"rel_bias": torch.zeros(5, 2, requires_grad=True)})):
+        q_in = q.detach().requires_grad_(name == "q")
+        out = fastattn.attention(q_in, q.detach(), q.detach(), **kwargs)
+        assert out.grad_fn is not None and out.requires_grad, name
+    x = torch.randn(1, 2, 5, 8)
+    inv_freq = torch.rand(4)
+    y = fastattn.rotary(x, inv_freq=inv_freq)
+    assert y.grad_fn is None and not y.requires_grad
+    y = fastattn.rotary(x, inv_freq=inv_freq.requires_grad_())
+    assert y.grad_fn is not None
+    y.sum().backward()
+    assert inv_freq.grad is not None and torch.isfinite(inv_freq.grad).all()

@@ -4,15 +4,18 @@
 // per-call host time matters for these ops: on the development machine the Python autograd
 // layer alone cost ~20 us per rotary call and ~25 us per attention call, about as much as a
 // CUDA rotary kernel at training shapes and more than a decoding step's attention kernel. Here
-// it costs a C++ Function::apply. Each backward is the op's own *_backward kernel, asked only
-// for the gradients autograd needs. C++ users of the library (CMakeLists.txt) get the same
-// gradients through the dispatcher.
+// it costs a C++ Function::apply, and a call that autograd will not record (no input requires
+// grad, or grad mode is off: inference, decoding) skips even that and goes straight to the
+// kernel. Each backward is the op's own *_backward kernel, asked only for the gradients
+// autograd needs. C++ users of the library (CMakeLists.txt) get the same gradients through
+// the dispatcher.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <array>
+#include <initializer_list>
 #include <optional>
 
 namespace fastattn {
@@ -21,6 +24,21 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<at::Tensor>;
+
+// Whether autograd records a call with these tensor inputs (what Function::apply would decide).
+// When it does not, the Autograd kernels below call the op directly: no Function node, no
+// context, no saved data (the map of saved options costs a few microseconds per call).
+bool records_grad(std::initializer_list<const at::Tensor*> tensors) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const at::Tensor* t : tensors) {
+    if (t->defined() && t->requires_grad()) return true;
+  }
+  return false;
+}
+const at::Tensor& or_undefined(const OptTensor& t) {
+  static const at::Tensor undefined;
+  return t.has_value() ? *t : undefined;
+}
 
 // The ops below the Autograd key, looked up once.
 at::Tensor call_rotary(const at::Tensor& x, const OptTensor& inv_freq, const OptTensor& cos,
@@ -104,6 +122,11 @@ at::Tensor rotary_autograd(const at::Tensor& x, const OptTensor& inv_freq, const
                            const OptTensor& sin, const OptTensor& positions,
                            const OptTensor& rotation, int64_t offset, bool interleaved,
                            int64_t rotary_dim) {
+  if (!records_grad({&x, &or_undefined(inv_freq), &or_undefined(cos), &or_undefined(sin),
+                     &or_undefined(rotation)})) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return call_rotary(x, inv_freq, cos, sin, positions, rotation, offset, interleaved, rotary_dim);
+  }
   return RotaryFunction::apply(x, inv_freq, cos, sin, positions, rotation, offset, interleaved,
                                rotary_dim);
 }
@@ -235,6 +258,12 @@ AttentionOut attention_autograd(const at::Tensor& q, const at::Tensor& k, const 
                                 const OptTensor& rel_bias, const OptTensor& alibi_slopes,
                                 const OptTensor& span, double span_ramp, int64_t num_global,
                                 const OptTensor& key_lengths) {
+  if (!records_grad({&q, &k, &v, &or_undefined(scale_tensor), &or_undefined(rel_bias),
+                     &or_undefined(alibi_slopes), &or_undefined(span)})) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return call_attention(q, k, v, scale, scale_tensor, causal, window_left, window_right,
+                          rel_bias, alibi_slopes, span, span_ramp, num_global, key_lengths);
+  }
   const variable_list outs =
       AttentionFunction::apply(q, k, v, scale, scale_tensor, causal, window_left, window_right,
                                rel_bias, alibi_slopes, span, span_ramp, num_global, key_lengths);
