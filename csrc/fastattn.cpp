@@ -1,6 +1,6 @@
 // The one list of fastattn's ops. Each device registers its kernels in its own file
-// (csrc/cpu/*.cpp: CPU, csrc/cuda/*_api.cu: CUDA); fake (meta) kernels and autograd are
-// registered from Python in fastattn/ops.py.
+// (csrc/cpu/*.cpp: CPU, csrc/cuda/*_api.cu: CUDA); fake (meta) kernels are registered from
+// Python in fastattn/ops.py, autograd in C++ (common/autograd.cpp, registered below).
 //
 // Conventions:
 //  - Backward kernels are ops of their own (`*_backward`), so torch.compile and opcheck see
@@ -11,6 +11,7 @@
 
 #include <string>
 
+#include "common/attention_args.h"
 #include "common/build_info.h"
 
 TORCH_LIBRARY(fastattn, m) {
@@ -33,23 +34,19 @@ TORCH_LIBRARY(fastattn, m) {
       "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // ---- attention --------------------------------------------------------------------------
-  // Returns (out (B, Hq, Sq, Dv) in q's dtype, lse (B, Hq, Sq) fp32; -inf for empty rows).
-  // See common/attention_params.h for the mask and bias rules.
-  m.def(
-      "attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? scale_tensor, bool causal, "
-      "int window_left, int window_right, Tensor? rel_bias, Tensor? alibi_slopes, Tensor? span, "
-      "float span_ramp, int num_global, Tensor? key_lengths) -> (Tensor, Tensor)");
-  // Returns (grad_q, grad_k, grad_v, grad_rel_bias, grad_span); grad_rel_bias / grad_span are
-  // empty unless asked for. grad_rel_bias is reduced in a fixed order (deterministic).
-  // grad_lse (B, Hq, Sq) fp32, optional: the gradient reaching lse when the caller used it
-  // (it enters as D_i = rowsum(dO * O) - grad_lse_i).
-  m.def(
-      "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
-      "Tensor lse, Tensor? grad_lse, float scale, Tensor? scale_tensor, bool causal, int window_left, "
-      "int window_right, Tensor? rel_bias, Tensor? alibi_slopes, Tensor? span, float span_ramp, "
-      "int num_global, Tensor? key_lengths, bool need_rel_bias_grad, bool need_span_grad) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // attention(<args>) -> (out, lse) and attention_backward: their schemas, argument struct and
+  // checks are in common/attention_args.{h,cpp}.
+  fastattn::define_attention_ops(m);
 
   // ---- build information ------------------------------------------------------------------
   m.def("build_info() -> str", [] { return std::string(fastattn::build_info_string()); });
+}
+
+namespace fastattn {
+void register_rotary_autograd(torch::Library& m);
+}
+
+TORCH_LIBRARY_IMPL(fastattn, Autograd, m) {
+  fastattn::register_rotary_autograd(m);
+  fastattn::register_attention_autograd(m);
 }

@@ -6,7 +6,7 @@ chosen shapes. The random tests draw *everything* at once: shapes that land on a
 kernels' tile edges (CPU: 32-query / 128-key tiles; CUDA: 64/128-query blocks, 32/64/128-key
 tiles), odd head dims, GQA groups, every mask and bias option with random values (windows,
 global tokens, spans, small rel_bias tables whose clamped rows make whole tiles "uniform",
-key_lengths down to 0), scale kinds, strided layouts, dtypes; each call is judged like the
+key_lengths down to 0, soft-capping), scale kinds, strided layouts, dtypes; each call is judged like the
 fixed cases (conftest.check_case, or the emulator's check_emulated).
 
 Span values sit at k + 1/4 or k + 3/4 and ramps at whole numbers, so no (query, key) pair
@@ -91,6 +91,8 @@ def attention_cases(draw, kind: str = "cpu") -> tuple[Case, bool]:
     key_lengths = draw(st.one_of(st.none(), st.tuples(*[st.integers(0, Sk)] * B)))
     scale = draw(st.one_of(st.sampled_from(("default", "tensor")),
                            st.integers(5, 200).map(lambda x: x / 100)))
+    # soft-capping: off, tight (most logits in tanh's curved part) or loose
+    softcap = draw(st.sampled_from((0.0, 0.0, 0.5, 3.0, 30.0)))
     layouts = ["contiguous", "bshd", "lastdim"]
     if Sq == Sk and Dqk == Dv:
         layouts.append("packed")
@@ -99,6 +101,6 @@ def attention_cases(draw, kind: str = "cpu") -> tuple[Case, bool]:
                 device="cuda" if kind == "cuda" else "cpu", causal=causal, window=window,
                 rel_bias=rel_bias, alibi=alibi, span=span, span_values=span_values,
                 span_ramp=span_ramp, span_grad=span_grad, num_global=num_global,
-                key_lengths=key_lengths, scale=scale, layout=layout,
+                key_lengths=key_lengths, scale=scale, softcap=softcap, layout=layout,
                 seed=draw(st.integers(0, 2 ** 20)))
     return case, draw(st.booleans())

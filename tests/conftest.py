@@ -256,12 +256,13 @@ class Case:
     num_global: int = 0
     key_lengths: Optional[tuple] = None
     scale: object = "default"
+    softcap: float = 0.0
     layout: str = "contiguous"
     seed: int = 0
 
     def options(self) -> dict:
         return dict(causal=self.causal, window=self.window, span_ramp=self.span_ramp,
-                    num_global=self.num_global)
+                    num_global=self.num_global, softcap=self.softcap)
 
 
 def _randn(shape, gen, dtype, device):
@@ -359,6 +360,32 @@ def run_attention(fn, inp: dict, case: Case, grad_out=None, grad_lse=None, backw
 
 
 # ---------------------------------------------------------------------------------------------
+# direct op calls
+# ---------------------------------------------------------------------------------------------
+# The attention op's arguments other than q, k, v, as fastattn.attention passes them by default.
+ATTENTION_OP_DEFAULTS = dict(scale=None, scale_tensor=None, causal=False, window_left=-1, window_right=-1,
+                             rel_bias=None, alibi_slopes=None, span=None, span_ramp=32.0, num_global=0,
+                             key_lengths=None, softcap=0.0)
+
+
+def attention_op_args(q, k, v, **options) -> tuple:
+    """The positional arguments of torch.ops.fastattn.attention, in schema order (names and order
+    read from the registered schema: fastattn.ops.ATTENTION_ARGS)."""
+    from fastattn.ops import ATTENTION_ARGS
+    unknown = set(options) - set(ATTENTION_OP_DEFAULTS)
+    assert not unknown, f"not attention op arguments: {unknown}"
+    named = dict(ATTENTION_OP_DEFAULTS, **options, q=q, k=k, v=v)
+    assert set(named) == set(ATTENTION_ARGS), f"the op's arguments changed: {ATTENTION_ARGS}"
+    return tuple(named[n] for n in ATTENTION_ARGS)
+
+
+def attention_backward_op_args(grad_out, out, lse, grad_lse, args: tuple, need_rel_bias_grad=True,
+                               need_span_grad=True) -> tuple:
+    """The arguments of torch.ops.fastattn.attention_backward for the forward call `args`."""
+    return (grad_out, out, lse, grad_lse, need_rel_bias_grad, need_span_grad, *args)
+
+
+# ---------------------------------------------------------------------------------------------
 # the independent dense-SDPA formulation
 # ---------------------------------------------------------------------------------------------
 def dense_visibility_and_bias(B, Hq, Sq, Sk, *, causal=False, window=(-1, -1), rel_bias=None,
@@ -420,11 +447,12 @@ def dense_visibility_and_bias(B, Hq, Sq, Sk, *, causal=False, window=(-1, -1), r
 
 def dense_sdpa_attention(q, k, v, *, scale=None, causal=False, window=(-1, -1), rel_bias=None,
                          alibi_slopes=None, span=None, span_ramp=32.0, num_global=0,
-                         key_lengths=None, return_lse=True):
+                         key_lengths=None, softcap=0.0, return_lse=True):
     """fastattn.attention's math through F.scaled_dot_product_attention with a dense mask.
 
     Runs in q's dtype (use float64 CPU inputs). Rows with no visible key are computed with a
-    harmless mask and then replaced by the expected zeros (lse -inf).
+    harmless mask and then replaced by the expected zeros (lse -inf). With softcap, whose cap
+    SDPA cannot apply, the softmax of the capped scores is written out densely instead.
     """
     B, Hq, Sq, Dqk = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -441,9 +469,15 @@ def dense_sdpa_attention(q, k, v, *, scale=None, causal=False, window=(-1, -1), 
     mask = torch.where(visible, bias, torch.full((), -math.inf, dtype=dtype))
     empty_row = ~visible.any(dim=-1)                                     # (B, Hq, Sq)
     safe_mask = torch.where(empty_row.unsqueeze(-1), torch.zeros((), dtype=dtype), mask)
-    lse = torch.logsumexp(qs @ kr.transpose(-1, -2) + safe_mask, dim=-1)
+    scores = qs @ kr.transpose(-1, -2)
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    lse = torch.logsumexp(scores + safe_mask, dim=-1)
     lse = torch.where(empty_row, torch.full((), -math.inf, dtype=dtype), lse)
-    out = F.scaled_dot_product_attention(qs, kr, vr, attn_mask=safe_mask, scale=1.0)
+    if softcap > 0:
+        out = torch.softmax(scores + safe_mask, dim=-1) @ vr
+    else:
+        out = F.scaled_dot_product_attention(qs, kr, vr, attn_mask=safe_mask, scale=1.0)
     out = torch.where(empty_row.unsqueeze(-1), torch.zeros((), dtype=dtype), out)
     return (out, lse) if return_lse else out
 
@@ -693,6 +727,8 @@ def case_id(case: Case) -> str:
         parts.append("kl" + "_".join(map(str, case.key_lengths)))
     if case.scale != "default":
         parts.append(f"scale{case.scale}")
+    if case.softcap:
+        parts.append(f"cap{case.softcap:g}")
     if case.layout != "contiguous":
         parts.append(case.layout)
     return "-".join(parts)

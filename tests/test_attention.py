@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import fastattn
 from fastattn import reference
-from conftest import (DEVICES, DEVICE_DTYPES, HAS_CUDA, Case, assert_close, case_id, check_case,
+from conftest import (attention_backward_op_args, attention_op_args, DEVICES, DEVICE_DTYPES, HAS_CUDA, Case, assert_close, case_id, check_case,
                       for_device, make_inputs, pin_threads, run_attention)
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
@@ -337,8 +337,10 @@ def test_backward_is_deterministic(device):
 def _op_args(case: Case, requires_grad: bool):
     inp = make_inputs(case, requires_grad=requires_grad)
     st = inp.get("scale") if isinstance(inp.get("scale"), torch.Tensor) else None
-    return (inp["q"], inp["k"], inp["v"], case.Dqk ** -0.5, st, case.causal, -1, -1,
-            inp.get("rel_bias"), inp.get("alibi_slopes"), None, 32.0, 0, inp.get("key_lengths"))
+    return attention_op_args(inp["q"], inp["k"], inp["v"], scale=case.Dqk ** -0.5, scale_tensor=st,
+                             causal=case.causal, rel_bias=inp.get("rel_bias"),
+                             alibi_slopes=inp.get("alibi_slopes"), key_lengths=inp.get("key_lengths"),
+                             softcap=case.softcap)
 
 
 OPCHECK_CASES = [
@@ -360,10 +362,10 @@ def test_opcheck_attention_backward(case, with_grad_lse):
     g = torch.Generator().manual_seed(3)
     grad_out = torch.randn(out.shape, generator=g).to(out.dtype)
     grad_lse = torch.randn(lse.shape, generator=g) if with_grad_lse else None
-    q, k, v, scale, st, causal, wl, wr, rb, al, span, ramp, G, kl = args
     torch.library.opcheck(torch.ops.fastattn.attention_backward.default,
-                          (grad_out, q, k, v, out, lse, grad_lse, scale, st, causal, wl, wr, rb, al,
-                           span, ramp, G, kl, rb is not None, False))
+                          attention_backward_op_args(grad_out, out, lse, grad_lse, args,
+                                                     need_rel_bias_grad=case.rel_bias is not None,
+                                                     need_span_grad=False))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,13 +454,12 @@ def test_good_call_of_bad_input_table_runs():
     assert out.shape == (2, 4, 5, 6)
 
 
-# A direct torch.ops call skips the Python checks; the kernels' TORCH_CHECKs must refuse
-# shapes they would read out of bounds.
+# A direct torch.ops call gets the same checks (the op's own, in C++) as fastattn.attention:
+# the kernels never see shapes they would read out of bounds.
 def _op_call(**override):
-    a = dict(q=_t(*Q), k=_t(*K), v=_t(*V), scale=0.5, scale_tensor=None, causal=False, wl=-1, wr=-1,
-             rel_bias=None, alibi=None, span=None, ramp=32.0, G=0, key_lengths=None)
+    a = dict(q=_t(*Q), k=_t(*K), v=_t(*V), scale=0.5)
     a.update(override)
-    return torch.ops.fastattn.attention(*a.values())
+    return torch.ops.fastattn.attention(*attention_op_args(a.pop("q"), a.pop("k"), a.pop("v"), **a))
 
 
 @pytest.mark.parametrize("override", [
@@ -467,32 +468,33 @@ def _op_call(**override):
     dict(v=_t(2, 2, 5, 6)),
     dict(k=_t(2, 2, 7, 4)),
     dict(rel_bias=_t(5, 2)),
-    dict(alibi=_t(2)),
+    dict(alibi_slopes=_t(2)),
     dict(span=_t(3).abs()),
     dict(key_lengths=torch.tensor([3])),
     dict(k=_t(1, 2, 7, 8), v=_t(1, 2, 7, 6)),
 ], ids=["q-rank", "hq-mod-hkv", "v-seqlen", "head-dim", "rel_bias-heads", "alibi-shape", "span-shape",
         "key_lengths-shape", "batch"])
 def test_op_level_checks(override):
-    with pytest.raises(RuntimeError, match="fastattn"):
+    with pytest.raises(ValueError, match="fastattn"):
         _op_call(**override)
 
 
 # The messages hold numbers, shapes and dtypes, formatted without iostreams (fa_message in
 # csrc/common/checks.h) into the text c10::str would give.
-@pytest.mark.parametrize("override,message", [
-    (dict(q=_t(4, 5, 8)), "fastattn: q must have 4 dimensions, got 3 (shape [4, 5, 8])"),
-    (dict(k=_t(2, 3, 7, 8), v=_t(2, 3, 7, 6)),
+@pytest.mark.parametrize("override,exc,message", [
+    (dict(q=_t(4, 5, 8)), ValueError, "fastattn: q must have 4 dimensions, got 3 (shape [4, 5, 8])"),
+    (dict(k=_t(2, 3, 7, 8), v=_t(2, 3, 7, 6)), ValueError,
      "fastattn: q's heads (4) must be a multiple of k/v's heads (3)"),
-    (dict(wl=-3), "fastattn: window entries must be >= -1 (-1 = unbounded), got (-3, -1)"),
-    (dict(span=_t(4).abs(), ramp=-0.5), "fastattn: span_ramp must be > 0, got -0.5"),
-    (dict(span=_t(4).abs(), ramp=-1e-7), "fastattn: span_ramp must be > 0, got -1e-07"),
-    (dict(k=_t(*K, dtype=torch.float64)), "fastattn: k must have the same dtype as q (Float), got Double"),
-    (dict(key_lengths=torch.tensor([3.0, 4.0])), "fastattn: key_lengths must be int64 or int32, got Float"),
+    (dict(window_left=-3), ValueError, "fastattn: window entries must be >= -1 (-1 = unbounded), got (-3, -1)"),
+    (dict(span=_t(4).abs(), span_ramp=-0.5), ValueError, "fastattn: span_ramp must be > 0, got -0.5"),
+    (dict(span=_t(4).abs(), span_ramp=-1e-7), ValueError, "fastattn: span_ramp must be > 0, got -1e-07"),
+    (dict(k=_t(*K, dtype=torch.float64)), TypeError, "fastattn: k must have the same dtype as q (Float), got Double"),
+    (dict(key_lengths=torch.tensor([3.0, 4.0])), TypeError, "fastattn: key_lengths must be int64 or int32, got Float"),
+    (dict(softcap=-1.0), ValueError, "fastattn: softcap must be a finite number >= 0 (0 = off), got -1"),
 ], ids=["rank-and-shape", "heads", "negative-ints", "double", "double-exponent", "dtypes",
-        "key_lengths-dtype"])
-def test_op_level_check_messages(override, message):
-    with pytest.raises(RuntimeError) as info:
+        "key_lengths-dtype", "softcap-negative"])
+def test_op_level_check_messages(override, exc, message):
+    with pytest.raises(exc) as info:
         _op_call(**override)
     assert str(info.value).splitlines()[0] == message
 

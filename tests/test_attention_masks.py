@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fastattn
-from conftest import (DEVICES, DEVICE_DTYPES, Case, case_id, check_case, for_device, make_inputs,
+from conftest import (attention_backward_op_args, attention_op_args, DEVICES, DEVICE_DTYPES, Case, case_id, check_case, for_device, make_inputs,
                       pairwise, pin_threads, run_attention)
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
@@ -101,6 +101,7 @@ FACTORS = dict(
     key_lengths=[False, True],
     seqs=list(SEQS),
     dtype=[F32, F32, BF16],
+    softcap=[0.0, 0.0, 2.0],
 )
 
 
@@ -117,7 +118,7 @@ def _pairwise_cases():
             span=span and span[0], span_values=span[1] if span else (3.5,),
             span_grad=bool(span) and span[1] != (0.0,), span_ramp=row["span_ramp"],
             key_lengths=(Sk - 9, Sk) if row["key_lengths"] else None,
-            scale=("default", "tensor", 0.4)[n % 3], seed=2000 + n))
+            scale=("default", "tensor", 0.4)[n % 3], softcap=row["softcap"], seed=2000 + n))
     return cases
 
 
@@ -253,9 +254,11 @@ def test_backward_is_deterministic(device):
 # ---------------------------------------------------------------------------------------------
 def _op_args(case: Case, requires_grad: bool):
     inp = make_inputs(case, requires_grad=requires_grad)
-    return (inp["q"], inp["k"], inp["v"], case.Dqk ** -0.5, None, case.causal, case.window[0],
-            case.window[1], inp.get("rel_bias"), inp.get("alibi_slopes"), inp.get("span"), case.span_ramp,
-            case.num_global, inp.get("key_lengths"))
+    return attention_op_args(inp["q"], inp["k"], inp["v"], scale=case.Dqk ** -0.5, causal=case.causal,
+                             window_left=case.window[0], window_right=case.window[1],
+                             rel_bias=inp.get("rel_bias"), alibi_slopes=inp.get("alibi_slopes"),
+                             span=inp.get("span"), span_ramp=case.span_ramp, num_global=case.num_global,
+                             key_lengths=inp.get("key_lengths"), softcap=case.softcap)
 
 
 OPCHECK_CASE = Case(B=2, Hq=2, Hkv=1, Sq=6, Sk=9, Dqk=8, Dv=4, window=(2, 1), num_global=1, rel_bias=3,
@@ -270,10 +273,8 @@ def test_opcheck_attention_backward_masks():
     args = _op_args(OPCHECK_CASE, requires_grad=False)
     out, lse = torch.ops.fastattn.attention(*args)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
-    q, k, v, scale, st, causal, wl, wr, rb, al, span, ramp, G, kl = args
     torch.library.opcheck(torch.ops.fastattn.attention_backward.default,
-                          (grad_out, q, k, v, out, lse, None, scale, st, causal, wl, wr, rb, al, span, ramp,
-                           G, kl, True, True))
+                          attention_backward_op_args(grad_out, out, lse, None, args))
 
 
 def test_compile_fullgraph_masks():
@@ -339,13 +340,11 @@ def test_mask_edge_values_are_accepted():
     assert out.shape == (2, 4, 5, 8) and torch.isfinite(out).all()
 
 
-# A direct torch.ops call skips the Python checks: a span that does not cover (B, Hq) would be
-# read out of bounds, so the kernels must refuse it.
+# A direct torch.ops call gets the op's own checks: a span that does not cover (B, Hq) would be
+# read out of bounds, so it is refused.
 @pytest.mark.parametrize("override", [dict(span=_t(3).abs()), dict(span=_t(3, 2).abs()), dict(span=_t(2, 2, 1).abs())],
                          ids=["span-heads", "span-batch", "span-rank"])
 def test_op_level_mask_checks(override):
-    a = dict(q=_t(2, 2, 5, 8), k=_t(2, 1, 7, 8), v=_t(2, 1, 7, 8), scale=0.5, scale_tensor=None, causal=False,
-             wl=-1, wr=-1, rel_bias=None, alibi=None, span=None, ramp=32.0, G=0, key_lengths=None)
-    a.update(override)
-    with pytest.raises(RuntimeError, match="fastattn"):
-        torch.ops.fastattn.attention(*a.values())
+    args = attention_op_args(_t(2, 2, 5, 8), _t(2, 1, 7, 8), _t(2, 1, 7, 8), scale=0.5, **override)
+    with pytest.raises(ValueError, match="fastattn"):
+        torch.ops.fastattn.attention(*args)

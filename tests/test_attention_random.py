@@ -9,6 +9,7 @@ tests/test_attention_random.py` explores fresh ones.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 
 import fastattn
 from attention_strategies import attention_cases
-from conftest import (DEVICES, HAS_CUDA, LOW_PRECISION, TOL, any_tensor, assert_close, case_id, check_case,
+from conftest import (attention_backward_op_args, attention_op_args, DEVICES, HAS_CUDA, LOW_PRECISION, TOL, any_tensor, assert_close, case_id, check_case,
                       clone_inputs, make_inputs, pin_threads, random_settings, run_attention)
 
 _threads = pytest.fixture(autouse=True)(pin_threads)
@@ -154,20 +155,24 @@ def _op_arguments(draw):
     Hq = Hkv * draw(st.integers(1, 2))
     max_dist = draw(st.integers(1, 4))
     args = dict(
-        q=torch.randn(B, Hq, Sq, Dqk), k=torch.randn(B, Hkv, Sk, Dqk), v=torch.randn(B, Hkv, Sk, Dv), scale=0.5,
+        q=torch.randn(B, Hq, Sq, Dqk), k=torch.randn(B, Hkv, Sk, Dqk), v=torch.randn(B, Hkv, Sk, Dv),
+        scale=draw(st.sampled_from((None, 0.5))),
         scale_tensor=draw(st.sampled_from((None, torch.tensor(0.7)))), causal=draw(st.booleans()),
-        wl=draw(st.integers(-1, 5)), wr=draw(st.integers(-1, 5)),
+        window_left=draw(st.integers(-1, 5)), window_right=draw(st.integers(-1, 5)),
         rel_bias=draw(st.sampled_from((None, torch.randn(2 * max_dist - 1, Hq)))),
-        alibi=draw(st.sampled_from((None, torch.rand(Hq)))),
+        alibi_slopes=draw(st.sampled_from((None, torch.rand(Hq)))),
         span=draw(st.sampled_from((None, 6 * torch.rand(Hq), 6 * torch.rand(B, Hq)))),
-        ramp=draw(st.sampled_from((32.0, 1.0))), G=draw(st.integers(0, Sk)),
-        key_lengths=draw(st.sampled_from((None, torch.randint(-1, Sk + 3, (B,))))))
-    bad = dict(scale_tensor=any_tensor(rank_range=(0, 2), size_max=2), wl=st.integers(-5, -2),
-               wr=st.integers(-5, -2), ramp=st.sampled_from((0.0, -1.0)),
-               G=st.one_of(st.integers(-3, -1), st.integers(Sk + 1, Sk + 3)),
-               key_lengths=any_tensor(rank_range=(0, 2), dtypes=(torch.int64, torch.int32, torch.float32)))
+        span_ramp=draw(st.sampled_from((32.0, 1.0))), num_global=draw(st.integers(0, Sk)),
+        key_lengths=draw(st.sampled_from((None, torch.randint(-1, Sk + 3, (B,))))),
+        softcap=draw(st.sampled_from((0.0, 2.0, 50.0))))
+    bad = dict(scale_tensor=any_tensor(rank_range=(0, 2), size_max=2), window_left=st.integers(-5, -2),
+               window_right=st.integers(-5, -2), span_ramp=st.sampled_from((0.0, -1.0)),
+               num_global=st.one_of(st.integers(-3, -1), st.integers(Sk + 1, Sk + 3)),
+               key_lengths=any_tensor(rank_range=(0, 2), dtypes=(torch.int64, torch.int32, torch.float32)),
+               softcap=st.sampled_from((-1.0, math.inf, math.nan)),
+               scale=st.sampled_from((math.inf, math.nan)))
     for name in draw(st.lists(st.sampled_from(list(args)), max_size=2, unique=True)):
-        if name in ("scale", "causal"):
+        if name == "causal":
             continue
         args[name] = draw(bad.get(name, any_tensor()))
     return args
@@ -179,17 +184,19 @@ def _op_arguments(draw):
 def test_op_level_calls_run_or_fail_in_the_checks(device, data):
     """A direct torch.ops call (no Python validation) with arguments bent in any way either runs,
     returning out (B, Hq, Sq, Dv) and lse (B, Hq, Sq) with no NaN where no input is NaN, and
-    then its backward runs too, or fails in fastattn's own C++ checks: a RuntimeError whose
-    message starts with "fastattn:" (not an ATen error from deep inside a kernel, nor a crash)."""
-    args = {n: a.to(device) if isinstance(a, torch.Tensor) else a for n, a in data.draw(_op_arguments()).items()}
+    then its backward runs too, or fails in fastattn's own C++ checks: a ValueError or TypeError
+    whose message starts with "fastattn:" (not an ATen error from deep inside a kernel, nor a
+    crash)."""
+    named = {n: a.to(device) if isinstance(a, torch.Tensor) else a for n, a in data.draw(_op_arguments()).items()}
+    args = attention_op_args(**named)
     try:
-        out, lse = torch.ops.fastattn.attention(*args.values())
-    except RuntimeError as e:
+        out, lse = torch.ops.fastattn.attention(*args)
+    except (ValueError, TypeError) as e:
         assert str(e).startswith("fastattn:"), f"rejected outside fastattn's checks: {str(e).splitlines()[0]}"
         return
-    q, v = args["q"], args["v"]
+    q, v = named["q"], named["v"]
     assert out.shape == (q.shape[0], q.shape[1], q.shape[2], v.shape[3]) and lse.shape == q.shape[:3]
     assert not out.isnan().any(), "NaN output from finite inputs"
     grads = torch.ops.fastattn.attention_backward(
-        torch.ones_like(out), q, args["k"], v, out, lse, None, *list(args.values())[3:], True, True)
-    assert grads[0].shape == q.shape and grads[1].shape == args["k"].shape and grads[2].shape == v.shape
+        *attention_backward_op_args(torch.ones_like(out), out, lse, None, args))
+    assert grads[0].shape == q.shape and grads[1].shape == named["k"].shape and grads[2].shape == v.shape

@@ -14,8 +14,9 @@
 //         or ( -right <= d <= left                       (window, -1 = unbounded)
 //              and m(d) > 0 ) )                          (adaptive span, when span is given)
 // and its logit is
-//   scale * q.k + rel_bias[clamp(d) + max_dist - 1, h] - slope[h] * |d| + (global ? 0 : log m(d))
-// with m(d) = clamp((R + span[b, h] - |d|) / R, 0, 1), R = span_ramp.
+//   cap(scale * q.k) + rel_bias[clamp(d) + max_dist - 1, h] - slope[h] * |d| + (global ? 0 : log m(d))
+// with m(d) = clamp((R + span[b, h] - |d|) / R, 0, 1), R = span_ramp, and cap(s) = s, or
+// softcap * tanh(s / softcap) when softcap > 0 (softcap_score below).
 #pragma once
 
 #include <cmath>
@@ -35,6 +36,8 @@ FA_HD float fa_log(float x) { return logf(x); }
 FA_HD double fa_log(double x) { return log(x); }
 FA_HD float fa_ceil(float x) { return ceilf(x); }
 FA_HD double fa_ceil(double x) { return ceil(x); }
+FA_HD float fa_tanh(float x) { return tanhf(x); }
+FA_HD double fa_tanh(double x) { return tanh(x); }
 
 // `Real` is the scalar type of the scale and of the bias/slope/span tables: float (the default,
 // `AttentionParams`) on every path except the CPU float64 one, which uses double so that
@@ -50,6 +53,9 @@ struct AttentionParamsT {
   int64_t v_stride_b = 0, v_stride_h = 0, v_stride_s = 0;
   int64_t o_stride_b = 0, o_stride_h = 0, o_stride_s = 0;
   Real scale = 1;
+  // Logit soft-capping (0 = off): the scaled score s = scale * q.k becomes
+  // softcap * tanh(s / softcap) before any bias or mask is applied.
+  Real softcap = 0;
 
   // Masks. window_left/right = -1 means unbounded; causal is applied on top of them.
   bool causal = false;
@@ -79,6 +85,19 @@ struct AttentionParamsT {
 };
 
 using AttentionParams = AttentionParamsT<float>;
+
+// Logit soft-capping of a scaled score s: softcap * tanh(s / softcap) (softcap > 0). Its
+// derivative, for the backward's dS, is 1 - tanh^2 = 1 - (capped / softcap)^2, computed from
+// the capped score the backward recomputes anyway.
+template <typename Real>
+FA_HD Real softcap_score(Real s, Real softcap) {
+  return softcap * fa_tanh(s / softcap);
+}
+template <typename Real>
+FA_HD Real softcap_grad(Real capped, Real softcap) {
+  const Real t = capped / softcap;
+  return Real(1) - t * t;
+}
 
 // Row (query) index of the rel_bias table for a distance d.
 template <typename Real>

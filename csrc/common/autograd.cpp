@@ -1,9 +1,9 @@
 // Autograd-key kernels, device-generic: how gradients flow through fastattn's ops, in C++.
 //
 // The formulas live here rather than in Python (torch.library.register_autograd) because
-// per-call host time matters for these ops: on the development machine the Python autograd
-// layer alone cost ~20 us per rotary call and ~25 us per attention call, about as much as a
-// CUDA rotary kernel at training shapes and more than a decoding step's attention kernel. Here
+// per-call host time matters for these ops: a Python autograd layer costs ~20 us per rotary
+// call and ~25 us per attention call on a 2-core EPYC VM, about as much as a CUDA rotary kernel
+// at training shapes and more than a decoding step's attention kernel. Here
 // it costs a C++ Function::apply, and a call that autograd will not record (no input requires
 // grad, or grad mode is off: inference, decoding) skips even that and goes straight to the
 // kernel. Each backward is the op's own *_backward kernel, asked only for the gradients
@@ -15,8 +15,13 @@
 #include <torch/library.h>
 
 #include <array>
+#include <cstdint>
 #include <initializer_list>
 #include <optional>
+#include <string>
+#include <vector>
+
+#include "common/attention_args.h"
 
 namespace fastattn {
 namespace {
@@ -132,148 +137,178 @@ at::Tensor rotary_autograd(const at::Tensor& x, const OptTensor& inv_freq, const
 }
 
 
-// ---- attention --------------------------------------------------------------------------------
-using AttentionOut = std::tuple<at::Tensor, at::Tensor>;
-using AttentionGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// ---- attention ---------------------------------------------------------------------------------
+// The attention op's autograd is written against its argument stack, not its argument list: an
+// attention option (attention_args.h) passes through here without being named. Every tensor
+// argument is an input of the autograd node (an absent optional one an undefined tensor); the
+// call's arguments are saved whole (tensors through save_for_backward, the rest as values) and
+// handed back to `<op>_backward` after its own arguments. The gradients are matched to the
+// arguments by name: q, k, v, rel_bias and span from the backward kernel, the scale tensor's
+// from dq (below); alibi slopes are fixed and key lengths are integers.
 
-AttentionOut call_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            double scale, const OptTensor& scale_tensor, bool causal,
-                            int64_t window_left, int64_t window_right, const OptTensor& rel_bias,
-                            const OptTensor& alibi_slopes, const OptTensor& span, double span_ramp,
-                            int64_t num_global, const OptTensor& key_lengths) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fastattn::attention", "")
-          .typed<AttentionOut(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
-                              const OptTensor&, bool, int64_t, int64_t, const OptTensor&,
-                              const OptTensor&, const OptTensor&, double, int64_t,
-                              const OptTensor&)>();
-  return op.call(q, k, v, scale, scale_tensor, causal, window_left, window_right, rel_bias,
-                 alibi_slopes, span, span_ramp, num_global, key_lengths);
+using torch::jit::Stack;
+
+bool is_tensor_argument(const c10::Argument& arg) {
+  const c10::TypePtr& type = arg.type();
+  if (type->kind() == c10::TypeKind::TensorType) return true;
+  const auto* optional = type->castRaw<c10::OptionalType>();
+  return optional != nullptr && optional->getElementType()->kind() == c10::TypeKind::TensorType;
 }
 
-AttentionGrads call_attention_backward(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const OptTensor& grad_lse, double scale,
-    const OptTensor& scale_tensor, bool causal, int64_t window_left, int64_t window_right,
-    const OptTensor& rel_bias, const OptTensor& alibi_slopes, const OptTensor& span,
-    double span_ramp, int64_t num_global, const OptTensor& key_lengths, bool need_rel_bias_grad,
-    bool need_span_grad) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fastattn::attention_backward", "")
-          .typed<AttentionGrads(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                const OptTensor&, double, const OptTensor&, bool, int64_t,
-                                int64_t, const OptTensor&, const OptTensor&, const OptTensor&,
-                                double, int64_t, const OptTensor&, bool, bool)>();
-  return op.call(grad_out, q, k, v, out, lse, grad_lse, scale, scale_tensor, causal, window_left,
-                 window_right, rel_bias, alibi_slopes, span, span_ramp, num_global, key_lengths,
-                 need_rel_bias_grad, need_span_grad);
+// The op's tensor arguments (Tensor and Tensor?), in schema order: the autograd node's inputs.
+std::vector<at::Tensor> tensor_arguments(const c10::FunctionSchema& schema, const Stack& call) {
+  std::vector<at::Tensor> tensors;
+  for (size_t i = 0; i < call.size(); ++i) {
+    if (!is_tensor_argument(schema.arguments()[i])) continue;
+    tensors.push_back(call[i].isTensor() ? call[i].toTensor() : at::Tensor());
+  }
+  return tensors;
 }
 
-// Inputs, in schema order: q, k, v, scale, scale_tensor, causal, window_left, window_right,
-// rel_bias, alibi_slopes, span, span_ramp, num_global, key_lengths. Outputs: out and lse, both
-// differentiable (a caller may use lse). Gradients flow to q, k, v, scale_tensor, rel_bias and
-// span; alibi slopes are fixed (no gradient) and key_lengths are integers.
+// The position among tensor_arguments of the argument called `name`.
+size_t tensor_slot(const c10::FunctionSchema& schema, const char* name) {
+  size_t slot = 0;
+  for (const c10::Argument& arg : schema.arguments()) {
+    if (arg.name() == name) return slot;
+    if (is_tensor_argument(arg)) ++slot;
+  }
+  TORCH_INTERNAL_ASSERT(false, "fastattn: no argument ", name, " in ", schema.name());
+}
+
+// Whether autograd records a call with these arguments (what Function::apply would decide).
+// When it does not, the Autograd kernel calls the op directly: no Function node, no context,
+// no saved data.
+bool records_grad(const c10::IValue* args, size_t n) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (size_t i = 0; i < n; ++i) {
+    if (args[i].isTensor() && args[i].toTensor().requires_grad()) return true;
+  }
+  return false;
+}
+
+// sum(a * b), in `acc`. On the CPU the products are added in one fixed order (a running sum:
+// cumsum runs sequentially along its dim) because at::sum splits a large reduction by the
+// thread count, and every other gradient of the backward is bitwise the same on any number of
+// threads. CUDA's sum is already the same from run to run on a device.
+at::Tensor sum_of_products(const at::Tensor& a, const at::Tensor& b, at::ScalarType acc) {
+  if (!a.device().is_cpu()) return (a.to(acc) * b.to(acc)).sum();
+  // (a leading 0 makes the last entry of the running sum exist for empty inputs too)
+  const at::Tensor products =
+      at::constant_pad_nd((a.to(at::kDouble) * b.to(at::kDouble)).reshape({-1}), {1, 0});
+  return products.cumsum(0).select(0, -1).to(acc);
+}
+
+// logits = cap(s * q.k) + ...  =>  dL/ds = sum_ij dS'_ij q_i.k_j = sum(q * dq) / s, where dS'
+// carries the cap's derivative as dq does (undefined at s == 0, where it comes out inf/nan).
+// functional.attention runs fp16/bf16 inputs in fp32 when s is learnable: this sum cancels
+// heavily and needs fp32 dq and out.
+at::Tensor scale_grad(const at::Tensor& q, const at::Tensor& gq, const at::Tensor& scale) {
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return (sum_of_products(q, gq, acc) / scale.to(acc)).to(scale.scalar_type());
+}
+
+// Autograd inputs are the call's defined tensor arguments (an absent optional has no edge);
+// the saved tensors are all its tensor arguments (undefined where absent), then out and lse.
 class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
-                               const at::Tensor& v, double scale, const OptTensor& scale_tensor,
-                               bool causal, int64_t window_left, int64_t window_right,
-                               const OptTensor& rel_bias, const OptTensor& alibi_slopes,
-                               const OptTensor& span, double span_ramp, int64_t num_global,
-                               const OptTensor& key_lengths) {
+  static variable_list forward(AutogradContext* ctx, at::TensorList inputs,
+                               const c10::OperatorHandle* op, const Stack& call) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [out, lse] = call_attention(q, k, v, scale, scale_tensor, causal, window_left,
-                                     window_right, rel_bias, alibi_slopes, span, span_ramp,
-                                     num_global, key_lengths);
+    Stack stack = call;
+    op->callBoxed(stack);
+    const at::Tensor out = stack[0].toTensor(), lse = stack[1].toTensor();
     // An unused output's gradient stays undefined: no zeros for an lse nobody used.
     ctx->set_materialize_grads(false);
-    const at::Tensor none;
-    ctx->save_for_backward({q, k, v, out, lse, scale_tensor.value_or(none),
-                            rel_bias.value_or(none), alibi_slopes.value_or(none),
-                            span.value_or(none), key_lengths.value_or(none)});
-    ctx->saved_data["scale"] = scale;
-    ctx->saved_data["causal"] = causal;
-    ctx->saved_data["window_left"] = window_left;
-    ctx->saved_data["window_right"] = window_right;
-    ctx->saved_data["span_ramp"] = span_ramp;
-    ctx->saved_data["num_global"] = num_global;
+    std::vector<at::Tensor> saved = tensor_arguments(op->schema(), call);
+    saved.push_back(out);
+    saved.push_back(lse);
+    ctx->save_for_backward(saved);
+    // The other arguments as values (None where a tensor argument goes).
+    std::vector<c10::IValue> values;
+    for (size_t i = 0; i < call.size(); ++i) {
+      values.push_back(is_tensor_argument(op->schema().arguments()[i]) ? c10::IValue() : call[i]);
+    }
+    ctx->saved_data["values"] = c10::ivalue::Tuple::create(std::move(values));
+    ctx->saved_data["op"] = op->schema().name();
     return {out, lse};
-  }
-
-  // sum(a * b), in `acc`. On the CPU the products are added in one fixed order (a running
-  // sum: cumsum runs sequentially along its dim) because at::sum splits a large reduction by
-  // the thread count, and every other gradient of the backward is bitwise the same on any
-  // number of threads. CUDA's sum is already the same from run to run on a device.
-  static at::Tensor sum_of_products(const at::Tensor& a, const at::Tensor& b, at::ScalarType acc) {
-    if (!a.device().is_cpu()) return (a.to(acc) * b.to(acc)).sum();
-    // (a leading 0 makes the last entry of the running sum exist for empty inputs too)
-    const at::Tensor products = at::constant_pad_nd((a.to(at::kDouble) * b.to(at::kDouble)).reshape({-1}), {1, 0});
-    return products.cumsum(0).select(0, -1).to(acc);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3],
-                     &lse = saved[4], &scale_tensor = saved[5];
-    // needs_input_grad counts the tensors that were given (absent optional ones have no edge).
-    size_t edge = 0;
-    const auto need = [&](const at::Tensor& input) {
-      return input.defined() && ctx->needs_input_grad(edge++);
-    };
-    need(q);
-    need(k);
-    need(v);
-    const bool need_scale = need(scale_tensor);
-    const bool need_table = need(saved[6]);
-    need(saved[7]);  // alibi slopes: fixed
-    const bool need_span = need(saved[8]);
-    const at::Tensor grad_out = grad_outputs[0].defined() ? grad_outputs[0] : at::zeros_like(out);
-    auto [gq, gk, gv, g_table, g_span] = call_attention_backward(
-        grad_out, q, k, v, out, lse, optional_of(grad_outputs[1]),
-        ctx->saved_data["scale"].toDouble(), optional_of(scale_tensor),
-        ctx->saved_data["causal"].toBool(), ctx->saved_data["window_left"].toInt(),
-        ctx->saved_data["window_right"].toInt(), optional_of(saved[6]), optional_of(saved[7]),
-        optional_of(saved[8]), ctx->saved_data["span_ramp"].toDouble(),
-        ctx->saved_data["num_global"].toInt(), optional_of(saved[9]), need_table, need_span);
-    at::Tensor g_scale;
-    if (need_scale) {
-      // logits = s * q.k + ...  =>  dL/ds = sum_ij dS_ij q_i.k_j = sum(q * dq) / s (undefined
-      // at s == 0, where it comes out inf/nan). functional.attention runs fp16/bf16 inputs in
-      // fp32 when s is learnable: this sum cancels heavily and needs fp32 dq and out.
-      const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-      g_scale = (sum_of_products(q, gq, acc) / scale_tensor.to(acc)).to(scale_tensor.scalar_type());
+    const size_t n = saved.size() - 2;
+    const at::Tensor &out = saved[n], &lse = saved[n + 1];
+    const std::string& name = ctx->saved_data["op"].toStringRef();
+    const c10::FunctionSchema& schema =
+        c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), "").schema();
+    // edge[t]: the autograd input of tensor argument t (the defined ones, in order).
+    std::vector<size_t> edge(n);
+    size_t num_inputs = 0;
+    for (size_t t = 0; t < n; ++t) edge[t] = saved[t].defined() ? num_inputs++ : SIZE_MAX;
+    const auto need = [&](size_t t) { return saved[t].defined() && ctx->needs_input_grad(edge[t]); };
+    const auto slot = [&](const char* arg) { return tensor_slot(schema, arg); };
+    const size_t q = slot("q"), table = slot("rel_bias"), span = slot("span");
+    const size_t scale = slot("scale_tensor");
+
+    // attention_backward(grad_out, out, lse, grad_lse, need_rel_bias_grad, need_span_grad,
+    // <the call's arguments>).
+    Stack stack{grad_outputs[0].defined() ? grad_outputs[0] : at::zeros_like(out), out, lse,
+                grad_outputs[1].defined() ? c10::IValue(grad_outputs[1]) : c10::IValue(),
+                need(table), need(span)};
+    const auto& values = ctx->saved_data["values"].toTupleRef().elements();
+    for (size_t i = 0, t = 0; i < values.size(); ++i) {
+      if (!is_tensor_argument(schema.arguments()[i])) {
+        stack.push_back(values[i]);
+      } else {
+        stack.push_back(saved[t].defined() ? c10::IValue(saved[t]) : c10::IValue());
+        ++t;
+      }
     }
-    const at::Tensor none;
-    return {gq,   gk,   gv,   none, g_scale, none, none, none, need_table ? g_table : none,
-            none, need_span ? g_span : none, none, none, none};
+    c10::Dispatcher::singleton().findSchemaOrThrow((name + "_backward").c_str(), "").callBoxed(stack);
+
+    variable_list grads(num_inputs + 2);  // + the op and the call: no gradient
+    const auto give = [&](size_t t, const at::Tensor& g) { if (need(t)) grads[edge[t]] = g; };
+    const at::Tensor gq = stack[0].toTensor();
+    give(q, gq);
+    give(slot("k"), stack[1].toTensor());
+    give(slot("v"), stack[2].toTensor());
+    give(table, stack[3].toTensor());
+    give(span, stack[4].toTensor());
+    if (need(scale)) grads[edge[scale]] = scale_grad(saved[q], gq, saved[scale]);
+    return grads;
   }
 };
 
-AttentionOut attention_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                double scale, const OptTensor& scale_tensor, bool causal,
-                                int64_t window_left, int64_t window_right,
-                                const OptTensor& rel_bias, const OptTensor& alibi_slopes,
-                                const OptTensor& span, double span_ramp, int64_t num_global,
-                                const OptTensor& key_lengths) {
-  if (!records_grad({&q, &k, &v, &or_undefined(scale_tensor), &or_undefined(rel_bias),
-                     &or_undefined(alibi_slopes), &or_undefined(span)})) {
+// The Autograd kernel of `attention` (boxed: it reads the call's stack, whatever its options).
+// The arguments are checked here first, so that a call mixing devices is refused before the
+// dispatcher can route it to the fake (meta) kernel.
+void attention_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet, Stack* stack) {
+  const size_t first = stack->size() - AttentionArgs::kNumArgs;
+  const AttentionArgs args = AttentionArgs::from_stack(*stack, first);
+  if (!args.has_symbolic_shapes()) args.check();
+  if (!records_grad(stack->data() + first, AttentionArgs::kNumArgs)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return call_attention(q, k, v, scale, scale_tensor, causal, window_left, window_right,
-                          rel_bias, alibi_slopes, span, span_ramp, num_global, key_lengths);
+    op.callBoxed(stack);
+    return;
   }
-  const variable_list outs =
-      AttentionFunction::apply(q, k, v, scale, scale_tensor, causal, window_left, window_right,
-                               rel_bias, alibi_slopes, span, span_ramp, num_global, key_lengths);
-  return {outs[0], outs[1]};
+  const Stack call(stack->begin() + first, stack->end());
+  std::vector<at::Tensor> inputs;
+  for (const at::Tensor& t : tensor_arguments(op.schema(), call)) {
+    if (t.defined()) inputs.push_back(t);
+  }
+  const variable_list outs = AttentionFunction::apply(at::TensorList(inputs), &op, call);
+  torch::jit::drop(*stack, AttentionArgs::kNumArgs);
+  torch::jit::push(*stack, outs[0], outs[1]);
 }
 
 }  // namespace
 }  // namespace fastattn
 
-TORCH_LIBRARY_IMPL(fastattn, Autograd, m) {
-  m.impl("rotary", &fastattn::rotary_autograd);
-  m.impl("attention", &fastattn::attention_autograd);
+namespace fastattn {
+
+void register_rotary_autograd(torch::Library& m) { m.impl("rotary", &rotary_autograd); }
+
+void register_attention_autograd(torch::Library& m) {
+  m.impl("attention", torch::CppFunction::makeFromBoxedFunction<&attention_autograd>());
 }
+
+}  // namespace fastattn

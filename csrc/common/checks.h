@@ -1,10 +1,11 @@
 // Input checks shared by the CPU and CUDA implementations.
 //
-// The Python layer (fastattn/functional.py) validates user input first and raises
-// ValueError/TypeError; these TORCH_CHECKs guard direct torch.ops.fastattn.* calls so that
-// no kernel ever runs on a shape it would read out of bounds. Every message names the
-// argument, what was expected and what was received, and is built without iostreams (FA_CHECK,
-// below).
+// They are the ops' only argument checks (the attention op's are gathered in
+// attention_args.cpp): a call from Python or a direct torch.ops.fastattn.* call gets the same
+// ones, so no kernel ever runs on a shape it would read out of bounds. A bad value raises
+// ValueError in Python, a bad type or dtype TypeError (c10::ValueError / c10::TypeError, which
+// PyTorch translates). Every message names the argument, what was expected and what was
+// received, and is built without iostreams (FA_CHECK, below).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -143,7 +144,11 @@ std::string fa_message(const Args&... args) {
 
 // TORCH_CHECK with a message built by fastattn::fa_message: use it whenever the message is more
 // than one string literal. As with TORCH_CHECK, the message is only built when cond is false.
+// FA_CHECK raises RuntimeError (what the hardware or a launch cannot do); FA_CHECK_VALUE
+// ValueError (a bad argument value or shape); FA_CHECK_TYPE TypeError (a bad dtype).
 #define FA_CHECK(cond, ...) TORCH_CHECK(cond, ::fastattn::fa_message(__VA_ARGS__))
+#define FA_CHECK_VALUE(cond, ...) TORCH_CHECK_VALUE(cond, ::fastattn::fa_message(__VA_ARGS__))
+#define FA_CHECK_TYPE(cond, ...) TORCH_CHECK_TYPE(cond, ::fastattn::fa_message(__VA_ARGS__))
 
 namespace fastattn {
 
@@ -157,21 +162,6 @@ void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* na
 void check_floating(const at::Tensor& t, const char* name);
 void check_size(const at::Tensor& t, int64_t dim, int64_t expected, const char* name,
                 const char* what);
-
-// fastattn::attention's arguments (schema in fastattn.cpp), for every device: ranks, shapes,
-// dtypes, devices and option ranges. Device-specific limits are checked by the device code.
-void check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          const std::optional<at::Tensor>& scale_tensor, int64_t window_left,
-                          int64_t window_right, const std::optional<at::Tensor>& rel_bias,
-                          const std::optional<at::Tensor>& alibi_slopes,
-                          const std::optional<at::Tensor>& span, double span_ramp,
-                          int64_t num_global, const std::optional<at::Tensor>& key_lengths);
-
-// attention_backward's extra arguments: grad_out and out (B, Hq, Sq, Dv) like q's dtype and
-// device, lse and grad_lse (B, Hq, Sq).
-void check_attention_backward_args(const at::Tensor& grad_out, const at::Tensor& out,
-                                   const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse,
-                                   const at::Tensor& q, const at::Tensor& v);
 
 // What the CUDA attention kernels support: a CUDA q (unless emulated), float32/16/bfloat16
 // (16-bit types on sm_80+), head dims up to max_head_dim.

@@ -56,6 +56,7 @@
 #include <immintrin.h>
 #endif
 
+#include "common/attention_args.h"
 #include "common/attention_params.h"
 #include "common/checks.h"
 #include "common/dispatch.h"
@@ -1010,160 +1011,68 @@ BackwardOutputs attention_backward_impl(
 }
 
 // ------------------------------------------------------------------------------------------
-// Op entry points: checks, parameter setup, dispatch.
+// Op entry points: checks (common/attention_args.cpp), parameters, dispatch.
 // ------------------------------------------------------------------------------------------
-struct BiasTensors {
-  at::Tensor rel_bias, alibi, span, key_lengths;
-};
-
-// (The arguments themselves are validated by common/checks.cpp: check_attention_args.)
-// q, k and v are read through their strides, with a contiguous last dim.
-void check_cpu_layout(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  check_last_dim_contiguous(q, "q");
-  check_last_dim_contiguous(k, "k");
-  check_last_dim_contiguous(v, "v");
-}
-
-template <typename Real>
-at::Tensor as_real_contiguous(const at::Tensor& t) {
-  if constexpr (std::is_same_v<Real, double>) {
-    return t.to(at::kDouble).contiguous();
-  } else {
-    return as_fp32_contiguous(t);
-  }
-}
-
-// Fills the parameter struct; the converted bias tensors are kept alive in `keep`.
-template <typename Real>
-AttentionParamsT<Real> make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                   double scale, const std::optional<at::Tensor>& scale_tensor,
-                                   bool causal, int64_t window_left, int64_t window_right,
-                                   const std::optional<at::Tensor>& rel_bias,
-                                   const std::optional<at::Tensor>& alibi_slopes,
-                                   const std::optional<at::Tensor>& span, double span_ramp,
-                                   int64_t num_global, const std::optional<at::Tensor>& key_lengths,
-                                   BiasTensors& keep) {
-  AttentionParamsT<Real> p;
-  p.batch = q.size(0);
-  p.heads_q = q.size(1);
-  p.seqlen_q = q.size(2);
-  p.head_dim_qk = q.size(3);
-  p.heads_kv = k.size(1);
-  p.seqlen_k = k.size(2);
-  p.head_dim_v = v.size(3);
-  p.q_stride_b = q.stride(0);
-  p.q_stride_h = q.stride(1);
-  p.q_stride_s = q.stride(2);
-  p.k_stride_b = k.stride(0);
-  p.k_stride_h = k.stride(1);
-  p.k_stride_s = k.stride(2);
-  p.v_stride_b = v.stride(0);
-  p.v_stride_h = v.stride(1);
-  p.v_stride_s = v.stride(2);
-  // The output is allocated contiguous (B, Hq, Sq, Dv).
-  p.o_stride_s = p.head_dim_v;
-  p.o_stride_h = p.seqlen_q * p.o_stride_s;
-  p.o_stride_b = p.heads_q * p.o_stride_h;
-  p.scale = static_cast<Real>(present(scale_tensor) ? scale_tensor->item<double>() : scale);
-  p.causal = causal;
-  p.window_left = window_left;
-  p.window_right = window_right;
-  p.num_global = num_global;
-  if (present(key_lengths)) {
-    keep.key_lengths = key_lengths->to(at::kLong).contiguous();
-    p.key_lengths = keep.key_lengths.data_ptr<int64_t>();
-  }
-  if (present(rel_bias)) {
-    keep.rel_bias = as_real_contiguous<Real>(*rel_bias);
-    p.rel_bias = keep.rel_bias.template data_ptr<Real>();
-    p.max_dist = (keep.rel_bias.size(0) + 1) / 2;
-  }
-  if (present(alibi_slopes)) {
-    keep.alibi = as_real_contiguous<Real>(*alibi_slopes);
-    p.alibi_slopes = keep.alibi.template data_ptr<Real>();
-  }
-  if (present(span)) {
-    keep.span = as_real_contiguous<Real>(*span);
-    p.span = keep.span.template data_ptr<Real>();
-    p.span_stride_b = keep.span.dim() == 2 ? p.heads_q : 0;
-  }
-  p.span_ramp = static_cast<Real>(span_ramp);
-  return p;
-}
-
-std::tuple<at::Tensor, at::Tensor> attention_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
-    const std::optional<at::Tensor>& scale_tensor, bool causal, int64_t window_left,
-    int64_t window_right, const std::optional<at::Tensor>& rel_bias,
-    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& span,
-    double span_ramp, int64_t num_global, const std::optional<at::Tensor>& key_lengths) {
-  check_attention_args(q, k, v, scale_tensor, window_left, window_right, rel_bias, alibi_slopes,
-                       span, span_ramp, num_global, key_lengths);
-  check_cpu_layout(q, k, v);
-  const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), Dv = v.size(3);
+AttentionOutputs attention_cpu(const AttentionArgs& a) {
+  a.check();
+  a.check_values();
+  const at::Tensor& q = a.q;
+  const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), Dv = a.v.size(3);
   at::Tensor out = at::empty({B, Hq, Sq, Dv}, q.options());
   at::Tensor lse = at::empty({B, Hq, Sq}, q.options().dtype(at::kFloat));
   FASTATTN_DISPATCH_CPU_FLOATING(q.scalar_type(), "fastattn::attention (CPU)", [&] {
     using acc_t = acc_type<scalar_t>;
-    BiasTensors keep;
-    const auto p = make_params<acc_t>(q, k, v, scale, scale_tensor, causal, window_left,
-                                      window_right, rel_bias, alibi_slopes, span, span_ramp,
-                                      num_global, key_lengths, keep);
-    attention_forward_impl<scalar_t>(q, k, v, p, out, lse);
+    ParamTensors keep;
+    const auto p = make_attention_params<acc_t>(a, keep, /*read_scale_tensor=*/true);
+    attention_forward_impl<scalar_t>(q, a.k, a.v, p, out, lse);
   });
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
-    const at::Tensor& grad_out_in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out_in, const at::Tensor& lse_in, const std::optional<at::Tensor>& grad_lse_in,
-    double scale, const std::optional<at::Tensor>& scale_tensor, bool causal, int64_t window_left,
-    int64_t window_right, const std::optional<at::Tensor>& rel_bias,
-    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& span,
-    double span_ramp, int64_t num_global, const std::optional<at::Tensor>& key_lengths,
-    bool need_rel_bias_grad, bool need_span_grad) {
-  check_attention_args(q, k, v, scale_tensor, window_left, window_right, rel_bias, alibi_slopes,
-                       span, span_ramp, num_global, key_lengths);
-  check_cpu_layout(q, k, v);
-  const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), Dv = v.size(3);
-  check_attention_backward_args(grad_out_in, out_in, lse_in, grad_lse_in, q, v);
+// A per-head span's gradient: the (B, Hq) one summed over the batch, in batch order.
+at::Tensor sum_over_batch(const at::Tensor& grad_span) {
+  const int64_t B = grad_span.size(0), Hq = grad_span.size(1);
+  at::Tensor per_head = at::zeros({Hq}, grad_span.options());
+  const double* src = grad_span.data_ptr<double>();
+  double* dst = per_head.data_ptr<double>();
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < Hq; ++h) dst[h] += src[b * Hq + h];
+  }
+  return per_head;
+}
+
+AttentionGrads attention_backward_cpu(const AttentionBackwardArgs& args) {
+  args.check();
+  const AttentionArgs& a = args.attn;
+  a.check_values();
+  const at::Tensor& q = a.q;
   // Small or rarely strided inputs are normalized (q, k and v are read through their strides).
   auto last_dim_contiguous = [](const at::Tensor& t) {
     return (t.numel() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
   };
-  const at::Tensor grad_out = last_dim_contiguous(grad_out_in);
-  const at::Tensor out = last_dim_contiguous(out_in);
-  const at::Tensor lse = lse_in.to(at::kFloat).contiguous();
-  const at::Tensor grad_lse = present(grad_lse_in) ? grad_lse_in->to(at::kFloat).contiguous() : at::Tensor();
-  const bool want_table = need_rel_bias_grad && present(rel_bias);
-  const bool want_span = need_span_grad && present(span);
+  const at::Tensor grad_out = last_dim_contiguous(args.grad_out);
+  const at::Tensor out = last_dim_contiguous(args.out);
+  const at::Tensor lse = args.lse.to(at::kFloat).contiguous();
+  const at::Tensor grad_lse =
+      present(args.grad_lse) ? args.grad_lse->to(at::kFloat).contiguous() : at::Tensor();
+  const bool want_table = args.need_rel_bias_grad && present(a.rel_bias);
+  const bool want_span = args.need_span_grad && present(a.span);
 
   BackwardOutputs res;
   FASTATTN_DISPATCH_CPU_FLOATING(q.scalar_type(), "fastattn::attention_backward (CPU)", [&] {
     using acc_t = acc_type<scalar_t>;
-    BiasTensors keep;
-    const auto p = make_params<acc_t>(q, k, v, scale, scale_tensor, causal, window_left,
-                                      window_right, rel_bias, alibi_slopes, span, span_ramp,
-                                      num_global, key_lengths, keep);
-    res = attention_backward_impl<scalar_t>(grad_out, q, k, v, out, lse, grad_lse, p, want_table,
-                                            want_span, want_table ? rel_bias->size(0) : 0);
+    ParamTensors keep;
+    const auto p = make_attention_params<acc_t>(a, keep, /*read_scale_tensor=*/true);
+    res = attention_backward_impl<scalar_t>(grad_out, q, a.k, a.v, out, lse, grad_lse, p,
+                                            want_table, want_span,
+                                            want_table ? a.rel_bias->size(0) : 0);
   });
   at::Tensor grad_table = at::empty({0}, q.options());
   at::Tensor grad_span = at::empty({0}, q.options());
-  if (want_table) grad_table = res.grad_table.to(rel_bias->scalar_type()).contiguous();
+  if (want_table) grad_table = res.grad_table.to(a.rel_bias->scalar_type()).contiguous();
   if (want_span) {
-    at::Tensor gs = res.grad_span;  // (B, Hq) double
-    if (span->dim() == 1) {
-      // A per-head span: sum over the batch, in batch order.
-      at::Tensor per_head = at::zeros({Hq}, gs.options());
-      const double* src = gs.data_ptr<double>();
-      double* dst = per_head.data_ptr<double>();
-      for (int64_t b = 0; b < B; ++b) {
-        for (int64_t h = 0; h < Hq; ++h) dst[h] += src[b * Hq + h];
-      }
-      gs = per_head;
-    }
-    grad_span = gs.to(span->scalar_type()).contiguous();
+    const at::Tensor gs = a.span->dim() == 1 ? sum_over_batch(res.grad_span) : res.grad_span;
+    grad_span = gs.to(a.span->scalar_type()).contiguous();
   }
   return {res.grad_q, res.grad_k, res.grad_v, grad_table, grad_span};
 }
@@ -1173,6 +1082,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
 }  // namespace fastattn
 
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
-  m.impl("attention", &fastattn::cpu::attention_cpu);
-  m.impl("attention_backward", &fastattn::cpu::attention_backward_cpu);
+  fastattn::register_attention_kernels<&fastattn::cpu::attention_cpu,
+                                       &fastattn::cpu::attention_backward_cpu>(m);
 }

@@ -2,9 +2,10 @@
 // (schemas in csrc/fastattn.cpp, semantics in fastattn/reference.py::attention, mask and bias
 // rules in common/attention_params.h).
 //
-// This file checks the inputs (a direct torch.ops call with bad shapes must never reach a
-// kernel), fills AttentionParams, picks the compiled head-dim class and launches the kernels of
-// attention_fwd_kernel.cuh / attention_bwd_kernel.cuh.
+// This file checks the inputs (common/attention_args.cpp: a direct torch.ops call with bad shapes
+// must never reach a kernel) and what the CUDA kernels support, builds AttentionParams, picks
+// the compiled head-dim class and launches the kernels of attention_fwd_kernel.cuh /
+// attention_bwd_kernel.cuh.
 //
 // Supported: float16 and bfloat16 (tensor cores, sm_80+), float32 (CUDA cores, exact fp32);
 // float64 is CPU-only. Any head dims Dqk, Dv <= 256: both are zero-padded in shared memory to
@@ -30,6 +31,7 @@
 #include "attention_bwd_kernel.cuh"
 #include "attention_fwd_kernel.cuh"
 #include "attention_utils.cuh"
+#include "common/attention_args.h"
 #include "common/attention_params.h"
 #include "common/checks.h"
 #include "common/dispatch.h"
@@ -136,7 +138,8 @@ bool vector_friendly(const at::Tensor& t) {
   return true;
 }
 
-// The kernels need a contiguous last dim; other strides are used as they are.
+// The backward's grad_out and out (autograd may hand over any strides) need a contiguous last
+// dim; other strides are used as they are.
 at::Tensor last_dim_contiguous(const at::Tensor& t) {
   return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
 }
@@ -144,86 +147,23 @@ at::Tensor last_dim_contiguous(const at::Tensor& t) {
 // Checked inputs, in the form the kernels read them.
 struct Prepared {
   at::Tensor q, k, v;
-  // fp32 / int64 contiguous device copies of the small inputs (undefined when absent); they
-  // own the memory AttentionParams points to.
-  at::Tensor rel_bias, alibi_slopes, span, key_lengths, scale;
+  ParamTensors keep;  // fp32 / int64 contiguous device copies of the small inputs
   AttentionParams params;
   const float* scale_ptr = nullptr;  // device pointer to the scale tensor's value, or null
 };
 
-Prepared prepare_inputs(const DeviceContext& ctx, const at::Tensor& q_in, const at::Tensor& k_in,
-                        const at::Tensor& v_in, double scale,
-                        const std::optional<at::Tensor>& scale_tensor, bool causal,
-                        int64_t window_left, int64_t window_right,
-                        const std::optional<at::Tensor>& rel_bias,
-                        const std::optional<at::Tensor>& alibi_slopes,
-                        const std::optional<at::Tensor>& span, double span_ramp,
-                        int64_t num_global, const std::optional<at::Tensor>& key_lengths) {
-  check_attention_args(q_in, k_in, v_in, scale_tensor, window_left, window_right, rel_bias,
-                       alibi_slopes, span, span_ramp, num_global, key_lengths);
-  check_cuda_attention_support(q_in, v_in, kMaxHeadDim, ctx.major(), ctx.minor(), kEmulation);
-  const int64_t B = q_in.size(0), Hq = q_in.size(1), Sq = q_in.size(2), Dqk = q_in.size(3);
-  const int64_t Hkv = k_in.size(1), Sk = k_in.size(2), Dv = v_in.size(3);
-
+Prepared prepare_inputs(const DeviceContext& ctx, const AttentionArgs& a) {
+  a.check();
+  check_cuda_attention_support(a.q, a.v, kMaxHeadDim, ctx.major(), ctx.minor(), kEmulation);
+  a.check_values();
   Prepared in;
-  in.q = last_dim_contiguous(q_in);
-  in.k = last_dim_contiguous(k_in);
-  in.v = last_dim_contiguous(v_in);
-  AttentionParams& p = in.params;
-  p.batch = B;
-  p.heads_q = Hq;
-  p.heads_kv = Hkv;
-  p.seqlen_q = Sq;
-  p.seqlen_k = Sk;
-  p.head_dim_qk = Dqk;
-  p.head_dim_v = Dv;
-  p.q_stride_b = in.q.stride(0);
-  p.q_stride_h = in.q.stride(1);
-  p.q_stride_s = in.q.stride(2);
-  p.k_stride_b = in.k.stride(0);
-  p.k_stride_h = in.k.stride(1);
-  p.k_stride_s = in.k.stride(2);
-  p.v_stride_b = in.v.stride(0);
-  p.v_stride_h = in.v.stride(1);
-  p.v_stride_s = in.v.stride(2);
-  p.causal = causal;
-  p.window_left = window_left;
-  p.window_right = window_right;
-  p.num_global = num_global;
-
-  p.scale = static_cast<float>(scale);
-  if (present(scale_tensor)) {
-    const at::Tensor& s = *scale_tensor;
-    if (s.is_cpu() && !kEmulation) {
-      p.scale = s.item<float>();  // a host value: no device sync
-    } else {
-      in.scale = as_fp32_contiguous(s);  // stays on the device: read by the kernels
-      in.scale_ptr = in.scale.data_ptr<float>();
-    }
-  }
-  if (present(rel_bias)) {
-    const at::Tensor& t = *rel_bias;
-    in.rel_bias = as_fp32_contiguous(t);
-    p.rel_bias = in.rel_bias.data_ptr<float>();
-    p.max_dist = (t.size(0) + 1) / 2;
-  }
-  if (present(alibi_slopes)) {
-    const at::Tensor& t = *alibi_slopes;
-    in.alibi_slopes = as_fp32_contiguous(t);
-    p.alibi_slopes = in.alibi_slopes.data_ptr<float>();
-  }
-  if (present(span)) {
-    const at::Tensor& t = *span;
-    in.span = as_fp32_contiguous(t);
-    p.span = in.span.data_ptr<float>();
-    p.span_stride_b = t.dim() == 2 ? Hq : 0;
-  }
-  p.span_ramp = static_cast<float>(span_ramp);
-  if (present(key_lengths)) {
-    const at::Tensor& t = *key_lengths;
-    in.key_lengths = t.to(at::kLong).contiguous();
-    p.key_lengths = in.key_lengths.data_ptr<int64_t>();
-  }
+  in.q = a.q;
+  in.k = a.k;
+  in.v = a.v;
+  // A CPU scale tensor is read on the host (no device sync); a device one by the kernels.
+  const bool host_scale = present(a.scale_tensor) && a.scale_tensor->is_cpu() && !kEmulation;
+  in.params = make_attention_params<float>(a, in.keep, host_scale);
+  if (in.keep.scale.defined()) in.scale_ptr = in.keep.scale.data_ptr<float>();
   return in;
 }
 
@@ -361,17 +301,10 @@ void run_forward(const DeviceContext& ctx, const Prepared& in, at::Tensor& out, 
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_cuda(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
-    const std::optional<at::Tensor>& scale_tensor, bool causal, int64_t window_left,
-    int64_t window_right, const std::optional<at::Tensor>& rel_bias,
-    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& span,
-    double span_ramp, int64_t num_global, const std::optional<at::Tensor>& key_lengths) {
-  check_rank(q, 4, "q");  // before DeviceContext reads q's device
-  DeviceContext ctx(q);
-  Prepared in = prepare_inputs(ctx, q, k, v, scale, scale_tensor, causal, window_left,
-                               window_right, rel_bias, alibi_slopes, span, span_ramp, num_global,
-                               key_lengths);
+AttentionOutputs attention_cuda(const AttentionArgs& args) {
+  check_rank(args.q, 4, "q");  // before DeviceContext reads q's device
+  DeviceContext ctx(args.q);
+  Prepared in = prepare_inputs(ctx, args);
   const AttentionParams& p = in.params;
   at::Tensor out = at::empty({p.batch, p.heads_q, p.seqlen_q, p.head_dim_v}, in.q.options());
   at::Tensor lse = at::empty({p.batch, p.heads_q, p.seqlen_q}, in.q.options().dtype(at::kFloat));
@@ -540,7 +473,7 @@ void run_backward(const DeviceContext& ctx, const Prepared& in, BackwardTensors&
            "attention backward (rel_bias gradient)");
   }
   if (bt.want_span_grad) {
-    bt.grad_span = at::empty(in.span.sizes(), bt.lse.options());
+    bt.grad_span = at::empty(in.keep.span.sizes(), bt.lse.options());
     SpanGradReduceArgs r;
     r.partial = span_partial.data_ptr<float>();
     r.grad = bt.grad_span.data_ptr<float>();
@@ -553,33 +486,24 @@ void run_backward(const DeviceContext& ctx, const Prepared& in, BackwardTensors&
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse,
-    double scale, const std::optional<at::Tensor>& scale_tensor, bool causal,
-    int64_t window_left, int64_t window_right, const std::optional<at::Tensor>& rel_bias,
-    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& span,
-    double span_ramp, int64_t num_global, const std::optional<at::Tensor>& key_lengths,
-    bool need_rel_bias_grad, bool need_span_grad) {
-  check_rank(q, 4, "q");  // before DeviceContext reads q's device
-  DeviceContext ctx(q);
-  Prepared in = prepare_inputs(ctx, q, k, v, scale, scale_tensor, causal, window_left,
-                               window_right, rel_bias, alibi_slopes, span, span_ramp, num_global,
-                               key_lengths);
+AttentionGrads attention_backward_cuda(const AttentionBackwardArgs& args) {
+  check_rank(args.attn.q, 4, "q");  // before DeviceContext reads q's device
+  DeviceContext ctx(args.attn.q);
+  args.check();
+  Prepared in = prepare_inputs(ctx, args.attn);
   const AttentionParams& p = in.params;
-
-  check_attention_backward_args(grad_out, out, lse, grad_lse, q, v);
+  const at::Tensor& q = args.attn.q;
 
   BackwardTensors bt;
-  bt.dout = last_dim_contiguous(grad_out);
-  bt.out = last_dim_contiguous(out);
-  bt.lse = lse.to(at::kFloat).contiguous();
-  if (present(grad_lse)) bt.grad_lse = grad_lse->to(at::kFloat).contiguous();
+  bt.dout = last_dim_contiguous(args.grad_out);
+  bt.out = last_dim_contiguous(args.out);
+  bt.lse = args.lse.to(at::kFloat).contiguous();
+  if (present(args.grad_lse)) bt.grad_lse = args.grad_lse->to(at::kFloat).contiguous();
   bt.dq = at::empty({p.batch, p.heads_q, p.seqlen_q, p.head_dim_qk}, in.q.options());
   bt.dk = at::empty({p.batch, p.heads_kv, p.seqlen_k, p.head_dim_qk}, in.q.options());
   bt.dv = at::empty({p.batch, p.heads_kv, p.seqlen_k, p.head_dim_v}, in.q.options());
-  bt.want_bias_grad = need_rel_bias_grad && in.rel_bias.defined();
-  bt.want_span_grad = need_span_grad && in.span.defined();
+  bt.want_bias_grad = args.need_rel_bias_grad && in.keep.rel_bias.defined();
+  bt.want_span_grad = args.need_span_grad && in.keep.span.defined();
 
   FASTATTN_DISPATCH_CUDA_FLOATING(in.q.scalar_type(), "fastattn::attention_backward (CUDA)", [&] {
     using T = typename DeviceType<scalar_t>::type;
@@ -588,9 +512,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     });
   });
 
-  at::Tensor grad_bias = bt.want_bias_grad ? bt.grad_rel_bias.to(rel_bias->scalar_type())
+  at::Tensor grad_bias = bt.want_bias_grad ? bt.grad_rel_bias.to(args.attn.rel_bias->scalar_type())
                                            : at::empty({0}, q.options());
-  at::Tensor grad_span = bt.want_span_grad ? bt.grad_span.to(span->scalar_type())
+  at::Tensor grad_span = bt.want_span_grad ? bt.grad_span.to(args.attn.span->scalar_type())
                                            : at::empty({0}, q.options());
   return {bt.dq, bt.dk, bt.dv, grad_bias, grad_span};
 }
@@ -601,7 +525,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
 
 #if !defined(FASTATTN_CUDA_EMULATION)
 TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
-  m.impl("attention", &fastattn::cuda_attn::attention_cuda);
-  m.impl("attention_backward", &fastattn::cuda_attn::attention_backward_cuda);
+  fastattn::register_attention_kernels<&fastattn::cuda_attn::attention_cuda,
+                                       &fastattn::cuda_attn::attention_backward_cuda>(m);
 }
 #endif

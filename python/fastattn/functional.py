@@ -1,8 +1,8 @@
 """The public functions: fastattn.attention and fastattn.rotary.
 
-They validate their arguments (ValueError / TypeError naming the argument, the expected and the
-received value), normalize them (python scalars, optional tensors, a non-contiguous last dim)
-and call the fused ops in fastattn.ops. Their pure-PyTorch twins, with the same signatures,
+They normalize their arguments (Python scalars, defaults, a non-contiguous last dim) and call
+the fused ops in fastattn.ops, which validate them (ValueError / TypeError naming the argument,
+the expected and the received value; for rotary, the checks below come first). Their pure-PyTorch twins, with the same signatures,
 are in fastattn.reference.
 """
 from __future__ import annotations
@@ -179,6 +179,7 @@ def attention(
     span_ramp: float = 32.0,
     num_global: int = 0,
     key_lengths: Optional[Tensor] = None,
+    softcap: float = 0.0,
     return_lse: bool = False,
 ):
     """Fused attention with relative-position bias, ALiBi, windows, global tokens and spans.
@@ -197,103 +198,65 @@ def attention(
         num_global: keys at positions < G are seen by all queries, queries at positions < G
             see all keys (window and span do not apply to them; causal does).
         key_lengths: (B,) integer; keys j >= key_lengths[b] are masked.
+        softcap: logit soft-capping (Gemma 2): the scaled score s = scale * q.k becomes
+            softcap * tanh(s / softcap) before the biases and masks; 0 turns it off.
         return_lse: also return the log-sum-exp of the logits, (B, Hq, Sq) float32.
     Returns:
         out (B, Hq, Sq, Dv) in q's dtype (a row with no visible key is 0, its lse -inf);
         with return_lse, (out, lse).
     """
-    # (Each tensor attribute read costs ~0.1-0.2 us: the shapes, dtype and device are read once.)
-    _check_tensor(q, "q", 4)
-    _check_tensor(k, "k", 4)
-    _check_tensor(v, "v", 4)
-    q_dtype, q_device = q.dtype, q.device
-    for t, name in ((k, "k"), (v, "v")):
-        if t.dtype != q_dtype:
-            _fail(f"{name} must have q's dtype ({q_dtype}), got {t.dtype}", TypeError)
-        if t.device != q_device:
-            _check_device(t, name, q, "q")
-    B, Hq, Sq, Dqk = q.shape
-    k_batch, Hkv, Sk, k_dim = k.shape
-    v_batch, v_heads, v_len, _ = v.shape
-    if k_batch != B or v_batch != B:
-        _fail(f"k and v must have q's batch size {B}, got k {k_batch} and v {v_batch}")
-    if v_heads != Hkv:
-        _fail(f"v must have k's number of heads {Hkv}, got {v_heads}")
-    if v_len != Sk:
-        _fail(f"v must have k's sequence length {Sk}, got {v_len}")
-    if k_dim != Dqk:
-        _fail(f"k's head dim must equal q's ({Dqk}), got {k_dim}")
-    if Hkv == 0 or Hq % Hkv != 0:
-        _fail(f"q's heads ({Hq}) must be a multiple of k/v's heads ({Hkv})")
+    return _attention(ops.attention, q, k, v, scale, causal, window, rel_bias, alibi_slopes, span,
+                      span_ramp, num_global, key_lengths, softcap, return_lse)
 
-    scale_tensor = None
-    if scale is None:
-        scale_f = float(Dqk) ** -0.5 if Dqk > 0 else 1.0
-    elif isinstance(scale, Tensor):
-        if scale.dim() != 0:
-            _fail(f"scale must be a float or a 0-dim tensor, got a tensor of shape {tuple(scale.shape)}")
-        _check_device(scale, "scale", q, "q")
-        scale_tensor, scale_f = scale, 1.0
-    elif isinstance(scale, (int, float)) and not isinstance(scale, bool):
-        scale_f = float(scale)
-    else:
-        _fail(f"scale must be a float, a 0-dim tensor or None, got {type(scale).__name__}", TypeError)
 
-    if not (isinstance(window, (tuple, list)) and len(window) == 2
-            and isinstance(window[0], int) and not isinstance(window[0], bool)
-            and isinstance(window[1], int) and not isinstance(window[1], bool)):
-        _fail(f"window must be a (left, right) pair of ints, got {window!r}", TypeError)
-    left, right = int(window[0]), int(window[1])
-    if left < -1 or right < -1:
-        _fail(f"window entries must be >= -1 (-1 = unbounded), got {tuple(window)}")
-
-    if rel_bias is not None:
-        _check_tensor(rel_bias, "rel_bias", 2)
-        _check_device(rel_bias, "rel_bias", q, "q")
-        if rel_bias.shape[0] % 2 != 1:
-            _fail(f"rel_bias must be (2 * max_dist - 1, Hq): its first dim must be odd, got {rel_bias.shape[0]}")
-        if rel_bias.shape[1] != Hq:
-            _fail(f"rel_bias must have one column per query head ({Hq}), got {rel_bias.shape[1]} "
-                  f"(shape {tuple(rel_bias.shape)})")
-    if alibi_slopes is not None:
-        _check_tensor(alibi_slopes, "alibi_slopes", 1)
-        _check_device(alibi_slopes, "alibi_slopes", q, "q")
-        if alibi_slopes.shape[0] != Hq:
-            _fail(f"alibi_slopes must be (Hq,) = ({Hq},), got {tuple(alibi_slopes.shape)}")
-    if isinstance(span_ramp, bool) or not isinstance(span_ramp, (int, float)):
-        _fail(f"span_ramp must be a number, got {type(span_ramp).__name__}", TypeError)
-    if span is not None:
-        _check_tensor(span, "span")
-        _check_device(span, "span", q, "q")
-        if tuple(span.shape) not in ((B, Hq), (Hq,)):
-            _fail(f"span must be (B, Hq) = ({B}, {Hq}) or (Hq,) = ({Hq},), got {tuple(span.shape)}")
-        if not span_ramp > 0:
-            _fail(f"span_ramp must be > 0, got {span_ramp}")
-        if not _is_compiling() and span.numel() > 0 and bool((span.detach() < 0).any()):
-            _fail(f"span must be >= 0 (tokens), got a minimum of {float(span.detach().min())}")
+def _attention(op, q, k, v, scale, causal, window, rel_bias, alibi_slopes, span, span_ramp, num_global,
+               key_lengths, softcap, return_lse):
+    # Every check of shapes, dtypes, devices and ranges is the op's own (C++: one set for every
+    # caller, raising ValueError / TypeError); here only what Python alone can do: Python
+    # scalars, defaults, a non-contiguous last dim. `op` is the attention op (the CUDA
+    # emulator's in its tests).
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        if not isinstance(t, Tensor):
+            _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+    for t, name in ((rel_bias, "rel_bias"), (alibi_slopes, "alibi_slopes"), (span, "span"),
+                    (key_lengths, "key_lengths")):
+        if t is not None and not isinstance(t, Tensor):
+            _fail(f"{name} must be a torch.Tensor or None, got {type(t).__name__}", TypeError)
+    scale_f, scale_tensor = None, None
+    if isinstance(scale, Tensor):
+        scale_tensor = scale
+    elif scale is not None:
+        scale_f = _real(scale, "scale", "a float, a 0-dim tensor or None")
+    left, right = _window(window)
     if isinstance(num_global, bool) or not isinstance(num_global, int):
         _fail(f"num_global must be an int, got {type(num_global).__name__}", TypeError)
-    if num_global < 0 or num_global > Sk:
-        _fail(f"num_global must be in [0, Sk={Sk}], got {num_global}")
-    if key_lengths is not None:
-        _check_tensor(key_lengths, "key_lengths", 1, floating=False)
-        _check_device(key_lengths, "key_lengths", q, "q")
-        if key_lengths.dtype not in (torch.int64, torch.int32):
-            _fail(f"key_lengths must be int64 or int32, got {key_lengths.dtype}", TypeError)
-        if key_lengths.shape[0] != B:
-            _fail(f"key_lengths must be (B,) = ({B},), got {tuple(key_lengths.shape)}")
-        key_lengths = key_lengths.long().contiguous()
+    span_ramp = _real(span_ramp, "span_ramp", "a number")
+    softcap = _real(softcap, "softcap", "a number")
 
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     # A learnable scale's gradient, sum(q * dq) / s, cancels heavily: with fp16/bf16 rounding of
     # dq and of the saved output it can be off by 10%. Such calls run in fp32 (exact gradient,
     # slower); to keep low-precision speed, use a fixed float scale.
-    out_dtype = q_dtype
+    out_dtype = q.dtype
     if (scale_tensor is not None and scale_tensor.requires_grad and torch.is_grad_enabled()
-            and q_dtype in (torch.float16, torch.bfloat16)):
+            and out_dtype in (torch.float16, torch.bfloat16)):
         q, k, v = q.float(), k.float(), v.float()
-    out, lse = ops.attention(q, k, v, scale_f, scale_tensor, bool(causal), left, right, rel_bias,
-                             alibi_slopes, span, float(span_ramp), num_global, key_lengths)
+    out, lse = op(q, k, v, scale_f, scale_tensor, bool(causal), left, right, rel_bias, alibi_slopes,
+                  span, span_ramp, num_global, key_lengths, softcap)
     if out.dtype != out_dtype:  # (Tensor.to costs a few us even when it is a no-op)
         out = out.to(out_dtype)
     return (out, lse) if return_lse else out
+
+
+def _real(value, name: str, expected: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(f"{name} must be {expected}, got {type(value).__name__}", TypeError)
+    return float(value)
+
+
+def _window(window) -> tuple:
+    if not (isinstance(window, (tuple, list)) and len(window) == 2
+            and isinstance(window[0], int) and not isinstance(window[0], bool)
+            and isinstance(window[1], int) and not isinstance(window[1], bool)):
+        _fail(f"window must be a (left, right) pair of ints, got {window!r}", TypeError)
+    return int(window[0]), int(window[1])

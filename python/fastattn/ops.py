@@ -66,9 +66,14 @@ def rotary_(x: Tensor, inv_freq: Optional[Tensor], cos: Optional[Tensor], sin: O
 # ---------------------------------------------------------------------------------------------
 # attention
 # ---------------------------------------------------------------------------------------------
+# The attention op's arguments (q, k, v, scale, ..., in schema order: csrc/common/attention_args.h)
+# are read by name from the registered schema, so a new option needs no change here unless it
+# changes the output shapes.
+ATTENTION_ARGS = tuple(a.name for a in _ops.attention.default._schema.arguments)
+
+
 @torch.library.register_fake("fastattn::attention")
-def _attention_fake(q, k, v, scale, scale_tensor, causal, window_left, window_right, rel_bias,
-                    alibi_slopes, span, span_ramp, num_global, key_lengths):
+def _attention_fake(q, k, v, *options):
     B, Hq, Sq, _ = q.shape
     out = q.new_empty((B, Hq, Sq, v.shape[-1]))
     lse = q.new_empty((B, Hq, Sq), dtype=torch.float32)
@@ -76,9 +81,9 @@ def _attention_fake(q, k, v, scale, scale_tensor, causal, window_left, window_ri
 
 
 @torch.library.register_fake("fastattn::attention_backward")
-def _attention_backward_fake(grad_out, q, k, v, out, lse, grad_lse, scale, scale_tensor, causal,
-                             window_left, window_right, rel_bias, alibi_slopes, span, span_ramp,
-                             num_global, key_lengths, need_rel_bias_grad, need_span_grad):
+def _attention_backward_fake(grad_out, out, lse, grad_lse, need_rel_bias_grad, need_span_grad, *attention_args):
+    a = dict(zip(ATTENTION_ARGS, attention_args))
+    q, k, v, rel_bias, span = a["q"], a["k"], a["v"], a["rel_bias"], a["span"]
     gq, gk, gv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
     gb = rel_bias.new_empty(rel_bias.shape) if (need_rel_bias_grad and rel_bias is not None) else _empty_grad(q)
     gs = span.new_empty(span.shape) if (need_span_grad and span is not None) else _empty_grad(q)

@@ -169,6 +169,7 @@ def attention(
     span_ramp: float = 32.0,
     num_global: int = 0,
     key_lengths: Optional[Tensor] = None,
+    softcap: float = 0.0,
     return_lse: bool = False,
 ):
     """Attention with fastattn's masks and biases, materialized.
@@ -188,6 +189,8 @@ def attention(
     vf = v.to(md).repeat_interleave(group, dim=1)
     scale_t = scale.to(md) if isinstance(scale, Tensor) else scale
     logits = scale_t * (qf @ kf.transpose(-1, -2))
+    if softcap > 0:  # capped before any bias or mask
+        logits = softcap * torch.tanh(logits / softcap)
     visible, bias = attention_mask_and_bias(
         B, Hq, Sq, Sk, device=q.device, dtype=md, causal=causal, window=window,
         rel_bias=rel_bias, alibi_slopes=alibi_slopes, span=span, span_ramp=span_ramp,

@@ -1,0 +1,312 @@
+// The attention op's schema, its argument struct, its checks and the builder of the kernels'
+// parameters (declared in attention_args.h).
+#include "common/attention_args.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "common/checks.h"
+
+namespace fastattn {
+
+void define_attention_ops(torch::Library& m) {
+  // Returns (out (B, Hq, Sq, Dv) in q's dtype, lse (B, Hq, Sq) fp32; -inf for empty rows).
+  // See common/attention_params.h for the mask and bias rules.
+  m.def("attention(" FASTATTN_ATTENTION_ARGS_SCHEMA ") -> (Tensor, Tensor)");
+  // Returns (grad_q, grad_k, grad_v, grad_rel_bias, grad_span); grad_rel_bias / grad_span are
+  // empty unless asked for. grad_rel_bias is reduced in a fixed order (deterministic).
+  // grad_lse (B, Hq, Sq) fp32, optional: the gradient reaching lse when the caller used it (it
+  // enters as D_i = rowsum(dO * O) - grad_lse_i).
+  m.def(
+      "attention_backward(Tensor grad_out, Tensor out, Tensor lse, Tensor? grad_lse, "
+      "bool need_rel_bias_grad, bool need_span_grad, " FASTATTN_ATTENTION_ARGS_SCHEMA
+      ") -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+// ---- reading and writing the argument stack ---------------------------------------------------
+
+AttentionArgs AttentionArgs::from_stack(const torch::jit::Stack& stack, size_t first) {
+  const c10::IValue* s = stack.data() + first;
+  AttentionArgs a;
+  a.q = s[0].toTensor();
+  a.k = s[1].toTensor();
+  a.v = s[2].toTensor();
+  a.scale = s[3].toOptional<double>();
+  a.scale_tensor = s[4].toOptional<at::Tensor>();
+  a.causal = s[5].toBool();
+  a.window_left = s[6].toInt();
+  a.window_right = s[7].toInt();
+  a.rel_bias = s[8].toOptional<at::Tensor>();
+  a.alibi_slopes = s[9].toOptional<at::Tensor>();
+  a.span = s[10].toOptional<at::Tensor>();
+  a.span_ramp = s[11].toDouble();
+  a.num_global = s[12].toInt();
+  a.key_lengths = s[13].toOptional<at::Tensor>();
+  a.softcap = s[14].toDouble();
+  static_assert(kNumArgs == 15, "read every schema argument above");
+  return a;
+}
+
+void AttentionArgs::push_to(torch::jit::Stack& stack) const {
+  torch::jit::push(stack, q, k, v, scale, scale_tensor, causal, window_left, window_right,
+                   rel_bias, alibi_slopes, span, span_ramp, num_global, key_lengths, softcap);
+}
+
+AttentionBackwardArgs AttentionBackwardArgs::from_stack(const torch::jit::Stack& stack,
+                                                        size_t first) {
+  const c10::IValue* s = stack.data() + first;
+  AttentionBackwardArgs a;
+  a.grad_out = s[0].toTensor();
+  a.out = s[1].toTensor();
+  a.lse = s[2].toTensor();
+  a.grad_lse = s[3].toOptional<at::Tensor>();
+  a.need_rel_bias_grad = s[4].toBool();
+  a.need_span_grad = s[5].toBool();
+  a.attn = AttentionArgs::from_stack(stack, first + kNumOwnArgs);
+  return a;
+}
+
+// ---- checks -------------------------------------------------------------------------------------
+
+namespace {
+
+bool symbolic(const at::Tensor& t) {
+  return t.defined() && t.unsafeGetTensorImpl()->has_symbolic_sizes_strides();
+}
+
+// The small float tensors (table, slopes, spans, scale): a floating dtype, on q's device.
+void check_parameter(const at::Tensor& t, const at::Tensor& q, const char* name) {
+  check_floating(t, name);
+  check_same_device(t, q, name, "q");
+}
+
+void check_qkv(const AttentionArgs& a) {
+  check_rank(a.q, 4, "q");
+  check_rank(a.k, 4, "k");
+  check_rank(a.v, 4, "v");
+  check_floating(a.q, "q");
+  check_same_dtype(a.k, a.q, "k", "q");
+  check_same_dtype(a.v, a.q, "v", "q");
+  check_same_device(a.k, a.q, "k", "q");
+  check_same_device(a.v, a.q, "v", "q");
+  const int64_t B = a.q.size(0), Hq = a.q.size(1), Dqk = a.q.size(3);
+  check_size(a.k, 0, B, "k", "batch");
+  check_size(a.v, 0, B, "v", "batch");
+  check_size(a.k, 3, Dqk, "k", "head dim, must equal q's");
+  const int64_t Hkv = a.k.size(1);
+  check_size(a.v, 1, Hkv, "v", "heads, must equal k's");
+  check_size(a.v, 2, a.k.size(2), "v", "sequence length, must equal k's");
+  FA_CHECK_VALUE(Hkv > 0 && Hq % Hkv == 0, "fastattn: q's heads (", Hq,
+                 ") must be a multiple of k/v's heads (", Hkv, ")");
+  // The kernels read q, k and v through their strides, with a unit stride in the last dim.
+  check_last_dim_contiguous(a.q, "q");
+  check_last_dim_contiguous(a.k, "k");
+  check_last_dim_contiguous(a.v, "v");
+}
+
+void check_scale(const AttentionArgs& a) {
+  if (a.scale.has_value()) {
+    FA_CHECK_VALUE(std::isfinite(*a.scale), "fastattn: scale must be finite, got ", *a.scale);
+  }
+  if (!present(a.scale_tensor)) return;
+  const at::Tensor& s = *a.scale_tensor;
+  FA_CHECK_VALUE(s.dim() == 0, "fastattn: scale (scale_tensor) must be a float or a 0-dim tensor, "
+                 "got a tensor of shape ", s.sizes());
+  check_floating(s, "scale (scale_tensor)");
+  // A CPU scale is read on the host (no device sync); elsewhere it must sit with q.
+  if (!s.is_cpu()) check_same_device(s, a.q, "scale (scale_tensor)", "q");
+}
+
+void check_masks(const AttentionArgs& a) {
+  const int64_t B = a.q.size(0), Hq = a.q.size(1), Sk = a.k.size(2);
+  FA_CHECK_VALUE(a.window_left >= -1 && a.window_right >= -1,
+                 "fastattn: window entries must be >= -1 (-1 = unbounded), got (", a.window_left,
+                 ", ", a.window_right, ")");
+  if (present(a.span)) {
+    const at::Tensor& span = *a.span;
+    check_parameter(span, a.q, "span");
+    const bool per_batch = span.dim() == 2 && span.size(0) == B && span.size(1) == Hq;
+    const bool per_head = span.dim() == 1 && span.size(0) == Hq;
+    FA_CHECK_VALUE(per_batch || per_head, "fastattn: span must be (B, Hq) = (", B, ", ", Hq,
+                   ") or (Hq,) = (", Hq, ",), got shape ", span.sizes());
+    FA_CHECK_VALUE(a.span_ramp > 0, "fastattn: span_ramp must be > 0, got ", a.span_ramp);
+  }
+  FA_CHECK_VALUE(a.num_global >= 0 && a.num_global <= Sk, "fastattn: num_global must be in [0, Sk=",
+                 Sk, "], got ", a.num_global);
+  if (present(a.key_lengths)) {
+    const at::Tensor& kl = *a.key_lengths;
+    FA_CHECK_TYPE(kl.scalar_type() == at::kLong || kl.scalar_type() == at::kInt,
+                  "fastattn: key_lengths must be int64 or int32, got ", kl.scalar_type());
+    check_rank(kl, 1, "key_lengths");
+    check_same_device(kl, a.q, "key_lengths", "q");
+    check_size(kl, 0, B, "key_lengths", "batch");
+  }
+}
+
+void check_biases(const AttentionArgs& a) {
+  const int64_t Hq = a.q.size(1);
+  if (present(a.rel_bias)) {
+    const at::Tensor& t = *a.rel_bias;
+    check_rank(t, 2, "rel_bias");
+    check_parameter(t, a.q, "rel_bias");
+    FA_CHECK_VALUE(t.size(0) % 2 == 1, "fastattn: rel_bias must be (2 * max_dist - 1, Hq): ",
+                   "its first dim must be odd, got shape ", t.sizes());
+    check_size(t, 1, Hq, "rel_bias", "one column per query head");
+  }
+  if (present(a.alibi_slopes)) {
+    const at::Tensor& t = *a.alibi_slopes;
+    check_rank(t, 1, "alibi_slopes");
+    check_parameter(t, a.q, "alibi_slopes");
+    check_size(t, 0, Hq, "alibi_slopes", "query heads");
+  }
+  FA_CHECK_VALUE(std::isfinite(a.softcap) && a.softcap >= 0,
+                 "fastattn: softcap must be a finite number >= 0 (0 = off), got ", a.softcap);
+}
+
+}  // namespace
+
+bool AttentionArgs::has_symbolic_shapes() const {
+  return symbolic(q) || symbolic(k) || symbolic(v);
+}
+
+void AttentionArgs::check() const {
+  check_qkv(*this);
+  check_scale(*this);
+  check_masks(*this);
+  check_biases(*this);
+}
+
+void AttentionArgs::check_values() const {
+  if (present(span) && span->numel() > 0) {
+    const double lowest = span->min().item<double>();
+    FA_CHECK_VALUE(lowest >= 0, "fastattn: span must be >= 0 (tokens), got a minimum of ", lowest);
+  }
+}
+
+double AttentionArgs::scale_or_default() const {
+  if (scale.has_value()) return *scale;
+  const int64_t d = q.size(3);
+  return d > 0 ? 1.0 / std::sqrt(static_cast<double>(d)) : 1.0;
+}
+
+void AttentionBackwardArgs::check() const {
+  attn.check();
+  const at::Tensor& q = attn.q;
+  const std::vector<int64_t> out_shape{q.size(0), q.size(1), q.size(2), attn.v.size(3)};
+  const std::vector<int64_t> lse_shape{q.size(0), q.size(1), q.size(2)};
+  check_rank(grad_out, 4, "grad_out");
+  check_rank(out, 4, "out");
+  FA_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(out_shape), "fastattn: grad_out must have shape ",
+                 at::IntArrayRef(out_shape), " (B, Hq, Sq, Dv), got ", grad_out.sizes());
+  FA_CHECK_VALUE(out.sizes() == at::IntArrayRef(out_shape), "fastattn: out must have shape ",
+                 at::IntArrayRef(out_shape), " (B, Hq, Sq, Dv), got ", out.sizes());
+  check_same_dtype(grad_out, q, "grad_out", "q");
+  check_same_dtype(out, q, "out", "q");
+  check_same_device(grad_out, q, "grad_out", "q");
+  check_same_device(out, q, "out", "q");
+  FA_CHECK_VALUE(lse.sizes() == at::IntArrayRef(lse_shape), "fastattn: lse must have shape ",
+                 at::IntArrayRef(lse_shape), " (B, Hq, Sq), got ", lse.sizes());
+  check_floating(lse, "lse");
+  check_same_device(lse, q, "lse", "q");
+  if (present(grad_lse)) {
+    FA_CHECK_VALUE(grad_lse->sizes() == at::IntArrayRef(lse_shape),
+                   "fastattn: grad_lse must have shape ", at::IntArrayRef(lse_shape),
+                   " (B, Hq, Sq), got ", grad_lse->sizes());
+    check_floating(*grad_lse, "grad_lse");
+    check_same_device(*grad_lse, q, "grad_lse", "q");
+  }
+}
+
+// ---- the kernels' parameters --------------------------------------------------------------------
+
+namespace {
+
+template <typename Real>
+at::Tensor as_real_contiguous(const at::Tensor& t) {
+  return t.to(std::is_same_v<Real, double> ? at::kDouble : at::kFloat).contiguous();
+}
+
+}  // namespace
+
+template <typename Real>
+AttentionParamsT<Real> make_attention_params(const AttentionArgs& a, ParamTensors& keep,
+                                             bool read_scale_tensor) {
+  AttentionParamsT<Real> p;
+  const at::Tensor &q = a.q, &k = a.k, &v = a.v;
+  p.batch = q.size(0);
+  p.heads_q = q.size(1);
+  p.seqlen_q = q.size(2);
+  p.head_dim_qk = q.size(3);
+  p.heads_kv = k.size(1);
+  p.seqlen_k = k.size(2);
+  p.head_dim_v = v.size(3);
+  p.q_stride_b = q.stride(0);
+  p.q_stride_h = q.stride(1);
+  p.q_stride_s = q.stride(2);
+  p.k_stride_b = k.stride(0);
+  p.k_stride_h = k.stride(1);
+  p.k_stride_s = k.stride(2);
+  p.v_stride_b = v.stride(0);
+  p.v_stride_h = v.stride(1);
+  p.v_stride_s = v.stride(2);
+  p.o_stride_s = p.head_dim_v;
+  p.o_stride_h = p.seqlen_q * p.o_stride_s;
+  p.o_stride_b = p.heads_q * p.o_stride_h;
+
+  p.scale = static_cast<Real>(a.scale_or_default());
+  if (present(a.scale_tensor)) {
+    if (read_scale_tensor) {
+      p.scale = static_cast<Real>(a.scale_tensor->item<double>());
+    } else {
+      keep.scale = a.scale_tensor->to(at::kFloat).contiguous();
+      p.scale = Real(1);
+    }
+  }
+  p.softcap = static_cast<Real>(a.softcap);
+  p.causal = a.causal;
+  p.window_left = a.window_left;
+  p.window_right = a.window_right;
+  p.num_global = a.num_global;
+  if (present(a.key_lengths)) {
+    keep.key_lengths = a.key_lengths->to(at::kLong).contiguous();
+    p.key_lengths = keep.key_lengths.data_ptr<int64_t>();
+  }
+  if (present(a.rel_bias)) {
+    keep.rel_bias = as_real_contiguous<Real>(*a.rel_bias);
+    p.rel_bias = keep.rel_bias.template data_ptr<Real>();
+    p.max_dist = (keep.rel_bias.size(0) + 1) / 2;
+  }
+  if (present(a.alibi_slopes)) {
+    keep.alibi_slopes = as_real_contiguous<Real>(*a.alibi_slopes);
+    p.alibi_slopes = keep.alibi_slopes.template data_ptr<Real>();
+  }
+  if (present(a.span)) {
+    keep.span = as_real_contiguous<Real>(*a.span);
+    p.span = keep.span.template data_ptr<Real>();
+    p.span_stride_b = keep.span.dim() == 2 ? p.heads_q : 0;
+  }
+  p.span_ramp = static_cast<Real>(a.span_ramp);
+  return p;
+}
+
+template AttentionParamsT<float> make_attention_params<float>(const AttentionArgs&, ParamTensors&,
+                                                              bool);
+template AttentionParamsT<double> make_attention_params<double>(const AttentionArgs&,
+                                                                ParamTensors&, bool);
+
+// ---- C++ callers --------------------------------------------------------------------------------
+
+AttentionOutputs attention(const AttentionArgs& args) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastattn::attention", "");
+  torch::jit::Stack stack;
+  stack.reserve(AttentionArgs::kNumArgs);
+  args.push_to(stack);
+  op.callBoxed(stack);
+  return {stack[0].toTensor(), stack[1].toTensor()};
+}
+
+}  // namespace fastattn
