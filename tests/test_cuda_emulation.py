@@ -10,8 +10,8 @@ only the CUDA *headers* (see tests/cuda_emulation/build.py); the module is skipp
 reason, where they (or a compiler) are missing, and with FASTATTN_TEST_CUDA_EMULATION=0. The
 build (one translation unit, ~50 s of CPU time) is cached in torch's extensions directory.
 
-Each case runs forward + backward (through a wrapper that mirrors fastattn.functional and the
-autograd of csrc/common/autograd.cpp) and is judged by conftest.check_case, as the fused op
+Each case runs forward + backward (through fastattn.functional's wrapper and the autograd
+function of csrc/common/autograd.cpp, both registered for the emulated op) and is judged by conftest.check_case, as the fused op
 is: float32 by atol + rtol * max|exact|, float16/bfloat16 by twice the error of the same math
 run in that dtype plus half an ulp, gradients against the exact gradients of the flash
 formulation (D_i from the output the kernel delivered), plus the error floors; lse
@@ -20,6 +20,7 @@ formulation (D_i from the output the kernel delivered), plus the error floors; l
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 from pathlib import Path
 
@@ -28,10 +29,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import fastattn
+import fastattn.functional
 import fastattn.reference
 
 from attention_strategies import attention_cases
-from conftest import (LOW_PRECISION, Case, case_id, check_case, clone_inputs, make_inputs, pin_threads,
+from conftest import (Case, attention_op_args, case_id, check_case, clone_inputs, make_inputs, pin_threads,
                       random_settings, run_attention)
 
 _BUILD_PY = Path(__file__).resolve().parent / "cuda_emulation" / "build.py"
@@ -58,54 +61,17 @@ def emu():
 
 
 # ---------------------------------------------------------------------------------------------
-# fastattn.attention's signature over the emulated kernels (autograd as in csrc/common/autograd.cpp)
+# fastattn.attention over the emulated kernels: the same Python wrapper, and the same C++ checks
+# and autograd function (the emulator library registers them for fastattn_emu::attention)
 # ---------------------------------------------------------------------------------------------
-class _EmulatedAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, scale, scale_tensor, causal, wl, wr, rel_bias, alibi, span, ramp, G, kl):
-        out, lse = torch.ops.fastattn_emu.attention(q, k, v, scale, scale_tensor, causal, wl, wr,
-                                                    rel_bias, alibi, span, ramp, G, kl)
-        ctx.save_for_backward(q, k, v, out, lse, scale_tensor, rel_bias, alibi, span, kl)
-        ctx.opts = (scale, causal, wl, wr, ramp, G)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, scale_tensor, rel_bias, alibi, span, kl = ctx.saved_tensors
-        scale, causal, wl, wr, ramp, G = ctx.opts
-        need = ctx.needs_input_grad
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        gq, gk, gv, gb, gs = torch.ops.fastattn_emu.attention_backward(
-            grad_out.contiguous(), q, k, v, out, lse, grad_lse, scale, scale_tensor, causal, wl, wr,
-            rel_bias, alibi, span, ramp, G, kl, bool(need[8]), bool(need[10]))
-        g_scale = None
-        if need[4]:  # as csrc/common/autograd.cpp
-            acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-            g_scale = ((q.to(acc) * gq.to(acc)).sum() / scale_tensor.to(acc)).to(scale_tensor.dtype)
-        return (gq, gk, gv, None, g_scale, None, None, None, gb if need[8] else None, None,
-                gs if need[10] else None, None, None, None)
+_SIGNATURE = inspect.signature(fastattn.attention)
 
 
-def emulated_attention(q, k, v, *, scale=None, causal=False, window=(-1, -1), rel_bias=None,
-                       alibi_slopes=None, span=None, span_ramp=32.0, num_global=0, key_lengths=None,
-                       return_lse=False):
-    Dqk = q.shape[-1]
-    scale_tensor = scale if isinstance(scale, torch.Tensor) else None
-    if scale is None:
-        scale_f = Dqk ** -0.5 if Dqk > 0 else 1.0
-    else:
-        scale_f = 1.0 if scale_tensor is not None else float(scale)
-    # As fastattn.functional: a learnable scale with fp16/bf16 inputs runs the call in fp32.
-    out_dtype = q.dtype
-    if (scale_tensor is not None and scale_tensor.requires_grad and torch.is_grad_enabled()
-            and q.dtype in LOW_PRECISION):
-        q, k, v = q.float(), k.float(), v.float()
-    out, lse = _EmulatedAttention.apply(q, k, v, scale_f, scale_tensor, bool(causal), int(window[0]),
-                                        int(window[1]), rel_bias, alibi_slopes, span, float(span_ramp),
-                                        int(num_global), key_lengths)
-    out = out.to(out_dtype)
-    return (out, lse) if return_lse else out
+def emulated_attention(q, k, v, **options):
+    """fastattn.attention(q, k, v, **options) on the emulated CUDA kernels."""
+    bound = _SIGNATURE.bind(q, k, v, **options)
+    bound.apply_defaults()
+    return fastattn.functional._attention(torch.ops.fastattn_emu.attention.default, *bound.arguments.values())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,6 +123,13 @@ CASES = [
     # D=256: 64 / 32), three key blocks per query block
     (Case(B=1, Hq=2, Hkv=1, Sq=150, Sk=300, Dqk=128, Dv=128, dtype=BF16, causal=True, rel_bias=50), False),
     (Case(B=1, Hq=1, Hkv=1, Sq=70, Sk=150, Dqk=256, Dv=256, dtype=F16, window=(60, 60), rel_bias=20), True),
+    # logit soft-capping: with a table whose tiles are uniform and not (the backward reads a
+    # non-uniform tile's dS for the table gradient before applying the cap's derivative), with
+    # a learnable scale, a span and global tokens
+    (Case(B=1, Hq=2, Hkv=1, Sq=70, Sk=140, Dqk=32, Dv=32, dtype=F16, softcap=3.0, rel_bias=9,
+          causal=True), True),
+    (Case(**GQA, dtype=F32, softcap=0.5, scale="tensor", window=(3, 2), span="h", num_global=1), False),
+    (Case(**GQA, dtype=BF16, softcap=30.0, alibi=True, key_lengths=(47, 9)), True),
 ]
 
 
@@ -283,7 +256,7 @@ def test_split_kv_forward(emu, monkeypatch, case, parts):
         q = torch.zeros(case.B, case.Hq, case.Sq, case.Dqk, dtype=case.dtype)
         k = torch.zeros(case.B, case.Hkv, case.Sk, case.Dqk, dtype=case.dtype)
         v = torch.zeros(case.B, case.Hkv, case.Sk, case.Dv, dtype=case.dtype)
-        emu.attention(q, k, v, 1.0, None, False, -1, -1, None, None, None, 32.0, 0, None)
+        emu.attention(*attention_op_args(q, k, v, scale=1.0))
         counts[forced] = (emu.launches() - launches, emu.blocks() - blocks)
         check_emulated(case, lse_grad=forced == "1")
     split_launches, split_blocks = counts[str(parts)]
@@ -298,8 +271,8 @@ def test_split_kv_is_deterministic_and_close_to_unsplit(emu, monkeypatch):
     split result is the unsplit one up to the rounding of the merge (fp32)."""
     case = Case(B=1, Hq=2, Hkv=1, Sq=20, Sk=500, Dqk=32, Dv=32, dtype=F32, rel_bias=30, causal=True)
     inp = make_inputs(case, requires_grad=False)
-    args = lambda: (inp["q"], inp["k"], inp["v"], 0.3, None, True, -1, -1, inp["rel_bias"], None, None,
-                    32.0, 0, None)
+    args = lambda: attention_op_args(inp["q"], inp["k"], inp["v"], scale=0.3, causal=True,
+                                     rel_bias=inp["rel_bias"])
     monkeypatch.setenv("FASTATTN_CUDA_KV_SPLITS", "6")
     out1, lse1 = emu.attention(*args())
     out2, lse2 = emu.attention(*args())
@@ -321,7 +294,7 @@ def test_split_kv_heuristic(emu, monkeypatch):
         q = torch.zeros(1, 2, 1, 32, dtype=BF16)
         k = torch.zeros(1, 2, Sk, 32, dtype=BF16)
         before = emu.launches()
-        emu.attention(q, k, k, 1.0, None, False, -1, -1, None, None, None, 32.0, 0, None)
+        emu.attention(*attention_op_args(q, k, k, scale=1.0))
         return emu.launches() - before
 
     assert launches("132", 300) == 2
@@ -379,8 +352,7 @@ def test_forward_lazy_rescale(emu, monkeypatch, dtype, slack):
     q[0, 0, :, 0] = torch.tensor([1.0, -1.0, 0.02, 0.0])
     q[0, 0, 3, 1] = 25.0
     v = torch.randn(1, 1, Sk, D, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    out, lse = emu.attention(q.to(dtype), k.to(dtype), v.to(dtype), 1.0, None, False, -1, -1, None, None,
-                             None, 32.0, 0, None)
+    out, lse = emu.attention(*attention_op_args(q.to(dtype), k.to(dtype), v.to(dtype), scale=1.0))
     ref_out, ref_lse = fastattn.reference.attention(q.to(dtype).double(), k.to(dtype).double(),
                                                     v.to(dtype).double(), scale=1.0, return_lse=True)
     atol = 2e-3 if dtype == F16 else 1e-5

@@ -4,8 +4,8 @@
 // With P = exp(logits - lse) (recomputed from the forward's lse, never stored) and
 // dS = dlogits:
 //   D_i    = rowsum(dO_i * O_i) - grad_lse_i                           (kernel 1: delta)
-//   dP     = dO V^T,   dS = P * (dP - D)
-//   dV     = P^T dO,   dK = scale * dS^T Q,   dQ = scale * dS K          (kernel 2)
+//   dP     = dO V^T,   dS = P * (dP - D),   dS' = dS * (1 - tanh^2) with soft-capping, else dS
+//   dV     = P^T dO,   dK = scale * dS'^T Q,   dQ = scale * dS' K        (kernel 2)
 //   grad_rel_bias[row(d), h] += dS,  grad_span[b, h] += dS * dlogit/dspan  (kernel 2)
 //
 // Kernel 2 is FlashAttention-2's backward: one block per (key block, b * Hkv + h_kv) keeps its
@@ -270,7 +270,7 @@ __global__ void __launch_bounds__(BwdConfig<T, kD>::kThreads)
                                         p.head_dim_v, args.v_vec);
 
   const float scale = read_scale(p, args.scale_ptr);
-  const float scale_log2 = scale * kLog2e;
+  const ScoreRule rule = score_rule(p, scale);
   float acc_dk[kMB][kNB][4], acc_dv[kMB][kNB][4];
   zero_acc(acc_dk);
   zero_acc(acc_dv);
@@ -354,42 +354,62 @@ __global__ void __launch_bounds__(BwdConfig<T, kD>::kThreads)
     __syncthreads();
 
     // A: S^T = K Q^T and dP^T = V dO^T for this warp's keys x queries; P and dS into shared
-    // memory (transposed: keys x queries, the A operands of phase B).
+    // memory (transposed: keys x queries, the A operands of phase B). dK and dQ take dS times
+    // the soft-cap's derivative (ScoreRule::grad); the table and span gradients take dS itself
+    // (their terms are added after the cap). A non-uniform tile's table gradient reads dS^T
+    // from shared memory, so with a cap it is read first and dS^T rewritten after.
     {
       float acc_s[kMA][kNA][4], acc_dp[kMA][kNA][4];
       zero_acc(acc_s);
       zero_acc(acc_dp);
       warp_tile_mma<T, kMA, kNA, kD, false, BLayout::kNK>(acc_s, sK + a_key0 * kLd, kLd, sQ + a_q0 * kLd, kLd);
       warp_tile_mma<T, kMA, kNA, kD, false, BLayout::kNK>(acc_dp, sV + a_key0 * kLd, kLd, sdO + a_q0 * kLd, kLd);
+      const bool table_from_smem = want_bias_grad && !uniform;
+      const bool cap_later = rule.capped && table_from_smem;
       float tile_ds_sum = 0.f;  // this thread's dS of a uniform tile
+      // Calls visit(key, query, p, ds, cap_grad) for each of this thread's elements, in pairs
+      // of queries (store_pair), and returns the pair's values through pv / ds.
+      const auto for_each_pair = [&](auto&& visit) {
 #pragma unroll
-      for (int m = 0; m < kMA; ++m) {
+        for (int m = 0; m < kMA; ++m) {
 #pragma unroll
-        for (int n = 0; n < kNA; ++n) {
+          for (int n = 0; n < kNA; ++n) {
 #pragma unroll
-          for (int hf = 0; hf < 2; ++hf) {
-            const int key = a_key0 + m * 16 + g + 8 * hf;  // row of the accumulator: a key
-            float pv[2], ds[2];
+            for (int hf = 0; hf < 2; ++hf) {
+              const int key = a_key0 + m * 16 + g + 8 * hf;  // row of the accumulator: a key
+              const int col = a_q0 + n * 8 + 2 * t;          // its first column: a query
+              float pv[2], ds[2], cap_grad[2];
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int query = a_q0 + n * 8 + 2 * t + e;  // column: a query
-              const float qk = acc_s[m][n][2 * hf + e];
-              const float x = uniform ? fmaf(qk, scale_log2, tile_bias)
-                                      : tile_logit_log2<kBQ, kBK>(rules, s_table, query, key, qk, scale_log2);
-              pv[e] = exp2f(x - s_lse[query]);
-              ds[e] = pv[e] * (acc_dp[m][n][2 * hf + e] - s_delta[query]);
-              // Uniform tiles have no span (tile_is_uniform), so only the others contribute.
-              if (!uniform && want_span_grad && pv[e] != 0.f) {
-                span_acc += ds[e] * span_logit_grad(p, b, h, i0 + query, j0 + key);
+              for (int e = 0; e < 2; ++e) {
+                const int query = col + e;
+                const float score = rule.score(acc_s[m][n][2 * hf + e]);
+                const float x = uniform ? fmaf(score, rule.logit_log2, tile_bias)
+                                        : tile_logit_log2<kBQ, kBK>(rules, s_table, query, key, score,
+                                                                    rule.logit_log2);
+                pv[e] = exp2f(x - s_lse[query]);
+                ds[e] = pv[e] * (acc_dp[m][n][2 * hf + e] - s_delta[query]);
+                cap_grad[e] = rule.grad(score);
               }
+              visit(key, col, pv, ds, cap_grad);
             }
-            if (want_bias_grad && uniform) tile_ds_sum += ds[0] + ds[1];
-            const int col = a_q0 + n * 8 + 2 * t;
-            store_pair(sPt + key * kLdT + col, pv[0], pv[1]);
-            store_pair(sdSt + key * kLdT + col, ds[0], ds[1]);
           }
         }
-      }
+      };
+      for_each_pair([&](int key, int col, const float* pv, const float* ds, const float* cap_grad) {
+        // Uniform tiles have no span (tile_is_uniform), so only the others contribute.
+        if (!uniform && want_span_grad) {
+          for (int e = 0; e < 2; ++e) {
+            if (pv[e] != 0.f) span_acc += ds[e] * span_logit_grad(p, b, h, i0 + col + e, j0 + key);
+          }
+        }
+        if (want_bias_grad && uniform) tile_ds_sum += ds[0] + ds[1];
+        store_pair(sPt + key * kLdT + col, pv[0], pv[1]);
+        if (cap_later) {
+          store_pair(sdSt + key * kLdT + col, ds[0], ds[1]);
+        } else {
+          store_pair(sdSt + key * kLdT + col, ds[0] * cap_grad[0], ds[1] * cap_grad[1]);
+        }
+      });
       if (want_bias_grad && uniform) {  // (not edge_sums[index]: that would live in local memory)
         if (tile_bias_row == 0) {
           edge_sums[0] += tile_ds_sum;
@@ -397,12 +417,18 @@ __global__ void __launch_bounds__(BwdConfig<T, kD>::kThreads)
           edge_sums[1] += tile_ds_sum;
         }
       }
-    }
-    __syncthreads();  // P^T and dS^T are complete (each product reads other warps' parts)
-
-    if (want_bias_grad && !uniform) {  // the same for the whole block
-      float* bias_rows = args.bias_partial + (bh * args.num_k_blocks + k_block) * table_rows;
-      accumulate_rel_bias_grad<T, kBQ, kBK, kThreads>(p, sdSt, kLdT, s_diag, i0, j0, bias_rows);
+      __syncthreads();  // P^T and dS^T are complete (each product reads other warps' parts)
+      if (table_from_smem) {  // the same for the whole block
+        float* bias_rows = args.bias_partial + (bh * args.num_k_blocks + k_block) * table_rows;
+        accumulate_rel_bias_grad<T, kBQ, kBK, kThreads>(p, sdSt, kLdT, s_diag, i0, j0, bias_rows);
+      }
+      if (cap_later) {
+        __syncthreads();  // every warp has read the diagonals of dS^T
+        for_each_pair([&](int key, int col, const float*, const float* ds, const float* cap_grad) {
+          store_pair(sdSt + key * kLdT + col, ds[0] * cap_grad[0], ds[1] * cap_grad[1]);
+        });
+        __syncthreads();  // dS^T times the cap's derivative is complete
+      }
     }
 
     // B: dV += P^T dO and dK += dS^T Q for this warp's keys x dims.

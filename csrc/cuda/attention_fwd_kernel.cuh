@@ -10,7 +10,8 @@
 //      ldmatrix for half/bfloat16, CUDA-core FMAs for float32, same register layout; with two
 //      row tiles, as FlashAttention-2, every K and V fragment read from shared memory feeds two
 //      mma instructions);
-//   3. logits = scale * S + bias in base-2 units; masked pairs get -inf. Tiles where every pair
+//   3. logits = scale * S (or softcap * tanh(scale * S / softcap)) + bias in base-2 units;
+//      masked pairs get -inf. Tiles where every pair
 //      is visible with one common bias (none, or a rel_bias row every distance clamps to) skip
 //      the per-element rule (tile_is_uniform); the others look the rule up in a per-tile
 //      diagonal table (fill_tile_table / tile_logit_log2);
@@ -117,7 +118,7 @@ __global__ void __launch_bounds__(FwdConfig<T, kD>::kThreads, 1)
   const T* k_bh = args.k + b * p.k_stride_b + h_kv * p.k_stride_h;
   const T* v_bh = args.v + b * p.v_stride_b + h_kv * p.v_stride_h;
 
-  const float scale_log2 = read_scale(p, args.scale_ptr) * kLog2e;
+  const ScoreRule rule = score_rule(p, read_scale(p, args.scale_ptr));
   float acc_o[kM][kTilesO][4];
   zero_acc(acc_o);
   // Per row tile m and accumulator row half hf (rows 16m + g and 16m + g + 8): the running max
@@ -173,17 +174,18 @@ __global__ void __launch_bounds__(FwdConfig<T, kD>::kThreads, 1)
     if (warp_has_rows) {
       warp_tile_mma<T, kM, kTilesS, kD, false, BLayout::kNK>(acc_s, sQ + row0 * kLd, kLd, sK, kLd);
     }
-    // Logits in base-2 units; -inf where masked.
+    // Logits in base-2 units (soft-capped first when asked: ScoreRule); -inf where masked.
 #pragma unroll
     for (int m = 0; m < kM; ++m) {
 #pragma unroll
       for (int n = 0; n < kTilesS; ++n) {
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
-          acc_s[m][n][r] = uniform ? fmaf(acc_s[m][n][r], scale_log2, tile_bias)
+          const float score = rule.score(acc_s[m][n][r]);
+          acc_s[m][n][r] = uniform ? fmaf(score, rule.logit_log2, tile_bias)
                                    : tile_logit_log2<kBQ, kBK>(rules, table, row0 + m * 16 + g + 8 * (r / 2),
-                                                               n * 8 + 2 * t + (r % 2), acc_s[m][n][r],
-                                                               scale_log2);
+                                                               n * 8 + 2 * t + (r % 2), score,
+                                                               rule.logit_log2);
         }
       }
     }

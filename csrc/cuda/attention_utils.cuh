@@ -717,23 +717,44 @@ FA_DEVICE void fill_tile_table(const AttentionParams& p, int64_t b, int64_t h, i
   }
 }
 
-// The base-2 logit of tile element (r, c): log2(e) * (scale * q.k + bias), or -inf when the
-// pair is masked (including rows past Sq, which tiles pad with zeros), bit for bit what
-// pair_bias gives.
+// The base-2 logit of tile element (r, c): score * logit_log2 + log2(e) * bias (ScoreRule:
+// log2(e) * (scale * q.k + bias) without soft-capping), or -inf when the pair is masked
+// (including rows past Sq, which tiles pad with zeros), bit for bit what pair_bias gives.
 template <int kBQ, int kBK>
-FA_DEVICE float tile_logit_log2(const TileRules& rules, const float* table, int r, int c, float qk,
-                                float scale_log2) {
+FA_DEVICE float tile_logit_log2(const TileRules& rules, const float* table, int r, int c, float score,
+                                float logit_log2) {
   constexpr int kSlots = TileTable<kBQ, kBK>::kSlots;
   if (r >= rules.rows_valid || c >= rules.cols_valid) return -INFINITY;
   const int slot = r - c + kBK - 1;
   const float bias = (r < rules.global_rows || c < rules.global_cols) ? table[kSlots + slot] : table[slot];
-  return bias == -INFINITY ? -INFINITY : fmaf(qk, scale_log2, bias);
+  return bias == -INFINITY ? -INFINITY : fmaf(score, logit_log2, bias);
 }
 
 // The scale: the 0-dim scale tensor's value when given (read on the device, so a learnable
 // temperature costs no host sync), else the float argument.
 FA_DEVICE float read_scale(const AttentionParams& p, const float* scale_ptr) {
   return scale_ptr != nullptr ? *scale_ptr : p.scale;
+}
+
+// How a product q.k enters the base-2 logit rule (tile_logit_log2 and the uniform-tile fmaf):
+// as `score(qk)` times `logit_log2`. Without soft-capping that is qk times scale * log2(e);
+// with it (p.softcap = c > 0), tanh(scale * qk / c) times c * log2(e), i.e. the capped score
+// c * tanh(scale * q.k / c) in base 2, before any bias. `grad(score(qk))` is the cap's
+// derivative 1 - tanh^2 by which the backward multiplies dS for dK and dQ.
+struct ScoreRule {
+  bool capped;
+  float in_scale;    // scale / c
+  float logit_log2;  // c * log2(e), or scale * log2(e)
+  FA_DEVICE float score(float qk) const { return capped ? tanhf(qk * in_scale) : qk; }
+  FA_DEVICE float grad(float score) const { return capped ? 1.f - score * score : 1.f; }
+};
+
+FA_DEVICE ScoreRule score_rule(const AttentionParams& p, float scale) {
+  ScoreRule r;
+  r.capped = p.softcap > 0.f;
+  r.in_scale = r.capped ? scale / p.softcap : 0.f;
+  r.logit_log2 = (r.capped ? p.softcap : scale) * kLog2e;
+  return r;
 }
 
 }  // namespace cuda_attn
