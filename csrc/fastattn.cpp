@@ -13,6 +13,7 @@
 
 #include "common/attention_args.h"
 #include "common/build_info.h"
+#include "common/cuda_tuning.h"
 
 TORCH_LIBRARY(fastattn, m) {
   // ---- rotary embedding -------------------------------------------------------------------
@@ -37,6 +38,8 @@ TORCH_LIBRARY(fastattn, m) {
   // attention(<args>) -> (out, lse) and attention_backward: their schemas, argument struct and
   // checks are in common/attention_args.{h,cpp}.
   fastattn::define_attention_ops(m);
+  // The CUDA kernels' switches for tests and profiling (common/cuda_tuning.h).
+  fastattn::define_cuda_tuning_ops(m);
 
   // ---- build information ------------------------------------------------------------------
   m.def("build_info() -> str", [] { return std::string(fastattn::build_info_string()); });

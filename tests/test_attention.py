@@ -538,12 +538,12 @@ def test_cuda_backward_many_key_blocks(causal):
          device="cuda"),
     Case(B=1, Hq=8, Hkv=1, Sq=1, Sk=2500, Dqk=64, Dv=64, dtype=F32, scale="tensor", device="cuda"),
 ], ids=case_id)
-def test_cuda_split_kv_forward(monkeypatch, case, parts):
-    """Split-KV forward (FASTATTN_CUDA_KV_SPLITS: 0 = the host's choice, 1 = off, more parts
-    than key tiles = empty parts) and GQA decode steps folded into query rows, on the GPU:
-    out, lse and gradients against both references."""
-    monkeypatch.setenv("FASTATTN_CUDA_KV_SPLITS", parts)
-    check_case(case, lse_grad=True)
+def test_cuda_split_kv_forward(case, parts):
+    """Split-KV forward (kv_splits: 0 = the host's choice, 1 = off, more parts than key tiles =
+    empty parts) and GQA decode steps folded into query rows, on the GPU: out, lse and
+    gradients against both references."""
+    with fastattn.tuning.cuda_tuning(kv_splits=int(parts)):
+        check_case(case, lse_grad=True)
 
 
 def test_autograd_records_only_when_needed():

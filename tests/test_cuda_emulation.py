@@ -144,22 +144,20 @@ def test_emulated_kernels_match_reference(emu, case, lse_grad):
     check_emulated(case, lse_grad)
 
 
+def emu_tuning(**switches):
+    """fastattn.tuning.cuda_tuning for the emulated kernels."""
+    return fastattn.tuning.cuda_tuning(**switches, ops=torch.ops.fastattn_emu)
+
+
 @random_settings(12)
-@given(drawn=attention_cases("emu"), parts=st.sampled_from(["", "1", "2", "3", "7"]))
+@given(drawn=attention_cases("emu"), parts=st.sampled_from([0, 1, 2, 3, 7]))
 def test_random_calls(emu, drawn, parts):
     """Random shapes, head dims, dtypes, layouts and option combinations
-    (tests/attention_strategies.py), with the forward's split-KV part count drawn too ("": the
+    (tests/attention_strategies.py), with the forward's split-KV part count drawn too (0: the
     host's choice); FASTATTN_RANDOM_EXAMPLES=N explores N fresh ones."""
     case, lse_grad = drawn
-    before = os.environ.get("FASTATTN_CUDA_KV_SPLITS")
-    os.environ["FASTATTN_CUDA_KV_SPLITS"] = parts
-    try:
+    with emu_tuning(kv_splits=parts):
         check_emulated(case, lse_grad)
-    finally:
-        if before is None:
-            del os.environ["FASTATTN_CUDA_KV_SPLITS"]
-        else:
-            os.environ["FASTATTN_CUDA_KV_SPLITS"] = before
 
 
 def test_empty_rows(emu):
@@ -191,18 +189,18 @@ def test_backward_is_deterministic(emu, monkeypatch):
         assert torch.equal(runs[0][key], runs[2][key]), f"{key} differs with the blocks in reverse order"
 
 
-def test_unordered_dq_diagnostic(emu, monkeypatch):
-    """FASTATTN_CUDA_UNORDERED_DQ=1 (for profiling what the turns cost) only drops the waits
-    and the fence: the emulator runs blocks in index order, so the shares still arrive in turn
-    order and every result is bitwise the ordered one."""
+def test_unordered_dq_diagnostic(emu):
+    """unordered_dq (a profiling switch: what the turns cost) only drops the waits and the
+    fence: the emulator runs blocks in index order, so the shares still arrive in turn order
+    and every result is bitwise the ordered one."""
     case = Case(B=1, Hq=4, Hkv=2, Sq=150, Sk=200, Dqk=32, Dv=32, dtype=F16, causal=True, rel_bias=20)
     inp = make_inputs(case)
     grad_out = torch.randn(case.B, case.Hq, case.Sq, case.Dv, generator=torch.Generator().manual_seed(3)).to(case.dtype)
     ordered = run_attention(emulated_attention, clone_inputs(inp), case, grad_out)
-    monkeypatch.setenv("FASTATTN_CUDA_UNORDERED_DQ", "1")
-    unordered = run_attention(emulated_attention, clone_inputs(inp), case, grad_out)
+    with emu_tuning(unordered_dq=True):
+        unordered = run_attention(emulated_attention, clone_inputs(inp), case, grad_out)
     for key in ("out", "lse", "grad_q", "grad_k", "grad_v", "grad_rel_bias"):
-        assert torch.equal(ordered[key], unordered[key]), f"{key} differs with FASTATTN_CUDA_UNORDERED_DQ=1"
+        assert torch.equal(ordered[key], unordered[key]), f"{key} differs with unordered_dq"
 
 
 def test_gqa_group_split(emu, monkeypatch):
@@ -244,57 +242,57 @@ SPLIT_CASES = [
 
 
 @pytest.mark.parametrize("case,parts", SPLIT_CASES, ids=[f"{case_id(c)}-parts{n}" for c, n in SPLIT_CASES])
-def test_split_kv_forward(emu, monkeypatch, case, parts):
+def test_split_kv_forward(emu, case, parts):
     """The forward with each query block's key tiles split over `parts` blocks (their fp32
     partial O and lse merged by the combine kernel in part order) matches the reference, with
     its gradients (the backward runs on the merged out and lse); unsplit, the same call makes
     one launch fewer (no combine) and runs parts-times fewer forward blocks."""
     counts = {}
-    for forced in (str(parts), "1"):
-        monkeypatch.setenv("FASTATTN_CUDA_KV_SPLITS", forced)
-        launches, blocks = emu.launches(), emu.blocks()
-        q = torch.zeros(case.B, case.Hq, case.Sq, case.Dqk, dtype=case.dtype)
-        k = torch.zeros(case.B, case.Hkv, case.Sk, case.Dqk, dtype=case.dtype)
-        v = torch.zeros(case.B, case.Hkv, case.Sk, case.Dv, dtype=case.dtype)
-        emu.attention(*attention_op_args(q, k, v, scale=1.0))
-        counts[forced] = (emu.launches() - launches, emu.blocks() - blocks)
-        check_emulated(case, lse_grad=forced == "1")
-    split_launches, split_blocks = counts[str(parts)]
-    launches, blocks = counts["1"]
+    for forced in (parts, 1):
+        with emu_tuning(kv_splits=forced):
+            launches, blocks = emu.launches(), emu.blocks()
+            q = torch.zeros(case.B, case.Hq, case.Sq, case.Dqk, dtype=case.dtype)
+            k = torch.zeros(case.B, case.Hkv, case.Sk, case.Dqk, dtype=case.dtype)
+            v = torch.zeros(case.B, case.Hkv, case.Sk, case.Dv, dtype=case.dtype)
+            emu.attention(*attention_op_args(q, k, v, scale=1.0))
+            counts[forced] = (emu.launches() - launches, emu.blocks() - blocks)
+            check_emulated(case, lse_grad=forced == 1)
+    split_launches, split_blocks = counts[parts]
+    launches, blocks = counts[1]
     assert split_launches == launches + 1 == 2, counts
     combine_blocks = -(-case.B * case.Hq * case.Sq // 8)  # one warp per row, 8 rows a block
     assert split_blocks == parts * blocks + combine_blocks, counts
 
 
-def test_split_kv_is_deterministic_and_close_to_unsplit(emu, monkeypatch):
+def test_split_kv_is_deterministic_and_close_to_unsplit(emu):
     """The parts are merged in a fixed order: the same call twice is bitwise the same; and the
     split result is the unsplit one up to the rounding of the merge (fp32)."""
     case = Case(B=1, Hq=2, Hkv=1, Sq=20, Sk=500, Dqk=32, Dv=32, dtype=F32, rel_bias=30, causal=True)
     inp = make_inputs(case, requires_grad=False)
     args = lambda: attention_op_args(inp["q"], inp["k"], inp["v"], scale=0.3, causal=True,
                                      rel_bias=inp["rel_bias"])
-    monkeypatch.setenv("FASTATTN_CUDA_KV_SPLITS", "6")
-    out1, lse1 = emu.attention(*args())
-    out2, lse2 = emu.attention(*args())
+    with emu_tuning(kv_splits=6):
+        out1, lse1 = emu.attention(*args())
+        out2, lse2 = emu.attention(*args())
     assert torch.equal(out1, out2) and torch.equal(lse1, lse2)
-    monkeypatch.setenv("FASTATTN_CUDA_KV_SPLITS", "1")
-    out0, lse0 = emu.attention(*args())
+    with emu_tuning(kv_splits=1):
+        out0, lse0 = emu.attention(*args())
     torch.testing.assert_close(out1, out0, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(lse1, lse0, atol=2e-6, rtol=1e-6)
 
 
 def test_split_kv_heuristic(emu, monkeypatch):
-    """Without FASTATTN_CUDA_KV_SPLITS the host splits only a grid that leaves the GPU's block
-    slots idle, and only with enough keys (>= 128 a part): a 300-key decode step on 132 SMs
-    splits (one launch more: the combine), on 1 SM it does not; a 60-key call never does."""
-    monkeypatch.delenv("FASTATTN_CUDA_KV_SPLITS", raising=False)
+    """Left to its own choice (kv_splits=0) the host splits only a grid that leaves the GPU's
+    block slots idle, and only with enough keys (>= 128 a part): a 300-key decode step on 132
+    SMs splits (one launch more: the combine), on 1 SM it does not; a 60-key call never does."""
 
     def launches(sms, Sk):
         monkeypatch.setenv("FASTATTN_EMU_SMS", sms)
         q = torch.zeros(1, 2, 1, 32, dtype=BF16)
         k = torch.zeros(1, 2, Sk, 32, dtype=BF16)
         before = emu.launches()
-        emu.attention(*attention_op_args(q, k, k, scale=1.0))
+        with emu_tuning(kv_splits=0):
+            emu.attention(*attention_op_args(q, k, k, scale=1.0))
         return emu.launches() - before
 
     assert launches("132", 300) == 2
@@ -318,31 +316,29 @@ DECODE_CASES = [
 
 @pytest.mark.parametrize("parts", (1, 3), ids=("unsplit", "parts3"))
 @pytest.mark.parametrize("case,folded", DECODE_CASES, ids=[case_id(c) for c, _ in DECODE_CASES])
-def test_decode_step_group_folded_into_rows(emu, monkeypatch, case, folded, parts):
+def test_decode_step_group_folded_into_rows(emu, case, folded, parts):
     """A GQA/MQA decode step whose query heads share every rule runs as one head with `group`
     query rows (one forward block per kv head and part instead of one per query head and
     part); it and the unfolded steps match the reference, with gradients, split or not."""
-    monkeypatch.setenv("FASTATTN_CUDA_KV_SPLITS", str(parts))
     inp = make_inputs(case, requires_grad=False)
-    before = emu.blocks()
     options = {name: value for name, value in inp.items() if name not in ("q", "k", "v")}
-    emulated_attention(inp["q"], inp["k"], inp["v"], **options, **case.options())
-    combine_blocks = -(-case.B * case.Hq // 8) if parts > 1 else 0  # one warp per output row
-    expected_blocks = parts * case.B * (case.Hkv if folded else case.Hq) + combine_blocks
-    assert emu.blocks() - before == expected_blocks
-    check_emulated(case, lse_grad=True)
+    with emu_tuning(kv_splits=parts):
+        before = emu.blocks()
+        emulated_attention(inp["q"], inp["k"], inp["v"], **options, **case.options())
+        combine_blocks = -(-case.B * case.Hq // 8) if parts > 1 else 0  # one warp per output row
+        expected_blocks = parts * case.B * (case.Hkv if folded else case.Hq) + combine_blocks
+        assert emu.blocks() - before == expected_blocks
+        check_emulated(case, lse_grad=True)
 
 
-@pytest.mark.parametrize("slack", ("", "0"), ids=("slack8", "slack0"))
+@pytest.mark.parametrize("slack", (8.0, 0.0), ids=("slack8", "slack0"))
 @pytest.mark.parametrize("dtype", (F16, F32), ids=("float16", "float32"))
-def test_forward_lazy_rescale(emu, monkeypatch, dtype, slack):
+def test_forward_lazy_rescale(emu, dtype, slack):
     """The forward rescales a row's output only when a tile's logits exceed the row's reference
-    max by more than 2^8 in exp2 terms (FASTATTN_CUDA_RESCALE_SLACK=0, a profiling switch:
-    whenever the max grows). Rows whose logits grow steadily (a rescale every tile), shrink
+    max by more than 2^8 in exp2 terms (rescale_slack=0, a profiling switch: whenever the max
+    grows). Rows whose logits grow steadily (a rescale every tile), shrink
     (none after the first), grow slowly (P up to 2^8 without a rescale: fp16 P must not
     overflow), or jump once by a lot, all match the reference."""
-    monkeypatch.setenv("FASTATTN_CUDA_KV_SPLITS", "1")
-    monkeypatch.setenv("FASTATTN_CUDA_RESCALE_SLACK", slack)
     Sk, D = 300, 16
     j = torch.arange(Sk, dtype=torch.float64)
     k = torch.zeros(1, 1, Sk, D, dtype=torch.float64)
@@ -352,7 +348,8 @@ def test_forward_lazy_rescale(emu, monkeypatch, dtype, slack):
     q[0, 0, :, 0] = torch.tensor([1.0, -1.0, 0.02, 0.0])
     q[0, 0, 3, 1] = 25.0
     v = torch.randn(1, 1, Sk, D, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    out, lse = emu.attention(*attention_op_args(q.to(dtype), k.to(dtype), v.to(dtype), scale=1.0))
+    with emu_tuning(kv_splits=1, rescale_slack=slack):
+        out, lse = emu.attention(*attention_op_args(q.to(dtype), k.to(dtype), v.to(dtype), scale=1.0))
     ref_out, ref_lse = fastattn.reference.attention(q.to(dtype).double(), k.to(dtype).double(),
                                                     v.to(dtype).double(), scale=1.0, return_lse=True)
     atol = 2e-3 if dtype == F16 else 1e-5

@@ -34,6 +34,7 @@
 #include "common/attention_args.h"
 #include "common/attention_params.h"
 #include "common/checks.h"
+#include "common/cuda_tuning.h"
 #include "common/dispatch.h"
 
 namespace fastattn {
@@ -200,22 +201,6 @@ bool fold_group_into_rows(Prepared& in) {
   return true;
 }
 
-// FASTATTN_CUDA_KV_SPLITS=N (read per call; tests and profiling): N split-KV parts per query
-// block whatever the grid, 1 to turn splitting off. Unset or 0: kv_splits' choice.
-int64_t forced_kv_splits() {
-  const char* s = std::getenv("FASTATTN_CUDA_KV_SPLITS");
-  return s == nullptr ? 0 : std::max<int64_t>(0, std::strtoll(s, nullptr, 10));
-}
-
-// The forward's lazy-rescale slack (base 2, see attention_fwd_kernel.cuh): 8, or
-// FASTATTN_CUDA_RESCALE_SLACK (read per call, clamped to [0, 8]; profiling only: 0 rescales
-// whenever a row's max grows, as a classic online softmax).
-float rescale_slack() {
-  const char* s = std::getenv("FASTATTN_CUDA_RESCALE_SLACK");
-  if (s == nullptr || s[0] == '\0') return 8.f;
-  return std::min(8.f, std::max(0.f, std::strtof(s, nullptr)));
-}
-
 // How many blocks share each query block's key tiles (split-KV). FlashAttention-2's rule: none
 // when the grid already fills most of the GPU's block slots; otherwise the fewest parts whose
 // last wave of blocks is nearly as full (>= 85%) as the best count's, with at least
@@ -260,7 +245,8 @@ void run_forward(const DeviceContext& ctx, const Prepared& in, at::Tensor& out, 
   a.lse = lse.data_ptr<float>();
   a.scale_ptr = in.scale_ptr;
   a.num_q_blocks = ceil_div(p.seqlen_q, Cfg::kBlockQ);
-  a.rescale_slack = rescale_slack();
+  const CudaTuning tuning = cuda_tuning();  // tests and profiling (common/cuda_tuning.h)
+  a.rescale_slack = static_cast<float>(tuning.rescale_slack);
   a.q_vec = vector_friendly(in.q);
   a.k_vec = vector_friendly(in.k);
   a.v_vec = vector_friendly(in.v);
@@ -268,7 +254,7 @@ void run_forward(const DeviceContext& ctx, const Prepared& in, at::Tensor& out, 
   // Block slots of the GPU: two blocks of up to 4 warps fit an SM (<= 255 registers a thread).
   const int64_t slots = ctx.multiprocessors() * (Cfg::kThreads <= 128 ? 2 : 1);
   const int64_t blocks = a.num_q_blocks * p.batch * p.heads_q;
-  const int64_t forced = forced_kv_splits();
+  const int64_t forced = tuning.kv_splits;
   a.num_splits = forced > 0 ? forced
                             : kv_splits(blocks, ceil_div(p.seqlen_k, Cfg::kBlockK), Cfg::kBlockK, slots);
   const int64_t rows = p.batch * p.heads_q * p.seqlen_q;
@@ -402,12 +388,10 @@ void run_backward(const DeviceContext& ctx, const Prepared& in, BackwardTensors&
   a.dq_accum = dq_accum.data_ptr<float>();
   a.dq_turns = dq_turns.data_ptr<int>();
   a.block_tickets = a.dq_turns + B * Hq * num_q_blocks;
-  // FASTATTN_CUDA_UNORDERED_DQ=1 (a diagnostic, read per call): the key blocks add their dQ
-  // shares without waiting for their turns (and without the fence before passing them), as a
-  // non-deterministic kernel would, so that a profile can put a number on what the fixed order
-  // costs. Gradients then are not bitwise reproducible; never set it otherwise.
-  const char* unordered = std::getenv("FASTATTN_CUDA_UNORDERED_DQ");
-  a.dq_in_turns = unordered == nullptr || unordered[0] == '\0' || unordered[0] == '0';
+  // A profiling switch (common/cuda_tuning.h) drops the dQ turns (and the fence before
+  // passing them), as a non-deterministic kernel would; gradients are then not bitwise
+  // reproducible.
+  a.dq_in_turns = !cuda_tuning().unordered_dq;
   a.dk = mutable_data_of<T>(bt.dk);
   a.dv = mutable_data_of<T>(bt.dv);
   a.bias_partial = nullptr;

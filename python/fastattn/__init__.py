@@ -44,6 +44,7 @@ from . import reference  # noqa: E402
 from .functional import attention, rotary  # noqa: E402
 from . import functional  # noqa: E402
 from . import nn  # noqa: E402
+from . import tuning  # noqa: E402
 
 
 OP_NAMES = ("rotary", "rotary_", "rotary_backward", "attention", "attention_backward")
@@ -64,4 +65,4 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["attention", "rotary", "functional", "reference", "nn", "ops", "build_info"]
+__all__ = ["attention", "rotary", "functional", "reference", "nn", "ops", "tuning", "build_info"]

@@ -1,5 +1,5 @@
-// C++ (libtorch) check of the attention op through the dispatcher, as a C++ user would call it:
-// forward and gradients (the op's autograd kernel is registered in C++,
+// C++ (libtorch) check of the attention op through the dispatcher, as a C++ user calls it
+// (fastattn::attention with an AttentionArgs, common/attention_args.h): forward and gradients (the op's autograd kernel is registered in C++,
 // csrc/common/autograd.cpp), compared with dense ATen arithmetic and its autograd: causal GQA
 // with a learned relative-position table and a learnable scale. Exit code 0 = pass.
 #include <ATen/ATen.h>
@@ -9,22 +9,21 @@
 #include <cstdio>
 #include <optional>
 
-namespace {
+#include "common/attention_args.h"
 
-using OptTensor = std::optional<at::Tensor>;
+namespace {
 
 std::tuple<at::Tensor, at::Tensor> call_attention(const at::Tensor& q, const at::Tensor& k,
                                                   const at::Tensor& v, const at::Tensor& scale,
                                                   const at::Tensor& table) {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fastattn::attention", "")
-          .typed<std::tuple<at::Tensor, at::Tensor>(
-              const at::Tensor&, const at::Tensor&, const at::Tensor&, double, const OptTensor&,
-              bool, int64_t, int64_t, const OptTensor&, const OptTensor&, const OptTensor&,
-              double, int64_t, const OptTensor&)>();
-  return op.call(q, k, v, /*scale=*/1.0, scale, /*causal=*/true, -1, -1, table, std::nullopt,
-                 std::nullopt, /*span_ramp=*/32.0, /*num_global=*/0, std::nullopt);
+  fastattn::AttentionArgs args;  // every option at its default
+  args.q = q;
+  args.k = k;
+  args.v = v;
+  args.scale_tensor = scale;
+  args.causal = true;
+  args.rel_bias = table;
+  return fastattn::attention(args);
 }
 
 // Dense attention: query i at position i + Sk - Sq, key j at j, d = pos_q - j; causal keeps

@@ -7,9 +7,11 @@
 #include <torch/library.h>
 
 #include "common/attention_args.h"
+#include "common/cuda_tuning.h"
 
 TORCH_LIBRARY(fastattn_emu, m) {
   fastattn::define_attention_ops(m);
+  fastattn::define_cuda_tuning_ops(m);
   m.def("launches() -> int", [] { return fastattn::cuda_attn::g_launches; });
   m.def("blocks() -> int", [] { return fastattn::cuda_attn::g_blocks; });
   m.def("barriers() -> int", [] { return fastattn_emulation::g_barriers; });
