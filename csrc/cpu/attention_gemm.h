@@ -9,13 +9,13 @@
 //
 // Register blocking: 3 rows of A times four vectors of B (32 floats / 16 doubles on AVX2) per
 // micro-tile: 12 accumulators + 3 broadcasts + 1 B vector = 16 ymm registers. Per k step:
-// 4 vector loads (folded into the FMAs), 3 broadcasts, 12 FMAs. Measured on the development
-// machine (AMD EPYC, AVX2 split into 128-bit halves) this 3x4 shape runs ~15% faster than the
+// 4 vector loads (folded into the FMAs), 3 broadcasts, 12 FMAs. Measured on a 2-core AMD EPYC
+// VM (AVX2 executed as 128-bit halves) this 3x4 shape runs ~15% faster than the
 // classic 6x2 (6 broadcasts per 12 FMAs: broadcasts compete with the FMAs for FP ports);
 // column tails use 6x2 and 8x1 tiles.
 //
 // Why our own kernel and not at::mm_out: ATen's internal cpublas::gemm is not exported, and on
-// the development machine (AMD EPYC, AVX2, torch linked against MKL) at::mm_out on attention
+// a 2-core AMD EPYC VM (AVX2, torch linked against MKL) at::mm_out on attention
 // tiles (256x64 @ 64x512 and 64x64 @ 64x64, one thread) runs at ~15 GFLOP/s, 35 us per 64^3
 // call including the dispatcher, while this micro-kernel runs the 128x64 @ 64x32 tiles of the
 // kernels at ~36 GFLOP/s of CPU time (the machine's measured FMA peak: 38.6 GFLOP/s per core).
