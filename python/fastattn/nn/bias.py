@@ -1,4 +1,4 @@
-"""Learned relative-position bias (the seeds' ``RelativePositionalBias``, fixed)."""
+"""Learned relative-position bias: a table of one value per (clamped) distance and head."""
 
 from __future__ import annotations
 

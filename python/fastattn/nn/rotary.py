@@ -112,14 +112,13 @@ def givens_pairs(head_dim: int, n_rotations: int) -> torch.Tensor:
 
 
 class GivensRotaryEmbedding(RotaryEmbedding):
-    """The seeds' ``CombinedRotaryEmbedding`` done right.
+    """A learned rotation followed by RoPE, with gradients for every learned part.
 
     A chain of ``n_rotations`` Givens rotations with learned angles ``thetas``, followed by a
-    learned matrix ``rotation_matrix`` (the seeds' ``RotationLayer``, init identity), both
-    collapsed into one ``(head_dim, head_dim)`` matrix ``M = G_0 G_1 ... G_{n-1} W`` that the
-    kernel applies before RoPE: ``y = rope(x @ M)``. The angles enter through ``torch.cos``/
-    ``torch.sin`` so they get gradients (the seeds used ``math.cos``), and ``inv_freq`` is
-    learned by default.
+    learned matrix ``rotation_matrix`` (initialized to the identity), both collapsed into one
+    ``(head_dim, head_dim)`` matrix ``M = G_0 G_1 ... G_{n-1} W`` that the kernel applies
+    before RoPE: ``y = rope(x @ M)``. The angles enter through ``torch.cos``/``torch.sin`` so
+    they get gradients, and ``inv_freq`` is learned by default.
 
     Args:
         head_dim: last dim of the inputs; must be even.

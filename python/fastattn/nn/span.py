@@ -1,4 +1,4 @@
-"""Adaptive-span attention and the seeds' hybrid local/global attention, done right."""
+"""Adaptive-span attention and hybrid local/global attention with a predicted span."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ class AdaptiveSpanAttention(MultiheadAttention):
 
 
 class HybridAttention(nn.Module):
-    """The seeds' hybrid local/global attention, trainable end to end.
+    """Hybrid local/global attention with a predicted span, trainable end to end.
 
     1. global branch: ``g = attn_global(ln_global(x))``, full (optionally causal) attention;
     2. span predictor: ``span = max_span * sigmoid(span_pred(mean_s g))``, ``(B, n_head)``
@@ -102,11 +102,11 @@ class HybridAttention(nn.Module):
        ``span_ramp``); the static window ``ceil(max_span + span_ramp)`` only bounds it;
     4. ``out = projection(cat([l, g], -1))``.
 
-    Unlike the seeds (``int(... .item())`` window sizes, a Python loop over chunks), nothing
-    leaves the graph: the predictor gets gradients through the kernel's span gradient, and
-    the module compiles with ``fullgraph=True``.
+    Nothing leaves the graph (no ``.item()`` window sizes, no Python loop over chunks): the
+    predictor gets gradients through the kernel's span gradient, and the module compiles with
+    ``fullgraph=True``.
 
-    Note: the span is pooled over the whole sequence (the seeds' design), so with
+    Note: the span is pooled over the whole sequence (one span per sequence), so with
     ``causal=True`` the local branch of an early position depends (through ``n_head``
     numbers) on later positions, and incremental decoding is not supported.
 
