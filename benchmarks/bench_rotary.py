@@ -1,53 +1,70 @@
-"""Benchmark fastattn.rotary against the seeds' rotary formula (eager and torch.compile) and a
-plain copy_ of the same tensor, in one run.
+"""Benchmark fastattn.rotary against the eager rotary formula that reads interleaved pairs and
+writes the two halves (eager and torch.compile) and a plain copy_ of the same tensor, in one run.
 
-    PYTHONPATH=python python benchmarks/bench_rotary.py                  # B=4 H=32 S=2048 D=128 fp32
-    PYTHONPATH=python python benchmarks/bench_rotary.py --device cuda --dtype bfloat16
-    PYTHONPATH=python python benchmarks/bench_rotary.py --record benchmarks/results/cpu.md
+    python benchmarks/bench_rotary.py                  # B=4 H=32 S=2048 D=128 float32, CPU
+    python benchmarks/bench_rotary.py --quick          # smoke run, S=256
+    python benchmarks/bench_rotary.py --device cuda --dtype bfloat16
+    python benchmarks/bench_rotary.py --record benchmarks/results/cpu.md
 
 What is timed (x is (B, H, S, D); angles from inv_freq at positions 0..S-1):
-  fastattn fwd          fastattn.rotary(x, inv_freq=..., interleaved=...)  (new output)
-  fastattn fwd inplace  the same with inplace=True (no allocation)
-  fastattn fwd+bwd      forward, then the gradient of x for a given grad_out
-  eager seed fwd(+bwd)  the seeds' RotaryEmbedding.rotate_queries_or_keys formula, eager
-  compiled seed ...     the same function through torch.compile
-  copy_                 out.copy_(x) into a preallocated tensor: the bandwidth yardstick
+  fastattn fwd            fastattn.rotary(x, inv_freq=..., interleaved=...)  (new output)
+  fastattn fwd inplace    the same with inplace=True (no allocation)
+  fastattn fwd+bwd        forward, then the gradient of x for a given grad_out
+  eager formula fwd(+bwd) the pairs-to-halves formula (pairs_to_halves below), eager: x's
+                          interleaved pairs (x[..., ::2], x[..., 1::2]) rotated and written as
+                          the two halves of the output
+  compiled formula ...    the same function through torch.compile
+  copy_                   out.copy_(x) into a preallocated tensor: the bandwidth yardstick
 GB/s counts the bytes a fused kernel must move: read x + write y (forward), plus read
 grad_out + write grad_x (backward).
 
 On CUDA each call is timed alone (latency: CUDA events around one call after a synchronize,
 so the host's time before the launch counts), and the bandwidth cases are also timed back to
 back (throughput: 20 queued calls between two events, as in a training loop; rows marked
-"back to back"). The issue asks for forward *throughput*, so the GPU bandwidth targets use the
+"back to back"). The GPU bandwidth target is about forward throughput, so it uses the
 back-to-back rows; the per-call ratios are printed for information. On CPU calls are
-synchronous and there is one timing per case.
+synchronous and there is one timing per case. Each ratio is given from the medians (the
+figure checked) and, for reference on a noisy machine, from the minimums.
 
-Targets (issue 2): fwd+bwd >= 10x faster than eager and >= 2x faster than torch.compile of the
-seeds' formula; forward throughput >= 50% of copy_ (CPU) or >= 70% (GPU).
+Targets (benchmarks/targets.py): cpu_rotary_fwd_bwd_vs_eager, cpu_rotary_fwd_bwd_vs_compiled
+(printed for information on CUDA), cpu_rotary_fwd_vs_copy (CPU) or cuda_rotary_fwd_vs_copy.
 """
 from __future__ import annotations
 
-import argparse
-import datetime
 import os
-import subprocess
 import sys
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from common import gbps, markdown_table, peak_memory, time_back_to_back, time_fn  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (Check, Report, gbps, load_fastattn, make_parser, parse_args, peak_memory, run,  # noqa: E402
+                    time_back_to_back, time_fn, timing)
+from targets import TARGETS  # noqa: E402
 
-try:
-    import fastattn  # noqa: E402
-except ImportError:  # a source checkout without PYTHONPATH=python
-    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "python"))
-    import fastattn  # noqa: E402
+COPY, CLONE, FWD, INPLACE, FWD_BWD = ("copy_ (x -> preallocated)", "clone (allocate + copy)", "fastattn fwd",
+                                      "fastattn fwd inplace", "fastattn fwd+bwd")
+B2B = " (back to back)"
 
 
-def seed_rotary(x, inv_freq):
-    """The seeds' formula on (B, H, S, D): reads interleaved pairs, writes the two halves."""
+def parse(argv=None):
+    p = make_parser(__doc__, warmup=3, repeats=10, quick="S=256")
+    p.add_argument("--B", type=int, default=4)
+    p.add_argument("--H", type=int, default=32)
+    p.add_argument("--S", type=int, default=2048)
+    p.add_argument("--D", type=int, default=128)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
+    p.add_argument("--half-split", action="store_true",
+                   help="time fastattn with the half-split (GPT-NeoX) layout; default interleaved, "
+                        "the layout the eager formula reads")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    args = parse_args(p, argv)
+    if args.quick:
+        args.S = min(args.S, 256)
+    return args
+
+
+def pairs_to_halves(x, inv_freq):
+    """Rotary on (B, H, S, D): reads interleaved pairs, writes the two halves."""
     pos = torch.arange(x.shape[2], device=x.device, dtype=inv_freq.dtype)
     sinusoid_inp = torch.einsum("i , j -> i j", pos, inv_freq)
     sin = sinusoid_inp.sin()[None, None, :, :].to(x.dtype)
@@ -56,195 +73,118 @@ def seed_rotary(x, inv_freq):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
-def _commit() -> str:
-    root = os.path.dirname(HERE)
-    try:
-        out = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
-        sha = out.stdout.strip() if out.returncode == 0 else ""
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain"], capture_output=True,
-                               text=True, timeout=10).stdout.strip()
-        if not sha:
-            return "uncommitted"
-        return sha + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--B", type=int, default=4)
-    p.add_argument("--H", type=int, default=32)
-    p.add_argument("--S", type=int, default=2048)
-    p.add_argument("--D", type=int, default=128)
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--half-split", action="store_true",
-                   help="time fastattn with the half-split (GPT-NeoX) layout; default interleaved, "
-                        "as the seeds read pairs")
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    p.add_argument("--record", metavar="FILE.md", help="append the table (date, commit, command) to FILE.md")
-    args = p.parse_args(argv)
-
-    dev = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
-    B, H, S, D = args.B, args.H, args.S, args.D
-    interleaved = not args.half_split
+def build_cases(args, fastattn) -> list:
+    """[(name, fn, bytes moved)], after printing fastattn's largest difference to the formula."""
+    dev, dtype, interleaved = args.dev, getattr(torch, args.dtype), not args.half_split
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(B, H, S, D, generator=gen).to(dev, dtype)
-    grad_out = torch.randn(B, H, S, D, generator=gen).to(dev, dtype)
-    inv_freq = (1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))).to(dev)
-    xg = x.clone().requires_grad_(True)
-    x_inplace = x.clone()
-    copy_dst = torch.empty_like(x)
+    x, grad_out = (torch.randn(args.B, args.H, args.S, args.D, generator=gen).to(dev, dtype) for _ in range(2))
+    inv_freq = (1.0 / (10000 ** (torch.arange(0, args.D, 2, dtype=torch.float32) / args.D))).to(dev)
+    xg, x_inplace, copy_dst = x.clone().requires_grad_(True), x.clone(), torch.empty_like(x)
     nbytes = x.numel() * x.element_size()
-    timing = dict(device=dev, warmup=args.warmup, repeats=args.repeats)
 
     def fa_fwd():
         return fastattn.rotary(x, inv_freq=inv_freq, interleaved=interleaved)
 
-    def fa_fwd_inplace():
-        return fastattn.rotary(x_inplace, inv_freq=inv_freq, interleaved=interleaved, inplace=True)
-
-    def fa_fwd_bwd():
-        y = fastattn.rotary(xg, inv_freq=inv_freq, interleaved=interleaved)
-        return torch.autograd.grad(y, xg, grad_out)
-
     def eager_fwd():
         with torch.no_grad():
-            return seed_rotary(x, inv_freq)
+            return pairs_to_halves(x, inv_freq)
 
-    def eager_fwd_bwd():
-        return torch.autograd.grad(seed_rotary(xg, inv_freq), xg, grad_out)
-
-    def copy():
-        return copy_dst.copy_(x)
-
-    def clone():
-        return x.clone()
-
-    compiled = None if args.no_compile else torch.compile(seed_rotary)
-
-    def compiled_fwd():
-        with torch.no_grad():
-            return compiled(x, inv_freq)
-
-    def compiled_fwd_bwd():
-        return torch.autograd.grad(compiled(xg, inv_freq), xg, grad_out)
-
-    # Check the fused result against the eager formula before timing anything.
     with torch.no_grad():
-        got = fa_fwd()
         if interleaved:
+            got = fa_fwd()
             got = torch.cat([got[..., 0::2], got[..., 1::2]], dim=-1)
             err = (got.float() - eager_fwd().float()).abs().max().item()
-            print(f"max |fastattn - seed formula| = {err:.3g}", flush=True)
+            print(f"max |fastattn - pairs-to-halves formula| = {err:.3g}", flush=True)
 
-    cases = [  # (name, fn, bytes moved)
-        ("copy_ (x -> preallocated)", copy, 2 * nbytes),
-        ("clone (allocate + copy)", clone, 2 * nbytes),
-        ("fastattn fwd", fa_fwd, 2 * nbytes),
-        ("fastattn fwd inplace", fa_fwd_inplace, 2 * nbytes),
-        ("fastattn fwd+bwd", fa_fwd_bwd, 4 * nbytes),
-        ("eager seed fwd", eager_fwd, 2 * nbytes),
-        ("eager seed fwd+bwd", eager_fwd_bwd, 4 * nbytes),
+    cases = [
+        (COPY, lambda: copy_dst.copy_(x), 2 * nbytes),
+        (CLONE, lambda: x.clone(), 2 * nbytes),
+        (FWD, fa_fwd, 2 * nbytes),
+        (INPLACE, lambda: fastattn.rotary(x_inplace, inv_freq=inv_freq, interleaved=interleaved, inplace=True),
+         2 * nbytes),
+        (FWD_BWD, lambda: torch.autograd.grad(fastattn.rotary(xg, inv_freq=inv_freq, interleaved=interleaved),
+                                              xg, grad_out), 4 * nbytes),
+        ("eager formula fwd", eager_fwd, 2 * nbytes),
+        ("eager formula fwd+bwd", lambda: torch.autograd.grad(pairs_to_halves(xg, inv_freq), xg, grad_out),
+         4 * nbytes),
     ]
-    if compiled is not None:
-        cases += [("compiled seed fwd", compiled_fwd, 2 * nbytes),
-                  ("compiled seed fwd+bwd", compiled_fwd_bwd, 4 * nbytes)]
+    if not args.no_compile:
+        compiled = torch.compile(pairs_to_halves)
 
-    # Each case is warmed up and then timed over consecutive repeats, as it runs in a training
-    # loop. (Not round-robin: on VMs that hand freed memory back to the host, e.g. Firecracker
-    # with free page reporting, an allocation made seconds after a large free pays host page
-    # faults, which would charge the other cases' frees to whichever case runs next.)
-    timings = {name: time_fn(fn, **timing) for name, fn, _ in cases}
+        def compiled_fwd():
+            with torch.no_grad():
+                return compiled(x, inv_freq)
+
+        cases += [("compiled formula fwd", compiled_fwd, 2 * nbytes),
+                  ("compiled formula fwd+bwd", lambda: torch.autograd.grad(compiled(xg, inv_freq), xg, grad_out),
+                   4 * nbytes)]
+    return cases
+
+
+def measure(args, cases: list) -> tuple:
+    """{name: Timing} and the table rows. Each case is warmed up and then timed over
+    consecutive repeats, as it runs in a training loop. (Not round-robin: on VMs that hand
+    freed memory back to the host, e.g. Firecracker with free page reporting, an allocation
+    made seconds after a large free pays host page faults, which would charge the other cases'
+    frees to whichever case runs next.)"""
+    timings = {name: time_fn(fn, **timing(args)) for name, fn, _ in cases}
     rows = []
     for name, fn, moved in cases:
-        t = timings[name]
-        mem = peak_memory(fn, device=dev)
-        rows.append([name, t.median_ms, t.min_ms, gbps(moved, t.median_ms),
-                     None if mem is None else mem / 2**20])
+        t, mem = timings[name], peak_memory(fn, device=args.dev)
+        rows.append([name, t.median_ms, t.min_ms, gbps(moved, t.median_ms), None if mem is None else mem / 2**20])
         print(f"  {name:28s} {t}  {gbps(moved, t.median_ms):7.2f} GB/s", flush=True)
-    b2b = " (back to back)"
-    if dev.type == "cuda":
-        for name, fn, moved in cases[:4]:  # copy_, clone, fastattn fwd, fastattn fwd inplace
-            t = time_back_to_back(fn, **timing)
-            timings[name + b2b] = t
-            rows.append([name + b2b, t.median_ms, t.min_ms, gbps(moved, t.median_ms), None])
-            print(f"  {name + b2b:28s} {t}  {gbps(moved, t.median_ms):7.2f} GB/s", flush=True)
+    if args.cuda:  # throughput of copy_, clone and the two forwards
+        for name, fn, moved in cases[:4]:
+            t = timings[name + B2B] = time_back_to_back(fn, **timing(args))
+            rows.append([name + B2B, t.median_ms, t.min_ms, gbps(moved, t.median_ms), None])
+            print(f"  {name + B2B:28s} {t}  {gbps(moved, t.median_ms):7.2f} GB/s", flush=True)
+    return timings, rows
 
-    # Each target as a ratio of medians (the figure that counts) and, for reference on a noisy
-    # shared machine, of minimums (the least disturbed runs).
-    def speedup(base, ours):
-        return (timings[base].median_ms / timings[ours].median_ms,
-                timings[base].min_ms / timings[ours].min_ms)
 
-    bw_target = 0.7 if dev.type == "cuda" else 0.5
-    checks = [("fwd+bwd speedup vs eager seed formula", speedup("eager seed fwd+bwd", "fastattn fwd+bwd"), 10.0)]
-    if compiled is not None:
-        checks.append(("fwd+bwd speedup vs torch.compile(seed formula)",
-                       speedup("compiled seed fwd+bwd", "fastattn fwd+bwd"), 2.0))
+def checks(args, timings: dict) -> list:
+    def check(target, base, ours, label, info=False):
+        med = timings[base].median_ms / timings[ours].median_ms
+        return Check(TARGETS[target], med, label, timings[base].min_ms / timings[ours].min_ms, info)
+
+    out = [check("cpu_rotary_fwd_bwd_vs_eager", "eager formula fwd+bwd", FWD_BWD,
+                 "fwd+bwd speedup vs the eager formula", info=args.cuda)]
+    if "compiled formula fwd+bwd" in timings:
+        out.append(check("cpu_rotary_fwd_bwd_vs_compiled", "compiled formula fwd+bwd", FWD_BWD,
+                         "fwd+bwd speedup vs torch.compile(formula)", info=args.cuda))
     # Same bytes moved, so the bandwidth ratio is the inverse time ratio.
-    # On CUDA the targets use the back-to-back (throughput) timings; the per-call ratios follow
-    # for information.
-    sfx = b2b if dev.type == "cuda" else ""
-    checks += [
-        ("fwd bandwidth / copy_ bandwidth" + sfx, speedup("copy_ (x -> preallocated)" + sfx, "fastattn fwd" + sfx), bw_target),
-        ("fwd inplace bandwidth / copy_ bandwidth" + sfx, speedup("copy_ (x -> preallocated)" + sfx, "fastattn fwd inplace" + sfx), bw_target),
-        ("fwd bandwidth / clone bandwidth (both allocate)" + sfx, speedup("clone (allocate + copy)" + sfx, "fastattn fwd" + sfx), bw_target),
-    ]
-    per_call = set()
-    if dev.type == "cuda":
-        per_call = {"fwd bandwidth / copy_ bandwidth (per call)", "fwd inplace bandwidth / copy_ bandwidth (per call)"}
-        checks += [
-            ("fwd bandwidth / copy_ bandwidth (per call)", speedup("copy_ (x -> preallocated)", "fastattn fwd"), bw_target),
-            ("fwd inplace bandwidth / copy_ bandwidth (per call)", speedup("copy_ (x -> preallocated)", "fastattn fwd inplace"), bw_target),
-        ]
-    # The speedup targets are the issue's 2-core CPU targets; on a GPU only the bandwidth one is
-    # set, so there the speedups are shown for information.
-    cpu_only = {"fwd+bwd speedup vs eager seed formula", "fwd+bwd speedup vs torch.compile(seed formula)"} | per_call
-    ratio_rows = [[name, med, mn, f">= {target:g}" + (" (CPU)" if name in cpu_only and name not in per_call else ""),
-                   "info" if dev.type == "cuda" and name in cpu_only else ("met" if med >= target else "MISSED")]
-                  for name, (med, mn), target in checks]
+    bw, sfx = ("cuda_rotary_fwd_vs_copy", B2B) if args.cuda else ("cpu_rotary_fwd_vs_copy", "")
+    out += [check(bw, COPY + sfx, FWD + sfx, "fwd bandwidth / copy_ bandwidth" + sfx),
+            check(bw, COPY + sfx, INPLACE + sfx, "fwd inplace bandwidth / copy_ bandwidth" + sfx),
+            check(bw, CLONE + sfx, FWD + sfx, "fwd bandwidth / clone bandwidth (both allocate)" + sfx)]
+    if args.cuda:
+        out += [check(bw, COPY, FWD, "fwd bandwidth / copy_ bandwidth (per call)", info=True),
+                check(bw, COPY, INPLACE, "fwd inplace bandwidth / copy_ bandwidth (per call)", info=True)]
+    return out
 
-    dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    header = (f"B={B} H={H} S={S} D={D} {args.dtype}, {'interleaved' if interleaved else 'half-split'}, "
-              f"inv_freq angles, positions 0..S-1; {dev_name}; torch {torch.__version__}")
-    table = markdown_table(["what", "median ms", "min ms", "GB/s", "peak MiB"], rows)
-    ratios = markdown_table(["target", "measured (medians)", "(minimums)", "needed", ""], ratio_rows)
-    note = ""
-    if dev.type == "cpu" and os.environ.get("FASTATTN_CPU_OUTPUT_CACHE") == "0":
-        note = "note: run with FASTATTN_CPU_OUTPUT_CACHE=0: every large fastattn output is fresh memory."
-    elif dev.type == "cpu":
-        note = ("note: fastattn's large CPU outputs come from its cache of released buffers "
-                "(csrc/cpu/output_buffers.cpp; FASTATTN_CPU_OUTPUT_CACHE=0 turns it off), so after the "
-                "warm-up its output memory is reused, like copy_'s preallocated destination, and its "
-                "peak column does not count it.")
-    print()
-    print(header)
-    print(table)
-    print()
-    print(ratios)
-    if note:
-        print(note)
 
-    if args.record:
-        cmd = "python " + " ".join([os.path.relpath(__file__, os.path.dirname(HERE))] + (argv if argv is not None else sys.argv[1:]))
-        stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-        new_file = not os.path.exists(args.record)
-        with open(args.record, "a") as f:
-            if new_file:
-                f.write(f"# Benchmark results: {dev.type}\n")
-            f.write(f"\n## rotary — {stamp}\n\n")
-            f.write(f"commit: {_commit()}  \ncommand: `{cmd}`  \n{header}\n\n")
-            f.write(table + "\n\n" + ratios + "\n")
-            if note:
-                f.write("\n" + note + "\n")
-        print(f"\nappended to {args.record}")
+def build_report(args, timings: dict, rows: list) -> Report:
+    report = Report("rotary", f"B={args.B} H={args.H} S={args.S} D={args.D} {args.dtype}, "
+                              f"{'half-split' if args.half_split else 'interleaved'}, inv_freq angles, "
+                              f"positions 0..S-1", args.dev)
+    report.table(["what", "median ms", "min ms", "GB/s", "peak MiB"], rows)
+    report.checks(checks(args, timings), default_shape=(args.B, args.H, args.S, args.D) == (4, 32, 2048, 128))
+    if not args.cuda and os.environ.get("FASTATTN_CPU_OUTPUT_CACHE") == "0":
+        report.note("run with FASTATTN_CPU_OUTPUT_CACHE=0: every large fastattn output is fresh memory.")
+    elif not args.cuda:
+        report.note("fastattn's large CPU outputs come from its cache of released buffers "
+                    "(csrc/cpu/output_buffers.cpp; FASTATTN_CPU_OUTPUT_CACHE=0 turns it off), so after the "
+                    "warm-up its output memory is reused, like copy_'s preallocated destination, and its "
+                    "peak column does not count it.")
+    return report
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    cases = build_cases(args, load_fastattn())
+    timings, rows = measure(args, cases)
+    build_report(args, timings, rows).emit(args)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -1,14 +1,15 @@
-"""Where the CUDA attention (and rotary) time goes, kernel by kernel (torch.profiler), for the
-issue-3 shape (and issue 2's rotary shape):
+"""Where the CUDA attention (and rotary) time goes, kernel by kernel (torch.profiler), at
+bench_attention.py's CUDA shape (B=2 H=16 S=4096 D=128 bfloat16, table (511, 16)) and
+bench_rotary.py's (4, 32, 2048, 128) bfloat16:
 
     python benchmarks/gpu/profile_attention.py [--S 4096] [--D 128]
 
 Runs fastattn.attention forward and forward+backward with the learned table (the table's
 gradient on), once more with the backward's dQ turns switched off (FASTATTN_CUDA_UNORDERED_DQ:
 what the deterministic order costs) and the forward with its lazy rescale off
-(FASTATTN_CUDA_RESCALE_SLACK=0: what it saves), without the table, and SDPA's flash backend for scale,
-and prints the summed CUDA time of each kernel per call. A diagnostic for a lent GPU, not a benchmark of record (that is
-benchmarks/bench_attention.py).
+(FASTATTN_CUDA_RESCALE_SLACK=0: what it saves), without the table, and SDPA's flash backend
+for scale, and prints the summed CUDA time of each kernel per call. A diagnostic, not a
+benchmark of record (that is benchmarks/bench_attention.py).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 import fastattn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from common import with_env  # noqa: E402  (benchmarks/common.py)
+from common import with_tuning  # noqa: E402  (benchmarks/common.py)
 
 
 def kernel_times(fn, iters: int = 5) -> dict:
@@ -42,8 +43,8 @@ def kernel_times(fn, iters: int = 5) -> dict:
     return dict(sorted(per_kernel.items(), key=lambda kv: -kv[1]))
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
+def parse():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--B", type=int, default=2)
     ap.add_argument("--H", type=int, default=16)
     ap.add_argument("--S", type=int, default=4096)
@@ -51,14 +52,17 @@ def main() -> int:
     ap.add_argument("--max-dist", type=int, default=256)
     ap.add_argument("--once", action="store_true",
                     help="one forward+backward with the table and nothing else (for ncu)")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def build_cases(args) -> dict:
+    """{name: fn} of the calls to profile."""
     B, H, S, D = args.B, args.H, args.S, args.D
     dev, dt = "cuda", torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)
     q, k, v = (torch.randn(B, H, S, D, device=dev, dtype=dt, generator=g).requires_grad_() for _ in range(3))
     table = (0.1 * torch.randn(2 * args.max_dist - 1, H, device=dev, generator=g)).requires_grad_()
     grad_out = torch.randn(B, H, S, D, device=dev, dtype=dt, generator=g)
-    flops_fwd = 4 * B * H * S * S * D
 
     def fwd(bias):
         with torch.no_grad():
@@ -72,12 +76,12 @@ def main() -> int:
     def fwd_bwd_unordered_dq():
         # The diagnostic switch of the CUDA backward (attention_api.cu): no dQ turns, so the
         # difference to "fastattn fwd+bwd, table" is what the bitwise-reproducible order costs.
-        return with_env("FASTATTN_CUDA_UNORDERED_DQ", "1", lambda: fwd_bwd(True))
+        return with_tuning(lambda: fwd_bwd(True), unordered_dq=True)
 
     def fwd_classic_rescale():
         # The forward's lazy rescale switched off (rescale whenever a row's max grows): the
         # difference to "fastattn fwd, table" is what it saves.
-        return with_env("FASTATTN_CUDA_RESCALE_SLACK", "0", lambda: fwd(True))
+        return with_tuning(lambda: fwd(True), rescale_slack=0.0)
 
     def sdpa_fwd_bwd():
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
@@ -85,13 +89,11 @@ def main() -> int:
             return torch.autograd.grad(out, [q, k, v], grad_out)
 
     if args.once:
-        fwd_bwd(True)
-        torch.cuda.synchronize()
-        return 0
+        return {"fastattn fwd+bwd, table": lambda: fwd_bwd(True)}
     xr = torch.randn(4, 32, 2048, 128, device=dev, dtype=dt, generator=g)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, 128, 2, device=dev, dtype=torch.float32) / 128))
     copy_dst = torch.empty_like(xr)
-    cases = {
+    return {
         "rotary fwd bf16 (4, 32, 2048, 128)": lambda: fastattn.rotary(xr, inv_freq=inv_freq),
         "copy_ of the same tensor": lambda: copy_dst.copy_(xr),
         "fastattn fwd, table": lambda: fwd(True),
@@ -102,23 +104,38 @@ def main() -> int:
         "fastattn fwd+bwd, no bias": lambda: fwd_bwd(False),
         "SDPA flash fwd+bwd": sdpa_fwd_bwd,
     }
-    print(f"B={B} H={H} S={S} D={D} bf16; {torch.cuda.get_device_name()}")
-    for name, fn in cases.items():
-        times = kernel_times(fn)
-        total = sum(times.values())
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(20):
-            fn()
-        end.record()
+
+
+def profile_case(name: str, fn, flops_fwd: float) -> None:
+    """Print the case's kernel times (torch.profiler) and its time per call (20 calls between
+    two CUDA events)."""
+    times = kernel_times(fn)
+    total = sum(times.values())
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    print(f"\n{name}: {total:.3f} ms of kernels per call, {start.elapsed_time(end) / 20:.3f} ms per call")
+    for kname, ms in times.items():
+        if ms > 0.005:
+            tf = ""
+            if "fwd" in kname or "forward" in kname:
+                tf = f"  ({flops_fwd / ms / 1e9:.0f} TFLOP/s at fwd flops)"
+            print(f"  {ms:8.3f} ms  {kname}{tf}")
+
+
+def main() -> int:
+    args = parse()
+    cases = build_cases(args)
+    if args.once:
+        next(iter(cases.values()))()
         torch.cuda.synchronize()
-        print(f"\n{name}: {total:.3f} ms of kernels per call, {start.elapsed_time(end) / 20:.3f} ms per call")
-        for kname, ms in times.items():
-            if ms > 0.005:
-                tf = ""
-                if "fwd" in kname or "forward" in kname:
-                    tf = f"  ({flops_fwd / ms / 1e9:.0f} TFLOP/s at fwd flops)"
-                print(f"  {ms:8.3f} ms  {kname}{tf}")
+        return 0
+    print(f"B={args.B} H={args.H} S={args.S} D={args.D} bf16; {torch.cuda.get_device_name()}")
+    for name, fn in cases.items():
+        profile_case(name, fn, 4 * args.B * args.H * args.S * args.S * args.D)
     return 0
 
 

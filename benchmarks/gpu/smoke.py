@@ -1,5 +1,5 @@
-"""First minute of a lent-GPU session: do the CUDA attention kernels finish, agree with the
-float64 reference and repeat bitwise? Run before the long stages (session.sh `smoke`, which
+"""A minute's check of a fresh CUDA build: do the CUDA attention kernels finish, agree with the
+float64 reference and repeat bitwise? Run before the long stages (run_all.sh `smoke`, which
 also puts a time limit on it), so that a hang or a wrong result shows up at once:
 
     python benchmarks/gpu/smoke.py

@@ -1,5 +1,5 @@
 """`python -m fastattn`: build info, a self-check of every op against fastattn.reference, and a
-short benchmark of each op against its PyTorch peers.
+short benchmark of each op against its PyTorch peers (median ms and the ratio to fastattn).
 
     python -m fastattn                 # all three, on CUDA if available else CPU
     python -m fastattn --quick         # smaller benchmark shapes
@@ -206,6 +206,37 @@ def _plot(rows, cfg, path: str):
     fig.savefig(path, dpi=120)
 
 
+def _print_build(device: str) -> None:
+    info = fastattn.build_info()
+    print("== build")
+    for key in ("fastattn", "torch", "library", "cuda", "cuda_archs", "cpu_isa", "compiler"):
+        print(f"  {key:10s} {info[key]}")
+    print(f"  {'device':10s} {device}" + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else ""))
+    print("  ops        " + ", ".join(f"{n} [{'/'.join(d) or 'no kernel'}]" for n, d in info["ops"].items()))
+
+
+def _print_self_check(device: str) -> tuple[int, int]:
+    """Print the self-check's table; returns the number of failed cases."""
+    print(f"== self-check against fastattn.reference ({device}, float32, forward + backward)")
+    results = self_check(device)
+    for name, ok, err, tol in results:
+        print(f"  {'PASS' if ok else 'FAIL'}  {name}  (max err {err:.2e}, tol {tol:.0e})")
+    return sum(not ok for _, ok, _, _ in results), len(results)
+
+
+def _print_benchmark(rows, cfg) -> None:
+    """The benchmark table: op, implementation, median ms, and time / fastattn's time for the
+    same op (above 1: fastattn is faster)."""
+    print(f"== benchmark ({cfg['device']}, {cfg['dtype']}, S={cfg['S']}, H={cfg['H']}, D={cfg['D']}; median ms)")
+    ours = {op: ms for op, impl, ms in rows if impl == "fastattn"}
+    w_op = max(len(op) for op, _, _ in rows)
+    w_impl = max(len("implementation"), *(len(impl) for _, impl, _ in rows))
+    print(f"  | {'op':{w_op}s} | {'implementation':{w_impl}s} | {'ms':>9s} | {'time / fastattn':>16s} |")
+    print(f"  |{'-' * (w_op + 2)}|{'-' * (w_impl + 2)}|{'-' * 11}|{'-' * 18}|")
+    for op, impl, ms in rows:
+        print(f"  | {op:{w_op}s} | {impl:{w_impl}s} | {ms:9.2f} | {ms / ours.get(op, float('nan')):16.2f} |")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fastattn", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -215,32 +246,15 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", metavar="PNG", help="save the benchmark table as a chart")
     args = ap.parse_args(argv)
 
-    info = fastattn.build_info()
-    print("== build")
-    for key in ("fastattn", "torch", "library", "cuda", "cuda_archs", "cpu_isa", "compiler"):
-        print(f"  {key:10s} {info[key]}")
-    print(f"  {'device':10s} {args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""))
-    print("  ops        " + ", ".join(f"{n} [{'/'.join(d) or 'no kernel'}]" for n, d in info["ops"].items()))
-
-    print(f"== self-check against fastattn.reference ({args.device}, float32, forward + backward)")
-    results = self_check(args.device)
-    for name, ok, err, tol in results:
-        print(f"  {'PASS' if ok else 'FAIL'}  {name}  (max err {err:.2e}, tol {tol:.0e})")
-    failed = sum(not ok for _, ok, _, _ in results)
-
+    _print_build(args.device)
+    failed, total = _print_self_check(args.device)
     if not args.no_bench:
         rows, cfg = benchmark(args.device, args.quick)
-        print(f"== benchmark ({cfg['device']}, {cfg['dtype']}, S={cfg['S']}, H={cfg['H']}, D={cfg['D']}; median ms)")
-        w_op = max(len(op) for op, _, _ in rows)
-        w_impl = max(len("implementation"), *(len(impl) for _, impl, _ in rows))
-        print(f"  | {'op':{w_op}s} | {'implementation':{w_impl}s} | {'ms':>9s} |")
-        print(f"  |{'-' * (w_op + 2)}|{'-' * (w_impl + 2)}|{'-' * 11}|")
-        for op, impl, ms in rows:
-            print(f"  | {op:{w_op}s} | {impl:{w_impl}s} | {ms:9.2f} |")
+        _print_benchmark(rows, cfg)
         if args.plot:
             _plot(rows, cfg, args.plot)
             print(f"  chart saved to {args.plot}")
-    print(f"== self-check: {len(results) - failed} of {len(results)} cases passed")
+    print(f"== self-check: {total - failed} of {total} cases passed")
     return 1 if failed else 0
 
 
