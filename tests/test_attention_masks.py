@@ -1,4 +1,4 @@
-"""fastattn.attention's window / global-token / adaptive-span options (issue 4), alone and with
+"""fastattn.attention's window / global-token / adaptive-span options, alone and with
 everything else (causal, rel_bias, alibi, GQA, key_lengths, Sq != Sk, return_lse): forward and
 gradients (span included) against fastattn.reference.attention and, independently, against
 F.scaled_dot_product_attention with the dense mask / additive log-mask built in conftest.py;

@@ -65,14 +65,16 @@ def distances(Sq, Sk):
 
 
 def naive_attention(q, k, v, *, scale, causal=False, window=(-1, -1), bias=None, span=None,
-                    ramp=32.0, key_lengths=None):
-    """softmax(scale q k^T + bias) over the allowed keys; with a span, the weights are
+                    ramp=32.0, key_lengths=None, softcap=0.0):
+    """softmax(cap(scale q k^T) + bias) over the allowed keys; with a span, the weights are
     multiplied by the soft mask and renormalized."""
     B, H, Sq, _ = q.shape
     Sk = k.shape[2]
     grp = torch.arange(H) // (H // k.shape[1])
     k, v = k[:, grp], v[:, grp]
     logits = torch.einsum("bhqd,bhkd->bhqk", q, k) * scale
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
     if bias is not None:
         logits = logits + bias
     d = distances(Sq, Sk)
@@ -145,7 +147,7 @@ def naive_mha(m, x, xa=None, span=None, ramp=32.0, key_lengths=None):
         bias = bias - m.alibi_slopes[:, None, None] * d.abs()
     scale = m.head_dim ** -0.5 if m.log_scale is None else torch.exp(m.log_scale)
     o = naive_attention(q, k, v, scale=scale, causal=m.causal, window=m.window, bias=bias,
-                        span=span, ramp=ramp, key_lengths=key_lengths)
+                        span=span, ramp=ramp, key_lengths=key_lengths, softcap=m.softcap)
     return lin(merge(o), m.out_proj)
 
 
@@ -277,6 +279,8 @@ MHA_CONFIGS = {
     "alibi-temp-window": dict(n_kv_head=2, alibi=True, learnable_temperature=True, window=(2, 1)),
     "all": dict(n_kv_head=2, rotary="rope", interleaved=True, learned_freq=True, causal=True,
                 window=(3, -1), rel_bias_max_dist=3, alibi=True, learnable_temperature=True),
+    "softcap-relbias-temp": dict(n_kv_head=2, causal=True, softcap=0.7, rel_bias_max_dist=3,
+                                 learnable_temperature=True),
 }
 
 
@@ -630,7 +634,9 @@ BAD = [
     (lambda: fnn.MultiheadAttention(20, 4, rotary="rope"), ValueError, "even head_dim"),
     (lambda: fnn.MultiheadAttention(32, 4, rotary="alibi"), ValueError, "rotary must be one of"),
     (lambda: fnn.MultiheadAttention(32, 4, window=(-2, 0)), ValueError, "window"),
-    (lambda: fnn.MultiheadAttention(32, 4, window=5), ValueError, "window"),
+    (lambda: fnn.MultiheadAttention(32, 4, window=5), TypeError, "window"),
+    (lambda: fnn.MultiheadAttention(32, 4, softcap=-2.0), ValueError, "softcap"),
+    (lambda: fnn.MultiheadAttention(32, 4, softcap="3"), TypeError, "softcap"),
     (lambda: fnn.MultiheadAttention(32, 4, impl="cuda"), ValueError, "impl"),
     (lambda: fnn.MultiheadAttention(32, 0), ValueError, "n_head"),
     (lambda: fnn.MultiheadAttention(32.0, 4), TypeError, "d_model"),

@@ -1,4 +1,5 @@
-"""fastattn.rotary: every option against reference.py (float64), against the seeds' formula,
+"""fastattn.rotary: every option against reference.py (float64), against the common eager formula
+(interleaved pairs in, halves out),
 gradients (gradcheck in float64), torch.library.opcheck, torch.compile, odd shapes, strided
 inputs, in-place, and every bad input the public function must reject.
 
@@ -282,12 +283,12 @@ def test_empty_inputs(device):
 
 
 # ---------------------------------------------------------------------------------------------
-# the seeds' formula
+# the eager formula that reads interleaved pairs and writes halves
 # ---------------------------------------------------------------------------------------------
-def seed_rotary(x_bshd, inv_freq):
-    """The seeds' RotaryEmbedding.rotate_queries_or_keys on (B, S, H, D) input: it reads
-    interleaved pairs (x[..., ::2], x[..., 1::2]) and writes the two halves. (The seed builds the
-    positions with an int64 arange; here they are float so that the einsum runs.)"""
+def eager_rotary(x_bshd, inv_freq):
+    """A common eager rotary formula on (B, S, H, D) input (rotate_queries_or_keys): it reads
+    interleaved pairs (x[..., ::2], x[..., 1::2]) and writes the two halves. (Positions are float
+    so that the einsum runs.)"""
     pos = torch.arange(x_bshd.shape[1], device=x_bshd.device, dtype=inv_freq.dtype)
     sinusoid_inp = torch.einsum("i , j -> i j", pos, inv_freq)
     sin = sinusoid_inp.sin()[None, :, None, :]
@@ -297,16 +298,17 @@ def seed_rotary(x_bshd, inv_freq):
 
 
 def deinterleave(y):
-    """Our interleaved output, rearranged as the seed writes it (rotated firsts, then seconds)."""
+    """Our interleaved output, rearranged as the eager formula writes it (rotated firsts, then
+    seconds)."""
     return torch.cat([y[..., 0::2], y[..., 1::2]], dim=-1)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("with_rotation", [False, True])
-def test_matches_seed_formula(device, with_rotation):
-    """interleaved=True computes the seeds' rotation (our output keeps the interleaved layout);
-    with a rotation matrix it is the seeds' RotationLayer applied first. Values and gradients,
-    float64 seed formula vs the fused float32 kernel."""
+def test_matches_eager_formula(device, with_rotation):
+    """interleaved=True computes the eager formula's rotation (our output keeps the interleaved
+    layout); with a rotation matrix, x @ rotation is applied first. Values and gradients, the
+    float64 eager formula vs the fused float32 kernel."""
     B, S, H, D = 2, 11, 3, 16
     g = torch.Generator().manual_seed(7)
     x64 = torch.randn(B, S, H, D, generator=g, dtype=torch.float64)
@@ -316,8 +318,8 @@ def test_matches_seed_formula(device, with_rotation):
 
     xs = x64.clone().requires_grad_(True)
     rs = rot64.clone().requires_grad_(True)
-    inp = torch.matmul(xs, rs) if with_rotation else xs     # seed: RotationLayer, then rotary
-    want = seed_rotary(inp, inv64)
+    inp = torch.matmul(xs, rs) if with_rotation else xs     # the rotation layer, then rotary
+    want = eager_rotary(inp, inv64)
     want.backward(gout)
 
     xf = x64.float().to(device).requires_grad_(True)
@@ -326,10 +328,10 @@ def test_matches_seed_formula(device, with_rotation):
                         rotation=rf if with_rotation else None)              # (B, H, S, D)
     got = deinterleave(y).transpose(1, 2)                                    # (B, S, H, D), halves
     got.backward(gout.float().to(device))
-    assert_close("out vs seed", got, want, torch.float32)
-    assert_close("grad_x vs seed", xf.grad, xs.grad, torch.float32)
+    assert_close("out vs eager formula", got, want, torch.float32)
+    assert_close("grad_x vs eager formula", xf.grad, xs.grad, torch.float32)
     if with_rotation:
-        assert_close("grad_rotation vs seed", rf.grad, rs.grad, torch.float32)
+        assert_close("grad_rotation vs eager formula", rf.grad, rs.grad, torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,17 +455,17 @@ def test_direct_op_calls_are_checked():
     x = torch.randn(2, 2, 4, 8)
     inv = torch.rand(4)
     cos, sin = torch.randn(5, 4), torch.randn(5, 4)
-    with pytest.raises(RuntimeError, match="rotary_dim"):
+    with pytest.raises(ValueError, match="rotary_dim"):
         ops.rotary(x, inv, None, None, None, None, 0, False, 7)
-    with pytest.raises(RuntimeError, match="inv_freq"):
+    with pytest.raises(ValueError, match="inv_freq"):
         ops.rotary(x, torch.rand(3), None, None, None, None, 0, False, 8)
-    with pytest.raises(RuntimeError, match="positions"):
+    with pytest.raises(ValueError, match="positions"):
         ops.rotary(x, None, cos, sin, torch.tensor([0, 1, 2, 5]), None, 0, False, 8)
-    with pytest.raises(RuntimeError, match="offset"):
+    with pytest.raises(ValueError, match="offset"):
         ops.rotary(x, None, cos, sin, None, None, 2, False, 8)
-    with pytest.raises(RuntimeError, match="rotation"):
+    with pytest.raises(ValueError, match="rotation"):
         ops.rotary(x, inv, None, None, None, torch.eye(7), 0, False, 8)
-    with pytest.raises(RuntimeError, match="grad_out"):
+    with pytest.raises(ValueError, match="grad_out"):
         ops.rotary_backward(torch.randn(2, 2, 4, 7), x, inv, None, None, None, None, 0, False, 8,
                             [True, True, False, False])
     with pytest.raises(RuntimeError):
@@ -504,13 +506,14 @@ def _op_arguments(draw):
 def test_op_level_calls_run_or_fail_in_the_checks(device, data):
     """A direct torch.ops call (no Python validation) with arguments bent in any way either runs
     (out of x's shape, its backward and the in-place variant too, no NaN from finite inputs) or
-    fails in fastattn's own C++ checks: a RuntimeError whose message starts with "fastattn:",
+    fails in fastattn's own C++ checks: a ValueError or TypeError (or, for what a device cannot
+    do, a RuntimeError) whose message starts with "fastattn:",
     not an ATen error from inside a kernel, nor a crash or an out-of-bounds read."""
     args = {n: a.to(device) if isinstance(a, torch.Tensor) else a for n, a in data.draw(_op_arguments()).items()}
     values = list(args.values())
     try:
         out = ops.rotary(*values)
-    except RuntimeError as e:
+    except (ValueError, TypeError, RuntimeError) as e:
         assert str(e).startswith("fastattn:"), f"rejected outside fastattn's checks: {str(e).splitlines()[0]}"
         return
     x = args["x"]
@@ -607,14 +610,14 @@ def test_cuda_out_of_table_positions_give_nan():
 @pytest.mark.cuda
 def test_cuda_float64_is_rejected():
     x = torch.randn(1, 1, 2, 4, dtype=torch.float64, device="cuda")
-    with pytest.raises(RuntimeError, match="float64"):
+    with pytest.raises(TypeError, match="float64"):
         fastattn.rotary(x, inv_freq=torch.rand(2, dtype=torch.float64, device="cuda"))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_large_outputs_live_on_the_input_device(device):
     """Outputs of 8 MiB and more (the CPU output cache's threshold) come back on x's device and
-    right: an earlier build handed CUDA kernels a cached host buffer (an illegal address)."""
+    right: a cached host buffer handed to a CUDA kernel would be an illegal address."""
     shape = (2, 8, 1040, 128)  # just over 8 MiB of float32
     g = torch.Generator().manual_seed(11)
     x = torch.randn(shape, generator=g).to(device).requires_grad_()

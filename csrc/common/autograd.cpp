@@ -281,13 +281,13 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
 // The Autograd kernel of `attention` (boxed: it reads the call's stack, whatever its options).
 // The arguments are checked here first, so that a call mixing devices is refused before the
 // dispatcher can route it to the fake (meta) kernel.
-void attention_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet, Stack* stack) {
+void attention_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys, Stack* stack) {
   const size_t first = stack->size() - AttentionArgs::kNumArgs;
   const AttentionArgs args = AttentionArgs::from_stack(*stack, first);
   if (!args.has_symbolic_shapes()) args.check();
   if (!records_grad(stack->data() + first, AttentionArgs::kNumArgs)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    op.callBoxed(stack);
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
     return;
   }
   const Stack call(stack->begin() + first, stack->end());

@@ -2,9 +2,9 @@
 //
 // A memory-bound op such as rotary writes its output once. When that output is large (tens of
 // MiB and up), glibc hands out fresh mmap'ed memory every call and returns it to the OS on
-// free, so each call pays a page fault per page and the kernel's zeroing of every page: on the
-// development machine that was more time than the rotary kernel (128 MiB: ~18 ms of faults
-// against ~14 ms of work). Training loops call the op with the same shapes step after step, so
+// free, so each call pays a page fault per page and the kernel's zeroing of every page: on a
+// 2-core EPYC VM that is more time than the rotary kernel (128 MiB: ~18 ms of faults against
+// ~14 ms of work). Training loops call the op with the same shapes step after step, so
 // keeping a few released buffers of each size and handing them out again removes that cost, as
 // PyTorch's CUDA caching allocator does on the GPU.
 //

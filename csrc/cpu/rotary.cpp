@@ -730,7 +730,7 @@ RotaryArgs check_args(const at::Tensor& x, const std::optional<at::Tensor>& inv_
   check_rank(x, 4, "x");
   check_floating(x, "x");
   check_last_dim_contiguous(x, "x");
-  TORCH_CHECK(!(x.is_cuda() && x.scalar_type() == at::kDouble),
+  TORCH_CHECK_TYPE(!(x.is_cuda() && x.scalar_type() == at::kDouble),
               "fastattn: rotary's CUDA kernel supports float32, float16 and bfloat16; x is float64 "
               "(run float64 on the CPU, or cast x)");
   RotaryArgs a;
@@ -740,15 +740,15 @@ RotaryArgs check_args(const at::Tensor& x, const std::optional<at::Tensor>& inv_
   a.D = x.size(3);
   a.interleaved = interleaved;
   a.math = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  FA_CHECK(rotary_dim >= 0 && rotary_dim % 2 == 0 && rotary_dim <= a.D,
+  FA_CHECK_VALUE(rotary_dim >= 0 && rotary_dim % 2 == 0 && rotary_dim <= a.D,
            "fastattn: rotary_dim must be even and in [0, D = ", a.D, "], got ", rotary_dim);
   a.rd = rotary_dim;
   a.half = rotary_dim / 2;
 
   const bool has_freq = present(inv_freq), has_cos = present(cos), has_sin = present(sin);
-  FA_CHECK(has_cos == has_sin, "fastattn: cos and sin must be given together, got cos ",
+  FA_CHECK_VALUE(has_cos == has_sin, "fastattn: cos and sin must be given together, got cos ",
            has_cos ? "set" : "None", " and sin ", has_sin ? "set" : "None");
-  FA_CHECK(has_freq != has_cos,
+  FA_CHECK_VALUE(has_freq != has_cos,
            "fastattn: give exactly one of inv_freq or the cos/sin tables, got ",
            has_freq ? "both" : "neither");
   if (has_freq) {
@@ -765,7 +765,7 @@ RotaryArgs check_args(const at::Tensor& x, const std::optional<at::Tensor>& inv_
       check_same_device(*t, x, name, "x");
       check_size(*t, 1, a.half, name, "rotary_dim / 2");
     }
-    FA_CHECK(cos->sizes() == sin->sizes(), "fastattn: cos and sin must have the same shape, got ",
+    FA_CHECK_VALUE(cos->sizes() == sin->sizes(), "fastattn: cos and sin must have the same shape, got ",
              cos->sizes(), " and ", sin->sizes());
     a.cos = as_math(*cos, a.math);
     a.sin = as_math(*sin, a.math);
@@ -774,9 +774,9 @@ RotaryArgs check_args(const at::Tensor& x, const std::optional<at::Tensor>& inv_
   if (present(positions)) {
     const at::Tensor& p = *positions;
     check_same_device(p, x, "positions", "x");
-    FA_CHECK(p.scalar_type() == at::kLong || p.scalar_type() == at::kInt,
+    FA_CHECK_TYPE(p.scalar_type() == at::kLong || p.scalar_type() == at::kInt,
              "fastattn: positions must be int64 or int32, got ", p.scalar_type());
-    FA_CHECK(p.dim() == 1 || p.dim() == 2, "fastattn: positions must be (S,) or (B, S), got ",
+    FA_CHECK_VALUE(p.dim() == 1 || p.dim() == 2, "fastattn: positions must be (S,) or (B, S), got ",
              p.dim(), " dimensions (shape ", p.sizes(), ")");
     if (p.dim() == 1) {
       check_size(p, 0, a.S, "positions", "S");
@@ -789,13 +789,13 @@ RotaryArgs check_args(const at::Tensor& x, const std::optional<at::Tensor>& inv_
     // CUDA kernels turn out-of-range positions into NaN outputs instead (no sync either).
     if (has_cos && !x.is_cuda() && a.pos.numel() > 0) {
       const int64_t lo = a.pos.min().item<int64_t>(), hi = a.pos.max().item<int64_t>();
-      FA_CHECK(lo >= 0 && hi < a.cos.size(0), "fastattn: positions must lie in [0, ",
+      FA_CHECK_VALUE(lo >= 0 && hi < a.cos.size(0), "fastattn: positions must lie in [0, ",
                a.cos.size(0), ") (the cos/sin table's rows), got values in [", lo, ", ", hi,
                   "]");
     }
   } else {
     if (has_cos && a.S > 0) {
-      FA_CHECK(offset >= 0 && offset + a.S <= a.cos.size(0),
+      FA_CHECK_VALUE(offset >= 0 && offset + a.S <= a.cos.size(0),
                "fastattn: positions offset..offset+S-1 = ", offset, "..", offset + a.S - 1,
                " lie past the cos/sin table's ", a.cos.size(0), " rows");
     }
@@ -868,7 +868,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rotary_ba
   const RotaryArgs a =
       check_args(x, inv_freq, cos, sin, positions, rotation, offset, interleaved, rotary_dim);
   check_rank(grad_out, 4, "grad_out");
-  FA_CHECK(grad_out.sizes() == x.sizes(), "fastattn: grad_out must have x's shape ", x.sizes(),
+  FA_CHECK_VALUE(grad_out.sizes() == x.sizes(), "fastattn: grad_out must have x's shape ", x.sizes(),
            ", got ", grad_out.sizes());
   check_same_dtype(grad_out, x, "grad_out", "x");
   check_same_device(grad_out, x, "grad_out", "x");

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import ops
 
-__all__ = ["attention", "rotary"]
+__all__ = ["attention", "rotary", "check_options"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -246,6 +246,15 @@ def _attention(op, q, k, v, scale, causal, window, rel_bias, alibi_slopes, span,
     if out.dtype != out_dtype:  # (Tensor.to costs a few us even when it is a no-op)
         out = out.to(out_dtype)
     return (out, lse) if return_lse else out
+
+
+def check_options(**options) -> None:
+    """Checks attention options (window, softcap, causal, ...) as fastattn.attention would,
+    before any call: with the op's own checks, through a call on empty meta tensors (no data,
+    no kernel). For modules, which validate their options when they are built. Options that
+    depend on the shapes (num_global, tensors) are checked at the call."""
+    q = torch.empty(1, 1, 0, 1, device="meta")
+    attention(q, q, q, **options)
 
 
 def _real(value, name: str, expected: str) -> float:

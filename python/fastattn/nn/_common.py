@@ -42,16 +42,13 @@ def check_positive_int(name: str, value, *, allow_zero: bool = False) -> int:
 
 
 def check_window(window) -> Tuple[int, int]:
-    try:
-        left, right = window
-    except (TypeError, ValueError):
-        raise ValueError(f"window must be a pair (left, right) of ints >= -1, got {window!r}") from None
-    for name, w in (("window[0] (left)", left), ("window[1] (right)", right)):
-        if isinstance(w, bool) or not isinstance(w, int):
-            raise TypeError(f"{name} must be an int, got {type(w).__name__} ({w!r})")
-        if w < -1:
-            raise ValueError(f"{name} must be >= -1 (-1 = unbounded), got {w}")
-    return int(left), int(right)
+    """``window`` as a ``(left, right)`` pair of ints, checked when a module is built by the
+    attention op's own checks (fastattn.functional.check_options)."""
+    from .. import functional
+
+    pair = functional._window(window)
+    functional.check_options(window=pair)
+    return pair
 
 
 def check_input(name: str, x: torch.Tensor, last_dim: int, what: str = "d_model") -> None:

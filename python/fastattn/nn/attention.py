@@ -10,6 +10,7 @@ from torch import nn
 
 from ._common import (alibi_slopes, append_to_caches, check_impl, check_input, check_positive_int,
                       check_window, ops)
+from .. import functional
 from .bias import RelativePositionBias
 from .rotary import GivensRotaryEmbedding, RotaryEmbedding
 
@@ -33,13 +34,15 @@ class MultiheadAttention(nn.Module):
         head_dim: per-head dim; default ``d_model // n_head`` (then ``d_model % n_head == 0``
             is required).
         kdim: last dim of ``xa`` for cross-attention; default ``d_model``.
-        bias: biases in the q/k/v/out projections (the key projection has none, as in the
-            seeds, since a key bias cancels in the softmax).
+        bias: biases in the q/k/v/out projections (the key projection has none, since a key
+            bias cancels in the softmax).
         causal: mask keys after the query (bottom-right aligned, so KV-cache decoding sees
             the same mask as the full pass).
         window: ``(left, right)`` sliding window, keys with ``-right <= pq - pk <= left``;
             -1 = unbounded.
         num_global: the first ``num_global`` positions are global tokens (Longformer).
+        softcap: logit soft-capping (Gemma 2): scaled scores ``s`` become
+            ``softcap * tanh(s / softcap)`` before the biases; 0 turns it off.
         rotary: ``None``, ``"rope"`` (:class:`RotaryEmbedding`) or ``"givens"``
             (:class:`GivensRotaryEmbedding`), applied to q and k (self-attention only).
         rotary_base, rotary_dim, interleaved, learned_freq, n_rotations: rotary options;
@@ -70,7 +73,7 @@ class MultiheadAttention(nn.Module):
     def __init__(self, d_model: int, n_head: int, n_kv_head: Optional[int] = None, *,
                  head_dim: Optional[int] = None, kdim: Optional[int] = None, bias: bool = True,
                  causal: bool = False, window: Tuple[int, int] = (-1, -1), num_global: int = 0,
-                 rotary: Optional[str] = None, rotary_base: float = 10000.0,
+                 softcap: float = 0.0, rotary: Optional[str] = None, rotary_base: float = 10000.0,
                  rotary_dim: Optional[int] = None, interleaved: bool = False,
                  learned_freq: Optional[bool] = None, n_rotations: Optional[int] = None,
                  rel_bias_max_dist: Optional[int] = None, alibi: bool = False,
@@ -106,6 +109,8 @@ class MultiheadAttention(nn.Module):
         self.kdim = kdim
         self.causal = bool(causal)
         self.window = check_window(window)
+        functional.check_options(softcap=softcap)
+        self.softcap = float(softcap)
         self.num_global = num_global
         self.impl = check_impl(impl)
         fk = dict(device=device, dtype=dtype)
@@ -159,7 +164,7 @@ class MultiheadAttention(nn.Module):
             q, k, v, scale=self._scale(), causal=self.causal, window=self.window,
             rel_bias=None if self.rel_bias is None else self.rel_bias.pos_bias,
             alibi_slopes=self.alibi_slopes, num_global=self.num_global,
-            key_lengths=key_lengths, **kw)
+            key_lengths=key_lengths, softcap=self.softcap, **kw)
 
     def forward(self, x: torch.Tensor, xa: Optional[torch.Tensor] = None, *,
                 cache: Optional[Cache] = None, key_lengths: Optional[torch.Tensor] = None,
@@ -215,4 +220,4 @@ class MultiheadAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_head={self.n_head}, n_kv_head={self.n_kv_head}, "
                 f"head_dim={self.head_dim}, causal={self.causal}, window={self.window}, "
-                f"num_global={self.num_global}, impl={self.impl!r}")
+                f"num_global={self.num_global}, softcap={self.softcap}, impl={self.impl!r}")
