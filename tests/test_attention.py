@@ -433,7 +433,6 @@ BAD_INPUTS = [
     ("key_lengths-shape", dict(key_lengths=torch.tensor([3, 4, 5])), ValueError, "key_lengths"),
     ("key_lengths-device", dict(key_lengths=torch.tensor([3, 4], device="meta")), ValueError, "key_lengths"),
     ("num_global-negative", dict(num_global=-1), ValueError, "num_global"),
-    ("num_global-past-sk", dict(num_global=8), ValueError, "num_global"),
     ("span-negative", dict(span=torch.tensor([1.0, -0.5, 2.0, 3.0])), ValueError, "span"),
 ]
 

@@ -319,7 +319,6 @@ BAD_INPUTS = [
     ("span-shape-rank", dict(span=torch.ones(2, 4, 1)), ValueError, "span"),
     ("span-int", dict(span=torch.ones(4, dtype=torch.int64)), TypeError, "span"),
     ("span-device", dict(span=torch.ones(4, device="meta")), ValueError, "span"),
-    ("num_global-past-sk", dict(num_global=8), ValueError, "num_global"),
     ("num_global-negative", dict(num_global=-2), ValueError, "num_global"),
     ("num_global-float", dict(num_global=2.0), TypeError, "num_global"),
     ("num_global-bool", dict(num_global=True), TypeError, "num_global"),

@@ -148,9 +148,10 @@ def test_cpu_results_do_not_depend_on_the_thread_count(drawn):
 
 @st.composite
 def _op_arguments(draw):
-    """Arguments of torch.ops.fastattn.attention as a caller that skips the Python checks could
+    """Arguments of torch.ops.fastattn.attention as a caller that skips the Python wrapper could
     pass them: a valid call (any option, key_lengths and num_global past the ends included) with
-    up to two arguments bent: a tensor of any rank, size or dtype, an integer out of range."""
+    up to two arguments bent: a tensor of any rank, size or dtype, an integer out of range or
+    up to 2^63 - 1, a non-finite float."""
     B, Hkv, Sq, Sk, Dqk, Dv = (draw(st.integers(1, 4)) for _ in range(6))
     Hq = Hkv * draw(st.integers(1, 2))
     max_dist = draw(st.integers(1, 4))
@@ -165,9 +166,11 @@ def _op_arguments(draw):
         span_ramp=draw(st.sampled_from((32.0, 1.0))), num_global=draw(st.integers(0, Sk)),
         key_lengths=draw(st.sampled_from((None, torch.randint(-1, Sk + 3, (B,))))),
         softcap=draw(st.sampled_from((0.0, 2.0, 50.0))))
-    bad = dict(scale_tensor=any_tensor(rank_range=(0, 2), size_max=2), window_left=st.integers(-5, -2),
-               window_right=st.integers(-5, -2), span_ramp=st.sampled_from((0.0, -1.0)),
-               num_global=st.one_of(st.integers(-3, -1), st.integers(Sk + 1, Sk + 3)),
+    bad = dict(scale_tensor=any_tensor(rank_range=(0, 2), size_max=2),
+               window_left=st.one_of(st.integers(-5, -2), st.integers(Sk, 2 ** 63 - 1)),
+               window_right=st.one_of(st.integers(-5, -2), st.integers(Sq, 2 ** 63 - 1)),
+               span_ramp=st.sampled_from((0.0, -1.0, math.inf, math.nan)),
+               num_global=st.one_of(st.integers(-3, -1), st.integers(Sk + 1, 2 ** 63 - 1)),
                key_lengths=any_tensor(rank_range=(0, 2), dtypes=(torch.int64, torch.int32, torch.float32)),
                softcap=st.sampled_from((-1.0, math.inf, math.nan)),
                scale=st.sampled_from((math.inf, math.nan)))

@@ -355,3 +355,25 @@ def test_forward_lazy_rescale(emu, dtype, slack):
     atol = 2e-3 if dtype == F16 else 1e-5
     torch.testing.assert_close(out.double(), ref_out, atol=atol, rtol=0)
     torch.testing.assert_close(lse.double(), ref_lse.double(), atol=1e-4, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# arguments at the ends of their ranges, and autograd without a formula
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("window,num_global", [((-1, 2 ** 63 - 1), 0), ((2 ** 62, 2 ** 62), 0),
+                                                ((2 ** 63 - 1, -1), 0), ((1, 0), 40), ((2, 2), 2 ** 63 - 1)])
+def test_window_and_globals_past_the_sequence(emu, window, num_global):
+    """A window bound past every distance is unbounded on its side; num_global past the keys
+    makes every key global; both as fastattn.reference, with gradients."""
+    case = Case(B=1, Hq=2, Hkv=1, Sq=20, Sk=33, Dqk=16, Dv=16, dtype=F32, window=window,
+                num_global=num_global, causal=num_global > 0, rel_bias=4)
+    check_emulated(case, lse_grad=True)
+
+
+def test_double_backward_raises(emu):
+    q = torch.randn(1, 2, 9, 16, requires_grad=True)
+    k, v = torch.randn(1, 1, 9, 16), torch.randn(1, 1, 9, 16)
+    out = emulated_attention(q, k, v, causal=True)
+    g, = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        g.sum().backward()

@@ -32,7 +32,8 @@ def test_jit_compiles_the_same_sources_as_setup():
         assert jit_sources == {s for s in setup_sources if not s.endswith("python_module.cpp")}
         assert os.path.join(root, "csrc", "fastattn.cpp") in jit_sources
         assert any(s.endswith("rotary.cpp") for s in jit_sources)
-        assert any(s.endswith("attention.cpp") for s in jit_sources)
+        assert any(s.endswith("attention_forward.cpp") for s in jit_sources)
+        assert any(s.endswith("attention_backward.cpp") for s in jit_sources)
     assert any(s.endswith(".cu") for s in _build_config.sources(True, root))
     assert not any(s.endswith(".cu") for s in _build_config.sources(False, root))
 

@@ -122,7 +122,7 @@ void check_scale(const AttentionArgs& a) {
 }
 
 void check_masks(const AttentionArgs& a) {
-  const int64_t B = a.q.size(0), Hq = a.q.size(1), Sk = a.k.size(2);
+  const int64_t B = a.q.size(0), Hq = a.q.size(1);
   FA_CHECK_VALUE(a.window_left >= -1 && a.window_right >= -1,
                  "fastattn: window entries must be >= -1 (-1 = unbounded), got (", a.window_left,
                  ", ", a.window_right, ")");
@@ -133,10 +133,11 @@ void check_masks(const AttentionArgs& a) {
     const bool per_head = span.dim() == 1 && span.size(0) == Hq;
     FA_CHECK_VALUE(per_batch || per_head, "fastattn: span must be (B, Hq) = (", B, ", ", Hq,
                    ") or (Hq,) = (", Hq, ",), got shape ", span.sizes());
-    FA_CHECK_VALUE(a.span_ramp > 0, "fastattn: span_ramp must be > 0, got ", a.span_ramp);
+    FA_CHECK_VALUE(a.span_ramp > 0 && std::isfinite(a.span_ramp),
+                   "fastattn: span_ramp must be a finite number > 0, got ", a.span_ramp);
   }
-  FA_CHECK_VALUE(a.num_global >= 0 && a.num_global <= Sk, "fastattn: num_global must be in [0, Sk=",
-                 Sk, "], got ", a.num_global);
+  // num_global > Sk is well defined: every key (and every query) is global.
+  FA_CHECK_VALUE(a.num_global >= 0, "fastattn: num_global must be >= 0, got ", a.num_global);
   if (present(a.key_lengths)) {
     const at::Tensor& kl = *a.key_lengths;
     FA_CHECK_TYPE(kl.scalar_type() == at::kLong || kl.scalar_type() == at::kInt,
@@ -182,6 +183,8 @@ void AttentionArgs::check() const {
 
 void AttentionArgs::check_values() const {
   if (present(span) && span->numel() > 0) {
+    FA_CHECK_VALUE(at::isfinite(*span).all().item<bool>(),
+                   "fastattn: span must be finite (tokens), got a NaN or infinite value");
     const double lowest = span->min().item<double>();
     FA_CHECK_VALUE(lowest >= 0, "fastattn: span must be >= 0 (tokens), got a minimum of ", lowest);
   }
@@ -268,8 +271,11 @@ AttentionParamsT<Real> make_attention_params(const AttentionArgs& a, ParamTensor
   }
   p.softcap = static_cast<Real>(a.softcap);
   p.causal = a.causal;
-  p.window_left = a.window_left;
-  p.window_right = a.window_right;
+  // A window bound that reaches past every distance (|d| < Sq + Sk) is no bound: -1, so that
+  // the kernels' position arithmetic (pos_q - left, pos_q + right) cannot overflow.
+  const int64_t reach = p.seqlen_q + p.seqlen_k;
+  p.window_left = a.window_left >= reach ? -1 : a.window_left;
+  p.window_right = a.window_right >= reach ? -1 : a.window_right;
   p.num_global = a.num_global;
   if (present(a.key_lengths)) {
     keep.key_lengths = a.key_lengths->to(at::kLong).contiguous();

@@ -12,8 +12,10 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <initializer_list>
@@ -207,6 +209,40 @@ at::Tensor scale_grad(const at::Tensor& q, const at::Tensor& gq, const at::Tenso
   return (sum_of_products(q, gq, acc) / scale.to(acc)).to(scale.scalar_type());
 }
 
+// With create_graph=True the gradients would be differentiated again, and the backward kernel
+// has no derivative of its own: as torch.autograd.function.once_differentiable does, the
+// gradients then get a node that raises when a second derivative is asked for, instead of
+// silently contributing zero.
+variable_list refuse_second_derivative(variable_list grads, const variable_list& grad_outputs,
+                                       const variable_list& saved) {
+  if (!at::GradMode::is_enabled()) return grads;
+  const auto requires_grad = [](const at::Tensor& t) { return t.defined() && t.requires_grad(); };
+  if (std::none_of(grad_outputs.begin(), grad_outputs.end(), requires_grad) &&
+      std::none_of(saved.begin(), saved.end(), requires_grad)) {
+    return grads;
+  }
+  for (at::Tensor& g : grads) {
+    if (g.defined()) g = g.detach().requires_grad_(true);
+  }
+  torch::autograd::DelayedError error(
+      "fastattn: attention has no second derivative (its backward is a fused kernel): "
+      "double backward, e.g. a gradient penalty through torch.autograd.grad(..., "
+      "create_graph=True), is not supported; use fastattn.reference.attention for that term",
+      static_cast<int64_t>(grads.size()));
+  return error.apply(std::move(grads));
+}
+
+// Forward-mode AD has no formula here: refuse a call with a tangent rather than return none.
+void refuse_forward_ad(const c10::IValue* args, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    if (!args[i].isTensor()) continue;
+    TORCH_CHECK_NOT_IMPLEMENTED(!args[i].toTensor()._fw_grad(/*level=*/0).defined(),
+                                "fastattn: attention does not support forward-mode AD "
+                                "(torch.func.jvp, torch.autograd.forward_ad); use "
+                                "fastattn.reference.attention for Jacobian-vector products");
+  }
+}
+
 // Autograd inputs are the call's defined tensor arguments (an absent optional has no edge);
 // the saved tensors are all its tensor arguments (undefined where absent), then out and lse.
 class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
@@ -263,18 +299,20 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
         ++t;
       }
     }
-    c10::Dispatcher::singleton().findSchemaOrThrow((name + "_backward").c_str(), "").callBoxed(stack);
-
     variable_list grads(num_inputs + 2);  // + the op and the call: no gradient
-    const auto give = [&](size_t t, const at::Tensor& g) { if (need(t)) grads[edge[t]] = g; };
-    const at::Tensor gq = stack[0].toTensor();
-    give(q, gq);
-    give(slot("k"), stack[1].toTensor());
-    give(slot("v"), stack[2].toTensor());
-    give(table, stack[3].toTensor());
-    give(span, stack[4].toTensor());
-    if (need(scale)) grads[edge[scale]] = scale_grad(saved[q], gq, saved[scale]);
-    return grads;
+    {
+      at::NoGradGuard no_grad;  // the gradients are not differentiable (once_differentiable)
+      c10::Dispatcher::singleton().findSchemaOrThrow((name + "_backward").c_str(), "").callBoxed(stack);
+      const auto give = [&](size_t t, const at::Tensor& g) { if (need(t)) grads[edge[t]] = g; };
+      const at::Tensor gq = stack[0].toTensor();
+      give(q, gq);
+      give(slot("k"), stack[1].toTensor());
+      give(slot("v"), stack[2].toTensor());
+      give(table, stack[3].toTensor());
+      give(span, stack[4].toTensor());
+      if (need(scale)) grads[edge[scale]] = scale_grad(saved[q], gq, saved[scale]);
+    }
+    return refuse_second_derivative(std::move(grads), grad_outputs, saved);
   }
 };
 
@@ -285,6 +323,7 @@ void attention_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
   const size_t first = stack->size() - AttentionArgs::kNumArgs;
   const AttentionArgs args = AttentionArgs::from_stack(*stack, first);
   if (!args.has_symbolic_shapes()) args.check();
+  refuse_forward_ad(stack->data() + first, AttentionArgs::kNumArgs);
   if (!records_grad(stack->data() + first, AttentionArgs::kNumArgs)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
