@@ -499,6 +499,54 @@ def test_op_level_check_messages(override, exc, message):
     assert str(info.value).splitlines()[0] == message
 
 
+# A call mixing a meta tensor with CPU tensors must not reach the fake (meta) kernel and come back
+# as uninitialized memory: in inference mode no Autograd kernel checks the arguments first.
+_MIXED_DEVICE_CALLS = [
+    ("k", dict(k=_t(*K, device="meta"))),
+    ("v", dict(v=_t(*V, device="meta"))),
+    ("q", dict(q=_t(*Q, device="meta"))),
+    ("rel_bias", dict(rel_bias=_t(5, 4, device="meta"))),
+    ("alibi_slopes", dict(alibi_slopes=_t(4, device="meta"))),
+    ("span", dict(span=_t(4, device="meta").abs())),
+    ("key_lengths", dict(key_lengths=torch.tensor([3, 4], device="meta"))),
+    ("scale", dict(scale=None, scale_tensor=torch.tensor(0.5, device="meta"))),
+]
+
+
+@pytest.mark.parametrize("inference", (False, True), ids=("grad-mode", "inference-mode"))
+@pytest.mark.parametrize("name,override", _MIXED_DEVICE_CALLS, ids=[c[0] for c in _MIXED_DEVICE_CALLS])
+def test_op_call_mixing_devices_raises(name, override, inference):
+    ctx = torch.inference_mode() if inference else torch.no_grad()
+    with ctx, pytest.raises(ValueError, match=rf"fastattn: {'k' if name == 'q' else name}\b.*device"):
+        _op_call(**override)
+
+
+@pytest.mark.parametrize("inference", (False, True), ids=("grad-mode", "inference-mode"))
+def test_op_backward_call_mixing_devices_raises(inference):
+    q, k, v = _t(*Q), _t(*K), _t(*V)
+    args = attention_op_args(q, k, v, scale=0.5)
+    out, lse = torch.ops.fastattn.attention(*args)
+    grad_out = torch.randn_like(out)
+    ctx = torch.inference_mode() if inference else torch.no_grad()
+    for name, call in (("grad_out", (grad_out.to("meta"), out, lse, None)),
+                       ("out", (grad_out, out.to("meta"), lse, None)),
+                       ("lse", (grad_out, out, lse.to("meta"), None)),
+                       ("grad_lse", (grad_out, out, lse, lse.to("meta"))),
+                       ("k", (grad_out, out, lse, None))):
+        call_args = args if name != "k" else attention_op_args(q, k.to("meta"), v, scale=0.5)
+        with ctx, pytest.raises(ValueError, match=rf"fastattn: {name}\b.*device"):
+            torch.ops.fastattn.attention_backward(*attention_backward_op_args(*call, call_args))
+
+
+def test_op_call_with_a_cpu_scale_tensor_on_any_device_runs():
+    # A 0-dim CPU scale is read on the host: allowed with q on any device (here meta).
+    q = _t(*Q, device="meta")
+    k, v = _t(*K, device="meta"), _t(*V, device="meta")
+    with torch.inference_mode():
+        out, lse = torch.ops.fastattn.attention(*attention_op_args(q, k, v, scale_tensor=torch.tensor(0.5)))
+    assert out.device.type == "meta" and out.shape == (2, 4, 5, 6)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build of fastattn")
 def test_cuda_unsupported_head_dim_raises():
