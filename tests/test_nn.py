@@ -412,6 +412,46 @@ def test_decoding_without_autograd_writes_one_cache_buffer(impl):
         assert len(ptrs) == 1, f"{type(m).__name__}: the cache was copied during decoding"
 
 
+def _frozen_but(m, trained):
+    for n, p in m.named_parameters():
+        p.requires_grad_(any(n.startswith(t) for t in trained))
+    return m
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+@pytest.mark.parametrize("what", ["table-and-temperature", "span", "mla-kv_b_proj"])
+def test_decoding_in_grad_mode_trains_what_requires_grad(impl, what):
+    """Parameter-efficient fine-tuning through a decode loop: the projections are frozen and only
+    the table and temperature (or the span, or MLA's up-projection) train, so the cached k/v do
+    not require grad but the attention call that reads them is recorded and saves them. The
+    cache must then not grow in place under the saved tensors: backward runs and its gradients
+    equal the full pass's."""
+    if what == "table-and-temperature":
+        m = fnn.MultiheadAttention(16, 4, causal=True, rel_bias_max_dist=3, learnable_temperature=True,
+                                   impl=impl)
+        m = _frozen_but(m, ("rel_bias", "log_scale"))
+    elif what == "span":
+        m = _frozen_but(fnn.AdaptiveSpanAttention(16, 4, max_span=3.5, span_ramp=2, impl=impl), ("span_frac",))
+    else:
+        m = _frozen_but(make_mla(impl=impl, causal=True), ("kv_b_proj",))
+    trained = [p for p in m.parameters() if p.requires_grad]
+    x = torch.randn(2, 7, 16)
+    full = m(x)
+    gy = torch.randn_like(full)
+    want = torch.autograd.grad((full * gy).sum(), trained)
+    out, cache = m(x[:, :2], cache={})
+    outs = [out]
+    for t in range(2, 7):
+        out, cache = m(x[:, t:t + 1], cache=cache)
+        outs.append(out)
+    decoded = torch.cat(outs, 1)
+    got = torch.autograd.grad((decoded * gy).sum(), trained)
+    tol = TOL if impl == "reference" else FUSED_TOL
+    torch.testing.assert_close(decoded, full, **tol)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **tol)
+
+
 # ------------------------------------------------------------------ MLA
 def make_mla(impl="reference", **kw):
     return fnn.MultiheadLatentAttention(16, 4, 6, qk_nope_head_dim=4, qk_rope_head_dim=2,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -87,7 +87,8 @@ def alibi_slopes(n_head: int) -> torch.Tensor:
 _CACHE_FILLED = "_fastattn_cache_filled"
 
 
-def append_to_caches(pasts: Sequence[torch.Tensor], news: Sequence[torch.Tensor], dim: int
+def append_to_caches(pasts: Sequence[torch.Tensor], news: Sequence[torch.Tensor], dim: int, *,
+                     call_inputs: Sequence[Optional[torch.Tensor]] = ()
                      ) -> Tuple[List[torch.Tensor], torch.Tensor]:
     """``torch.cat([past, new], dim)`` for each pair of a growing KV cache, in amortized
     O(len(new)); also returns the caches' concatenation along their last dim.
@@ -98,8 +99,13 @@ def append_to_caches(pasts: Sequence[torch.Tensor], news: Sequence[torch.Tensor]
     the new entries into that room instead of copying the whole cache on every decode step, and
     the joint concatenation is a view too. Anything else falls back to copies, so no tensor
     ever sees its entries change: older or sliced views (branching as in beam search, a
-    rollback), autograd recording (the cache requires grad), torch.compile tracing, mixed
-    dtypes or devices.
+    rollback), torch.compile tracing, mixed dtypes or devices, and autograd recording.
+
+    ``call_inputs`` are the other tensor inputs of the calls that read the returned caches (the
+    attention's query, table, scale, span, ...; None entries are skipped). Autograd records such
+    a call, and saves the caches for its backward, when grad mode is on and any of its inputs
+    requires grad, even if the caches do not (only a table or a temperature trains): the caches
+    are then plain concatenations, which a later step cannot change.
     """
     tensors = list(pasts) + list(news)
     if dim % pasts[0].dim() == pasts[0].dim() - 1:
@@ -107,7 +113,8 @@ def append_to_caches(pasts: Sequence[torch.Tensor], news: Sequence[torch.Tensor]
     n_past, n_new = pasts[0].shape[dim], news[0].shape[dim]
     widths = [t.shape[-1] for t in pasts]
     offsets = [sum(widths[:i]) for i in range(len(widths))]
-    recording = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    recording = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (*tensors, *call_inputs))
     if (recording or torch.compiler.is_compiling()
             or any(t.dtype != tensors[0].dtype or t.device != tensors[0].device for t in tensors)):
         parts = [torch.cat([p, n], dim) for p, n in zip(pasts, news)]

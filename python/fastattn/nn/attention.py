@@ -65,9 +65,10 @@ class MultiheadAttention(nn.Module):
     cache is ``{"k": (B, n_kv_head, S_past, head_dim), "v": ...}`` (rotary already applied)
     and new keys are appended; for cross-attention it is ``{"cross_k", "cross_v"}``, computed
     from ``xa`` on the first call and reused after (``xa`` may then be None). Decoding token
-    by token with ``causal=True`` gives the same outputs as one full pass. Without autograd
-    recording (``torch.no_grad()``) ``k``/``v`` are views of buffers that grow in place, so a
-    step does not copy the whole cache (see ``append_to_caches``).
+    by token with ``causal=True`` gives the same outputs as one full pass. When autograd does not
+    record the attention call (``torch.no_grad()``, or nothing it reads requires grad) ``k``/``v``
+    are views of buffers that grow in place, so a step does not copy the whole cache (see
+    ``append_to_caches``).
     """
 
     def __init__(self, d_model: int, n_head: int, n_kv_head: Optional[int] = None, *,
@@ -151,6 +152,12 @@ class MultiheadAttention(nn.Module):
     def _scale(self):
         return None if self.log_scale is None else self.log_scale.exp()
 
+    def _attention_inputs(self, q: torch.Tensor, span: Optional[torch.Tensor]):
+        """The tensors besides k and v that ``attend`` reads, or that its scale derives from:
+        autograd records the attention call when one of them requires grad."""
+        return (q, self.log_scale, None if self.rel_bias is None else self.rel_bias.pos_bias,
+                self.alibi_slopes, span)
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                key_lengths: Optional[torch.Tensor] = None, span: Optional[torch.Tensor] = None,
                span_ramp: float = 32.0) -> torch.Tensor:
@@ -207,8 +214,9 @@ class MultiheadAttention(nn.Module):
             if self.rotary is not None:
                 q, k = self.rotary.rotate((q, k), offset=offset, impl=self.impl)
             if past:
-                (k,), _ = append_to_caches([cache["k"]], [k], dim=2)
-                (v,), _ = append_to_caches([cache["v"]], [v], dim=2)
+                readers = self._attention_inputs(q, span)
+                (k,), _ = append_to_caches([cache["k"]], [k], dim=2, call_inputs=readers)
+                (v,), _ = append_to_caches([cache["v"]], [v], dim=2, call_inputs=readers)
             if cache is not None:
                 new_cache["k"], new_cache["v"] = k, v
         o = self.attend(q, k, v, key_lengths=key_lengths, span=span, span_ramp=span_ramp)
