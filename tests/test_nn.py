@@ -342,6 +342,93 @@ def test_mha_kv_cache_decode_equals_full_pass(n_kv_head, rotary):
     assert set(cache) == {"k", "v"} and cache["k"].shape == (2, n_kv_head, 9, 4)
 
 
+def test_learnable_temperature_is_1d_and_loads_0dim_state_dicts():
+    # log_scale is stored as (1,) (FSDP2 shards no 0-dim parameter); a state dict saved with
+    # the former 0-dim log_scale still loads, into the same values and outputs.
+    m = fnn.MultiheadAttention(16, 4, learnable_temperature=True, impl="reference")
+    assert m.log_scale.shape == (1,)
+    with torch.no_grad():
+        m.log_scale.fill_(-0.7)
+    old = {n: (t.reshape(()) if n == "log_scale" else t) for n, t in m.state_dict().items()}
+    fresh = fnn.MultiheadAttention(16, 4, learnable_temperature=True, impl="reference")
+    fresh.load_state_dict(old)
+    assert fresh.log_scale.shape == (1,) and fresh.log_scale.item() == pytest.approx(-0.7)
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(fresh(x), m(x), rtol=0, atol=0)
+    wrapped = torch.nn.Sequential(fresh)
+    wrapped.load_state_dict({"0." + n: t for n, t in old.items()})  # under a prefix too
+
+
+def _fsdp2_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        fnn.MultiheadAttention(16, 4, causal=True, learnable_temperature=True, rel_bias_max_dist=3),
+        torch.nn.Linear(16, 3))
+
+
+def _fsdp2_inputs(world):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(2, 6, 16, generator=g), torch.randn(2, 6, 3, generator=g)) for _ in range(world)]
+
+
+def _fsdp2_worker(rank, world, init_method):
+    """One rank: the model sharded with fully_shard (each attention module, then the root),
+    forward + backward on this rank's batch, against one unsharded copy run on every rank's batch:
+    the same output, and the average of the per-rank gradients."""
+    import warnings
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    try:
+        inputs = _fsdp2_inputs(world)
+        plain = _fsdp2_model()
+        names = [n for n, _ in plain.named_parameters()]
+        want = [torch.zeros_like(p) for p in plain.parameters()]
+        for i, (x, gy) in enumerate(inputs):
+            out = plain(x)
+            if i == rank:
+                want_out = out.detach()
+            for w, g in zip(want, torch.autograd.grad((out * gy).sum(), list(plain.parameters()))):
+                w += g / world
+        sharded = _fsdp2_model()
+        mesh = init_device_mesh("cpu", (world,))
+        fully_shard(sharded[0], mesh=mesh)
+        fully_shard(sharded, mesh=mesh)
+        x, gy = inputs[rank]
+        out = sharded(x)
+        (out * gy).sum().backward()
+        torch.testing.assert_close(out.detach(), want_out, **FUSED_TOL)
+        for n, p, w in zip(names, sharded.parameters(), want):
+            torch.testing.assert_close(p.grad.full_tensor(), w, **FUSED_TOL, msg=lambda m: f"grad {n}: {m}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _fsdp2_unavailable():
+    import torch.distributed as dist
+    if not dist.is_available() or not dist.is_gloo_available():
+        return "torch.distributed with the gloo backend is not available"
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return "torch.distributed.fsdp.fully_shard (FSDP2) is not available"
+    return None
+
+
+@needs_fused
+def test_fsdp2_fully_shard_on_cpu(tmp_path):
+    """FSDP2 shards a model holding MultiheadAttention(learnable_temperature, rel_bias) (no 0-dim
+    parameter) and gives the single-process outputs and gradients: two processes, gloo."""
+    reason = _fsdp2_unavailable()
+    if reason:
+        pytest.skip(reason)
+    torch.multiprocessing.spawn(_fsdp2_worker, args=(2, f"file://{tmp_path / 'rendezvous'}"), nprocs=2)
+
+
 # ------------------------------------------------------------------ the growing KV cache
 def test_append_to_caches_grows_in_place_and_never_changes_a_view():
     from fastattn.nn._common import append_to_caches

@@ -52,7 +52,8 @@ class MultiheadAttention(nn.Module):
             ``(2*max_dist-1, n_head)`` is added to the logits (computed in the kernel).
         alibi: add ALiBi biases ``-slope[h] * |pq - pk|``.
         learnable_temperature: learn the softmax scale (``scale = exp(log_scale)``, init
-            ``head_dim ** -0.5``); its gradient comes from the kernel.
+            ``head_dim ** -0.5``; ``log_scale`` has shape ``(1,)``); its gradient comes from the
+            kernel.
         impl: ``"fused"`` (``fastattn.functional``) or ``"reference"`` (``fastattn.reference``).
 
     Shapes: ``x (B, S, d_model)``, ``xa (B, Sa, kdim)`` -> ``(B, S, d_model)``.
@@ -140,7 +141,10 @@ class MultiheadAttention(nn.Module):
         else:
             self.alibi_slopes = None
         if learnable_temperature:
-            self.log_scale = nn.Parameter(torch.tensor(math.log(head_dim ** -0.5), device=device))
+            # Shape (1,), not 0-dim: FSDP2's fully_shard refuses 0-dim parameters. The op takes
+            # the scale as a 0-dim tensor (_scale), and state dicts that hold a 0-dim log_scale
+            # still load (_load_from_state_dict).
+            self.log_scale = nn.Parameter(torch.full((1,), math.log(head_dim ** -0.5), device=device))
         else:
             self.log_scale = None
 
@@ -150,7 +154,15 @@ class MultiheadAttention(nn.Module):
         return t.view(B, S, n, self.head_dim).transpose(1, 2)  # (B, n, S, head_dim), a view
 
     def _scale(self):
-        return None if self.log_scale is None else self.log_scale.exp()
+        return None if self.log_scale is None else self.log_scale.exp().squeeze(0)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # log_scale was a 0-dim parameter; such state dicts load into the (1,) one.
+        key = prefix + "log_scale"
+        saved = state_dict.get(key)
+        if self.log_scale is not None and isinstance(saved, torch.Tensor) and saved.dim() == 0:
+            state_dict[key] = saved.reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _attention_inputs(self, q: torch.Tensor, span: Optional[torch.Tensor]):
         """The tensors besides k and v that ``attend`` reads, or that its scale derives from:
