@@ -607,7 +607,22 @@ def _bad_calls():
         ("inplace with a parameter requiring grad", ValueError, "inplace",
          lambda: fastattn.rotary(x.clone(), inv_freq=inv.clone().requires_grad_(True), inplace=True)),
         ("offset type", TypeError, "offset", lambda: fastattn.rotary(x, inv_freq=inv, offset=1.5)),
+        ("offset bool", TypeError, "offset", lambda: fastattn.rotary(x, inv_freq=inv, offset=True)),
+        ("offset >= 2**63", ValueError, "offset", lambda: fastattn.rotary(x, inv_freq=inv, offset=2 ** 63)),
+        ("offset < -2**63", ValueError, "offset", lambda: fastattn.rotary(x, inv_freq=inv, offset=-2 ** 63 - 1)),
+        ("offset >= 2**63 with a table", ValueError, "offset",
+         lambda: fastattn.rotary(x, cos=cos, sin=sin, offset=2 ** 64)),
     ]
+
+
+def test_numpy_integer_offset_is_accepted():
+    np = pytest.importorskip("numpy")
+    x, inv = torch.randn(2, 3, 5, 8), torch.rand(4)
+    want = fastattn.rotary(x, inv_freq=inv, offset=7)
+    for t in (np.int64, np.int32, np.uint16):
+        torch.testing.assert_close(fastattn.rotary(x, inv_freq=inv, offset=t(7)), want, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="offset"):
+        fastattn.rotary(x, inv_freq=inv, offset=np.float64(7))
 
 
 BAD = _bad_calls()
