@@ -499,6 +499,46 @@ def test_decoding_without_autograd_writes_one_cache_buffer(impl):
         assert len(ptrs) == 1, f"{type(m).__name__}: the cache was copied during decoding"
 
 
+def test_saving_a_decode_cache_writes_only_its_filled_part():
+    """The cache tensors are views of a buffer with room to grow (uninitialized past the filled
+    part): torch.save and deepcopy write only the filled part, which loads back equal (as plain
+    tensors, with torch.load's default weights_only=True) and decodes on like the original."""
+    import io
+    impl = "fused" if FUSED else "reference"
+    mha = fnn.MultiheadAttention(32, 4, 2, rotary="rope", causal=True, impl=impl)
+    mla = fnn.MultiheadLatentAttention(32, 4, 24, qk_rope_head_dim=4, causal=True, impl=impl)
+    x = torch.randn(2, 9, 32)
+
+    def saved_bytes(obj):
+        f = io.BytesIO()
+        torch.save(obj, f)
+        return f.getvalue()
+
+    for m in (mha, mla):
+        with torch.no_grad():
+            _, cache = m(x[:, :3], cache={})
+            for t in range(3, 8):
+                _, cache = m(x[:, t:t + 1], cache=cache)
+        buffers = {id(t._base): t._base for t in cache.values()}
+        assert None not in buffers.values()  # (MHA: one buffer for k, one for v; MLA: one for both)
+        buffer_bytes = sum(b.untyped_storage().nbytes() for b in buffers.values())
+        data = saved_bytes(cache)
+        compact = saved_bytes({n: t.clone() for n, t in cache.items()})
+        assert len(data) <= len(compact) + 64 < buffer_bytes
+        loaded = torch.load(io.BytesIO(data))
+        copied = copy.deepcopy(cache)
+        for got in (loaded, copied):
+            assert set(got) == set(cache)
+            for n, t in got.items():
+                assert type(t) is torch.Tensor and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+                torch.testing.assert_close(t, cache[n], rtol=0, atol=0)
+        with torch.no_grad():
+            want, _ = m(x[:, 8:9], cache=cache)
+            for got in (loaded, copied):
+                out, _ = m(x[:, 8:9], cache=got)
+                torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
 def _frozen_but(m, trained):
     for n, p in m.named_parameters():
         p.requires_grad_(any(n.startswith(t) for t in trained))

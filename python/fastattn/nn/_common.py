@@ -87,6 +87,28 @@ def alibi_slopes(n_head: int) -> torch.Tensor:
 _CACHE_FILLED = "_fastattn_cache_filled"
 
 
+class CacheView(torch.Tensor):
+    """A KV cache that ``append_to_caches`` returns: a view of the filled part of a buffer with
+    room to grow. It behaves as a plain tensor (no ``__torch_function__`` layer; every op on it
+    returns a plain tensor), except that pickling it (``torch.save``, ``copy.deepcopy``) writes
+    only its own elements, not the whole buffer with its unused, uninitialized room; it loads
+    back as a plain tensor."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def _compact(self) -> torch.Tensor:
+        return self.as_subclass(torch.Tensor).clone(memory_format=torch.contiguous_format)
+
+    def __reduce_ex__(self, protocol):
+        return torch.Tensor.__reduce_ex__(self._compact(), protocol)
+
+    def __deepcopy__(self, memo):
+        return self._compact()
+
+    def __repr__(self, *, tensor_contents=None):
+        return torch.Tensor.__repr__(self.as_subclass(torch.Tensor), tensor_contents=tensor_contents)
+
+
 def append_to_caches(pasts: Sequence[torch.Tensor], news: Sequence[torch.Tensor], dim: int, *,
                      call_inputs: Sequence[Optional[torch.Tensor]] = ()
                      ) -> Tuple[List[torch.Tensor], torch.Tensor]:
@@ -95,7 +117,8 @@ def append_to_caches(pasts: Sequence[torch.Tensor], news: Sequence[torch.Tensor]
 
     The caches it returns are views of one buffer that holds them side by side along the last
     dim (MLA's latent and rotary key; or a single tensor) and has room to grow along ``dim``
-    (25% more than needed, at least 64 entries). Appending to the most recent of them writes
+    (25% more than needed, at least 64 entries); as ``CacheView`` tensors, they pickle (torch.save,
+    deepcopy) only their own elements, not that room. Appending to the most recent of them writes
     the new entries into that room instead of copying the whole cache on every decode step, and
     the joint concatenation is a view too. Anything else falls back to copies, so no tensor
     ever sees its entries change: older or sliced views (branching as in beam search, a
@@ -141,5 +164,5 @@ def append_to_caches(pasts: Sequence[torch.Tensor], news: Sequence[torch.Tensor]
     for n, off, w in zip(news, offsets, widths):
         base.narrow(dim, n_past, n_new).narrow(-1, off, w).copy_(n)
     setattr(base, _CACHE_FILLED, n_past + n_new)
-    joint = base.narrow(dim, 0, n_past + n_new)
-    return [joint.narrow(-1, off, w) for off, w in zip(offsets, widths)], joint
+    joint = base.narrow(dim, 0, n_past + n_new).as_subclass(CacheView)
+    return [joint.narrow(-1, off, w).as_subclass(CacheView) for off, w in zip(offsets, widths)], joint

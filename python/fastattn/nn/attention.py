@@ -69,7 +69,8 @@ class MultiheadAttention(nn.Module):
     by token with ``causal=True`` gives the same outputs as one full pass. When autograd does not
     record the attention call (``torch.no_grad()``, or nothing it reads requires grad) ``k``/``v``
     are views of buffers that grow in place, so a step does not copy the whole cache (see
-    ``append_to_caches``).
+    ``append_to_caches``); ``torch.save`` and ``copy.deepcopy`` of them write only the filled
+    part.
     """
 
     def __init__(self, d_model: int, n_head: int, n_kv_head: Optional[int] = None, *,
