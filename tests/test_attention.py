@@ -446,6 +446,51 @@ def test_bad_input_raises_naming_the_argument(override, exc, argname):
         fastattn.attention(q, k, v, **call)
 
 
+def test_numpy_scalars_are_accepted_like_python_ones():
+    # Any integral number where an int is expected, any real one where a float is (numpy's
+    # scalars, as configs and sweeps produce them); the result is the Python scalars' own.
+    np = pytest.importorskip("numpy")
+    q, k, v = _t(*Q), _t(*K), _t(*V)
+    span = torch.tensor([1.0, 2.5, 4.0, 6.0])
+    want = fastattn.attention(q, k, v, window=(3, 1), num_global=2, span=span, span_ramp=2.0,
+                              softcap=5.0, scale=0.25)
+    for ints, reals in ((np.int64, np.float64), (np.int32, np.float32), (np.uint8, np.float16)):
+        got = fastattn.attention(q, k, v, window=(ints(3), ints(1)), num_global=ints(2), span=span,
+                                 span_ramp=reals(2.0), softcap=reals(5.0), scale=reals(0.25))
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    got = fastattn.attention(q, k, v, window=[np.int64(3), 1], num_global=2, span=span,
+                             span_ramp=np.int64(2), softcap=np.int16(5), scale=0.25)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("override,exc,argname", [
+    (dict(window=(2 ** 63, 0)), ValueError, "window"),
+    (dict(window=(0, 2 ** 64)), ValueError, "window"),
+    (dict(window=(-2 ** 63 - 1, 0)), ValueError, "window"),
+    (dict(num_global=2 ** 63), ValueError, "num_global"),
+    (dict(window=(True, 0)), TypeError, "window"),
+    (dict(num_global=False), TypeError, "num_global"),
+    (dict(num_global=2.0), TypeError, "num_global"),
+    (dict(softcap=True), TypeError, "softcap"),
+    (dict(span_ramp=10 ** 400, span=torch.ones(4)), ValueError, "span_ramp"),
+], ids=["window-2**63", "window-2**64", "window-below-int64", "num_global-2**63", "window-bool",
+        "num_global-bool", "num_global-float", "softcap-bool", "span_ramp-huge-int"])
+def test_scalars_out_of_int64_or_of_the_wrong_kind_raise_naming_the_argument(override, exc, argname):
+    with pytest.raises(exc, match=rf"fastattn: {argname}\b"):
+        fastattn.attention(_t(*Q), _t(*K), _t(*V), **override)
+
+
+def test_numpy_scalars_of_the_wrong_kind_raise_naming_the_argument():
+    np = pytest.importorskip("numpy")
+    for override, exc, argname in ((dict(window=(np.float64(1.0), 0)), TypeError, "window"),
+                                   (dict(window=(np.bool_(True), 0)), TypeError, "window"),
+                                   (dict(num_global=np.float32(1.0)), TypeError, "num_global"),
+                                   (dict(softcap=np.bool_(False)), TypeError, "softcap"),
+                                   (dict(window=(np.uint64(2 ** 63), 0)), ValueError, "window")):
+        with pytest.raises(exc, match=rf"fastattn: {argname}\b"):
+            fastattn.attention(_t(*Q), _t(*K), _t(*V), **override)
+
+
 def test_good_call_of_bad_input_table_runs():
     # The base call of the table above is valid (so each row tests only its own mistake).
     out = fastattn.attention(_t(*Q), _t(*K), _t(*V), rel_bias=_t(5, 4), alibi_slopes=_t(4).abs(),
@@ -496,6 +541,54 @@ def test_op_level_check_messages(override, exc, message):
     with pytest.raises(exc) as info:
         _op_call(**override)
     assert str(info.value).splitlines()[0] == message
+
+
+# A call mixing a meta tensor with CPU tensors must not reach the fake (meta) kernel and come back
+# as uninitialized memory: in inference mode no Autograd kernel checks the arguments first.
+_MIXED_DEVICE_CALLS = [
+    ("k", dict(k=_t(*K, device="meta"))),
+    ("v", dict(v=_t(*V, device="meta"))),
+    ("q", dict(q=_t(*Q, device="meta"))),
+    ("rel_bias", dict(rel_bias=_t(5, 4, device="meta"))),
+    ("alibi_slopes", dict(alibi_slopes=_t(4, device="meta"))),
+    ("span", dict(span=_t(4, device="meta").abs())),
+    ("key_lengths", dict(key_lengths=torch.tensor([3, 4], device="meta"))),
+    ("scale", dict(scale=None, scale_tensor=torch.tensor(0.5, device="meta"))),
+]
+
+
+@pytest.mark.parametrize("inference", (False, True), ids=("grad-mode", "inference-mode"))
+@pytest.mark.parametrize("name,override", _MIXED_DEVICE_CALLS, ids=[c[0] for c in _MIXED_DEVICE_CALLS])
+def test_op_call_mixing_devices_raises(name, override, inference):
+    ctx = torch.inference_mode() if inference else torch.no_grad()
+    with ctx, pytest.raises(ValueError, match=rf"fastattn: {'k' if name == 'q' else name}\b.*device"):
+        _op_call(**override)
+
+
+@pytest.mark.parametrize("inference", (False, True), ids=("grad-mode", "inference-mode"))
+def test_op_backward_call_mixing_devices_raises(inference):
+    q, k, v = _t(*Q), _t(*K), _t(*V)
+    args = attention_op_args(q, k, v, scale=0.5)
+    out, lse = torch.ops.fastattn.attention(*args)
+    grad_out = torch.randn_like(out)
+    ctx = torch.inference_mode() if inference else torch.no_grad()
+    for name, call in (("grad_out", (grad_out.to("meta"), out, lse, None)),
+                       ("out", (grad_out, out.to("meta"), lse, None)),
+                       ("lse", (grad_out, out, lse.to("meta"), None)),
+                       ("grad_lse", (grad_out, out, lse, lse.to("meta"))),
+                       ("k", (grad_out, out, lse, None))):
+        call_args = args if name != "k" else attention_op_args(q, k.to("meta"), v, scale=0.5)
+        with ctx, pytest.raises(ValueError, match=rf"fastattn: {name}\b.*device"):
+            torch.ops.fastattn.attention_backward(*attention_backward_op_args(*call, call_args))
+
+
+def test_op_call_with_a_cpu_scale_tensor_on_any_device_runs():
+    # A 0-dim CPU scale is read on the host: allowed with q on any device (here meta).
+    q = _t(*Q, device="meta")
+    k, v = _t(*K, device="meta"), _t(*V, device="meta")
+    with torch.inference_mode():
+        out, lse = torch.ops.fastattn.attention(*attention_op_args(q, k, v, scale_tensor=torch.tensor(0.5)))
+    assert out.device.type == "meta" and out.shape == (2, 4, 5, 6)
 
 
 @pytest.mark.cuda

@@ -342,6 +342,93 @@ def test_mha_kv_cache_decode_equals_full_pass(n_kv_head, rotary):
     assert set(cache) == {"k", "v"} and cache["k"].shape == (2, n_kv_head, 9, 4)
 
 
+def test_learnable_temperature_is_1d_and_loads_0dim_state_dicts():
+    # log_scale is stored as (1,) (FSDP2 shards no 0-dim parameter); a state dict saved with
+    # the former 0-dim log_scale still loads, into the same values and outputs.
+    m = fnn.MultiheadAttention(16, 4, learnable_temperature=True, impl="reference")
+    assert m.log_scale.shape == (1,)
+    with torch.no_grad():
+        m.log_scale.fill_(-0.7)
+    old = {n: (t.reshape(()) if n == "log_scale" else t) for n, t in m.state_dict().items()}
+    fresh = fnn.MultiheadAttention(16, 4, learnable_temperature=True, impl="reference")
+    fresh.load_state_dict(old)
+    assert fresh.log_scale.shape == (1,) and fresh.log_scale.item() == pytest.approx(-0.7)
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(fresh(x), m(x), rtol=0, atol=0)
+    wrapped = torch.nn.Sequential(fresh)
+    wrapped.load_state_dict({"0." + n: t for n, t in old.items()})  # under a prefix too
+
+
+def _fsdp2_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        fnn.MultiheadAttention(16, 4, causal=True, learnable_temperature=True, rel_bias_max_dist=3),
+        torch.nn.Linear(16, 3))
+
+
+def _fsdp2_inputs(world):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(2, 6, 16, generator=g), torch.randn(2, 6, 3, generator=g)) for _ in range(world)]
+
+
+def _fsdp2_worker(rank, world, init_method):
+    """One rank: the model sharded with fully_shard (each attention module, then the root),
+    forward + backward on this rank's batch, against one unsharded copy run on every rank's batch:
+    the same output, and the average of the per-rank gradients."""
+    import warnings
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    try:
+        inputs = _fsdp2_inputs(world)
+        plain = _fsdp2_model()
+        names = [n for n, _ in plain.named_parameters()]
+        want = [torch.zeros_like(p) for p in plain.parameters()]
+        for i, (x, gy) in enumerate(inputs):
+            out = plain(x)
+            if i == rank:
+                want_out = out.detach()
+            for w, g in zip(want, torch.autograd.grad((out * gy).sum(), list(plain.parameters()))):
+                w += g / world
+        sharded = _fsdp2_model()
+        mesh = init_device_mesh("cpu", (world,))
+        fully_shard(sharded[0], mesh=mesh)
+        fully_shard(sharded, mesh=mesh)
+        x, gy = inputs[rank]
+        out = sharded(x)
+        (out * gy).sum().backward()
+        torch.testing.assert_close(out.detach(), want_out, **FUSED_TOL)
+        for n, p, w in zip(names, sharded.parameters(), want):
+            torch.testing.assert_close(p.grad.full_tensor(), w, **FUSED_TOL, msg=lambda m: f"grad {n}: {m}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _fsdp2_unavailable():
+    import torch.distributed as dist
+    if not dist.is_available() or not dist.is_gloo_available():
+        return "torch.distributed with the gloo backend is not available"
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return "torch.distributed.fsdp.fully_shard (FSDP2) is not available"
+    return None
+
+
+@needs_fused
+def test_fsdp2_fully_shard_on_cpu(tmp_path):
+    """FSDP2 shards a model holding MultiheadAttention(learnable_temperature, rel_bias) (no 0-dim
+    parameter) and gives the single-process outputs and gradients: two processes, gloo."""
+    reason = _fsdp2_unavailable()
+    if reason:
+        pytest.skip(reason)
+    torch.multiprocessing.spawn(_fsdp2_worker, args=(2, f"file://{tmp_path / 'rendezvous'}"), nprocs=2)
+
+
 # ------------------------------------------------------------------ the growing KV cache
 def test_append_to_caches_grows_in_place_and_never_changes_a_view():
     from fastattn.nn._common import append_to_caches
@@ -410,6 +497,86 @@ def test_decoding_without_autograd_writes_one_cache_buffer(impl):
                 ptrs.add(cache[key].data_ptr())
         torch.testing.assert_close(torch.cat(outs, 1), full, **tol)
         assert len(ptrs) == 1, f"{type(m).__name__}: the cache was copied during decoding"
+
+
+def test_saving_a_decode_cache_writes_only_its_filled_part():
+    """The cache tensors are views of a buffer with room to grow (uninitialized past the filled
+    part): torch.save and deepcopy write only the filled part, which loads back equal (as plain
+    tensors, with torch.load's default weights_only=True) and decodes on like the original."""
+    import io
+    impl = "fused" if FUSED else "reference"
+    mha = fnn.MultiheadAttention(32, 4, 2, rotary="rope", causal=True, impl=impl)
+    mla = fnn.MultiheadLatentAttention(32, 4, 24, qk_rope_head_dim=4, causal=True, impl=impl)
+    x = torch.randn(2, 9, 32)
+
+    def saved_bytes(obj):
+        f = io.BytesIO()
+        torch.save(obj, f)
+        return f.getvalue()
+
+    for m in (mha, mla):
+        with torch.no_grad():
+            _, cache = m(x[:, :3], cache={})
+            for t in range(3, 8):
+                _, cache = m(x[:, t:t + 1], cache=cache)
+        buffers = {id(t._base): t._base for t in cache.values()}
+        assert None not in buffers.values()  # (MHA: one buffer for k, one for v; MLA: one for both)
+        buffer_bytes = sum(b.untyped_storage().nbytes() for b in buffers.values())
+        data = saved_bytes(cache)
+        compact = saved_bytes({n: t.clone() for n, t in cache.items()})
+        assert len(data) <= len(compact) + 64 < buffer_bytes
+        loaded = torch.load(io.BytesIO(data))
+        copied = copy.deepcopy(cache)
+        for got in (loaded, copied):
+            assert set(got) == set(cache)
+            for n, t in got.items():
+                assert type(t) is torch.Tensor and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+                torch.testing.assert_close(t, cache[n], rtol=0, atol=0)
+        with torch.no_grad():
+            want, _ = m(x[:, 8:9], cache=cache)
+            for got in (loaded, copied):
+                out, _ = m(x[:, 8:9], cache=got)
+                torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+def _frozen_but(m, trained):
+    for n, p in m.named_parameters():
+        p.requires_grad_(any(n.startswith(t) for t in trained))
+    return m
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+@pytest.mark.parametrize("what", ["table-and-temperature", "span", "mla-kv_b_proj"])
+def test_decoding_in_grad_mode_trains_what_requires_grad(impl, what):
+    """Parameter-efficient fine-tuning through a decode loop: the projections are frozen and only
+    the table and temperature (or the span, or MLA's up-projection) train, so the cached k/v do
+    not require grad but the attention call that reads them is recorded and saves them. The
+    cache must then not grow in place under the saved tensors: backward runs and its gradients
+    equal the full pass's."""
+    if what == "table-and-temperature":
+        m = fnn.MultiheadAttention(16, 4, causal=True, rel_bias_max_dist=3, learnable_temperature=True,
+                                   impl=impl)
+        m = _frozen_but(m, ("rel_bias", "log_scale"))
+    elif what == "span":
+        m = _frozen_but(fnn.AdaptiveSpanAttention(16, 4, max_span=3.5, span_ramp=2, impl=impl), ("span_frac",))
+    else:
+        m = _frozen_but(make_mla(impl=impl, causal=True), ("kv_b_proj",))
+    trained = [p for p in m.parameters() if p.requires_grad]
+    x = torch.randn(2, 7, 16)
+    full = m(x)
+    gy = torch.randn_like(full)
+    want = torch.autograd.grad((full * gy).sum(), trained)
+    out, cache = m(x[:, :2], cache={})
+    outs = [out]
+    for t in range(2, 7):
+        out, cache = m(x[:, t:t + 1], cache=cache)
+        outs.append(out)
+    decoded = torch.cat(outs, 1)
+    got = torch.autograd.grad((decoded * gy).sum(), trained)
+    tol = TOL if impl == "reference" else FUSED_TOL
+    torch.testing.assert_close(decoded, full, **tol)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **tol)
 
 
 # ------------------------------------------------------------------ MLA

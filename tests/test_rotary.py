@@ -472,6 +472,34 @@ def test_direct_op_calls_are_checked():
         ops.rotary_(torch.randn(1, 1, 4, 8).expand(2, 2, 4, 8), inv, None, None, None, None, 0, False, 8)
 
 
+@pytest.mark.parametrize("inference", (False, True), ids=("grad-mode", "inference-mode"))
+@pytest.mark.parametrize("name", ("x", "inv_freq", "cos", "positions", "rotation", "grad_out"))
+def test_direct_op_calls_mixing_devices_raise(name, inference):
+    """A call mixing a meta tensor with CPU tensors must not reach the fake (meta) kernel and
+    come back as uninitialized memory (or, in place, as an x left unrotated)."""
+    x, inv = torch.randn(2, 2, 4, 8), torch.rand(4)
+    cos, sin = torch.randn(5, 4), torch.randn(5, 4)
+    args = dict(x=x, inv_freq=None if name == "cos" else inv, cos=cos if name == "cos" else None,
+                sin=sin if name == "cos" else None, positions=torch.arange(4) if name == "positions" else None,
+                rotation=torch.eye(8) if name == "rotation" else None)
+    grad_out = torch.randn_like(x)
+    if name == "grad_out":
+        grad_out = grad_out.to("meta")
+    else:
+        args[name] = args[name].to("meta")
+    bent = "inv_freq" if name == "x" else name  # with a meta x, the CPU table is the odd one out
+    values = (*args.values(), 0, False, 8)
+    ctx = torch.inference_mode() if inference else torch.no_grad()
+    with ctx:
+        if name != "grad_out":
+            with pytest.raises(ValueError, match=rf"fastattn: {bent}\b.*device"):
+                ops.rotary(*values)
+            with pytest.raises(ValueError, match=rf"fastattn: {bent}\b.*device"):
+                ops.rotary_(*values)
+        with pytest.raises(ValueError, match=rf"fastattn: {bent}\b.*device"):
+            ops.rotary_backward(grad_out, *values, [True, True, True, True])
+
+
 @st.composite
 def _op_arguments(draw):
     """Arguments of torch.ops.fastattn.rotary as a caller that skips the Python checks could
@@ -579,7 +607,22 @@ def _bad_calls():
         ("inplace with a parameter requiring grad", ValueError, "inplace",
          lambda: fastattn.rotary(x.clone(), inv_freq=inv.clone().requires_grad_(True), inplace=True)),
         ("offset type", TypeError, "offset", lambda: fastattn.rotary(x, inv_freq=inv, offset=1.5)),
+        ("offset bool", TypeError, "offset", lambda: fastattn.rotary(x, inv_freq=inv, offset=True)),
+        ("offset >= 2**63", ValueError, "offset", lambda: fastattn.rotary(x, inv_freq=inv, offset=2 ** 63)),
+        ("offset < -2**63", ValueError, "offset", lambda: fastattn.rotary(x, inv_freq=inv, offset=-2 ** 63 - 1)),
+        ("offset >= 2**63 with a table", ValueError, "offset",
+         lambda: fastattn.rotary(x, cos=cos, sin=sin, offset=2 ** 64)),
     ]
+
+
+def test_numpy_integer_offset_is_accepted():
+    np = pytest.importorskip("numpy")
+    x, inv = torch.randn(2, 3, 5, 8), torch.rand(4)
+    want = fastattn.rotary(x, inv_freq=inv, offset=7)
+    for t in (np.int64, np.int32, np.uint16):
+        torch.testing.assert_close(fastattn.rotary(x, inv_freq=inv, offset=t(7)), want, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="offset"):
+        fastattn.rotary(x, inv_freq=inv, offset=np.float64(7))
 
 
 BAD = _bad_calls()

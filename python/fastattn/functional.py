@@ -7,6 +7,8 @@ are in fastattn.reference.
 """
 from __future__ import annotations
 
+import numbers
+import operator
 from typing import Optional, Sequence, Union
 
 import torch
@@ -96,8 +98,7 @@ def rotary(
     if rd <= 0 or rd % 2 != 0 or rd > D:
         _fail(f"rotary_dim must be even and in [2, D={D}], got {rd}")
     half = rd // 2
-    if not isinstance(offset, (int, torch.SymInt)) or isinstance(offset, bool):
-        _fail(f"offset must be an int, got {type(offset).__name__}", TypeError)
+    offset = _int(offset, "offset", "an int")
     if (inv_freq is None) == (cos is None and sin is None):
         _fail("give either inv_freq or both cos and sin tables (exactly one of the two), got "
               f"inv_freq={'set' if inv_freq is not None else 'None'}, "
@@ -228,8 +229,7 @@ def _attention(op, q, k, v, scale, causal, window, rel_bias, alibi_slopes, span,
     elif scale is not None:
         scale_f = _real(scale, "scale", "a float, a 0-dim tensor or None")
     left, right = _window(window)
-    if isinstance(num_global, bool) or not isinstance(num_global, int):
-        _fail(f"num_global must be an int, got {type(num_global).__name__}", TypeError)
+    num_global = _int(num_global, "num_global", "an int")
     span_ramp = _real(span_ramp, "span_ramp", "a number")
     softcap = _real(softcap, "softcap", "a number")
 
@@ -257,15 +257,43 @@ def check_options(**options) -> None:
     attention(q, q, q, **options)
 
 
+# Python scalars: any real number (numpy's too) where a float is expected, any integral one
+# (operator.index) where an int is; never a bool. The ops take int64 integers: an int outside
+# that range gets a ValueError naming the argument rather than torch's schema error.
+_INT64_MIN, _INT64_MAX = -2 ** 63, 2 ** 63 - 1
+
+
 def _real(value, name: str, expected: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if type(value) is float:
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         _fail(f"{name} must be {expected}, got {type(value).__name__}", TypeError)
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        _fail(f"{name} must be a finite number, got a value too large for a float")
+
+
+def _int(value, name: str, expected: str):
+    """An integral scalar as an int in int64's range (a SymInt while tracing passes as is)."""
+    if type(value) is not int:
+        if isinstance(value, torch.SymInt):
+            return value
+        wrong = f"{name} must be {expected}, got {type(value).__name__} ({value!r})"
+        if isinstance(value, bool):
+            _fail(wrong, TypeError)
+        try:
+            value = operator.index(value)
+        except TypeError:
+            _fail(wrong, TypeError)
+    if not _INT64_MIN <= value <= _INT64_MAX:
+        shown = value if value.bit_length() <= 128 else f"an int of {value.bit_length()} bits"
+        _fail(f"{name} must fit in int64 ([-2**63, 2**63 - 1]), got {shown}")
+    return value
 
 
 def _window(window) -> tuple:
-    if not (isinstance(window, (tuple, list)) and len(window) == 2
-            and isinstance(window[0], int) and not isinstance(window[0], bool)
-            and isinstance(window[1], int) and not isinstance(window[1], bool)):
+    if not (isinstance(window, (tuple, list)) and len(window) == 2):
         _fail(f"window must be a (left, right) pair of ints, got {window!r}", TypeError)
-    return int(window[0]), int(window[1])
+    return (_int(window[0], "window", "a (left, right) pair of ints"),
+            _int(window[1], "window", "a (left, right) pair of ints"))

@@ -18,6 +18,17 @@ from torch import Tensor
 _ops = torch.ops.fastattn
 
 
+def _check_devices(ref: Tensor, ref_name: str, named) -> None:
+    # The fake kernels are also the Meta kernels: a direct op call that mixes a meta tensor with
+    # tensors of another device and skips the Autograd kernel (inference mode, or an op whose
+    # Autograd kernel does not check) lands here, and would return uninitialized memory on the
+    # other device. Refuse it as the device kernels' checks would (check_same_device).
+    for t, name in named:
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"fastattn: {name} must be on the same device as {ref_name} "
+                             f"({ref.device}), got {t.device}")
+
+
 def _empty_grad(like: Tensor) -> Tensor:
     # Gradients that were not asked for come back as empty tensors (custom ops cannot
     # return None); autograd wrappers below turn them into None.
@@ -27,19 +38,28 @@ def _empty_grad(like: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # rotary
 # ---------------------------------------------------------------------------------------------
+def _check_rotary_devices(x, inv_freq, cos, sin, positions, rotation):
+    _check_devices(x, "x", ((inv_freq, "inv_freq"), (cos, "cos"), (sin, "sin"),
+                            (positions, "positions"), (rotation, "rotation")))
+
+
 @torch.library.register_fake("fastattn::rotary")
 def _rotary_fake(x, inv_freq, cos, sin, positions, rotation, offset, interleaved, rotary_dim):
+    _check_rotary_devices(x, inv_freq, cos, sin, positions, rotation)
     return x.new_empty(x.shape)
 
 
 @torch.library.register_fake("fastattn::rotary_")
 def _rotary_inplace_fake(x, inv_freq, cos, sin, positions, rotation, offset, interleaved, rotary_dim):
+    _check_rotary_devices(x, inv_freq, cos, sin, positions, rotation)
     return None
 
 
 @torch.library.register_fake("fastattn::rotary_backward")
 def _rotary_backward_fake(grad_out, x, inv_freq, cos, sin, positions, rotation, offset,
                           interleaved, rotary_dim, output_mask):
+    _check_rotary_devices(x, inv_freq, cos, sin, positions, rotation)
+    _check_devices(x, "x", ((grad_out, "grad_out"),))
     need_x, need_freq, need_table, need_rot = output_mask
     gx = x.new_empty(x.shape) if need_x else _empty_grad(x)
     gf = inv_freq.new_empty(inv_freq.shape) if (need_freq and inv_freq is not None) else _empty_grad(x)
@@ -72,8 +92,20 @@ def rotary_(x: Tensor, inv_freq: Optional[Tensor], cos: Optional[Tensor], sin: O
 ATTENTION_ARGS = tuple(a.name for a in _ops.attention.default._schema.arguments)
 
 
+def _check_attention_devices(named: dict, also=()) -> None:
+    # Every tensor argument sits on q's device, except a scale tensor on the CPU (read on the
+    # host, as csrc/common/attention_args.cpp's check_scale allows).
+    q = named["q"]
+    _check_devices(q, "q", [(t, "scale (scale_tensor)" if n == "scale_tensor" else n)
+                            for n, t in named.items()
+                            if isinstance(t, Tensor) and n != "q"
+                            and not (n == "scale_tensor" and t.device.type == "cpu")])
+    _check_devices(q, "q", also)
+
+
 @torch.library.register_fake("fastattn::attention")
 def _attention_fake(q, k, v, *options):
+    _check_attention_devices(dict(zip(ATTENTION_ARGS, (q, k, v) + options)))
     B, Hq, Sq, _ = q.shape
     out = q.new_empty((B, Hq, Sq, v.shape[-1]))
     lse = q.new_empty((B, Hq, Sq), dtype=torch.float32)
@@ -83,6 +115,7 @@ def _attention_fake(q, k, v, *options):
 @torch.library.register_fake("fastattn::attention_backward")
 def _attention_backward_fake(grad_out, out, lse, grad_lse, need_rel_bias_grad, need_span_grad, *attention_args):
     a = dict(zip(ATTENTION_ARGS, attention_args))
+    _check_attention_devices(a, ((grad_out, "grad_out"), (out, "out"), (lse, "lse"), (grad_lse, "grad_lse")))
     q, k, v, rel_bias, span = a["q"], a["k"], a["v"], a["rel_bias"], a["span"]
     gq, gk, gv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
     gb = rel_bias.new_empty(rel_bias.shape) if (need_rel_bias_grad and rel_bias is not None) else _empty_grad(q)

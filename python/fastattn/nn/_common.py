@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -87,19 +87,48 @@ def alibi_slopes(n_head: int) -> torch.Tensor:
 _CACHE_FILLED = "_fastattn_cache_filled"
 
 
-def append_to_caches(pasts: Sequence[torch.Tensor], news: Sequence[torch.Tensor], dim: int
+class CacheView(torch.Tensor):
+    """A KV cache that ``append_to_caches`` returns: a view of the filled part of a buffer with
+    room to grow. It behaves as a plain tensor (no ``__torch_function__`` layer; every op on it
+    returns a plain tensor), except that pickling it (``torch.save``, ``copy.deepcopy``) writes
+    only its own elements, not the whole buffer with its unused, uninitialized room; it loads
+    back as a plain tensor."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def _compact(self) -> torch.Tensor:
+        return self.as_subclass(torch.Tensor).clone(memory_format=torch.contiguous_format)
+
+    def __reduce_ex__(self, protocol):
+        return torch.Tensor.__reduce_ex__(self._compact(), protocol)
+
+    def __deepcopy__(self, memo):
+        return self._compact()
+
+    def __repr__(self, *, tensor_contents=None):
+        return torch.Tensor.__repr__(self.as_subclass(torch.Tensor), tensor_contents=tensor_contents)
+
+
+def append_to_caches(pasts: Sequence[torch.Tensor], news: Sequence[torch.Tensor], dim: int, *,
+                     call_inputs: Sequence[Optional[torch.Tensor]] = ()
                      ) -> Tuple[List[torch.Tensor], torch.Tensor]:
     """``torch.cat([past, new], dim)`` for each pair of a growing KV cache, in amortized
     O(len(new)); also returns the caches' concatenation along their last dim.
 
     The caches it returns are views of one buffer that holds them side by side along the last
     dim (MLA's latent and rotary key; or a single tensor) and has room to grow along ``dim``
-    (25% more than needed, at least 64 entries). Appending to the most recent of them writes
+    (25% more than needed, at least 64 entries); as ``CacheView`` tensors, they pickle (torch.save,
+    deepcopy) only their own elements, not that room. Appending to the most recent of them writes
     the new entries into that room instead of copying the whole cache on every decode step, and
     the joint concatenation is a view too. Anything else falls back to copies, so no tensor
     ever sees its entries change: older or sliced views (branching as in beam search, a
-    rollback), autograd recording (the cache requires grad), torch.compile tracing, mixed
-    dtypes or devices.
+    rollback), torch.compile tracing, mixed dtypes or devices, and autograd recording.
+
+    ``call_inputs`` are the other tensor inputs of the calls that read the returned caches (the
+    attention's query, table, scale, span, ...; None entries are skipped). Autograd records such
+    a call, and saves the caches for its backward, when grad mode is on and any of its inputs
+    requires grad, even if the caches do not (only a table or a temperature trains): the caches
+    are then plain concatenations, which a later step cannot change.
     """
     tensors = list(pasts) + list(news)
     if dim % pasts[0].dim() == pasts[0].dim() - 1:
@@ -107,7 +136,8 @@ def append_to_caches(pasts: Sequence[torch.Tensor], news: Sequence[torch.Tensor]
     n_past, n_new = pasts[0].shape[dim], news[0].shape[dim]
     widths = [t.shape[-1] for t in pasts]
     offsets = [sum(widths[:i]) for i in range(len(widths))]
-    recording = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    recording = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (*tensors, *call_inputs))
     if (recording or torch.compiler.is_compiling()
             or any(t.dtype != tensors[0].dtype or t.device != tensors[0].device for t in tensors)):
         parts = [torch.cat([p, n], dim) for p, n in zip(pasts, news)]
@@ -134,5 +164,5 @@ def append_to_caches(pasts: Sequence[torch.Tensor], news: Sequence[torch.Tensor]
     for n, off, w in zip(news, offsets, widths):
         base.narrow(dim, n_past, n_new).narrow(-1, off, w).copy_(n)
     setattr(base, _CACHE_FILLED, n_past + n_new)
-    joint = base.narrow(dim, 0, n_past + n_new)
-    return [joint.narrow(-1, off, w) for off, w in zip(offsets, widths)], joint
+    joint = base.narrow(dim, 0, n_past + n_new).as_subclass(CacheView)
+    return [joint.narrow(-1, off, w).as_subclass(CacheView) for off, w in zip(offsets, widths)], joint

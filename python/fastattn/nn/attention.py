@@ -52,7 +52,8 @@ class MultiheadAttention(nn.Module):
             ``(2*max_dist-1, n_head)`` is added to the logits (computed in the kernel).
         alibi: add ALiBi biases ``-slope[h] * |pq - pk|``.
         learnable_temperature: learn the softmax scale (``scale = exp(log_scale)``, init
-            ``head_dim ** -0.5``); its gradient comes from the kernel.
+            ``head_dim ** -0.5``; ``log_scale`` has shape ``(1,)``); its gradient comes from the
+            kernel.
         impl: ``"fused"`` (``fastattn.functional``) or ``"reference"`` (``fastattn.reference``).
 
     Shapes: ``x (B, S, d_model)``, ``xa (B, Sa, kdim)`` -> ``(B, S, d_model)``.
@@ -65,9 +66,11 @@ class MultiheadAttention(nn.Module):
     cache is ``{"k": (B, n_kv_head, S_past, head_dim), "v": ...}`` (rotary already applied)
     and new keys are appended; for cross-attention it is ``{"cross_k", "cross_v"}``, computed
     from ``xa`` on the first call and reused after (``xa`` may then be None). Decoding token
-    by token with ``causal=True`` gives the same outputs as one full pass. Without autograd
-    recording (``torch.no_grad()``) ``k``/``v`` are views of buffers that grow in place, so a
-    step does not copy the whole cache (see ``append_to_caches``).
+    by token with ``causal=True`` gives the same outputs as one full pass. When autograd does not
+    record the attention call (``torch.no_grad()``, or nothing it reads requires grad) ``k``/``v``
+    are views of buffers that grow in place, so a step does not copy the whole cache (see
+    ``append_to_caches``); ``torch.save`` and ``copy.deepcopy`` of them write only the filled
+    part.
     """
 
     def __init__(self, d_model: int, n_head: int, n_kv_head: Optional[int] = None, *,
@@ -139,7 +142,10 @@ class MultiheadAttention(nn.Module):
         else:
             self.alibi_slopes = None
         if learnable_temperature:
-            self.log_scale = nn.Parameter(torch.tensor(math.log(head_dim ** -0.5), device=device))
+            # Shape (1,), not 0-dim: FSDP2's fully_shard refuses 0-dim parameters. The op takes
+            # the scale as a 0-dim tensor (_scale), and state dicts that hold a 0-dim log_scale
+            # still load (_load_from_state_dict).
+            self.log_scale = nn.Parameter(torch.full((1,), math.log(head_dim ** -0.5), device=device))
         else:
             self.log_scale = None
 
@@ -149,7 +155,21 @@ class MultiheadAttention(nn.Module):
         return t.view(B, S, n, self.head_dim).transpose(1, 2)  # (B, n, S, head_dim), a view
 
     def _scale(self):
-        return None if self.log_scale is None else self.log_scale.exp()
+        return None if self.log_scale is None else self.log_scale.exp().squeeze(0)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # log_scale was a 0-dim parameter; such state dicts load into the (1,) one.
+        key = prefix + "log_scale"
+        saved = state_dict.get(key)
+        if self.log_scale is not None and isinstance(saved, torch.Tensor) and saved.dim() == 0:
+            state_dict[key] = saved.reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _attention_inputs(self, q: torch.Tensor, span: Optional[torch.Tensor]):
+        """The tensors besides k and v that ``attend`` reads, or that its scale derives from:
+        autograd records the attention call when one of them requires grad."""
+        return (q, self.log_scale, None if self.rel_bias is None else self.rel_bias.pos_bias,
+                self.alibi_slopes, span)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                key_lengths: Optional[torch.Tensor] = None, span: Optional[torch.Tensor] = None,
@@ -207,8 +227,9 @@ class MultiheadAttention(nn.Module):
             if self.rotary is not None:
                 q, k = self.rotary.rotate((q, k), offset=offset, impl=self.impl)
             if past:
-                (k,), _ = append_to_caches([cache["k"]], [k], dim=2)
-                (v,), _ = append_to_caches([cache["v"]], [v], dim=2)
+                readers = self._attention_inputs(q, span)
+                (k,), _ = append_to_caches([cache["k"]], [k], dim=2, call_inputs=readers)
+                (v,), _ = append_to_caches([cache["v"]], [v], dim=2, call_inputs=readers)
             if cache is not None:
                 new_cache["k"], new_cache["v"] = k, v
         o = self.attend(q, k, v, key_lengths=key_lengths, span=span, span_ramp=span_ramp)

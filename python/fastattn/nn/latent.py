@@ -148,8 +148,11 @@ class MultiheadLatentAttention(nn.Module):
         k_rope = k_rope.squeeze(1)                                    # (B, S, dr)
         latent_and_rope = None  # (B, Sk, dc + dr): [c, k_rope], the absorbed path's keys
         if past:
-            (c, k_rope), latent_and_rope = append_to_caches([cache["latent"], cache["k_rope"]],
-                                                            [c, k_rope], dim=1)
+            # Read by the attention (with the query, and W_uk folded into it) or, expanded, by
+            # kv_b_proj: a call autograd records when the query or kv_b_proj's weight requires grad.
+            (c, k_rope), latent_and_rope = append_to_caches(
+                [cache["latent"], cache["k_rope"]], [c, k_rope], dim=1,
+                call_inputs=(q, q_rope, self.kv_b_proj.weight))
         if absorb is None:
             absorb = cache is not None
         attention = ops(self.impl).attention
