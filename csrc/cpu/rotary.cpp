@@ -40,7 +40,6 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
-#include <numeric>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -794,16 +793,26 @@ RotaryArgs check_args(const at::Tensor& x, const std::optional<at::Tensor>& inv_
                   "]");
     }
   } else {
+    // A direct op call may pass any int64 offset: these checks are written so that they cannot
+    // overflow (offset + S could wrap around and pass a plain `offset + S <= rows`).
     if (has_cos && a.S > 0) {
-      FA_CHECK_VALUE(offset >= 0 && offset + a.S <= a.cos.size(0),
-               "fastattn: positions offset..offset+S-1 = ", offset, "..", offset + a.S - 1,
-               " lie past the cos/sin table's ", a.cos.size(0), " rows");
+      const int64_t rows = a.cos.size(0);
+      FA_CHECK_VALUE(offset >= 0 && a.S <= rows && offset <= rows - a.S,
+               "fastattn: positions offset..offset+S-1 (offset = ", offset, ", S = ", a.S,
+               ") lie past the cos/sin table's ", rows, " rows");
     }
+    // With inv_freq any position is valid, but offset + S - 1 must still be an int64 (the
+    // reference computes offset + arange(S) and raises rather than wrap around).
+    FA_CHECK_VALUE(a.S == 0 || offset <= std::numeric_limits<int64_t>::max() - (a.S - 1),
+             "fastattn: positions offset..offset+S-1 (offset = ", offset, ", S = ", a.S,
+             ") overflow int64; offset must be at most ",
+             std::numeric_limits<int64_t>::max() - (a.S - 1));
     a.offset = offset;
     if (!x.is_cuda()) {
       // Filled directly: cheaper than an ATen op for the short vectors of decoding steps.
       a.pos = at::empty({1, a.S}, x.options().dtype(at::kLong));
-      std::iota(a.pos.data_ptr<int64_t>(), a.pos.data_ptr<int64_t>() + a.S, offset);
+      int64_t* pos = a.pos.data_ptr<int64_t>();
+      for (int64_t s = 0; s < a.S; ++s) pos[s] = offset + s;
     }
   }
 
@@ -905,9 +914,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rotary_ba
       d_sin = make();
     }
     if (nonempty) kernel_backward_partials(grad, xsrc, gsrc, a, d_ang, d_cos, d_sin);
+    // (arange(S) + offset: offset + S itself may be one past int64's range)
     const at::Tensor pos = a.pos.defined()
         ? a.pos
-        : at::arange(a.offset, a.offset + a.S, x.options().dtype(at::kLong)).view({1, a.S});
+        : at::arange(a.S, x.options().dtype(at::kLong)).add_(a.offset).view({1, a.S});
     const auto pos_flat = pos.expand({a.B, a.S}).reshape({-1}).contiguous();
     if (need_freq) {
       grad_freq = kernel_reduce_freq(d_ang.view({a.B * a.S, a.half}), pos_flat)

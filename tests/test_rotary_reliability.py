@@ -1,0 +1,78 @@
+"""fastattn.rotary where a mistake would be silent: integer arguments near int64's limits, the
+in-place op's contract (version counter, inference tensors, arguments that share x's memory),
+higher-order and forward-mode autograd, and the CPU output-buffer cache (bounded, emptied,
+resizable outputs).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastattn
+from conftest import HAS_CUDA
+
+ops = torch.ops.fastattn
+
+CUDA_MARK = [pytest.mark.cuda,
+             pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build of fastattn")]
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA_MARK)]
+INT64_MAX = 2 ** 63 - 1
+
+
+def _inv_freq(rd, dtype=torch.float64, device="cpu"):
+    return (1.0 / (100.0 ** (torch.arange(0, rd, 2, dtype=torch.float64) / rd))).to(device, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# integer arguments: every bounds check holds for any int64 (a direct op call may pass one)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_offset_near_int64_max_is_rejected_not_wrapped(device):
+    """offset + S overflowed int64 and passed `offset + S <= rows`: the kernel then read table
+    rows at (offset + s) * half (garbage, or a crash for large S)."""
+    S = 65536
+    x = torch.randn(1, 1, S, 8, device=device)
+    cos, sin = torch.randn(16, 4, device=device), torch.randn(16, 4, device=device)
+    grad = torch.ones_like(x)
+    for offset in (2 ** 63 - S, 2 ** 63 - 1, INT64_MAX - S // 2, -(2 ** 63)):
+        args = (None, cos, sin, None, None, offset, False, 8)
+        with pytest.raises(ValueError, match="offset"):
+            ops.rotary(x, *args)
+        with pytest.raises(ValueError, match="offset"):
+            ops.rotary_(x.clone(), *args)
+        with pytest.raises(ValueError, match="offset"):
+            ops.rotary_backward(grad, x, *args, [True, False, True, False])
+    with pytest.raises(ValueError, match="offset"):  # through the public function too
+        fastattn.rotary(x, cos=cos, sin=sin, offset=2 ** 63 - S)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inv_freq_offset_whose_positions_overflow_is_rejected(device):
+    """With inv_freq there is no table to bound the positions, but offset + S - 1 must be an
+    int64: a larger offset used to wrap around to negative positions silently."""
+    S = 64
+    x = torch.randn(1, 2, S, 8, device=device)
+    inv = _inv_freq(8, torch.float32, device)
+    for offset in (INT64_MAX, INT64_MAX - S + 2):
+        with pytest.raises(ValueError, match="offset"):
+            ops.rotary(x, inv, None, None, None, None, offset, False, 8)
+        with pytest.raises(ValueError, match="offset"):
+            fastattn.rotary(x, inv_freq=inv, offset=offset)
+    # The largest offset that fits runs, and is the same call as explicit positions.
+    offset = INT64_MAX - S + 1
+    got = ops.rotary(x, inv, None, None, None, None, offset, False, 8)
+    positions = torch.arange(S, device=device) + offset
+    want = ops.rotary(x, inv, None, None, positions, None, 0, False, 8)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    g = torch.randn_like(x)
+    got_grads = ops.rotary_backward(g, x, inv, None, None, None, None, offset, False, 8, [True, True, False, False])
+    want_grads = ops.rotary_backward(g, x, inv, None, None, positions, None, 0, False, 8, [True, True, False, False])
+    torch.testing.assert_close(got_grads[0], want_grads[0], rtol=0, atol=0)
+    torch.testing.assert_close(got_grads[1], want_grads[1])
+
+
+@pytest.mark.parametrize("rotary_dim", [2 ** 62, INT64_MAX, -(2 ** 63), -2, 2 ** 32 + 8])
+def test_huge_rotary_dim_is_rejected(rotary_dim):
+    x = torch.randn(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="rotary_dim"):
+        ops.rotary(x, torch.rand(4), None, None, None, None, 0, False, rotary_dim)
