@@ -76,3 +76,46 @@ def test_huge_rotary_dim_is_rejected(rotary_dim):
     x = torch.randn(1, 1, 4, 8)
     with pytest.raises(ValueError, match="rotary_dim"):
         ops.rotary(x, torch.rand(4), None, None, None, None, 0, False, rotary_dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# in place: what every PyTorch in-place op does
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_inplace_refuses_arguments_that_share_x_memory(device):
+    """A table that is a view of x was read after rotary_ had overwritten part of it (a wrong
+    result, error ~2.8); every argument the kernel reads while writing x is checked."""
+    S = 200
+    buf = torch.randn(1, 1, S, 8, device=device)
+    expected_error = "shares memory with x"
+    # inv_freq: a view of one of x's rows (dense), and of a strided slice of x
+    with pytest.raises(RuntimeError, match=expected_error):
+        ops.rotary_(buf, buf[0, 0, 150, :4], None, None, None, None, 0, False, 8)
+    wide = torch.randn(1, 1, S, 12, device=device)
+    with pytest.raises(RuntimeError, match=expected_error):
+        ops.rotary_(wide[..., :8], wide[0, 0, 100, 8:], None, None, None, None, 0, False, 8)
+    # cos / sin tables inside x
+    table = torch.randn(S * 8, device=device).abs()
+    x = table.view(1, 1, S, 8)
+    for name, args in (("cos", (table[:400].view(100, 4), torch.randn(100, 4, device=device))),
+                       ("sin", (torch.randn(100, 4, device=device), table[400:800].view(100, 4)))):
+        with pytest.raises(RuntimeError, match=name):
+            ops.rotary_(x[:, :, :100], None, *args, None, None, 0, False, 8)
+    # positions sharing x's storage
+    raw = torch.zeros(S * 8, dtype=torch.int64, device=device)
+    xs = raw.view(torch.float64).view(1, 1, S, 8).copy_(torch.randn(1, 1, S, 8))
+    with pytest.raises(RuntimeError, match="positions"):
+        ops.rotary_(xs, _inv_freq(8, device=device), None, None, raw[:S], None, 0, False, 8)
+    # Disjoint parts of one storage are fine, and right.
+    both = torch.randn(S * 8 + 4, device=device)
+    x, inv = both[: S * 8].view(1, 1, S, 8), both[S * 8:].abs()
+    want = fastattn.rotary(x.clone(), inv_freq=inv.clone())
+    ops.rotary_(x, inv, None, None, None, None, 0, False, 8)
+    torch.testing.assert_close(x, want, rtol=0, atol=0)
+    # A table read through a converted copy (bfloat16 x, a bfloat16 inv_freq inside it) is fine.
+    xb = torch.randn(1, 1, S, 8, device=device).to(torch.bfloat16)
+    inv_view = xb[0, 0, 150, :4]
+    inv_view.copy_(_inv_freq(8, torch.bfloat16, device))
+    want = fastattn.rotary(xb, inv_freq=inv_view.clone())
+    ops.rotary_(xb, inv_view, None, None, None, None, 0, False, 8)
+    torch.testing.assert_close(xb, want, rtol=0, atol=0)

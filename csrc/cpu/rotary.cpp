@@ -39,6 +39,8 @@
 #include <array>
 #include <atomic>
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <tuple>
 #include <utility>
@@ -827,6 +829,37 @@ RotaryArgs check_args(const at::Tensor& x, const std::optional<at::Tensor>& inv_
   return a;
 }
 
+// The byte range [first, last + 1) that a tensor's elements span in its storage.
+std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {
+  uintptr_t lo = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  uintptr_t hi = lo;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    const uintptr_t extent = static_cast<uintptr_t>(std::abs(t.stride(d))) *
+                             static_cast<uintptr_t>(t.size(d) - 1) * t.itemsize();
+    if (t.stride(d) < 0) {
+      lo -= extent;
+    } else {
+      hi += extent;
+    }
+  }
+  return {lo, hi + t.itemsize()};
+}
+
+// The in-place op reads `t` while it writes x, so they must not share memory (a table that is a
+// view of x would be read after some of it was overwritten). The test is on the byte ranges,
+// which covers strided views too (at::assert_no_overlap gives up on non-dense tensors); a call
+// it refuses with disjoint interleaved views is rare and works with t.clone().
+void check_no_overlap_with_x(const at::Tensor& x, const at::Tensor& t, const char* name) {
+  if (!t.defined() || t.numel() == 0 || x.numel() == 0 || !x.has_storage() || !t.has_storage()) {
+    return;
+  }
+  if (!x.storage().is_alias_of(t.storage())) return;
+  const auto xs = byte_span(x), ts = byte_span(t);
+  FA_CHECK(xs.second <= ts.first || ts.second <= xs.first, "fastattn: rotary_ writes into x, but ",
+           name, " shares memory with x (it would be read after it was overwritten); pass ", name,
+           ".clone()");
+}
+
 // x @ rotation in the math dtype, (B, H, S, D) contiguous.
 at::Tensor rotate_first(const at::Tensor& x, const RotaryArgs& a) {
   return at::matmul(x.to(a.math), a.rotation).contiguous();
@@ -858,6 +891,12 @@ void rotary_inplace_op(const at::Tensor& x, const std::optional<at::Tensor>& inv
       check_args(x, inv_freq, cos, sin, positions, rotation, offset, interleaved, rotary_dim);
   // Two (b, h, s) rows sharing memory (an expanded tensor) would be written twice.
   at::assert_no_internal_overlap(x);
+  // What the kernel reads while it writes x (as the kernel reads them: a converted copy of a
+  // table does not share x's memory). The rotation is applied whole before x is written.
+  check_no_overlap_with_x(x, a.inv_freq, "inv_freq");
+  check_no_overlap_with_x(x, a.cos, "cos");
+  check_no_overlap_with_x(x, a.sin, "sin");
+  check_no_overlap_with_x(x, a.pos, "positions");
   if (x.numel() == 0) return;
   if (a.rotation.defined()) {
     // x @ rotation is computed whole before x is overwritten; its pass-through dims differ
