@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 
 import fastattn
+from fastattn import reference
 from conftest import HAS_CUDA
 
 ops = torch.ops.fastattn
@@ -119,3 +121,137 @@ def test_inplace_refuses_arguments_that_share_x_memory(device):
     want = fastattn.rotary(xb, inv_freq=inv_view.clone())
     ops.rotary_(xb, inv_view, None, None, None, None, 0, False, 8)
     torch.testing.assert_close(xb, want, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# higher-order autograd: x's gradient is differentiable; the others raise if differentiated
+# ---------------------------------------------------------------------------------------------
+def _double_inputs(angles="freq", rotation=False, positions=None, device="cpu", B=2, H=3, S=5, D=8):
+    g = torch.Generator().manual_seed(5)
+    t = {"x": torch.randn(B, H, S, D, generator=g, dtype=torch.float64)}
+    rd = D - 2
+    if angles == "freq":
+        t["inv_freq"] = _inv_freq(rd) * (1 + 0.2 * torch.rand(rd // 2, generator=g, dtype=torch.float64))
+    else:
+        t["cos"] = torch.randn(S + 4, rd // 2, generator=g, dtype=torch.float64)
+        t["sin"] = torch.randn(S + 4, rd // 2, generator=g, dtype=torch.float64)
+    if rotation:
+        t["rotation"] = torch.randn(D, D, generator=g, dtype=torch.float64) / D ** 0.5
+    if positions == "BS":
+        t["positions"] = torch.randint(0, S + 4, (B, S), generator=g)
+    t = {k: v.to(device) for k, v in t.items()}
+    opts = dict(rotary_dim=rd, interleaved=angles == "table", offset=0 if positions else 2)
+    return t, opts
+
+
+CONFIGS = [("freq", False, None), ("table", False, "BS"), ("freq", True, "BS"), ("table", True, None)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("angles,rotation,positions", CONFIGS)
+def test_double_backward_through_x_gradient(device, angles, rotation, positions):
+    """The second derivative through x's gradient (a gradient penalty), wrt x and wrt every
+    input that requires grad, equals the reference's: it used to be all zeros (with only a
+    UserWarning)."""
+    t, opts = _double_inputs(angles, rotation, positions, device)
+    params = [k for k in ("inv_freq", "cos", "sin", "rotation") if k in t]
+
+    def second_derivatives(fn):
+        x = t["x"].clone().requires_grad_()
+        p = {k: t[k].clone().requires_grad_() for k in params}
+        kw = {k: v for k, v in t.items() if k not in ("x", *params)}
+        out = fn(x, **p, **kw, **opts)
+        (gx,) = torch.autograd.grad((out ** 3).sum(), x, create_graph=True)
+        penalty = (gx.square().sum() - 1) ** 2
+        return torch.autograd.grad(penalty, [x, *p.values()])
+
+    got, want = second_derivatives(fastattn.rotary), second_derivatives(reference.rotary)
+    for name, a, b in zip(["x", *params], got, want):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=f"second derivative wrt {name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradgradcheck_x(device):
+    t, opts = _double_inputs("freq", True, "BS", device, B=1, H=2, S=3, D=6)
+    kw = {k: v for k, v in t.items() if k != "x"}
+    x = t["x"].clone().requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda a: fastattn.rotary(a, **kw, **opts), (x,))
+
+
+def test_double_backward_through_parameter_gradients_raises():
+    """The gradients of inv_freq, cos, sin and rotation have no derivative: differentiating them
+    raises (never a silent zero); differentiating x's gradient still works."""
+    for angles, key in (("freq", "inv_freq"), ("table", "cos"), ("table", "sin"), ("freq", "rotation")):
+        t, opts = _double_inputs(angles, rotation=key == "rotation")
+        x = t["x"].clone().requires_grad_()
+        p = t[key].clone().requires_grad_()
+        kw = {k: v for k, v in t.items() if k not in ("x", key)}
+        out = fastattn.rotary(x, **{key: p}, **kw, **opts)
+        gx, gp = torch.autograd.grad((out ** 2).sum(), (x, p), create_graph=True)
+        with pytest.raises(NotImplementedError, match="double backward"):
+            torch.autograd.grad(gp.sum(), x, retain_graph=True)
+        (h,) = torch.autograd.grad(gx.square().sum(), x)  # x's own gradient is differentiable
+        assert h.abs().max() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# forward-mode AD
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("angles,rotation,positions", CONFIGS)
+def test_jvp_matches_reference(device, angles, rotation, positions):
+    """torch.func.jvp wrt x and wrt every angle or rotation tensor (alone and together) equals
+    the reference's: it used to be a zero tangent."""
+    t, opts = _double_inputs(angles, rotation, positions, device)
+    diff = ["x"] + [k for k in ("inv_freq", "cos", "sin", "rotation") if k in t]
+    g = torch.Generator().manual_seed(8)
+    tangents = {k: torch.randn(t[k].shape, generator=g, dtype=torch.float64).to(device) for k in diff}
+    for chosen in [[k] for k in diff] + [diff]:
+        fixed = {k: v for k, v in t.items() if k not in chosen}
+
+        def wrap(fn):
+            def call(*values):
+                kw = {**fixed, **dict(zip(chosen, values))}
+                return fn(kw.pop("x"), **kw, **opts)
+            return call
+
+        primals = tuple(t[k] for k in chosen)
+        tans = tuple(tangents[k] for k in chosen)
+        out, tan = torch.func.jvp(wrap(fastattn.rotary), primals, tans)
+        want_out, want_tan = torch.func.jvp(wrap(reference.rotary), primals, tans)
+        torch.testing.assert_close(out, want_out)
+        assert want_tan.abs().max() > 0
+        torch.testing.assert_close(tan, want_tan, rtol=1e-6, atol=1e-6, msg=f"tangent wrt {chosen}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_ad_dual_tensors(device):
+    """torch.autograd.forward_ad: the tangent used to be None; also with x requiring grad (the
+    C++ custom Function refused tangents), where backward still works."""
+    t, opts = _double_inputs("freq", True, "BS", device)
+    kw = {k: v for k, v in t.items() if k != "x"}
+    tx = torch.randn_like(t["x"])
+    want = torch.func.jvp(lambda a: reference.rotary(a, **kw, **opts), (t["x"],), (tx,))[1]
+    for requires_grad in (False, True):
+        x = t["x"].clone().requires_grad_(requires_grad)
+        with fwAD.dual_level():
+            out = fastattn.rotary(fwAD.make_dual(x, tx), **kw, **opts)
+            tangent = fwAD.unpack_dual(out).tangent
+            assert tangent is not None
+            torch.testing.assert_close(tangent, want, rtol=1e-6, atol=1e-6)
+            if requires_grad:
+                (gx,) = torch.autograd.grad(fwAD.unpack_dual(out).primal.sum(), x)
+                xd = t["x"].clone().requires_grad_()
+                (gx_ref,) = torch.autograd.grad(reference.rotary(xd, **kw, **opts).sum(), xd)
+                torch.testing.assert_close(gx, gx_ref)
+
+
+def test_forward_ad_float32_and_bfloat16():
+    """The tangent wrt x is the op on the tangent, bit for bit, in float32 and bfloat16."""
+    inv = _inv_freq(8, torch.float32)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(1, 2, 6, 8).to(dtype)
+        tx = torch.randn_like(x)
+        _, tan = torch.func.jvp(lambda a: fastattn.rotary(a, inv_freq=inv), (x,), (tx,))
+        torch.testing.assert_close(tan, fastattn.rotary(tx, inv_freq=inv), rtol=0, atol=0)
