@@ -23,7 +23,7 @@ TORCH_LIBRARY(fastattn, m) {
   m.def(
       "rotary(Tensor x, Tensor? inv_freq, Tensor? cos, Tensor? sin, Tensor? positions, "
       "Tensor? rotation, int offset, bool interleaved, int rotary_dim) -> Tensor");
-  // In-place variant: writes the result into x (x must not require grad).
+  // In-place variant: writes the result into x (nothing may require grad; it bumps x's version).
   m.def(
       "rotary_(Tensor(a!) x, Tensor? inv_freq, Tensor? cos, Tensor? sin, Tensor? positions, "
       "Tensor? rotation, int offset, bool interleaved, int rotary_dim) -> ()");
@@ -47,9 +47,14 @@ TORCH_LIBRARY(fastattn, m) {
 
 namespace fastattn {
 void register_rotary_autograd(torch::Library& m);
+void register_rotary_inplace_or_view(torch::Library& m);
 }
 
 TORCH_LIBRARY_IMPL(fastattn, Autograd, m) {
   fastattn::register_rotary_autograd(m);
   fastattn::register_attention_autograd(m);
 }
+
+// rotary_ bumps x's version counter and refuses inference tensors outside inference mode, as
+// PyTorch's in-place ops do (common/autograd.cpp).
+TORCH_LIBRARY_IMPL(fastattn, ADInplaceOrView, m) { fastattn::register_rotary_inplace_or_view(m); }

@@ -84,6 +84,73 @@ def test_huge_rotary_dim_is_rejected(rotary_dim):
 # in place: what every PyTorch in-place op does
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
+def test_inplace_bumps_the_version_counter(device):
+    """A backward that saved x before rotary_ overwrote it must raise, as after x.mul_(1),
+    instead of computing a gradient from the new values."""
+    inv = _inv_freq(8, torch.float32, device)
+    w = torch.randn(1, 2, 4, 8, device=device, requires_grad=True)
+    y = w * 1.0
+    loss = (y * y).sum()  # saves y
+    before = y._version
+    fastattn.rotary(y.detach(), inv_freq=inv, inplace=True)
+    assert y._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    x = torch.randn(1, 2, 4, 8, device=device)
+    before = x._version
+    ops.rotary_(x, inv, None, None, None, None, 0, False, 8)
+    assert x._version == before + 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inplace_on_an_inference_tensor(device):
+    """Outside inference mode an inference tensor may not be written (PyTorch's error, and x is
+    left as it was); inside it, it may."""
+    inv = _inv_freq(8, torch.float32, device)
+    with torch.inference_mode():
+        x = torch.randn(1, 2, 4, 8, device=device)
+    with pytest.raises(RuntimeError) as info:
+        x.mul_(1)
+    torch_message = str(info.value).splitlines()[0]
+    kept = x.clone()
+    with pytest.raises(RuntimeError) as info:
+        fastattn.rotary(x, inv_freq=inv, inplace=True)
+    assert str(info.value).splitlines()[0] == torch_message
+    assert "Inplace update to inference tensor outside InferenceMode" in torch_message
+    assert torch.equal(x, kept)
+    want = fastattn.rotary(x.clone(), inv_freq=inv)
+    with torch.inference_mode():
+        fastattn.rotary(x, inv_freq=inv, inplace=True)
+        y = torch.randn(1, 2, 4, 8, device=device)
+    torch.testing.assert_close(x, want, rtol=0, atol=0)
+    normal = y.clone()
+    with torch.inference_mode():  # a normal tensor in inference mode: written, version bumped
+        before = normal._version
+        fastattn.rotary(normal, inv_freq=inv, inplace=True)
+    assert normal._version == before + 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inplace_op_refuses_autograd(device):
+    """A direct rotary_ call on a tensor autograd tracks gave the identity's gradient silently;
+    a forward-mode tangent was left as it was."""
+    inv = _inv_freq(8, torch.float32, device)
+    leaf = torch.randn(1, 2, 4, 8, device=device, requires_grad=True)
+    with pytest.raises(RuntimeError, match="rotary_"):
+        ops.rotary_(leaf.clone(), inv, None, None, None, None, 0, False, 8)
+    with pytest.raises(RuntimeError, match="rotary_"):
+        ops.rotary_(leaf.detach().clone(), inv.clone().requires_grad_(), None, None, None, None, 0, False, 8)
+    with torch.no_grad():  # nothing recorded: fine
+        x = leaf.clone()
+        ops.rotary_(x, inv, None, None, None, None, 0, False, 8)
+    torch.testing.assert_close(x, fastattn.rotary(leaf.detach(), inv_freq=inv), rtol=0, atol=0)
+    with fwAD.dual_level():  # a tangent would be left unrotated
+        dual = fwAD.make_dual(torch.randn(1, 2, 4, 8, device=device), torch.randn(1, 2, 4, 8, device=device))
+        with pytest.raises(RuntimeError, match="forward-mode"):
+            ops.rotary_(dual, inv, None, None, None, None, 0, False, 8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_inplace_refuses_arguments_that_share_x_memory(device):
     """A table that is a view of x was read after rotary_ had overwritten part of it (a wrong
     result, error ~2.8); every argument the kernel reads while writing x is checked."""

@@ -12,6 +12,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -297,6 +298,59 @@ at::Tensor rotary_autograd(const at::Tensor& x, const OptTensor& inv_freq, const
   return out;
 }
 
+// ---- rotary_ (in place) -----------------------------------------------------------------------
+using RotaryInplaceOp = void(const at::Tensor&, const OptTensor&, const OptTensor&,
+                             const OptTensor&, const OptTensor&, const OptTensor&, int64_t, bool,
+                             int64_t);
+const c10::TypedOperatorHandle<RotaryInplaceOp>& rotary_inplace_handle() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastattn::rotary_", "")
+                             .typed<RotaryInplaceOp>();
+  return op;
+}
+
+// rotary_ has no derivative: autograd must not record it (the gradient would silently be the
+// identity's), and a tangent of x would silently be left unrotated.
+void rotary_inplace_autograd(c10::DispatchKeySet keys, const at::Tensor& x,
+                             const OptTensor& inv_freq, const OptTensor& cos, const OptTensor& sin,
+                             const OptTensor& positions, const OptTensor& rotation, int64_t offset,
+                             bool interleaved, int64_t rotary_dim) {
+  TORCH_CHECK(!records_grad({&x, &or_undefined(inv_freq), &or_undefined(cos), &or_undefined(sin),
+                             &or_undefined(rotation)}),
+              "fastattn: rotary_ (in place) has no gradient: with grad mode on, neither x nor "
+              "inv_freq, cos, sin or rotation may require grad; use fastattn.rotary(..., "
+              "inplace=False)");
+  TORCH_CHECK(!tangent_of(x).defined() && !tangent_of(inv_freq).defined() &&
+                  !tangent_of(cos).defined() && !tangent_of(sin).defined() &&
+                  !tangent_of(rotation).defined(),
+              "fastattn: rotary_ (in place) does not support forward-mode AD; use "
+              "fastattn.rotary(..., inplace=False)");
+  at::AutoDispatchBelowAutograd below_autograd;
+  rotary_inplace_handle().redispatch(keys & c10::after_autograd_keyset, x, inv_freq, cos, sin,
+                                     positions, rotation, offset, interleaved, rotary_dim);
+}
+
+// What every PyTorch in-place op does at the ADInplaceOrView key: an inference tensor may only
+// be written in inference mode, and writing x bumps its version counter, so that a backward
+// that saved x (or a view of it) before raises instead of using the new values.
+void rotary_inplace_or_view(c10::DispatchKeySet keys, const at::Tensor& x,
+                            const OptTensor& inv_freq, const OptTensor& cos, const OptTensor& sin,
+                            const OptTensor& positions, const OptTensor& rotation, int64_t offset,
+                            bool interleaved, int64_t rotary_dim) {
+  // (PyTorch's own message; checked before x is written, where PyTorch's ops raise after.)
+  TORCH_CHECK(!x.is_inference() || c10::InferenceMode::is_enabled(),
+              "Inplace update to inference tensor outside InferenceMode is not allowed."
+              "You can make a clone to get a normal tensor before doing inplace update."
+              "See https://github.com/pytorch/rfcs/pull/17 for more details.");
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    rotary_inplace_handle().redispatch(keys & c10::after_ADInplaceOrView_keyset, x, inv_freq, cos,
+                                       sin, positions, rotation, offset, interleaved, rotary_dim);
+  }
+  torch::autograd::impl::bump_version(x);
+}
+
+
 // ---- attention ---------------------------------------------------------------------------------
 // The attention op's autograd is written against its argument stack, not its argument list: an
 // attention option (attention_args.h) passes through here without being named. Every tensor
@@ -465,7 +519,14 @@ void attention_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
 
 namespace fastattn {
 
-void register_rotary_autograd(torch::Library& m) { m.impl("rotary", &rotary_autograd); }
+void register_rotary_autograd(torch::Library& m) {
+  m.impl("rotary", &rotary_autograd);
+  m.impl("rotary_", &rotary_inplace_autograd);
+}
+
+void register_rotary_inplace_or_view(torch::Library& m) {
+  m.impl("rotary_", &rotary_inplace_or_view);
+}
 
 void register_attention_autograd(torch::Library& m) {
   m.impl("attention", torch::CppFunction::makeFromBoxedFunction<&attention_autograd>());
