@@ -9,11 +9,14 @@
 //    optional 0-dim tensor that, when given, overrides the float.
 #include <torch/library.h>
 
+#include <cstdint>
 #include <string>
+#include <vector>
 
 #include "common/attention_args.h"
 #include "common/build_info.h"
 #include "common/cuda_tuning.h"
+#include "cpu/output_buffers.h"
 
 TORCH_LIBRARY(fastattn, m) {
   // ---- rotary embedding -------------------------------------------------------------------
@@ -40,6 +43,15 @@ TORCH_LIBRARY(fastattn, m) {
   fastattn::define_attention_ops(m);
   // The CUDA kernels' switches for tests and profiling (common/cuda_tuning.h).
   fastattn::define_cuda_tuning_ops(m);
+
+  // ---- the CPU output-buffer cache (cpu/output_buffers.h) ------------------------------------
+  // Frees the buffers it holds (fastattn.empty_cache()).
+  m.def("_empty_cpu_cache() -> ()", [] { fastattn::cpu::empty_output_cache(); });
+  // (buffers held, bytes held, the most bytes it may hold now): for tests and diagnostics.
+  m.def("_cpu_cache_stats() -> int[]", [] {
+    const fastattn::cpu::OutputCacheStats s = fastattn::cpu::output_cache_stats();
+    return std::vector<int64_t>{s.buffers, s.bytes, s.cap_bytes};
+  });
 
   // ---- build information ------------------------------------------------------------------
   m.def("build_info() -> str", [] { return std::string(fastattn::build_info_string()); });

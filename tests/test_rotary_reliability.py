@@ -5,6 +5,9 @@ resizable outputs).
 """
 from __future__ import annotations
 
+import gc
+import os
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -322,3 +325,112 @@ def test_forward_ad_float32_and_bfloat16():
         tx = torch.randn_like(x)
         _, tan = torch.func.jvp(lambda a: fastattn.rotary(a, inv_freq=inv), (x,), (tx,))
         torch.testing.assert_close(tan, fastattn.rotary(tx, inv_freq=inv), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the CPU output-buffer cache (csrc/cpu/output_buffers.cpp)
+# ---------------------------------------------------------------------------------------------
+CACHE_OFF = os.environ.get("FASTATTN_CPU_OUTPUT_CACHE") == "0"
+MiB = 2 ** 20
+
+
+def _cache_stats() -> tuple[int, int, int]:
+    """(buffers held, bytes held, the most bytes it may hold now)."""
+    buffers, held, cap = ops._cpu_cache_stats()
+    return buffers, held, cap
+
+
+def _output_of(mib: float, inv=_inv_freq(128, torch.float32)):
+    """A rotary output of about `mib` MiB (float32, D = 128)."""
+    S = max(1, int(mib * MiB / (4 * 128 * 8)))
+    return fastattn.rotary(torch.empty(1, 8, S, 128).normal_(), inv_freq=inv)
+
+
+@pytest.fixture
+def empty_cache():
+    gc.collect()
+    fastattn.empty_cache()
+    yield
+    fastattn.empty_cache()
+
+
+@pytest.mark.skipif(CACHE_OFF, reason="FASTATTN_CPU_OUTPUT_CACHE=0")
+def test_empty_cache_releases_everything(empty_cache):
+    outs = [_output_of(m) for m in (9, 12, 16)]
+    assert _cache_stats()[:2] == (0, 0)  # live outputs are not in the cache
+    del outs
+    buffers, held, _ = _cache_stats()
+    assert buffers == 3 and held >= (9 + 12 + 16) * MiB
+    fastattn.empty_cache()
+    assert _cache_stats()[:2] == (0, 0)
+
+
+@pytest.mark.skipif(CACHE_OFF, reason="FASTATTN_CPU_OUTPUT_CACHE=0")
+def test_cache_reuses_a_repeated_size(empty_cache):
+    x = torch.randn(2, 8, 1024, 128)
+    inv = _inv_freq(128, torch.float32)
+    out = fastattn.rotary(x, inv_freq=inv)
+    ptr = out.data_ptr()
+    del out
+    for _ in range(3):
+        out = fastattn.rotary(x, inv_freq=inv)
+        assert out.data_ptr() == ptr
+        del out
+    assert _cache_stats()[0] == 1
+
+
+@pytest.mark.skipif(CACHE_OFF, reason="FASTATTN_CPU_OUTPUT_CACHE=0")
+def test_varying_sizes_stay_under_the_cap(empty_cache):
+    """Varying sequence lengths: the cache used to keep up to 8 buffers / 2 GiB, never reused
+    and never evicted. Now it holds at most its cap (256 MiB for these sizes) and 8 buffers,
+    the most recently released ones."""
+    sizes = [9 + 5 * i for i in range(16)]  # 9 .. 84 MiB, each a new size
+    for i in range(0, len(sizes), 4):
+        outs = [_output_of(m) for m in sizes[i:i + 4]]  # several live at once, then released
+        while outs:
+            outs.pop(0)  # in order: the largest last
+        buffers, held, cap = _cache_stats()
+        assert buffers <= 8 and held <= cap, (buffers, held / MiB, cap / MiB)
+        assert cap <= 256 * MiB
+    assert held >= 150 * MiB  # it does hold the recent ones
+    last = _output_of(sizes[-1])  # the most recently released size is still there
+    assert _cache_stats()[1] < held
+    del last
+
+
+@pytest.mark.skipif(CACHE_OFF, reason="FASTATTN_CPU_OUTPUT_CACHE=0")
+def test_unused_buffers_are_dropped(empty_cache):
+    """A buffer that later requests do not reuse is freed after a while (here: requests)."""
+    first = _output_of(20)
+    del first
+    assert _cache_stats()[0] == 1
+    x = torch.empty(2, 8, 1024, 128).normal_()
+    inv = _inv_freq(128, torch.float32)
+    for _ in range(300):
+        fastattn.rotary(x, inv_freq=inv)  # 8 MiB, released at once
+    buffers, held, _ = _cache_stats()
+    assert buffers == 1 and held == 8 * MiB
+
+
+@pytest.mark.skipif(CACHE_OFF, reason="FASTATTN_CPU_OUTPUT_CACHE=0")
+def test_cached_outputs_are_resizable(empty_cache):
+    """resize_ and out= on a large output (its storage was not resizable before)."""
+    x = torch.randn(2, 8, 1040, 128)  # > 8 MiB of float32
+    inv = _inv_freq(128, torch.float32)
+    y = fastattn.rotary(x, inv_freq=inv)
+    want = y.clone()
+    y.resize_(2, 8, 2000, 128)
+    assert y.shape == (2, 8, 2000, 128)
+    torch.testing.assert_close(y.view(-1)[: want.numel()], want.view(-1), rtol=0, atol=0)
+    assert _cache_stats()[0] == 1  # the old buffer went back to the cache
+    y = fastattn.rotary(x, inv_freq=inv)
+    a, b = torch.randn(2, 8, 3000, 128), torch.randn(2, 8, 3000, 128)
+    torch.add(a, b, out=y.resize_(0))  # (resize_(0): how PyTorch asks for a larger out= to be reused)
+    torch.testing.assert_close(y, a + b, rtol=0, atol=0)
+    y = fastattn.rotary(x, inv_freq=inv)
+    torch.add(x, x, out=y)  # same shape
+    torch.testing.assert_close(y, 2 * x, rtol=0, atol=0)
+    y.resize_(0)
+    y.resize_(4, 4)  # small: an ordinary allocation
+    y.fill_(1.0)
+    assert y.sum() == 16
