@@ -174,7 +174,9 @@ def build_report(args, timings: dict, rows: list) -> Report:
         report.note("fastattn's large CPU outputs come from its cache of released buffers "
                     "(csrc/cpu/output_buffers.cpp; FASTATTN_CPU_OUTPUT_CACHE=0 turns it off), so after the "
                     "warm-up its output memory is reused, like copy_'s preallocated destination, and its "
-                    "peak column does not count it.")
+                    "peak column does not count it. The cache drops buffers idle for 10 s, so a case whose "
+                    "peak is measured long after its timing (fwd+bwd, after the slow eager cases) may count "
+                    "one fresh buffer.")
     return report
 
 

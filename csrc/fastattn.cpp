@@ -9,11 +9,14 @@
 //    optional 0-dim tensor that, when given, overrides the float.
 #include <torch/library.h>
 
+#include <cstdint>
 #include <string>
+#include <vector>
 
 #include "common/attention_args.h"
 #include "common/build_info.h"
 #include "common/cuda_tuning.h"
+#include "cpu/output_buffers.h"
 
 TORCH_LIBRARY(fastattn, m) {
   // ---- rotary embedding -------------------------------------------------------------------
@@ -23,7 +26,7 @@ TORCH_LIBRARY(fastattn, m) {
   m.def(
       "rotary(Tensor x, Tensor? inv_freq, Tensor? cos, Tensor? sin, Tensor? positions, "
       "Tensor? rotation, int offset, bool interleaved, int rotary_dim) -> Tensor");
-  // In-place variant: writes the result into x (x must not require grad).
+  // In-place variant: writes the result into x (nothing may require grad; it bumps x's version).
   m.def(
       "rotary_(Tensor(a!) x, Tensor? inv_freq, Tensor? cos, Tensor? sin, Tensor? positions, "
       "Tensor? rotation, int offset, bool interleaved, int rotary_dim) -> ()");
@@ -41,15 +44,29 @@ TORCH_LIBRARY(fastattn, m) {
   // The CUDA kernels' switches for tests and profiling (common/cuda_tuning.h).
   fastattn::define_cuda_tuning_ops(m);
 
+  // ---- the CPU output-buffer cache (cpu/output_buffers.h) ------------------------------------
+  // Frees the buffers it holds (fastattn.empty_cache()).
+  m.def("_empty_cpu_cache() -> ()", [] { fastattn::cpu::empty_output_cache(); });
+  // (buffers held, bytes held, the most bytes it may hold now): for tests and diagnostics.
+  m.def("_cpu_cache_stats() -> int[]", [] {
+    const fastattn::cpu::OutputCacheStats s = fastattn::cpu::output_cache_stats();
+    return std::vector<int64_t>{s.buffers, s.bytes, s.cap_bytes};
+  });
+
   // ---- build information ------------------------------------------------------------------
   m.def("build_info() -> str", [] { return std::string(fastattn::build_info_string()); });
 }
 
 namespace fastattn {
 void register_rotary_autograd(torch::Library& m);
+void register_rotary_inplace_or_view(torch::Library& m);
 }
 
 TORCH_LIBRARY_IMPL(fastattn, Autograd, m) {
   fastattn::register_rotary_autograd(m);
   fastattn::register_attention_autograd(m);
 }
+
+// rotary_ bumps x's version counter and refuses inference tensors outside inference mode, as
+// PyTorch's in-place ops do (common/autograd.cpp).
+TORCH_LIBRARY_IMPL(fastattn, ADInplaceOrView, m) { fastattn::register_rotary_inplace_or_view(m); }

@@ -11,6 +11,8 @@
 // the dispatcher.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/GradMode.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
@@ -18,9 +20,11 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <initializer_list>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "common/attention_args.h"
@@ -81,6 +85,57 @@ OptTensor optional_of(const at::Tensor& t) { return t.defined() ? OptTensor(t) :
 // ---- rotary -----------------------------------------------------------------------------------
 // Inputs, in schema order: x, inv_freq, cos, sin, positions, rotation, offset, interleaved,
 // rotary_dim. Gradients flow to x, inv_freq, cos, sin and rotation.
+//
+// Higher-order autograd. y = rope(x @ rotation) is linear in x: x's gradient is the op itself
+// on grad_out with the angles negated (the inverse rotation), then @ rotation^T. In a backward
+// with create_graph=True it is computed that way, through this autograd kernel, so that it can
+// be differentiated again (wrt grad_out, inv_freq, the tables and rotation). The gradients of
+// inv_freq, cos/sin and rotation come from the backward kernel, which has no derivative: they
+// are handed out through a node whose backward raises, never as constants (a silent zero).
+// Forward-mode AD: rotary_jvp, below.
+
+const at::Tensor& unit_last_stride(const at::Tensor& t, at::Tensor& storage) {
+  if (t.size(-1) <= 1 || t.stride(-1) == 1) return t;
+  storage = t.contiguous();
+  return storage;
+}
+
+// dL/dx = rope(grad_out; -angles) @ rotation^T, with ops that autograd records.
+at::Tensor differentiable_x_grad(const at::Tensor& grad_out, const variable_list& saved,
+                                 int64_t offset, bool interleaved, int64_t rotary_dim) {
+  const at::Tensor &x = saved[0], &inv_freq = saved[1], &cos = saved[2], &sin = saved[3],
+                   &positions = saved[4], &rotation = saved[5];
+  at::Tensor contiguous;
+  at::Tensor g = unit_last_stride(grad_out, contiguous);
+  // With a rotation the gradient of x @ rotation is kept in the math dtype, as in the kernel.
+  const auto math = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (rotation.defined()) g = g.to(math);
+  const at::Tensor gsrc =
+      call_rotary(g, optional_of(inv_freq.defined() ? inv_freq.neg() : at::Tensor()),
+                  optional_of(cos), optional_of(sin.defined() ? sin.neg() : at::Tensor()),
+                  optional_of(positions), std::nullopt, offset, interleaved, rotary_dim);
+  if (!rotation.defined()) return gsrc;
+  return at::matmul(gsrc, rotation.to(math).t()).to(x.scalar_type());
+}
+
+// The gradients of inv_freq, cos, sin and rotation in a backward with create_graph=True. Its
+// inputs are what those gradients depend on, so differentiating them reaches this backward.
+class RotaryParamGradients : public torch::autograd::Function<RotaryParamGradients> {
+ public:
+  static variable_list forward(AutogradContext* /*ctx*/, at::TensorList /*depends_on*/,
+                               const std::function<variable_list()>& compute) {
+    return compute();
+  }
+  static variable_list backward(AutogradContext* /*ctx*/, variable_list /*grad_outputs*/) {
+    TORCH_CHECK_NOT_IMPLEMENTED(
+        false,
+        "fastattn: double backward through fastattn.rotary is supported for x's gradient only; "
+        "the gradients of inv_freq, cos, sin and rotation have no derivative. Differentiate "
+        "only x's gradient (detach the others), or use fastattn.reference.rotary for this "
+        "computation.");
+  }
+};
+
 class RotaryFunction : public torch::autograd::Function<RotaryFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& inv_freq,
@@ -111,12 +166,35 @@ class RotaryFunction : public torch::autograd::Function<RotaryFunction> {
                need_sin = need(saved[3]);
     need(saved[4]);  // positions: integer, no gradient
     const bool need_rotation = need(saved[5]);
-    auto [gx, gf, gc, gs, gr] = call_rotary_backward(
-        grad_outputs[0], saved[0], optional_of(saved[1]), optional_of(saved[2]),
-        optional_of(saved[3]), optional_of(saved[4]), optional_of(saved[5]),
-        ctx->saved_data["offset"].toInt(), ctx->saved_data["interleaved"].toBool(),
-        ctx->saved_data["rotary_dim"].toInt(),
-        {need_x, need_freq, need_cos || need_sin, need_rotation});
+    const int64_t offset = ctx->saved_data["offset"].toInt();
+    const bool interleaved = ctx->saved_data["interleaved"].toBool();
+    const int64_t rotary_dim = ctx->saved_data["rotary_dim"].toInt();
+    const at::Tensor& grad = grad_outputs[0];
+    const auto kernel = [&](std::array<bool, 4> mask) {
+      return call_rotary_backward(grad, saved[0], optional_of(saved[1]), optional_of(saved[2]),
+                                  optional_of(saved[3]), optional_of(saved[4]),
+                                  optional_of(saved[5]), offset, interleaved, rotary_dim, mask);
+    };
+    at::Tensor gx, gf, gc, gs, gr;
+    if (!at::GradMode::is_enabled()) {
+      const bool need_table = need_cos || need_sin;
+      std::tie(gx, gf, gc, gs, gr) = kernel({need_x, need_freq, need_table, need_rotation});
+    } else {  // create_graph=True: the gradients must be differentiable (above)
+      if (need_x) gx = differentiable_x_grad(grad, saved, offset, interleaved, rotary_dim);
+      if (need_freq || need_cos || need_sin || need_rotation) {
+        std::vector<at::Tensor> depends_on;
+        for (const at::Tensor* t : {&grad, &saved[0], &saved[1], &saved[2], &saved[3], &saved[5]}) {
+          if (t->defined()) depends_on.push_back(*t);
+        }
+        const std::function<variable_list()> compute = [&] {
+          auto [unused, f, c, s, r] = kernel({false, need_freq, need_cos || need_sin,
+                                              need_rotation});
+          return variable_list{f, c, s, r};
+        };
+        const variable_list g = RotaryParamGradients::apply(at::TensorList(depends_on), compute);
+        gf = g[0], gc = g[1], gs = g[2], gr = g[3];
+      }
+    }
     // Gradients not asked for come back as empty tensors: report them as none.
     const at::Tensor none;
     return {need_x ? gx : none,    need_freq ? gf : none, need_cos ? gc : none,
@@ -125,10 +203,10 @@ class RotaryFunction : public torch::autograd::Function<RotaryFunction> {
   }
 };
 
-at::Tensor rotary_autograd(const at::Tensor& x, const OptTensor& inv_freq, const OptTensor& cos,
-                           const OptTensor& sin, const OptTensor& positions,
-                           const OptTensor& rotation, int64_t offset, bool interleaved,
-                           int64_t rotary_dim) {
+at::Tensor rotary_primal(const at::Tensor& x, const OptTensor& inv_freq, const OptTensor& cos,
+                         const OptTensor& sin, const OptTensor& positions,
+                         const OptTensor& rotation, int64_t offset, bool interleaved,
+                         int64_t rotary_dim) {
   if (!records_grad({&x, &or_undefined(inv_freq), &or_undefined(cos), &or_undefined(sin),
                      &or_undefined(rotation)})) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -136,6 +214,142 @@ at::Tensor rotary_autograd(const at::Tensor& x, const OptTensor& inv_freq, const
   }
   return RotaryFunction::apply(x, inv_freq, cos, sin, positions, rotation, offset, interleaved,
                                rotary_dim);
+}
+
+// The forward-mode tangent of an input (level 0: torch.autograd.forward_ad, and torch.func.jvp,
+// which unwraps its tensors to that level), or an undefined tensor.
+at::Tensor tangent_of(const at::Tensor& t) {
+  return t.defined() ? t._fw_grad(/*level=*/0) : at::Tensor();
+}
+at::Tensor tangent_of(const OptTensor& t) { return t.has_value() ? tangent_of(*t) : at::Tensor(); }
+
+// The tangent of y = rope(x @ R; angles) for the tangents tx, tf (inv_freq), tc, ts (tables)
+// and tr (rotation). y is linear in x, linear in R, and linear in the tables (cos, sin)
+// jointly: those terms are the op itself on the tangent (the dims past rotary_dim pass x @ R
+// through, so their table terms are zeroed). An inv_freq tangent moves the angle p f by p tf,
+// which turns each rotated pair (y1, y2) into p tf (-y2, y1): the op with the tables
+// -p tf sin(p f) and p tf cos(p f), one row per (b, s). Computed with ops autograd records.
+at::Tensor rotary_jvp(const at::Tensor& x, const OptTensor& inv_freq, const OptTensor& cos,
+                      const OptTensor& sin, const OptTensor& positions, const OptTensor& rotation,
+                      int64_t offset, bool interleaved, int64_t rd, const at::Tensor& tx,
+                      const at::Tensor& tf, const at::Tensor& tc, const at::Tensor& ts,
+                      const at::Tensor& tr) {
+  const int64_t B = x.size(0), S = x.size(2), D = x.size(3), half = rd / 2;
+  at::Tensor out;
+  const auto add = [&](const at::Tensor& t) { out = out.defined() ? out + t : t; };
+  const auto rotated_dims_only = [&](at::Tensor t) {
+    if (rd < D) t.narrow(-1, rd, D - rd).zero_();
+    return t;
+  };
+  if (tx.defined()) {
+    at::Tensor contiguous;
+    add(call_rotary(unit_last_stride(tx, contiguous), inv_freq, cos, sin, positions, rotation,
+                    offset, interleaved, rd));
+  }
+  if (tr.defined()) {
+    add(call_rotary(x, inv_freq, cos, sin, positions, tr, offset, interleaved, rd));
+  }
+  if (tc.defined() || ts.defined()) {
+    const at::Tensor c = tc.defined() ? tc : at::zeros_like(*cos);
+    const at::Tensor s = ts.defined() ? ts : at::zeros_like(*sin);
+    add(rotated_dims_only(call_rotary(x, std::nullopt, c.contiguous(), s.contiguous(), positions,
+                                      rotation, offset, interleaved, rd)));
+  }
+  if (tf.defined()) {
+    const auto math = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const auto long_opts = x.options().dtype(at::kLong);
+    const at::Tensor pos =
+        positions.has_value()
+            ? positions->to(at::kLong).reshape({positions->dim() == 2 ? B : 1, S})
+            : at::arange(S, long_opts).add_(offset).view({1, S});
+    const at::Tensor p = pos.to(math).unsqueeze(-1);                 // (Bp, S, 1)
+    const at::Tensor angle = p * inv_freq->to(math);                  // (Bp, S, half)
+    const at::Tensor dangle = p * tf.to(math);
+    const int64_t rows = pos.size(0) * S;
+    const at::Tensor c = (-dangle * angle.sin()).reshape({rows, half});
+    const at::Tensor s = (dangle * angle.cos()).reshape({rows, half});
+    at::Tensor row = at::arange(rows, long_opts);
+    if (pos.size(0) != 1) row = row.view({B, S});
+    add(rotated_dims_only(
+        call_rotary(x, std::nullopt, c, s, row, rotation, 0, interleaved, rd)));
+  }
+  return out;
+}
+
+at::Tensor rotary_autograd(const at::Tensor& x, const OptTensor& inv_freq, const OptTensor& cos,
+                           const OptTensor& sin, const OptTensor& positions,
+                           const OptTensor& rotation, int64_t offset, bool interleaved,
+                           int64_t rotary_dim) {
+  const at::Tensor tx = tangent_of(x), tf = tangent_of(inv_freq), tc = tangent_of(cos),
+                   ts = tangent_of(sin), tr = tangent_of(rotation);
+  if (!tx.defined() && !tf.defined() && !tc.defined() && !ts.defined() && !tr.defined()) {
+    return rotary_primal(x, inv_freq, cos, sin, positions, rotation, offset, interleaved,
+                         rotary_dim);
+  }
+  at::Tensor out, tangent;
+  {
+    // With forward AD off inside, the ops below see no tangents: the primal does not meet the
+    // C++ custom Function's refusal of them, and the tangent's own ops do not recurse.
+    c10::AutoFwGradMode no_forward_ad(false);
+    out = rotary_primal(x, inv_freq, cos, sin, positions, rotation, offset, interleaved,
+                        rotary_dim);
+    tangent = rotary_jvp(x, inv_freq, cos, sin, positions, rotation, offset, interleaved,
+                         rotary_dim, tx, tf, tc, ts, tr);
+  }
+  out._set_fw_grad(tangent, /*level=*/0, /*is_inplace_op=*/false);
+  return out;
+}
+
+// ---- rotary_ (in place) -----------------------------------------------------------------------
+using RotaryInplaceOp = void(const at::Tensor&, const OptTensor&, const OptTensor&,
+                             const OptTensor&, const OptTensor&, const OptTensor&, int64_t, bool,
+                             int64_t);
+const c10::TypedOperatorHandle<RotaryInplaceOp>& rotary_inplace_handle() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastattn::rotary_", "")
+                             .typed<RotaryInplaceOp>();
+  return op;
+}
+
+// rotary_ has no derivative: autograd must not record it (the gradient would silently be the
+// identity's), and a tangent of x would silently be left unrotated.
+void rotary_inplace_autograd(c10::DispatchKeySet keys, const at::Tensor& x,
+                             const OptTensor& inv_freq, const OptTensor& cos, const OptTensor& sin,
+                             const OptTensor& positions, const OptTensor& rotation, int64_t offset,
+                             bool interleaved, int64_t rotary_dim) {
+  TORCH_CHECK(!records_grad({&x, &or_undefined(inv_freq), &or_undefined(cos), &or_undefined(sin),
+                             &or_undefined(rotation)}),
+              "fastattn: rotary_ (in place) has no gradient: with grad mode on, neither x nor "
+              "inv_freq, cos, sin or rotation may require grad; use fastattn.rotary(..., "
+              "inplace=False)");
+  TORCH_CHECK(!tangent_of(x).defined() && !tangent_of(inv_freq).defined() &&
+                  !tangent_of(cos).defined() && !tangent_of(sin).defined() &&
+                  !tangent_of(rotation).defined(),
+              "fastattn: rotary_ (in place) does not support forward-mode AD; use "
+              "fastattn.rotary(..., inplace=False)");
+  at::AutoDispatchBelowAutograd below_autograd;
+  rotary_inplace_handle().redispatch(keys & c10::after_autograd_keyset, x, inv_freq, cos, sin,
+                                     positions, rotation, offset, interleaved, rotary_dim);
+}
+
+// What every PyTorch in-place op does at the ADInplaceOrView key: an inference tensor may only
+// be written in inference mode, and writing x bumps its version counter, so that a backward
+// that saved x (or a view of it) before raises instead of using the new values.
+void rotary_inplace_or_view(c10::DispatchKeySet keys, const at::Tensor& x,
+                            const OptTensor& inv_freq, const OptTensor& cos, const OptTensor& sin,
+                            const OptTensor& positions, const OptTensor& rotation, int64_t offset,
+                            bool interleaved, int64_t rotary_dim) {
+  // (PyTorch's own message; checked before x is written, where PyTorch's ops raise after.)
+  TORCH_CHECK(!x.is_inference() || c10::InferenceMode::is_enabled(),
+              "Inplace update to inference tensor outside InferenceMode is not allowed."
+              "You can make a clone to get a normal tensor before doing inplace update."
+              "See https://github.com/pytorch/rfcs/pull/17 for more details.");
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    rotary_inplace_handle().redispatch(keys & c10::after_ADInplaceOrView_keyset, x, inv_freq, cos,
+                                       sin, positions, rotation, offset, interleaved, rotary_dim);
+  }
+  torch::autograd::impl::bump_version(x);
 }
 
 
@@ -344,7 +558,14 @@ void attention_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
 
 namespace fastattn {
 
-void register_rotary_autograd(torch::Library& m) { m.impl("rotary", &rotary_autograd); }
+void register_rotary_autograd(torch::Library& m) {
+  m.impl("rotary", &rotary_autograd);
+  m.impl("rotary_", &rotary_inplace_autograd);
+}
+
+void register_rotary_inplace_or_view(torch::Library& m) {
+  m.impl("rotary_", &rotary_inplace_or_view);
+}
 
 void register_attention_autograd(torch::Library& m) {
   m.impl("attention", torch::CppFunction::makeFromBoxedFunction<&attention_autograd>());

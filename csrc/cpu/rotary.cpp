@@ -39,8 +39,9 @@
 #include <array>
 #include <atomic>
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
 #include <limits>
-#include <numeric>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -794,16 +795,26 @@ RotaryArgs check_args(const at::Tensor& x, const std::optional<at::Tensor>& inv_
                   "]");
     }
   } else {
+    // A direct op call may pass any int64 offset: these checks are written so that they cannot
+    // overflow (offset + S could wrap around and pass a plain `offset + S <= rows`).
     if (has_cos && a.S > 0) {
-      FA_CHECK_VALUE(offset >= 0 && offset + a.S <= a.cos.size(0),
-               "fastattn: positions offset..offset+S-1 = ", offset, "..", offset + a.S - 1,
-               " lie past the cos/sin table's ", a.cos.size(0), " rows");
+      const int64_t rows = a.cos.size(0);
+      FA_CHECK_VALUE(offset >= 0 && a.S <= rows && offset <= rows - a.S,
+               "fastattn: positions offset..offset+S-1 (offset = ", offset, ", S = ", a.S,
+               ") lie past the cos/sin table's ", rows, " rows");
     }
+    // With inv_freq any position is valid, but offset + S - 1 must still be an int64 (the
+    // reference computes offset + arange(S) and raises rather than wrap around).
+    FA_CHECK_VALUE(a.S == 0 || offset <= std::numeric_limits<int64_t>::max() - (a.S - 1),
+             "fastattn: positions offset..offset+S-1 (offset = ", offset, ", S = ", a.S,
+             ") overflow int64; offset must be at most ",
+             std::numeric_limits<int64_t>::max() - (a.S - 1));
     a.offset = offset;
     if (!x.is_cuda()) {
       // Filled directly: cheaper than an ATen op for the short vectors of decoding steps.
       a.pos = at::empty({1, a.S}, x.options().dtype(at::kLong));
-      std::iota(a.pos.data_ptr<int64_t>(), a.pos.data_ptr<int64_t>() + a.S, offset);
+      int64_t* pos = a.pos.data_ptr<int64_t>();
+      for (int64_t s = 0; s < a.S; ++s) pos[s] = offset + s;
     }
   }
 
@@ -816,6 +827,37 @@ RotaryArgs check_args(const at::Tensor& x, const std::optional<at::Tensor>& inv_
     a.rotation = as_math(*rotation, a.math);
   }
   return a;
+}
+
+// The byte range [first, last + 1) that a tensor's elements span in its storage.
+std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {
+  uintptr_t lo = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  uintptr_t hi = lo;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    const uintptr_t extent = static_cast<uintptr_t>(std::abs(t.stride(d))) *
+                             static_cast<uintptr_t>(t.size(d) - 1) * t.itemsize();
+    if (t.stride(d) < 0) {
+      lo -= extent;
+    } else {
+      hi += extent;
+    }
+  }
+  return {lo, hi + t.itemsize()};
+}
+
+// The in-place op reads `t` while it writes x, so they must not share memory (a table that is a
+// view of x would be read after some of it was overwritten). The test is on the byte ranges,
+// which covers strided views too (at::assert_no_overlap gives up on non-dense tensors); a call
+// it refuses with disjoint interleaved views is rare and works with t.clone().
+void check_no_overlap_with_x(const at::Tensor& x, const at::Tensor& t, const char* name) {
+  if (!t.defined() || t.numel() == 0 || x.numel() == 0 || !x.has_storage() || !t.has_storage()) {
+    return;
+  }
+  if (!x.storage().is_alias_of(t.storage())) return;
+  const auto xs = byte_span(x), ts = byte_span(t);
+  FA_CHECK(xs.second <= ts.first || ts.second <= xs.first, "fastattn: rotary_ writes into x, but ",
+           name, " shares memory with x (it would be read after it was overwritten); pass ", name,
+           ".clone()");
 }
 
 // x @ rotation in the math dtype, (B, H, S, D) contiguous.
@@ -849,6 +891,12 @@ void rotary_inplace_op(const at::Tensor& x, const std::optional<at::Tensor>& inv
       check_args(x, inv_freq, cos, sin, positions, rotation, offset, interleaved, rotary_dim);
   // Two (b, h, s) rows sharing memory (an expanded tensor) would be written twice.
   at::assert_no_internal_overlap(x);
+  // What the kernel reads while it writes x (as the kernel reads them: a converted copy of a
+  // table does not share x's memory). The rotation is applied whole before x is written.
+  check_no_overlap_with_x(x, a.inv_freq, "inv_freq");
+  check_no_overlap_with_x(x, a.cos, "cos");
+  check_no_overlap_with_x(x, a.sin, "sin");
+  check_no_overlap_with_x(x, a.pos, "positions");
   if (x.numel() == 0) return;
   if (a.rotation.defined()) {
     // x @ rotation is computed whole before x is overwritten; its pass-through dims differ
@@ -905,9 +953,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rotary_ba
       d_sin = make();
     }
     if (nonempty) kernel_backward_partials(grad, xsrc, gsrc, a, d_ang, d_cos, d_sin);
+    // (arange(S) + offset: offset + S itself may be one past int64's range)
     const at::Tensor pos = a.pos.defined()
         ? a.pos
-        : at::arange(a.offset, a.offset + a.S, x.options().dtype(at::kLong)).view({1, a.S});
+        : at::arange(a.S, x.options().dtype(at::kLong)).add_(a.offset).view({1, a.S});
     const auto pos_flat = pos.expand({a.B, a.S}).reshape({-1}).contiguous();
     if (need_freq) {
       grad_freq = kernel_reduce_freq(d_ang.view({a.B * a.S, a.half}), pos_flat)

@@ -165,6 +165,15 @@ void backward_typed(const at::Tensor& grad, const at::Tensor& xsrc, const at::Te
   }
 }
 
+// Without a positions tensor the kernels compute position pos_offset + s in int64. The op's
+// checks (csrc/cpu/rotary.cpp) keep that from overflowing; checked again here, where it is used.
+void check_pos_offset(const at::Tensor& pos, int64_t pos_offset, int64_t S) {
+  FA_CHECK_VALUE(pos.defined() || S == 0 ||
+                     pos_offset <= std::numeric_limits<int64_t>::max() - (S - 1),
+                 "fastattn: positions offset..offset+S-1 (offset = ", pos_offset, ", S = ", S,
+                 ") overflow int64");
+}
+
 void check_cuda_dtype(const at::Tensor& t, const char* name) {
   const auto dt = t.scalar_type();
   FA_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, "fastattn: rotary's CUDA ",
@@ -179,6 +188,7 @@ void apply(const at::Tensor& src, const at::Tensor& dst, const at::Tensor& inv_f
   check_cuda_dtype(src, "x");
   check_cuda_dtype(dst, "the output");
   TORCH_CHECK(src.size(3) <= std::numeric_limits<int>::max(), "fastattn: head dim too large");
+  check_pos_offset(pos, pos_offset, src.size(2));
   if (src.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(src.device());
   ApplyParams p{};
@@ -218,6 +228,7 @@ void backward_partials(const at::Tensor& grad, const at::Tensor& xsrc, const at:
                        const at::Tensor& d_ang, const at::Tensor& d_cos, const at::Tensor& d_sin) {
   check_cuda_dtype(grad, "grad_out");
   TORCH_CHECK(grad.size(3) <= std::numeric_limits<int>::max(), "fastattn: head dim too large");
+  check_pos_offset(pos, pos_offset, grad.size(2));
   if (grad.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(grad.device());
   BackwardParams p{};

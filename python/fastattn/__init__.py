@@ -50,6 +50,20 @@ from . import tuning  # noqa: E402
 OP_NAMES = ("rotary", "rotary_", "rotary_backward", "attention", "attention_backward")
 
 
+def empty_cache() -> None:
+    """Free the CPU output buffers that fastattn holds for reuse.
+
+    Large CPU outputs (8 MiB and more) come from a small cache of buffers that earlier outputs
+    released, which saves the page faults of fresh memory. The cache is bounded (a few buffers,
+    at most twice the largest recent output and never over 1 GiB; unused buffers are dropped
+    after a while), and this frees what it holds now, e.g. before a phase that needs the memory.
+    Live tensors are not affected. CUDA memory is torch.cuda.empty_cache()'s.
+    """
+    import torch
+
+    torch.ops.fastattn._empty_cpu_cache()
+
+
 def build_info() -> dict:
     """How this fastattn was built: versions, vector ISA, CUDA archs, and for each op the
     devices that have a kernel registered."""
@@ -65,4 +79,4 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["attention", "rotary", "functional", "reference", "nn", "ops", "tuning", "build_info"]
+__all__ = ["attention", "rotary", "functional", "reference", "nn", "ops", "tuning", "build_info", "empty_cache"]

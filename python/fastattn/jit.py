@@ -24,7 +24,7 @@ def _selected_sources(with_cuda: bool, root: str | None = None) -> list[str]:
     only = [n for n in os.environ.get("FASTATTN_JIT_ONLY", "").split(",") if n]
     if only:
         shared = os.sep + "common" + os.sep  # checks etc.: every family needs them
-        srcs = [s for s in srcs if s.endswith("fastattn.cpp") or shared in s
+        srcs = [s for s in srcs if s.endswith(("fastattn.cpp", "output_buffers.cpp")) or shared in s
                 or any(n in os.path.basename(s) for n in only)]
     return srcs
 
