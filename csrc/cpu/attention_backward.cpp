@@ -5,10 +5,12 @@
 // shapes, never on the thread count:
 //   for each query head g of the group, each query block of the chunk (fixed order):
 //     D = rowsum(dO * O) - grad_lse; for each visited key tile:
-//       P   = exp(K·qT + bias - lse)               (recomputed, nk x BQ)
+//       P   = exp(cap(K·qT) + bias - lse)          (recomputed, nk x BQ)
 //       dP  = V · dOᵀ,  dS = P * (dP - D)
-//       dV_tile += P · dO,  dK_tile += dS · Q,  dQ_block += dSᵀ · K
 //       table / span gradients: sums of dS along the tile's diagonals (they depend on d only)
+//       dS *= cap'(K·qT) = 1 - tanh²               (only with softcap > 0: the biases are
+//                                                    added after the cap, the score before)
+//       dV_tile += P · dO,  dK_tile += dS · Q,  dQ_block += dSᵀ · K
 //   dQ (and scale) written by the task that owns the query block; dK/dV accumulated by the
 //   task that owns (b, kv head) over its chunk; chunk partials, table and span partials are
 //   reduced afterwards in a fixed order. No accumulation order depends on threads, so two
@@ -50,6 +52,7 @@ void recompute_lse(const AttentionParamsT<acc_t>& p, int64_t b, int64_t h, int64
       const int64_t nk = std::min(kBlockK, ranges.hi[rg] - j0);
       gemm_bcast<acc_t, false>(nk, kBlockQ, p.head_dim_qk, k_head + j0 * p.k_stride_s,
                                p.k_stride_s, 1, qT, kBlockQ, sT, kBlockQ);
+      if (p.softcap > 0) softcap_tile<acc_t>(sT, nk, kBlockQ, p.softcap, nullptr);
       const TileBias<acc_t> tb = tile_bias(p, b, h, i0, nq, j0, nk, may_need_bias, sT, diag);
       std::fill(uniform, uniform + kBlockQ, tb.uniform);
       online_softmax_tile(sT, nk, kBlockQ, tb.diag, uniform, m, l, alpha);
@@ -140,18 +143,27 @@ void probabilities_pass(const ProbabilityPassArgs<acc_t>& pass, bool has_diag, b
   }
 }
 
+// x[0, n) *= y[0, n) (n a multiple of the vector width).
+template <typename acc_t>
+inline void multiply_tile(acc_t* x, const acc_t* y, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  for (int64_t i = 0; i < n; i += Vec::size()) (Vec::loadu(x + i) * Vec::loadu(y + i)).store(x + i);
+}
+
 template <typename acc_t>
 struct BackwardScratch {
   std::vector<acc_t> qT, doT, sT, dsT, q_buf, do_buf, k_buf, v_buf, row_delta, lse_safe, dq,
       diag, span_diag, tile_diag, lse_work;
+  std::vector<acc_t> cap_grad;   // softcap only: d(capped score)/d(score) per element of sT
   std::vector<double> diag_acc;  // per-distance sums of dS for one head (table gradient)
-  BackwardScratch(int64_t dqk, int64_t dv, bool need_convert, int64_t num_distances)
+  BackwardScratch(int64_t dqk, int64_t dv, bool need_convert, int64_t num_distances, bool softcap)
       : qT(dqk * kBlockQ), doT(dv * kBlockQ), sT(kBlockK * kBlockQ), dsT(kBlockK * kBlockQ),
         q_buf(need_convert ? kBlockQ * dqk : 0), do_buf(need_convert ? kBlockQ * dv : 0),
         k_buf(need_convert ? kBlockK * dqk : 0), v_buf(need_convert ? kBlockK * dv : 0),
         row_delta(kBlockQ), lse_safe(kBlockQ), dq(kBlockQ * dqk), diag(kBlockQ + kBlockK),
         span_diag(kBlockQ + kBlockK), tile_diag(kBlockQ + kBlockK),
-        lse_work(std::is_same_v<acc_t, double> ? 4 * kBlockQ : 0), diag_acc(num_distances) {}
+        lse_work(std::is_same_v<acc_t, double> ? 4 * kBlockQ : 0),
+        cap_grad(softcap ? kBlockK * kBlockQ : 0), diag_acc(num_distances) {}
 };
 
 // The number of query-block chunks per (batch, kv head) in the backward: enough tasks to keep
@@ -323,11 +335,12 @@ void add_bias_grads(const BackwardCall<scalar_t>& c, int64_t b, const QueryBlock
   }
 }
 
-// One key tile [j0, j0 + nk) of a query block: S = K·qT (+ bias), dP = V·dOᵀ; then one pass:
-// P = exp(S + bias - lse) into sT, dS = P * (dP - D) into dsT, and the sums of dS the table /
-// span gradients need (fused for full query blocks, see probabilities_and_ds); then
-// dV += P · dO, dK += dS · Q (scale applied once at the end), dQ += dSᵀ · K, and the table /
-// span gradients.
+// One key tile [j0, j0 + nk) of a query block: S = cap(K·qT) (+ bias), dP = V·dOᵀ; then one
+// pass: P = exp(S + bias - lse) into sT, dS = P * (dP - D) into dsT, and the sums of dS the
+// table / span gradients need (fused for full query blocks, see probabilities_and_ds); the
+// table / span gradients (from this dS: the biases are added after the cap); dS times the
+// cap's derivative; then dV += P · dO, dK += dS · Q (scale applied once at the end),
+// dQ += dSᵀ · K.
 template <typename scalar_t, typename acc_t>
 void backward_key_tile(const BackwardCall<scalar_t>& c, const TaskKV<scalar_t>& kv,
                        const QueryBlock<acc_t>& blk, int64_t j0, int64_t nk,
@@ -344,6 +357,8 @@ void backward_key_tile(const BackwardCall<scalar_t>& c, const TaskKV<scalar_t>& 
   acc_t* sT = s.sT.data();
   acc_t* dsT = s.dsT.data();
   gemm_bcast<acc_t, false>(nk, kBlockQ, Dqk, k_tile, ldk, 1, s.qT.data(), kBlockQ, sT, kBlockQ);
+  const bool capped = p.softcap > 0;
+  if (capped) softcap_tile(sT, nk, kBlockQ, p.softcap, s.cap_grad.data());
   const TileBias<acc_t> tb = tile_bias(p, kv.b, blk.h, blk.i0, nq, j0, nk, c.may_need_bias, sT, s.diag.data());
   gemm_bcast<acc_t, false>(nk, kBlockQ, Dv, v_tile, ldv, 1, s.doT.data(), kBlockQ, dsT, kBlockQ);
   const bool full_block = nq == kBlockQ;
@@ -359,10 +374,11 @@ void backward_key_tile(const BackwardCall<scalar_t>& c, const TaskKV<scalar_t>& 
   }
   const ProbabilityPassArgs<acc_t> pass{sT, dsT, nk, tb.diag, shift, blk.delta, td, total};
   probabilities_pass(pass, tb.diag != nullptr, sums.fused_diag, sums.fused_tile);
+  if (c.need_diag_sums) add_bias_grads(c, kv.b, blk, j0, nk, sums, total, s, span_acc);
+  if (capped) multiply_tile(dsT, s.cap_grad.data(), nk * kBlockQ);
   gemm_bcast<acc_t, true>(nk, Dv, nq, sT, kBlockQ, 1, blk.do_blk, blk.ldo, kv.dv + j0 * Dv, Dv);
   gemm_bcast<acc_t, true>(nk, Dqk, nq, dsT, kBlockQ, 1, blk.q_blk, blk.ldq, kv.dk + j0 * Dqk, Dqk);
   gemm_bcast<acc_t, true>(nq, Dqk, nk, dsT, 1, kBlockQ, k_tile, ldk, s.dq.data(), Dqk);
-  if (c.need_diag_sums) add_bias_grads(c, kv.b, blk, j0, nk, sums, total, s, span_acc);
 }
 
 // One query block of head h against every key tile it sees; writes its rows of dQ.
@@ -569,7 +585,7 @@ BackwardOutputs attention_backward_impl(
   const int64_t work = B * Hq * c.num_qblocks * kBlockQ * Sk * (2 * Dqk + 3 * Dv);
   run_tasks(
       B * Hkv * c.chunks, work,
-      [&] { return BackwardScratch<acc_t>(Dqk, Dv, need_convert, c.num_distances); },
+      [&] { return BackwardScratch<acc_t>(Dqk, Dv, need_convert, c.num_distances, p.softcap > 0); },
       [&](int64_t task, BackwardScratch<acc_t>& s) { backward_task(c, task, s); });
 
   // Fixed-order reductions of the partials.

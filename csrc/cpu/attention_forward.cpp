@@ -8,6 +8,7 @@
 //   for each visited key tile (attention_tiles.h: at most two key ranges, tiles outside the
 //   window / span / causal range are skipped):
 //     sT  = K_tile · qT                            (nk x BQ: keys in rows, queries in lanes)
+//     sT  = softcap * tanh(sT / softcap)           (only with softcap > 0)
 //     sT += bias (per-diagonal vector for local tiles, per element for global tiles; -inf masks)
 //     online softmax per query lane: m, l, alpha = exp(m_old - m_new), P = exp(sT - m_new)
 //     oT  = alpha * oT + V_tileᵀ · P              (Dv x BQ)
@@ -279,7 +280,8 @@ void rescale_output(const TaskLanes& t, int64_t Dv, ForwardScratch<acc_t>& s) {
   }
 }
 
-// One key tile [j0, j0 + nk) of a task: scores, bias, online softmax, oT += V_tileᵀ · P.
+// One key tile [j0, j0 + nk) of a task: scores (capped), bias, online softmax,
+// oT += V_tileᵀ · P.
 template <typename scalar_t, typename acc_t>
 void forward_key_tile(const ForwardCall<scalar_t>& c, const TaskLanes& t, int64_t j0, int64_t nk,
                       ForwardScratch<acc_t>& s) {
@@ -297,6 +299,8 @@ void forward_key_tile(const ForwardCall<scalar_t>& c, const TaskLanes& t, int64_
     gemm_bcast<acc_t, false>(nk, t.lanes_padded, Dqk, k_tile, ldk, 1, s.qT.data(), kBlockQ,
                              s.sT.data(), kBlockQ);
   }
+  // Soft-capping acts on the scaled scores, before any bias or mask (padding lanes: 0 -> 0).
+  if (p.softcap > 0) softcap_tile<acc_t>(s.sT.data(), nk, t.lanes_padded, p.softcap, nullptr);
   const acc_t* fused_diag = add_tile_bias(c, t, j0, nk, s);
   online_softmax_tile(s.sT.data(), nk, t.lanes_padded, fused_diag, s.lane_uniform.data(),
                       s.m.data(), s.l.data(), s.alpha.data());

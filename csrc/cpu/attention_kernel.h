@@ -1,8 +1,8 @@
 // What the CPU attention forward (attention_forward.cpp) and backward (attention_backward.cpp)
 // share besides the tile bookkeeping (attention_tiles.h) and the block product
 // (attention_gemm.h): the accumulation type, the task runner, the conversion of float16 /
-// bfloat16 rows, the softmax's exp, one key tile of the online softmax, and the two entry
-// points.
+// bfloat16 rows, the softmax's exp, the logit soft-capping of a score tile, one key tile of the
+// online softmax, and the two entry points.
 //
 // Semantics: python/fastattn/reference.py::attention; the mask and bias rules are those of
 // common/attention_params.h (pair_bias, span_logit_grad, local_key_range, ...), evaluated by
@@ -176,6 +176,115 @@ inline Vectorized<acc_t> softmax_exp(Vectorized<acc_t> x) {
 
 // Rows of a score tile whose exponentials are computed together (see softmax_exp_n).
 constexpr int kExpRows = 4;
+
+// Logit soft-capping of N score vectors in place: s = softcap * tanh(s / softcap), and, when
+// grad is not null, each element's derivative d(capped)/ds = 1 - tanh^2 into grad.
+// float (AVX2): tanh(x) = x * P(x^2) / Q(x^2), the degree 13/6 rational approximation of
+// Eigen's fast float tanh, on x clamped to +-7.9988 (where it rounds to +-1). Its error is
+// relative everywhere: measured against double tanh on a dense grid of [-12, 12] and down to
+// 1e-30, at most 4.5 ulp (2.7e-7 absolute). Relative accuracy near 0 is what a large softcap
+// needs: s = 50 capped at 1e4 is tanh(0.005) scaled back by 1e4, so an absolute 1e-7 in tanh
+// would be 1e-3 in the logit (the form (1 - e) / (1 + e), e = exp(-2|x|), which cancels near
+// 0, is off by that much). 15 vector operations (one more for the derivative), one of them a
+// division, and no exp; NaN stays NaN (the clamp keeps it), +-inf gives +-softcap. Two vectors
+// go through together (kCapVecs): each holds four registers through the two polynomials.
+template <int N, bool kGrad>
+inline void softcap_n(Vectorized<float>* s, float softcap, Vectorized<float>* grad) {
+#if defined(CPU_CAPABILITY_AVX2)
+  const __m256 inv_cap = _mm256_set1_ps(1.0f / softcap);
+  __m256 x[N], x2[N], p[N], q[N];
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) {
+    // min / max return their second operand when one is NaN: the NaN passes.
+    x[i] = _mm256_min_ps(_mm256_set1_ps(7.99881172180175781f), _mm256_mul_ps(s[i], inv_cap));
+    x[i] = _mm256_max_ps(_mm256_set1_ps(-7.99881172180175781f), x[i]);
+    x2[i] = _mm256_mul_ps(x[i], x[i]);
+    p[i] = _mm256_fmadd_ps(x2[i], _mm256_set1_ps(-2.76076847742355e-16f), _mm256_set1_ps(2.00018790482477e-13f));
+    q[i] = _mm256_fmadd_ps(x2[i], _mm256_set1_ps(1.19825839466702e-06f), _mm256_set1_ps(1.18534705686654e-04f));
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) {
+    p[i] = _mm256_fmadd_ps(x2[i], p[i], _mm256_set1_ps(-8.60467152213735e-11f));
+    q[i] = _mm256_fmadd_ps(x2[i], q[i], _mm256_set1_ps(2.26843463243900e-03f));
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) {
+    p[i] = _mm256_fmadd_ps(x2[i], p[i], _mm256_set1_ps(5.12229709037114e-08f));
+    q[i] = _mm256_fmadd_ps(x2[i], q[i], _mm256_set1_ps(4.89352518554385e-03f));
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(x2[i], p[i], _mm256_set1_ps(1.48572235717979e-05f));
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(x2[i], p[i], _mm256_set1_ps(6.37261928875436e-04f));
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(x2[i], p[i], _mm256_set1_ps(4.89352455891786e-03f));
+#pragma GCC unroll 8
+  for (int i = 0; i < N; ++i) {
+    const __m256 t = _mm256_div_ps(_mm256_mul_ps(x[i], p[i]), q[i]);
+    if constexpr (kGrad) grad[i] = Vectorized<float>(_mm256_fnmadd_ps(t, t, _mm256_set1_ps(1.0f)));
+    s[i] = Vectorized<float>(_mm256_mul_ps(t, _mm256_set1_ps(softcap)));
+  }
+#else
+  const Vectorized<float> cap(softcap), one(1.0f);
+  for (int i = 0; i < N; ++i) {
+    const Vectorized<float> t = (s[i] / cap).tanh();
+    if constexpr (kGrad) grad[i] = one - t * t;
+    s[i] = t * cap;
+  }
+#endif
+}
+
+// Vectors capped together by softcap_rows (with four, their 16 live registers and the
+// constants would not fit the 16 ymm registers).
+constexpr int kCapVecs = 2;
+
+// softcap_n over the rows [0, nk) x lanes [0, lanes) of a tile (row stride kBlockQ).
+template <bool kGrad>
+inline void softcap_rows(float* sT, int64_t nk, int64_t lanes, float softcap, float* grad) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  Vec x[kCapVecs], g[kCapVecs];
+  for (int64_t jj = 0; jj < nk; ++jj) {
+    float* row = sT + jj * kBlockQ;
+    float* grad_row = kGrad ? grad + jj * kBlockQ : nullptr;
+    int64_t v = 0;
+    for (; v + kCapVecs * W <= lanes; v += kCapVecs * W) {
+      for (int u = 0; u < kCapVecs; ++u) x[u] = Vec::loadu(row + v + u * W);
+      softcap_n<kCapVecs, kGrad>(x, softcap, g);
+      for (int u = 0; u < kCapVecs; ++u) x[u].store(row + v + u * W);
+      for (int u = 0; u < kCapVecs && kGrad; ++u) g[u].store(grad_row + v + u * W);
+    }
+    for (; v < lanes; v += W) {
+      x[0] = Vec::loadu(row + v);
+      softcap_n<1, kGrad>(x, softcap, g);
+      x[0].store(row + v);
+      if constexpr (kGrad) g[0].store(grad_row + v);
+    }
+  }
+}
+
+// Caps the rows [0, nk) x lanes [0, lanes) of a score tile sT (row stride kBlockQ, lanes a
+// multiple of the vector width) right after its product, before any bias or mask: see
+// softcap_n. With grad (same layout) also keeps each element's derivative 1 - tanh^2 there,
+// for the backward's dS. float64 takes the exact path of attention_params.h (softcap_score,
+// softcap_grad), one element at a time.
+template <typename acc_t>
+inline void softcap_tile(acc_t* sT, int64_t nk, int64_t lanes, acc_t softcap, acc_t* grad) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (grad == nullptr) {
+      softcap_rows<false>(sT, nk, lanes, softcap, nullptr);
+    } else {
+      softcap_rows<true>(sT, nk, lanes, softcap, grad);
+    }
+  } else {
+    for (int64_t jj = 0; jj < nk; ++jj) {
+      for (int64_t x = jj * kBlockQ; x < jj * kBlockQ + lanes; ++x) {
+        sT[x] = softcap_score(sT[x], softcap);
+        if (grad != nullptr) grad[x] = softcap_grad(sT[x], softcap);
+      }
+    }
+  }
+}
 
 // One key tile of the online softmax, vectorized over the lanes [0, lanes) (a multiple of the
 // vector width): adds the tile's bias (`diag`: per-diagonal vector of a task with one head, see
