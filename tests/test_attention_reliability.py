@@ -110,3 +110,47 @@ def test_non_finite_scalar_options_raise(name, value):
     q, k, v = _qkv()
     with pytest.raises(ValueError, match=name):
         fastattn.attention(q, k, v, **{name: value})
+
+
+# ---- gradients the kernels do not compute ---------------------------------------------------
+def test_alibi_slopes_requiring_grad_raise_instead_of_none():
+    q, k, v = _qkv()
+    q.requires_grad_()
+    slopes = torch.tensor([0.5, 0.25], dtype=F64, requires_grad=True)
+    out = fastattn.attention(q, k, v, alibi_slopes=slopes)
+    with pytest.raises(NotImplementedError, match="alibi_slopes"):
+        out.sum().backward()
+    # Fixed slopes (no grad) train the rest as before.
+    out = fastattn.attention(q, k, v, alibi_slopes=slopes.detach())
+    g, = torch.autograd.grad(out.sum(), q)
+    want, = torch.autograd.grad(reference.attention(q, k, v, alibi_slopes=slopes.detach()).sum(), q)
+    torch.testing.assert_close(g, want)
+
+
+# ---- non-finite values in positions a row cannot see ------------------------------------------
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("mask,key,hidden_rows", [
+    (dict(causal=True), -1, slice(0, 5)),            # the last key: every row but the last
+    (dict(window=(1, 0)), 0, slice(2, 6)),          # key 0: rows 2.. (window of 1 to the left)
+    (dict(window=(1, 0), rel_bias=True), 0, slice(2, 6)),
+], ids=["causal", "window", "window-table"])
+def test_non_finite_hidden_key_leaves_other_rows_finite(bad, mask, key, hidden_rows):
+    """A NaN or +inf in a key that a row cannot see must not reach that row (masked scores are
+    selected away, not offset by -inf), forward and backward, as in the reference."""
+    q, k, v = _qkv(Sq=6, Sk=6, dtype=F32)
+    k[:, :, key, 0] = bad
+    kw = dict(mask)
+    if kw.pop("rel_bias", False):
+        kw["rel_bias"] = torch.randn(5, 2)
+    q.requires_grad_()
+    v.requires_grad_()
+    out, lse = fastattn.attention(q, k, v, return_lse=True, **kw)
+    want, want_lse = reference.attention(q, k, v, return_lse=True, **kw)
+    assert torch.isfinite(out[:, :, hidden_rows]).all() and torch.isfinite(lse[:, :, hidden_rows]).all()
+    torch.testing.assert_close(out[:, :, hidden_rows], want[:, :, hidden_rows], atol=1e-5, rtol=1e-5)
+    # The backward: finite wherever the reference's is (a row that sees the bad key has a
+    # non-finite lse, whose products with zeros are NaN in both), and equal there.
+    for got, ref in zip(torch.autograd.grad(out.sum(), (q, v)), torch.autograd.grad(want.sum(), (q, v))):
+        finite = torch.isfinite(ref)
+        assert torch.isfinite(got[finite]).all()
+        torch.testing.assert_close(got[finite], ref[finite], atol=1e-5, rtol=1e-5)

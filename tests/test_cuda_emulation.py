@@ -377,3 +377,22 @@ def test_double_backward_raises(emu):
     g, = torch.autograd.grad(out.square().sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match="no second derivative"):
         g.sum().backward()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("mask,key,rows", [(dict(causal=True), -1, slice(0, 39)),
+                                           (dict(window=(1, 0), rel_bias=5), 0, slice(2, 40))],
+                         ids=["causal", "window-table"])
+def test_non_finite_hidden_key_leaves_other_rows_finite(emu, bad, mask, key, rows):
+    """A NaN or +inf in a key a row cannot see never reaches that row (masked logits are
+    selected to -inf, not offset)."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=g) for _ in range(3))
+    k[:, :, key, 0] = bad
+    kw = dict(mask)
+    if "rel_bias" in kw:
+        kw["rel_bias"] = torch.randn(2 * kw["rel_bias"] - 1, 2, generator=g)
+    out, lse = emulated_attention(q, k, v, return_lse=True, **kw)
+    want = fastattn.reference.attention(q.double(), k.double(), v.double(), **kw)
+    assert torch.isfinite(out[:, :, rows]).all() and torch.isfinite(lse[:, :, rows]).all()
+    torch.testing.assert_close(out[:, :, rows].double(), want[:, :, rows], atol=1e-5, rtol=1e-5)

@@ -355,12 +355,12 @@ void rotary_inplace_or_view(c10::DispatchKeySet keys, const at::Tensor& x,
 
 // ---- attention ---------------------------------------------------------------------------------
 // The attention op's autograd is written against its argument stack, not its argument list: an
-// attention option (attention_args.h) passes through here without being named. Every tensor
-// argument is an input of the autograd node (an absent optional one an undefined tensor); the
-// call's arguments are saved whole (tensors through save_for_backward, the rest as values) and
-// handed back to `<op>_backward` after its own arguments. The gradients are matched to the
-// arguments by name: q, k, v, rel_bias and span from the backward kernel, the scale tensor's
-// from dq (below); alibi slopes are fixed and key lengths are integers.
+// attention option (attention_args.h) passes through here without being named. Every given
+// tensor argument is an input of the autograd node; the call's arguments are saved whole
+// (tensors through save_for_backward, the rest as values) and handed back to `<op>_backward`
+// after its own arguments. The gradients are matched to the arguments by name: q, k, v,
+// rel_bias and span from the backward kernel, the scale tensor's from dq (below); alibi slopes
+// are fixed (asking for their gradient raises) and key lengths are integers.
 
 using torch::jit::Stack;
 
@@ -498,6 +498,10 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     const auto slot = [&](const char* arg) { return tensor_slot(schema, arg); };
     const size_t q = slot("q"), table = slot("rel_bias"), span = slot("span");
     const size_t scale = slot("scale_tensor");
+    // The kernels compute no gradient for ALiBi slopes: refuse rather than report none.
+    TORCH_CHECK_NOT_IMPLEMENTED(!need(slot("alibi_slopes")),
+                                "fastattn: attention computes no gradient for alibi_slopes (they "
+                                "are fixed slopes); detach them, or learn a rel_bias table instead");
 
     // attention_backward(grad_out, out, lse, grad_lse, need_rel_bias_grad, need_span_grad,
     // <the call's arguments>).

@@ -105,7 +105,7 @@ inline void probabilities_and_ds(const ProbabilityPassArgs<acc_t>& a) {
 #pragma GCC unroll 8
       for (int x = 0; x < kVecs; ++x) {
         Vec v = Vec::loadu(p_row + x * W);
-        if constexpr (kHasDiag) v = v + Vec::loadu(a.diag + offset + x * W);
+        if constexpr (kHasDiag) v = masked_add(v, Vec::loadu(a.diag + offset + x * W));
         e[x] = v - a.shift[x];
       }
       softmax_exp_n<kVecs>(e);

@@ -253,7 +253,9 @@ const acc_t* add_tile_bias(const ForwardCall<scalar_t>& c, const TaskLanes& t, i
     } else if (tb.diag != nullptr) {
       for (int64_t jj = 0; jj < nk; ++jj) {
         const acc_t* diag_row = tb.diag + (nk - 1 - jj);
-        for (int64_t ii = 0; ii < t.nq; ++ii) sT_head[jj * kBlockQ + ii] += diag_row[ii];
+        for (int64_t ii = 0; ii < t.nq; ++ii) {
+          sT_head[jj * kBlockQ + ii] = masked_add(sT_head[jj * kBlockQ + ii], diag_row[ii]);
+        }
       }
     }
   }

@@ -174,6 +174,19 @@ inline Vectorized<acc_t> softmax_exp(Vectorized<acc_t> x) {
   return x;
 }
 
+// s + bias, where a bias of -inf masks the pair: the result is then -inf whatever s is (a NaN
+// or +inf score of a hidden key must not leak into the rows that cannot see it, as adding
+// -inf to it would).
+template <typename acc_t>
+inline Vectorized<acc_t> masked_add(Vectorized<acc_t> s, Vectorized<acc_t> bias) {
+  const Vectorized<acc_t> neg_inf(-std::numeric_limits<acc_t>::infinity());
+  return Vectorized<acc_t>::blendv(s + bias, neg_inf, bias == neg_inf);
+}
+template <typename acc_t>
+inline acc_t masked_add(acc_t s, acc_t bias) {
+  return bias == -std::numeric_limits<acc_t>::infinity() ? bias : s + bias;
+}
+
 // Rows of a score tile whose exponentials are computed together (see softmax_exp_n).
 constexpr int kExpRows = 4;
 
@@ -305,7 +318,7 @@ inline void online_softmax_tile(acc_t* sT, int64_t nk, int64_t lanes, const acc_
     if (diag != nullptr) {
       for (int64_t jj = 0; jj < nk; ++jj) {
         acc_t* s = sT + jj * kBlockQ + v;
-        const Vec biased = Vec::loadu(s) + Vec::loadu(diag + (nk - 1 - jj) + v);
+        const Vec biased = masked_add(Vec::loadu(s), Vec::loadu(diag + (nk - 1 - jj) + v));
         biased.store(s);
         tile_max = at::vec::maximum(tile_max, biased);
       }
