@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -295,6 +295,20 @@ def _rotary_positions_from_huge_s(c: Call) -> bool:
     return c.op.startswith("rotary") and x is not None and c.args.get("positions") is None and x[2] > 2 ** 24
 
 
+def _rotary_backward_partials_for_empty_x(c: Call) -> bool:
+    x = _shape(c.args.get("x"), 4)
+    return c.op.startswith("rotary") and x is not None and x[0] * x[2] * max(x[3] // 2, 1) > 2 ** 26
+
+
+def _meta_call_with_tensor_none(c: Call) -> bool:
+    import torch
+
+    schema = getattr(torch.ops.fastattn, c.op).default._schema
+    required = [a.name for a in schema.arguments if a.type.kind() == "TensorType"]
+    meta = any(isinstance(v, T) and v.device == "meta" for v in c.args.values())
+    return meta and any(c.args.get(n) is None for n in required)
+
+
 def _rotary_offset_overflow(c: Call) -> bool:
     x = _shape(c.args.get("x"), 4)
     offset = c.args.get("offset")
@@ -306,14 +320,15 @@ def _attention_empty_task_loops(c: Call) -> bool:
     q, k = _shape(c.args.get("q"), 4), _shape(c.args.get("k"), 4)
     if not c.op.startswith("attention") or q is None or k is None:
         return False
-    forward_loops = q[0] * k[1] * ((q[2] + 31) // 32)
+    # (a forward call whose inputs require grad runs the backward too, through autograd)
+    forward_loops = q[0] * k[1] * max((q[2] + 31) // 32, 1)
     backward_loops = q[0] * k[1] * max(k[2], 1)
-    return forward_loops > 2 ** 28 or (c.op == "attention_backward" and backward_loops > 2 ** 28)
+    return forward_loops > 2 ** 28 or backward_loops > 2 ** 28
 
 
 def _attention_backward_scratch_by_size(c: Call) -> bool:
     q, k, v = (_shape(c.args.get(n), 4) for n in "qkv")
-    if c.op != "attention_backward" or q is None or k is None or v is None:
+    if not c.op.startswith("attention") or q is None or k is None or v is None:
         return False
     by_distance = c.args.get("need_rel_bias_grad") is True or c.args.get("need_span_grad") is True
     return max(q[3], v[3]) > 2 ** 22 or (by_distance and q[2] + k[2] > 2 ** 24)
@@ -328,11 +343,22 @@ KNOWN = {
         "with cos/sin tables and no positions, offset + S overflows int64 in the bounds check "
         "(offset = 2**63 - S passes it) and the kernel reads table rows out of bounds",
         _rotary_offset_overflow),
+    "rotary-backward-partials-for-empty-x": (
+        "rotary_backward (and rotary's backward through autograd) allocates its (B, S, "
+        "rotary_dim / 2) partials for the inv_freq or table gradient even when x is empty (H = 0): "
+        "x (256, 0, 1024, 2048) float64 with output_mask [False, True, False, False] takes 2 GiB",
+        _rotary_backward_partials_for_empty_x),
+    "fake-kernel-tensor-none": (
+        "a call with a meta tensor runs the Python fake kernel, which does not check its "
+        "arguments: rotary / rotary_backward with x=None raise AttributeError ('NoneType' object "
+        "has no attribute 'new_empty') instead of fastattn's TypeError",
+        _meta_call_with_tensor_none),
     "attention-empty-task-loops": (
-        "the CPU attention loops over B * Hkv * ceil(Sq / 32) forward tasks even when q is empty "
-        "(q (1, 0, 2**44, 8), k/v (1, 1, 0, 8) runs for minutes), and the backward over "
-        "B * Hkv * Sk (fp16/bf16) even when the head dim is 0 (q (2**17, 0, 1, 0), k/v "
-        "(2**17, 8, 65537, 0) float16: ~5 minutes)",
+        "the CPU attention loops over B * Hkv * max(ceil(Sq / 32), 1) forward tasks even when q "
+        "is empty (q (1, 0, 2**44, 8), k/v (1, 1, 0, 8), or q (2**16, 0, 0, 8), k/v (2**16, 2**31, "
+        "0, 8), run for minutes), and the backward over B * Hkv tasks and, for fp16/bf16, "
+        "B * Hkv * Sk keys even when the head dim is 0 (q (2**17, 0, 1, 0), k/v (2**17, 8, 65537, "
+        "0) float16: ~5 minutes)",
         _attention_empty_task_loops),
     "attention-backward-scratch-by-size": (
         "the CPU attention backward allocates per-thread scratch of 32 * head dim elements, and "
@@ -717,8 +743,10 @@ def check_loaded_library(expect: Optional[str]) -> str:
 
 def worker_main(opts) -> int:
     import faulthandler
+    import warnings
 
     faulthandler.enable()
+    warnings.filterwarnings("ignore")  # (torch's warnings about the calls would bury a report)
     info = check_loaded_library(os.environ.get("FASTATTN_LIBRARY") if opts.asan else None)
     import torch
 
@@ -884,7 +912,7 @@ def watch(opts) -> int:
         log_text = Path(log_path).read_text(errors="replace")
         if proc.returncode != 0 or not state.get("done"):
             current = state.get("current")
-            report = _report_summary(log_text)
+            report = _report_summary(log_text) if not killed else "\n".join(log_text.splitlines()[-10:])
             if killed:
                 kind = killed
             elif "AddressSanitizer" in log_text:
