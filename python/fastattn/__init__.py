@@ -13,11 +13,19 @@ __version__ = "0.1.0"
 
 
 def _load_library() -> str:
-    """Load the compiled ops: the installed fastattn._C, else a JIT build from the checkout."""
+    """Load the compiled ops: the library FASTATTN_LIBRARY names, else the installed
+    fastattn._C, else a JIT build from the checkout.
+
+    FASTATTN_LIBRARY=/path/to/lib.so loads that build of the ops instead of fastattn._C (which
+    is then not loaded at all), e.g. the AddressSanitizer build of tests/fuzz/build_asan.py."""
     import os
 
     import torch  # noqa: F401  (loads libtorch, which the extension links against)
 
+    library = os.environ.get("FASTATTN_LIBRARY")
+    if library:
+        torch.ops.load_library(library)
+        return library
     try:
         from . import _C  # noqa: F401  (loading it runs the TORCH_LIBRARY registrations)
 
