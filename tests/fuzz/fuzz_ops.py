@@ -309,13 +309,6 @@ def _meta_call_with_tensor_none(c: Call) -> bool:
     return meta and any(c.args.get(n) is None for n in required)
 
 
-def _rotary_offset_overflow(c: Call) -> bool:
-    x = _shape(c.args.get("x"), 4)
-    offset = c.args.get("offset")
-    return (c.op.startswith("rotary") and x is not None and c.args.get("cos") is not None
-            and c.args.get("positions") is None and isinstance(offset, int) and offset + x[2] > INT64_MAX)
-
-
 def _attention_empty_task_loops(c: Call) -> bool:
     q, k = _shape(c.args.get("q"), 4), _shape(c.args.get("k"), 4)
     if not c.op.startswith("attention") or q is None or k is None:
@@ -339,10 +332,6 @@ KNOWN = {
         "rotary/rotary_/rotary_backward without positions allocate and fill an int64 position "
         "per row of x (S of them) even when x is empty: x of shape (0, 1, 2**31, 8) takes 16 GiB",
         _rotary_positions_from_huge_s),
-    "rotary-offset-overflow": (
-        "with cos/sin tables and no positions, offset + S overflows int64 in the bounds check "
-        "(offset = 2**63 - S passes it) and the kernel reads table rows out of bounds",
-        _rotary_offset_overflow),
     "rotary-backward-partials-for-empty-x": (
         "rotary_backward (and rotary's backward through autograd) allocates its (B, S, "
         "rotary_dim / 2) partials for the inv_freq or table gradient even when x is empty (H = 0): "
