@@ -339,13 +339,17 @@ def _op_args(case: Case, requires_grad: bool):
     st = inp.get("scale") if isinstance(inp.get("scale"), torch.Tensor) else None
     return attention_op_args(inp["q"], inp["k"], inp["v"], scale=case.Dqk ** -0.5, scale_tensor=st,
                              causal=case.causal, rel_bias=inp.get("rel_bias"),
-                             alibi_slopes=inp.get("alibi_slopes"), key_lengths=inp.get("key_lengths"),
-                             softcap=case.softcap)
+                             alibi_slopes=inp.get("alibi_slopes"), span=inp.get("span"),
+                             key_lengths=inp.get("key_lengths"), softcap=case.softcap)
 
 
 OPCHECK_CASES = [
     Case(B=1, Hq=2, Hkv=1, Sq=5, Sk=7, Dqk=8, Dv=4, causal=True, rel_bias=3, scale="tensor"),
     Case(B=2, Hq=2, Hkv=2, Sq=6, Sk=6, Dqk=8, Dv=8, alibi=True, key_lengths=(4, 0)),
+    # soft-capped
+    Case(B=1, Hq=2, Hkv=1, Sq=5, Sk=7, Dqk=8, Dv=4, causal=True, rel_bias=3, scale="tensor", softcap=1.5),
+    Case(B=2, Hq=2, Hkv=2, Sq=6, Sk=6, Dqk=8, Dv=8, alibi=True, span="h", span_values=(2.5,),
+         key_lengths=(4, 0), softcap=0.5),
 ]
 
 
@@ -365,7 +369,7 @@ def test_opcheck_attention_backward(case, with_grad_lse):
     torch.library.opcheck(torch.ops.fastattn.attention_backward.default,
                           attention_backward_op_args(grad_out, out, lse, grad_lse, args,
                                                      need_rel_bias_grad=case.rel_bias is not None,
-                                                     need_span_grad=False))
+                                                     need_span_grad=case.span is not None))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -198,42 +198,8 @@ def test_softcap_gradcheck(case):
     assert torch.autograd.gradcheck(fn, tuple(inp[n] for n in names))
 
 
-# ---------------------------------------------------------------------------------------------
-# opcheck (schema, fake kernels, autograd registration, AOT dispatch)
-# ---------------------------------------------------------------------------------------------
-OPCHECK_CASES = [
-    Case(B=1, Hq=2, Hkv=1, Sq=5, Sk=7, Dqk=8, Dv=4, causal=True, rel_bias=3, scale="tensor", softcap=1.5),
-    Case(B=2, Hq=2, Hkv=2, Sq=6, Sk=6, Dqk=8, Dv=8, alibi=True, span="h", span_values=(2.5,),
-         key_lengths=(4, 0), softcap=0.5),
-]
-
-
-def _op_args(case: Case, requires_grad: bool):
-    inp = make_inputs(case, requires_grad=requires_grad)
-    st = inp.get("scale") if isinstance(inp.get("scale"), torch.Tensor) else None
-    return attention_op_args(inp["q"], inp["k"], inp["v"], scale=case.Dqk ** -0.5, scale_tensor=st,
-                             causal=case.causal, rel_bias=inp.get("rel_bias"),
-                             alibi_slopes=inp.get("alibi_slopes"), span=inp.get("span"),
-                             key_lengths=inp.get("key_lengths"), softcap=case.softcap)
-
-
-@pytest.mark.parametrize("case", OPCHECK_CASES, ids=case_id)
-def test_softcap_opcheck_attention(case):
-    torch.library.opcheck(torch.ops.fastattn.attention.default, _op_args(case, requires_grad=True))
-
-
-@pytest.mark.parametrize("case", OPCHECK_CASES, ids=case_id)
-@pytest.mark.parametrize("with_grad_lse", (False, True))
-def test_softcap_opcheck_attention_backward(case, with_grad_lse):
-    args = _op_args(case, requires_grad=False)
-    out, lse = torch.ops.fastattn.attention(*args)
-    g = torch.Generator().manual_seed(3)
-    grad_out = torch.randn(out.shape, generator=g).to(out.dtype)
-    grad_lse = torch.randn(lse.shape, generator=g) if with_grad_lse else None
-    torch.library.opcheck(torch.ops.fastattn.attention_backward.default,
-                          attention_backward_op_args(grad_out, out, lse, grad_lse, args,
-                                                     need_rel_bias_grad=case.rel_bias is not None,
-                                                     need_span_grad=case.span is not None))
+# opcheck of the op and its backward with softcap: the soft-capped cases of
+# test_attention.py's OPCHECK_CASES.
 
 
 def test_softcap_op_backward_matches_autograd():
