@@ -975,6 +975,12 @@ def watch(opts) -> int:
                                                    seconds=elapsed, ends=totals["ends"], findings=findings,
                                                    occurrences=seen, mixed_devices_returned=totals["mixed"]),
                                               indent=1))
+    if findings:
+        print(f"\nthe workers' logs and state files: {workdir}")
+    else:
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
     return 1 if findings else 0
 
 
