@@ -309,6 +309,11 @@ def _meta_call_with_tensor_none(c: Call) -> bool:
     return meta and any(c.args.get(n) is None for n in required)
 
 
+def _attention_backward_table_partials_by_rows(c: Call) -> bool:
+    q, table = _shape(c.args.get("q"), 4), _shape(c.args.get("rel_bias"), 2)
+    return c.op.startswith("attention") and q is not None and table is not None and q[0] * q[1] * table[0] > 2 ** 25
+
+
 def _attention_empty_task_loops(c: Call) -> bool:
     q, k = _shape(c.args.get("q"), 4), _shape(c.args.get("k"), 4)
     if not c.op.startswith("attention") or q is None or k is None:
@@ -332,6 +337,12 @@ KNOWN = {
         "rotary/rotary_/rotary_backward without positions allocate and fill an int64 position "
         "per row of x (S of them) even when x is empty: x of shape (0, 1, 2**31, 8) takes 16 GiB",
         _rotary_positions_from_huge_s),
+    "attention-backward-table-partials-by-rows": (
+        "the CPU attention backward's rel_bias gradient partials are (B, chunks, Hq, table rows) "
+        "float64 whatever the sequence lengths: q (64, 64, 16, 8), k/v (64, 8, 16, 8) with a "
+        "(2**20 - 1, 64) table asks for 34 GB (RuntimeError: can't allocate); a table of 16383 "
+        "rows takes 537 MB per chunk for this 16-token call",
+        _attention_backward_table_partials_by_rows),
     "rotary-backward-partials-for-empty-x": (
         "rotary_backward (and rotary's backward through autograd) allocates its (B, S, "
         "rotary_dim / 2) partials for the inv_freq or table gradient even when x is empty (H = 0): "
@@ -953,6 +964,12 @@ def watch(opts) -> int:
                                                    seconds=elapsed, ends=totals["ends"], findings=findings,
                                                    occurrences=seen, mixed_devices_returned=totals["mixed"]),
                                               indent=1))
+    if findings:
+        print(f"\nthe workers' logs and state files: {workdir}")
+    else:
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
     return 1 if findings else 0
 
 
