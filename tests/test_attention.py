@@ -375,14 +375,15 @@ def test_opcheck_attention_backward(case, with_grad_lse):
 # ---------------------------------------------------------------------------------------------
 # torch.compile(fullgraph=True): no graph break, same numbers, forward and backward
 # ---------------------------------------------------------------------------------------------
-def test_compile_fullgraph_forward_backward():
+@pytest.mark.parametrize("softcap,seed", [(0.0, 1000), (1.5, 1001)], ids=["plain", "softcap"])
+def test_compile_fullgraph_forward_backward(softcap, seed):
     torch._dynamo.reset()
     case = Case(B=2, Hq=4, Hkv=2, Sq=17, Sk=17, Dqk=16, Dv=16, causal=True, rel_bias=6,
-                scale="tensor", key_lengths=(17, 11), seed=1000)
+                scale="tensor", key_lengths=(17, 11), seed=seed)
 
     def block(q, k, v, table, scale, key_lengths):
         out = fastattn.attention(q * 1.0, k, v, causal=True, rel_bias=table, scale=scale,
-                                 key_lengths=key_lengths)
+                                 key_lengths=key_lengths, softcap=softcap)
         return (out * out).sum()
 
     compiled = torch.compile(block, fullgraph=True)
@@ -394,6 +395,11 @@ def test_compile_fullgraph_forward_backward():
         results.append([loss] + [inp[n].grad for n in ("q", "k", "v", "rel_bias", "scale")])
     for name, a, b in zip(("loss", "q", "k", "v", "rel_bias", "scale"), *results):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=f"compiled {name} differs from eager")
+    if softcap:  # and the cap was applied inside the compiled graph too
+        inp = make_inputs(case)
+        uncapped = fastattn.attention(inp["q"], inp["k"], inp["v"], causal=True, rel_bias=inp["rel_bias"],
+                                      scale=inp["scale"], key_lengths=inp["key_lengths"])
+        assert abs((uncapped * uncapped).sum().item() - results[1][0].item()) > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------
