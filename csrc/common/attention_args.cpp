@@ -198,6 +198,10 @@ double AttentionArgs::scale_or_default() const {
 
 void AttentionBackwardArgs::check() const {
   attn.check();
+  check_gradient_inputs();
+}
+
+void AttentionBackwardArgs::check_gradient_inputs() const {
   const at::Tensor& q = attn.q;
   const std::vector<int64_t> out_shape{q.size(0), q.size(1), q.size(2), attn.v.size(3)};
   const std::vector<int64_t> lse_shape{q.size(0), q.size(1), q.size(2)};

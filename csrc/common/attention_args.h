@@ -67,7 +67,9 @@ struct AttentionBackwardArgs {
   AttentionArgs attn;
 
   static AttentionBackwardArgs from_stack(const torch::jit::Stack& stack, size_t first);
-  void check() const;  // attn.check() and the shapes of the tensors above
+  void check() const;  // attn.check() and check_gradient_inputs()
+  // The shapes, dtypes and devices of the tensors above (attn already checked).
+  void check_gradient_inputs() const;
 };
 
 using AttentionOutputs = std::tuple<at::Tensor, at::Tensor>;  // out, lse

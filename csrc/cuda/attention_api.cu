@@ -473,8 +473,8 @@ void run_backward(const DeviceContext& ctx, const Prepared& in, BackwardTensors&
 AttentionGrads attention_backward_cuda(const AttentionBackwardArgs& args) {
   check_rank(args.attn.q, 4, "q");  // before DeviceContext reads q's device
   DeviceContext ctx(args.attn.q);
-  args.check();
-  Prepared in = prepare_inputs(ctx, args.attn);
+  Prepared in = prepare_inputs(ctx, args.attn);  // checks the attention arguments
+  args.check_gradient_inputs();
   const AttentionParams& p = in.params;
   const at::Tensor& q = args.attn.q;
 
