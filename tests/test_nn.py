@@ -375,6 +375,7 @@ def _fsdp2_worker(rank, world, init_method):
     """One rank: the model sharded with fully_shard (each attention module, then the root),
     forward + backward on this rank's batch, against one unsharded copy run on every rank's batch:
     the same output, and the average of the per-rank gradients."""
+    import gc
     import warnings
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -404,6 +405,12 @@ def _fsdp2_worker(rank, world, init_method):
         torch.testing.assert_close(out.detach(), want_out, **FUSED_TOL)
         for n, p, w in zip(names, sharded.parameters(), want):
             torch.testing.assert_close(p.grad.full_tensor(), w, **FUSED_TOL, msg=lambda m: f"grad {n}: {m}")
+        # Drop the sharded model and the mesh (they hold the process group) and wait for the other
+        # rank before tearing gloo down: a group freed at interpreter exit, while its peer is
+        # already gone, can abort the process from gloo's own threads.
+        del sharded, mesh, out
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
