@@ -13,8 +13,11 @@
 //       dV_tile += P · dO,  dK_tile += dS · Q,  dQ_block += dSᵀ · K
 //   dQ (and scale) written by the task that owns the query block; dK/dV accumulated by the
 //   task that owns (b, kv head) over its chunk; chunk partials, table and span partials are
-//   reduced afterwards in a fixed order. No accumulation order depends on threads, so two
-//   backward passes give bitwise-equal gradients.
+//   reduced in chunk order. The chunks run in rounds of as many as keep the threads busy, each
+//   round's partials added to the running sums before the next round reuses their memory, so
+//   the partials take (threads, not chunks) x the size of dK / dV while every sum keeps the
+//   same order. No accumulation order depends on threads, so two backward passes give
+//   bitwise-equal gradients on any number of threads.
 #include <ATen/ATen.h>
 
 #include <algorithm>
@@ -190,12 +193,17 @@ struct BackwardCall {
   const float* lse;
   const float* grad_lse;  // or null
   scalar_t* dq;
-  acc_t* dk_base;            // dK: the output (direct_kv) or the chunk partials
+  acc_t* dk_base;            // dK: the output (direct_kv) or the round's chunk partials
   acc_t* dv_base;            // dV: likewise
-  double* table_part;        // (B, chunks, Hq, num_table_rows), or null
+  double* table_part;        // (round chunks, B, Hq, table_cols), or null
   double* span_part;         // (B, chunks, Hq), or null
   int64_t do_sb, do_sh, do_ss, o_sb, o_sh, o_ss;  // grad_out / out strides
   int64_t chunks, num_qblocks, num_table_rows;
+  int64_t chunk_begin, round_chunks;  // the chunks of the current round
+  // The table partials are per table row, or per distance when there are fewer distances
+  // than rows (a long table, short sequences): whichever is smaller.
+  int64_t table_cols;
+  bool table_by_distance;
   int64_t min_distance;      // the smallest distance 1 - Sq (table gradient's first entry)
   int64_t num_distances;     // Sq + Sk - 1 when the table gradient is needed, else 0
   bool direct_kv, may_need_bias, need_table_grad, need_span_grad, need_diag_sums;
@@ -253,8 +261,12 @@ void start_query_block(const BackwardCall<scalar_t>& c, const TaskKV<scalar_t>& 
       continue;
     }
     acc_t dot = 0;
-    for (int64_t d = 0; d < Dv; ++d) {
-      dot += static_cast<acc_t>(do_rows[ii * c.do_ss + d]) * static_cast<acc_t>(o_rows[ii * c.o_ss + d]);
+    for (int64_t d0 = 0; d0 < Dv; d0 += kSumBlock) {  // blocked sum (see attention_gemm.h)
+      acc_t block = 0;
+      for (int64_t d = d0; d < std::min(Dv, d0 + kSumBlock); ++d) {
+        block += static_cast<acc_t>(do_rows[ii * c.do_ss + d]) * static_cast<acc_t>(o_rows[ii * c.o_ss + d]);
+      }
+      dot += block;
     }
     const int64_t row = (b * p.heads_q + h) * p.seqlen_q + i0 + ii;
     if (c.grad_lse != nullptr) dot -= static_cast<acc_t>(c.grad_lse[row]);
@@ -414,25 +426,27 @@ void backward_head(const BackwardCall<scalar_t>& c, const TaskKV<scalar_t>& kv, 
   for (int64_t qb = kv.chunk; qb < c.num_qblocks; qb += c.chunks) {
     backward_query_block(c, kv, h, qb, s, &span_acc);
   }
-  const int64_t part = (kv.b * c.chunks + kv.chunk) * c.p.heads_q + h;
   if (c.need_table_grad) {
-    double* rows = c.table_part + part * c.num_table_rows;
+    const int64_t slot = ((kv.chunk - c.chunk_begin) * c.p.batch + kv.b) * c.p.heads_q + h;
+    double* cols = c.table_part + slot * c.table_cols;
     for (int64_t x = 0; x < c.num_distances; ++x) {
-      rows[rel_bias_row(c.p, c.min_distance + x)] += s.diag_acc[x];
+      cols[c.table_by_distance ? x : rel_bias_row(c.p, c.min_distance + x)] += s.diag_acc[x];
     }
   }
-  if (c.need_span_grad) c.span_part[part] = span_acc;
+  if (c.need_span_grad) c.span_part[(kv.b * c.chunks + kv.chunk) * c.p.heads_q + h] = span_acc;
 }
 
-// Task `task` = (b, kv head, chunk): every query head of the group over the chunk's blocks.
+// Task `task` of the round = (b, kv head, chunk): every query head of the group over the
+// chunk's blocks.
 template <typename scalar_t, typename acc_t>
 void backward_task(const BackwardCall<scalar_t>& c, int64_t task, BackwardScratch<acc_t>& s) {
   const AttentionParamsT<acc_t>& p = c.p;
   const int64_t Sk = p.seqlen_k, Dqk = p.head_dim_qk, Dv = p.head_dim_v;
-  const int64_t chunk = task % c.chunks, bkv = task / c.chunks;
+  const int64_t slot = task % c.round_chunks, bkv = task / c.round_chunks;
+  const int64_t chunk = c.chunk_begin + slot;
   const int64_t b = bkv / p.heads_kv, hkv = bkv % p.heads_kv;
-  // This task's dK / dV rows (Sk x D): the output itself or its chunk's partial.
-  const int64_t kv_offset = c.direct_kv ? bkv : (chunk * p.batch * p.heads_kv + bkv);
+  // This task's dK / dV rows (Sk x D): the output itself or its slot of the round's partials.
+  const int64_t kv_offset = c.direct_kv ? bkv : (slot * p.batch * p.heads_kv + bkv);
   const TaskKV<scalar_t> kv{b, chunk, c.k + b * p.k_stride_b + hkv * p.k_stride_h,
                             c.v + b * p.v_stride_b + hkv * p.v_stride_h,
                             c.dk_base + kv_offset * Sk * Dqk, c.dv_base + kv_offset * Sk * Dv};
@@ -445,48 +459,65 @@ void backward_task(const BackwardCall<scalar_t>& c, int64_t task, BackwardScratc
   }
 }
 
-// grad_k / grad_v = the chunk partials summed in chunk order (times scale for dK), row by row.
+// Adds the round's dK / dV partials, in chunk order, to the running sums (acc_t, (B, Hkv, Sk,
+// D); null when there is one round); after the last round writes grad_k = scale * sum and
+// grad_v = sum. The sequence of additions of a row is that of one pass over all chunks,
+// whatever the round width.
 template <typename scalar_t, typename acc_t>
-void reduce_kv_partials(const AttentionParamsT<acc_t>& p, int64_t chunks, const acc_t* dk_base,
-                        const acc_t* dv_base, acc_t scale, const at::Tensor& k,
-                        const at::Tensor& v, BackwardOutputs& res) {
-  const int64_t B = p.batch, Hkv = p.heads_kv, Sk = p.seqlen_k, Dqk = p.head_dim_qk, Dv = p.head_dim_v;
-  res.grad_k = at::empty({B, Hkv, Sk, Dqk}, k.options());
-  res.grad_v = at::empty({B, Hkv, Sk, Dv}, v.options());
+void reduce_kv_round(const BackwardCall<scalar_t>& c, acc_t* run_k, acc_t* run_v, BackwardOutputs& res) {
+  const AttentionParamsT<acc_t>& p = c.p;
+  const int64_t Sk = p.seqlen_k, Dqk = p.head_dim_qk, Dv = p.head_dim_v;
+  const int64_t rows = p.batch * p.heads_kv * Sk;
+  const bool first = c.chunk_begin == 0, last = c.chunk_begin + c.round_chunks == c.chunks;
   scalar_t* gk = res.grad_k.data_ptr<scalar_t>();
   scalar_t* gv = res.grad_v.data_ptr<scalar_t>();
-  const int64_t plane_k = B * Hkv * Sk * Dqk, plane_v = B * Hkv * Sk * Dv;
-  at::parallel_for(0, B * Hkv * Sk, 64, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> row_k(Dqk), row_v(Dv);
     for (int64_t r = begin; r < end; ++r) {
-      std::fill(row_k.begin(), row_k.end(), acc_t(0));
-      std::fill(row_v.begin(), row_v.end(), acc_t(0));
-      for (int64_t c = 0; c < chunks; ++c) {
-        const acc_t* pk = dk_base + c * plane_k + r * Dqk;
-        const acc_t* pv = dv_base + c * plane_v + r * Dv;
+      if (first) {
+        std::fill(row_k.begin(), row_k.end(), acc_t(0));
+        std::fill(row_v.begin(), row_v.end(), acc_t(0));
+      } else {
+        std::copy(run_k + r * Dqk, run_k + (r + 1) * Dqk, row_k.begin());
+        std::copy(run_v + r * Dv, run_v + (r + 1) * Dv, row_v.begin());
+      }
+      for (int64_t slot = 0; slot < c.round_chunks; ++slot) {
+        const acc_t* pk = c.dk_base + (slot * rows + r) * Dqk;
+        const acc_t* pv = c.dv_base + (slot * rows + r) * Dv;
         for (int64_t d = 0; d < Dqk; ++d) row_k[d] += pk[d];
         for (int64_t d = 0; d < Dv; ++d) row_v[d] += pv[d];
       }
-      for (int64_t d = 0; d < Dqk; ++d) gk[r * Dqk + d] = static_cast<scalar_t>(scale * row_k[d]);
-      for (int64_t d = 0; d < Dv; ++d) gv[r * Dv + d] = static_cast<scalar_t>(row_v[d]);
+      if (last) {
+        for (int64_t d = 0; d < Dqk; ++d) gk[r * Dqk + d] = static_cast<scalar_t>(c.scale * row_k[d]);
+        for (int64_t d = 0; d < Dv; ++d) gv[r * Dv + d] = static_cast<scalar_t>(row_v[d]);
+      } else {
+        std::copy(row_k.begin(), row_k.end(), run_k + r * Dqk);
+        std::copy(row_v.begin(), row_v.end(), run_v + r * Dv);
+      }
     }
   });
 }
 
-// Table: grad[row, h] = sum over b, then chunks, in that order ((num_rows, Hq), double).
-at::Tensor reduce_table_partials(const double* part, int64_t B, int64_t chunks, int64_t Hq,
-                                 int64_t num_rows, const at::TensorOptions& options) {
-  at::Tensor grad = at::zeros({num_rows, Hq}, options.dtype(at::kDouble));
+// Table: adds the round's partials to grad ((num_rows, Hq), double) in the order chunk, batch,
+// head (chunk-major, so the order does not depend on the round width), then zeroes them for
+// the next round.
+template <typename scalar_t>
+void reduce_table_round(const BackwardCall<scalar_t>& c, at::Tensor& grad) {
+  const int64_t B = c.p.batch, Hq = c.p.heads_q;
   double* gt = grad.data_ptr<double>();
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t c = 0; c < chunks; ++c) {
+  double* part = c.table_part;
+  for (int64_t slot = 0; slot < c.round_chunks; ++slot) {
+    for (int64_t b = 0; b < B; ++b) {
       for (int64_t h = 0; h < Hq; ++h) {
-        const double* rows = part + ((b * chunks + c) * Hq + h) * num_rows;
-        for (int64_t row = 0; row < num_rows; ++row) gt[row * Hq + h] += rows[row];
+        const double* cols = part + ((slot * B + b) * Hq + h) * c.table_cols;
+        for (int64_t x = 0; x < c.table_cols; ++x) {
+          const int64_t row = c.table_by_distance ? rel_bias_row(c.p, c.min_distance + x) : x;
+          gt[row * Hq + h] += cols[x];
+        }
       }
     }
   }
-  return grad;
+  std::fill(part, part + c.round_chunks * B * Hq * c.table_cols, 0.0);
 }
 
 // Span: (B, Hq), summed over chunks in order (the caller sums over b for a per-head span,
@@ -503,53 +534,85 @@ at::Tensor reduce_span_partials(const double* part, int64_t B, int64_t chunks, i
   return grad;
 }
 
-// The backward's outputs and partials for `c` (pointers set in c, tensors kept in res and
-// partials): dK / dV accumulate in acc_t, straight into the outputs when they are acc_t and
-// each (b, kv head) has one chunk, else into per-chunk partials reduced afterwards.
+// How many chunks of every (batch, kv head) run in one round: enough tasks for the threads.
+// Only memory and speed depend on it, never a result.
+inline int64_t round_width(int64_t chunks, int64_t batch_kv_heads) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t per_head = (threads + batch_kv_heads - 1) / std::max<int64_t>(batch_kv_heads, 1);
+  return std::clamp<int64_t>(per_head, 1, chunks);
+}
+
+// Where the backward's sums live between rounds.
+template <typename acc_t>
+struct BackwardBuffers {
+  at::Tensor dk_part, dv_part;  // the round's dK / dV partials (or the outputs: direct_kv)
+  at::Tensor run_k, run_v;      // running dK / dV sums across rounds (several rounds only)
+  at::Tensor table_part, span_part, grad_table;
+};
+
+// The backward's outputs and buffers for `c` (pointers set in c): dK / dV accumulate in acc_t,
+// straight into the outputs when they are acc_t and each (b, kv head) has one chunk, else into
+// `width` chunk partials reduced after each round.
 template <typename scalar_t>
-void allocate_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       BackwardCall<scalar_t>& c, BackwardOutputs& res,
-                       std::vector<at::Tensor>& partials) {
+BackwardBuffers<acc_type<scalar_t>> allocate_backward(const at::Tensor& q, const at::Tensor& k,
+                                                      const at::Tensor& v, int64_t width,
+                                                      BackwardCall<scalar_t>& c, BackwardOutputs& res) {
   using acc_t = acc_type<scalar_t>;
   const AttentionParamsT<acc_t>& p = c.p;
   const int64_t B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, Sk = p.seqlen_k;
+  const int64_t Dqk = p.head_dim_qk, Dv = p.head_dim_v;
   const auto acc_options = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const auto f64_options = q.options().dtype(at::kDouble);
+  BackwardBuffers<acc_t> buf;
   res.grad_q = at::empty_like(q, at::MemoryFormat::Contiguous);
-  at::Tensor dk_acc, dv_acc;
+  res.grad_k = at::empty({B, Hkv, Sk, Dqk}, k.options());
+  res.grad_v = at::empty({B, Hkv, Sk, Dv}, v.options());
   if (c.direct_kv) {
-    res.grad_k = at::empty({B, Hkv, Sk, p.head_dim_qk}, k.options());
-    res.grad_v = at::empty({B, Hkv, Sk, p.head_dim_v}, v.options());
-    dk_acc = res.grad_k;
-    dv_acc = res.grad_v;
+    buf.dk_part = res.grad_k;
+    buf.dv_part = res.grad_v;
   } else {
-    dk_acc = at::empty({c.chunks, B, Hkv, Sk, p.head_dim_qk}, acc_options);
-    dv_acc = at::empty({c.chunks, B, Hkv, Sk, p.head_dim_v}, acc_options);
+    buf.dk_part = at::empty({width, B, Hkv, Sk, Dqk}, acc_options);
+    buf.dv_part = at::empty({width, B, Hkv, Sk, Dv}, acc_options);
+    if (width < c.chunks) {
+      buf.run_k = at::empty({B, Hkv, Sk, Dqk}, acc_options);
+      buf.run_v = at::empty({B, Hkv, Sk, Dv}, acc_options);
+    }
   }
-  partials = {dk_acc, dv_acc};
   c.dq = res.grad_q.data_ptr<scalar_t>();
-  c.dk_base = dk_acc.data_ptr<acc_t>();
-  c.dv_base = dv_acc.data_ptr<acc_t>();
+  c.dk_base = buf.dk_part.template data_ptr<acc_t>();
+  c.dv_base = buf.dv_part.template data_ptr<acc_t>();
   if (c.need_table_grad) {
-    partials.push_back(at::zeros({B, c.chunks, Hq, c.num_table_rows}, f64_options));
-    c.table_part = partials.back().data_ptr<double>();
+    buf.table_part = at::zeros({width, B, Hq, c.table_cols}, f64_options);
+    buf.grad_table = at::zeros({c.num_table_rows, Hq}, f64_options);
+    c.table_part = buf.table_part.template data_ptr<double>();
   }
   if (c.need_span_grad) {
-    partials.push_back(at::zeros({B, c.chunks, Hq}, f64_options));
-    c.span_part = partials.back().data_ptr<double>();
+    buf.span_part = at::zeros({B, c.chunks, Hq}, f64_options);
+    c.span_part = buf.span_part.template data_ptr<double>();
   }
+  return buf;
+}
+
+// Every gradient of a call whose output is empty (no query row, or Dv == 0): zeros.
+BackwardOutputs zero_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              bool need_table_grad, bool need_span_grad, int64_t num_table_rows) {
+  BackwardOutputs res;
+  res.grad_q = at::zeros_like(q, at::MemoryFormat::Contiguous);
+  res.grad_k = at::zeros({k.size(0), k.size(1), k.size(2), k.size(3)}, k.options());
+  res.grad_v = at::zeros({v.size(0), v.size(1), v.size(2), v.size(3)}, v.options());
+  if (need_table_grad) res.grad_table = at::zeros({num_table_rows, q.size(1)}, q.options().dtype(at::kDouble));
+  if (need_span_grad) res.grad_span = at::zeros({q.size(0), q.size(1)}, q.options().dtype(at::kDouble));
+  return res;
 }
 
 template <typename scalar_t>
-BackwardOutputs attention_backward_impl(
+BackwardCall<scalar_t> backward_call(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& grad_lse /* undefined: none */,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& grad_lse,
     const AttentionParamsT<acc_type<scalar_t>>& p, bool need_table_grad, bool need_span_grad,
     int64_t num_table_rows) {
   using acc_t = acc_type<scalar_t>;
-  constexpr bool need_convert = !std::is_same_v<scalar_t, acc_t>;
-  const int64_t B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, Sq = p.seqlen_q, Sk = p.seqlen_k,
-                Dqk = p.head_dim_qk, Dv = p.head_dim_v;
+  const int64_t Sq = p.seqlen_q, Sk = p.seqlen_k;
   BackwardCall<scalar_t> c{p};  // (the other members start zeroed / null)
   c.q = q.data_ptr<scalar_t>();
   c.k = k.data_ptr<scalar_t>();
@@ -565,32 +628,58 @@ BackwardOutputs attention_backward_impl(
   c.o_sh = out.stride(1);
   c.o_ss = out.stride(2);
   c.num_qblocks = (Sq + kBlockQ - 1) / kBlockQ;
-  c.chunks = backward_chunks(B * Hkv, c.num_qblocks);
+  c.chunks = backward_chunks(p.batch * p.heads_kv, c.num_qblocks);
   c.num_table_rows = num_table_rows;
   // Distances d = pos_q - j range over [1 - Sq, Sk - 1].
   c.min_distance = 1 - Sq;
   c.num_distances = need_table_grad ? std::max<int64_t>(Sq + Sk - 1, 0) : 0;
-  c.direct_kv = !need_convert && c.chunks == 1;
+  c.table_by_distance = c.num_distances < num_table_rows;
+  c.table_cols = c.table_by_distance ? c.num_distances : num_table_rows;
+  c.direct_kv = std::is_same_v<scalar_t, acc_t> && c.chunks == 1;
   c.may_need_bias = any_local_bias(p);
   c.need_table_grad = need_table_grad;
   c.need_span_grad = need_span_grad;
   c.need_diag_sums = need_table_grad || need_span_grad;
   c.scale = static_cast<acc_t>(p.scale);
+  return c;
+}
+
+template <typename scalar_t>
+BackwardOutputs attention_backward_impl(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& grad_lse /* undefined: none */,
+    const AttentionParamsT<acc_type<scalar_t>>& p, bool need_table_grad, bool need_span_grad,
+    int64_t num_table_rows) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr bool need_convert = !std::is_same_v<scalar_t, acc_t>;
+  const int64_t B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, Sk = p.seqlen_k;
+  const int64_t Dqk = p.head_dim_qk, Dv = p.head_dim_v;
+  if (B * Hq * p.seqlen_q == 0 || Dv == 0) {
+    return zero_backward(q, k, v, need_table_grad, need_span_grad, num_table_rows);
+  }
+  BackwardCall<scalar_t> c = backward_call<scalar_t>(grad_out, q, k, v, out, lse, grad_lse, p,
+                                                     need_table_grad, need_span_grad, num_table_rows);
+  const int64_t width = round_width(c.chunks, B * Hkv);
   BackwardOutputs res;
-  std::vector<at::Tensor> partials;
-  allocate_backward(q, k, v, c, res, partials);
+  BackwardBuffers<acc_t> buf = allocate_backward(q, k, v, width, c, res);
+  acc_t* run_k = buf.run_k.defined() ? buf.run_k.template data_ptr<acc_t>() : nullptr;
+  acc_t* run_v = buf.run_v.defined() ? buf.run_v.template data_ptr<acc_t>() : nullptr;
 
-  // One task per (b, kv head, chunk), also when Sq == 0 (the task then only zeroes dK / dV).
   // (work: an upper bound, every query block against every key, five products)
-  const int64_t work = B * Hq * c.num_qblocks * kBlockQ * Sk * (2 * Dqk + 3 * Dv);
-  run_tasks(
-      B * Hkv * c.chunks, work,
-      [&] { return BackwardScratch<acc_t>(Dqk, Dv, need_convert, c.num_distances, p.softcap > 0); },
-      [&](int64_t task, BackwardScratch<acc_t>& s) { backward_task(c, task, s); });
-
-  // Fixed-order reductions of the partials.
-  if (!c.direct_kv) reduce_kv_partials<scalar_t>(p, c.chunks, c.dk_base, c.dv_base, c.scale, k, v, res);
-  if (need_table_grad) res.grad_table = reduce_table_partials(c.table_part, B, c.chunks, Hq, num_table_rows, q.options());
+  const int64_t work_per_chunk = B * Hq * c.num_qblocks * kBlockQ * Sk * (2 * Dqk + 3 * Dv) / c.chunks;
+  for (c.chunk_begin = 0; c.chunk_begin < c.chunks; c.chunk_begin += width) {
+    c.round_chunks = std::min(width, c.chunks - c.chunk_begin);
+    // One task per (b, kv head, chunk of the round), also when Sk == 0 (the task then only
+    // writes dQ = 0).
+    run_tasks(
+        B * Hkv * c.round_chunks, work_per_chunk * c.round_chunks,
+        [&] { return BackwardScratch<acc_t>(Dqk, Dv, need_convert, c.num_distances, p.softcap > 0); },
+        [&](int64_t task, BackwardScratch<acc_t>& s) { backward_task(c, task, s); });
+    // Fixed-order reductions of the round's partials.
+    if (!c.direct_kv) reduce_kv_round<scalar_t>(c, run_k, run_v, res);
+    if (need_table_grad) reduce_table_round(c, buf.grad_table);
+  }
+  if (need_table_grad) res.grad_table = buf.grad_table;
   if (need_span_grad) res.grad_span = reduce_span_partials(c.span_part, B, c.chunks, Hq, q.options());
   return res;
 }
