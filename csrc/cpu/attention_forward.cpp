@@ -153,18 +153,25 @@ inline void dot_scores(const acc_t* k_tile, int64_t ldk, int64_t nk, const acc_t
     const int64_t n = std::min(kKeys, nk - j0);
     for (int64_t x = 0; x < lanes; ++x) {
       const acc_t* q = q_rows + x * dim;
-      Vec acc[kKeys];
-      for (int64_t u = 0; u < kKeys; ++u) acc[u] = Vec(acc_t(0));
-      for (int64_t d = 0; d < dim_vec; d += W) {
-        const Vec qv = Vec::loadu(q + d);
+      Vec total[kKeys];
+      for (int64_t u = 0; u < kKeys; ++u) total[u] = Vec(acc_t(0));
+      // Blocks of kSumBlock entries, each summed on its own (see attention_gemm.h).
+      for (int64_t d0 = 0; d0 < dim_vec; d0 += kSumBlock) {
+        const int64_t d1 = std::min(dim_vec, d0 + kSumBlock);
+        Vec acc[kKeys];
+        for (int64_t u = 0; u < kKeys; ++u) acc[u] = Vec(acc_t(0));
+        for (int64_t d = d0; d < d1; d += W) {
+          const Vec qv = Vec::loadu(q + d);
 #pragma GCC unroll 4
-        for (int64_t u = 0; u < kKeys; ++u) {
-          if (u < n) acc[u] = at::vec::fmadd(qv, Vec::loadu(k_tile + (j0 + u) * ldk + d), acc[u]);
+          for (int64_t u = 0; u < kKeys; ++u) {
+            if (u < n) acc[u] = at::vec::fmadd(qv, Vec::loadu(k_tile + (j0 + u) * ldk + d), acc[u]);
+          }
         }
+        for (int64_t u = 0; u < kKeys; ++u) total[u] = d0 == 0 ? acc[u] : total[u] + acc[u];
       }
       for (int64_t u = 0; u < n; ++u) {
         const acc_t* k_row = k_tile + (j0 + u) * ldk;
-        acc_t sum = at::vec::vec_reduce_all<acc_t>(add, acc[u]);
+        acc_t sum = at::vec::vec_reduce_all<acc_t>(add, total[u]);
         for (int64_t d = dim_vec; d < dim; ++d) sum = std::fma(q[d], k_row[d], sum);
         sT[(j0 + u) * kBlockQ + x] = sum;
       }
@@ -396,6 +403,7 @@ AttentionOutputs attention_cpu(const AttentionArgs& a) {
   const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), Dv = a.v.size(3);
   at::Tensor out = at::empty({B, Hq, Sq, Dv}, q.options());
   at::Tensor lse = at::empty({B, Hq, Sq}, q.options().dtype(at::kFloat));
+  if (lse.numel() == 0) return {out, lse};  // no query row: nothing to compute (out is empty too)
   FASTATTN_DISPATCH_CPU_FLOATING(q.scalar_type(), "fastattn::attention (CPU)", [&] {
     using acc_t = acc_type<scalar_t>;
     ParamTensors keep;

@@ -20,11 +20,18 @@
 // call including the dispatcher, while this micro-kernel runs the 128x64 @ 64x32 tiles of the
 // kernels at ~36 GFLOP/s of CPU time (the machine's measured FMA peak: 38.6 GFLOP/s per core).
 // It also takes float64 and arbitrary A strides natively (no tile copies).
+//
+// Sums over k longer than kSumBlock are taken in blocks, each block summed on its own and then
+// added to C: one sequential float sum of K terms loses up to ~K * eps of relative accuracy (at
+// a head dim of 2^20 the float32 backward lost half its digits), a blocked one
+// ~(kSumBlock + K / kSumBlock) * eps. Up to kSumBlock terms (every usual head dim) the sum is
+// one sequence.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #if defined(_MSC_VER)
@@ -38,9 +45,15 @@ namespace cpu {
 
 using at::vec::Vectorized;
 
+constexpr int64_t kSumBlock = 256;
+
+// How a product meets C: C = A·B (kStore), C += A·B summed onto C's values (kAccumulate), or
+// C += (A·B summed on its own) (kAddBlock: one block of a blocked sum).
+enum GemmMode { kStore, kAccumulate, kAddBlock };
+
 // One micro-tile: ROWS rows x NV vectors of columns, full vectors (no column tail). Kept out of
 // line so that the register allocation of its loop never competes with a caller's.
-template <typename T, int ROWS, int NV, bool ACCUM>
+template <typename T, int ROWS, int NV, GemmMode MODE>
 FASTATTN_NOINLINE void gemm_micro_tile(int64_t K, const T* a, int64_t a_rs, int64_t a_ks,
                                        const T* b, int64_t ldb, T* c, int64_t ldc) {
   using Vec = Vectorized<T>;
@@ -50,7 +63,7 @@ FASTATTN_NOINLINE void gemm_micro_tile(int64_t K, const T* a, int64_t a_rs, int6
   for (int r = 0; r < ROWS; ++r) {
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
-      acc[r][v] = ACCUM ? Vec::loadu(c + r * ldc + v * W) : Vec(T(0));
+      acc[r][v] = MODE == kAccumulate ? Vec::loadu(c + r * ldc + v * W) : Vec(T(0));
     }
   }
   for (int64_t k = 0; k < K; ++k) {
@@ -83,46 +96,71 @@ FASTATTN_NOINLINE void gemm_micro_tile(int64_t K, const T* a, int64_t a_rs, int6
 #pragma GCC unroll 8
   for (int r = 0; r < ROWS; ++r) {
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v].store(c + r * ldc + v * W);
+    for (int v = 0; v < NV; ++v) {
+      if constexpr (MODE == kAddBlock) acc[r][v] = acc[r][v] + Vec::loadu(c + r * ldc + v * W);
+      acc[r][v].store(c + r * ldc + v * W);
+    }
   }
 }
 
 // Columns [n0, N) with fewer than one full vector left: plain scalar loops (only reached for
 // head dims that are not a multiple of the vector width; never on the hot path).
-template <typename T, bool ACCUM>
+template <typename T, GemmMode MODE>
 inline void gemm_scalar_cols(int64_t M, int64_t n0, int64_t N, int64_t K, const T* a, int64_t a_rs,
                              int64_t a_ks, const T* b, int64_t ldb, T* c, int64_t ldc) {
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t n = n0; n < N; ++n) {
-      T sum = ACCUM ? c[m * ldc + n] : T(0);
+      T sum = MODE == kAccumulate ? c[m * ldc + n] : T(0);
       for (int64_t k = 0; k < K; ++k) sum += a[m * a_rs + k * a_ks] * b[k * ldb + n];
-      c[m * ldc + n] = sum;
+      c[m * ldc + n] = MODE == kAddBlock ? c[m * ldc + n] + sum : sum;
     }
   }
 }
 
 // Rows [0, M) for one column block of NV full vectors starting at b / c: micro-tiles of
 // R = 12 / NV rows (12 accumulators), then one tile for the remaining M % R rows.
-template <typename T, int NV, bool ACCUM>
+template <typename T, int NV, GemmMode MODE>
 inline void gemm_column_block(int64_t M, int64_t K, const T* a, int64_t a_rs, int64_t a_ks,
                               const T* b, int64_t ldb, T* c, int64_t ldc) {
   constexpr int R = NV >= 4 ? 3 : (NV == 2 ? 6 : 8);
   int64_t m = 0;
   for (; m + R <= M; m += R) {
-    gemm_micro_tile<T, R, NV, ACCUM>(K, a + m * a_rs, a_rs, a_ks, b, ldb, c + m * ldc, ldc);
+    gemm_micro_tile<T, R, NV, MODE>(K, a + m * a_rs, a_rs, a_ks, b, ldb, c + m * ldc, ldc);
   }
   const T* a_m = a + m * a_rs;
   T* c_m = c + m * ldc;
   switch (M - m) {
-    case 7: if constexpr (R > 7) gemm_micro_tile<T, 7, NV, ACCUM>(K, a_m, a_rs, a_ks, b, ldb, c_m, ldc); break;
-    case 6: if constexpr (R > 6) gemm_micro_tile<T, 6, NV, ACCUM>(K, a_m, a_rs, a_ks, b, ldb, c_m, ldc); break;
-    case 5: if constexpr (R > 5) gemm_micro_tile<T, 5, NV, ACCUM>(K, a_m, a_rs, a_ks, b, ldb, c_m, ldc); break;
-    case 4: if constexpr (R > 4) gemm_micro_tile<T, 4, NV, ACCUM>(K, a_m, a_rs, a_ks, b, ldb, c_m, ldc); break;
-    case 3: if constexpr (R > 3) gemm_micro_tile<T, 3, NV, ACCUM>(K, a_m, a_rs, a_ks, b, ldb, c_m, ldc); break;
-    case 2: gemm_micro_tile<T, 2, NV, ACCUM>(K, a_m, a_rs, a_ks, b, ldb, c_m, ldc); break;
-    case 1: gemm_micro_tile<T, 1, NV, ACCUM>(K, a_m, a_rs, a_ks, b, ldb, c_m, ldc); break;
+    case 7: if constexpr (R > 7) gemm_micro_tile<T, 7, NV, MODE>(K, a_m, a_rs, a_ks, b, ldb, c_m, ldc); break;
+    case 6: if constexpr (R > 6) gemm_micro_tile<T, 6, NV, MODE>(K, a_m, a_rs, a_ks, b, ldb, c_m, ldc); break;
+    case 5: if constexpr (R > 5) gemm_micro_tile<T, 5, NV, MODE>(K, a_m, a_rs, a_ks, b, ldb, c_m, ldc); break;
+    case 4: if constexpr (R > 4) gemm_micro_tile<T, 4, NV, MODE>(K, a_m, a_rs, a_ks, b, ldb, c_m, ldc); break;
+    case 3: if constexpr (R > 3) gemm_micro_tile<T, 3, NV, MODE>(K, a_m, a_rs, a_ks, b, ldb, c_m, ldc); break;
+    case 2: gemm_micro_tile<T, 2, NV, MODE>(K, a_m, a_rs, a_ks, b, ldb, c_m, ldc); break;
+    case 1: gemm_micro_tile<T, 1, NV, MODE>(K, a_m, a_rs, a_ks, b, ldb, c_m, ldc); break;
     default: break;
   }
+}
+
+// One sequential sum over k for every element of C (gemm_bcast's whole product, or one block of
+// a blocked sum).
+template <typename T, GemmMode MODE>
+inline void gemm_pass(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int64_t a_ks,
+                      const T* b, int64_t ldb, T* c, int64_t ldc) {
+  constexpr int W = Vectorized<T>::size();
+  int64_t n = 0;
+  // Column blocks of four vectors: the hot path (N is the padded query block, or a head dim).
+  for (; n + 4 * W <= N; n += 4 * W) {
+    gemm_column_block<T, 4, MODE>(M, K, a, a_rs, a_ks, b + n, ldb, c + n, ldc);
+  }
+  if (n + 2 * W <= N) {
+    gemm_column_block<T, 2, MODE>(M, K, a, a_rs, a_ks, b + n, ldb, c + n, ldc);
+    n += 2 * W;
+  }
+  if (n + W <= N) {
+    gemm_column_block<T, 1, MODE>(M, K, a, a_rs, a_ks, b + n, ldb, c + n, ldc);
+    n += W;
+  }
+  if (n < N) gemm_scalar_cols<T, MODE>(M, n, N, K, a, a_rs, a_ks, b, ldb, c, ldc);
 }
 
 // C (M x N) = or += A (M x K) * B (K x N); see the file comment for the operand layouts.
@@ -131,21 +169,20 @@ template <typename T, bool ACCUM>
 inline void gemm_bcast(int64_t M, int64_t N, int64_t K, const T* a, int64_t a_rs, int64_t a_ks,
                        const T* b, int64_t ldb, T* c, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
-  constexpr int W = Vectorized<T>::size();
-  int64_t n = 0;
-  // Column blocks of four vectors: the hot path (N is the padded query block, or a head dim).
-  for (; n + 4 * W <= N; n += 4 * W) {
-    gemm_column_block<T, 4, ACCUM>(M, K, a, a_rs, a_ks, b + n, ldb, c + n, ldc);
+  if (K <= kSumBlock) {
+    gemm_pass<T, ACCUM ? kAccumulate : kStore>(M, N, K, a, a_rs, a_ks, b, ldb, c, ldc);
+    return;
   }
-  if (n + 2 * W <= N) {
-    gemm_column_block<T, 2, ACCUM>(M, K, a, a_rs, a_ks, b + n, ldb, c + n, ldc);
-    n += 2 * W;
+  for (int64_t k0 = 0; k0 < K; k0 += kSumBlock) {
+    const int64_t kb = std::min(kSumBlock, K - k0);
+    const T* a_k = a + k0 * a_ks;
+    const T* b_k = b + k0 * ldb;
+    if (k0 == 0 && !ACCUM) {
+      gemm_pass<T, kStore>(M, N, kb, a_k, a_rs, a_ks, b_k, ldb, c, ldc);
+    } else {
+      gemm_pass<T, kAddBlock>(M, N, kb, a_k, a_rs, a_ks, b_k, ldb, c, ldc);
+    }
   }
-  if (n + W <= N) {
-    gemm_column_block<T, 1, ACCUM>(M, K, a, a_rs, a_ks, b + n, ldb, c + n, ldc);
-    n += W;
-  }
-  if (n < N) gemm_scalar_cols<T, ACCUM>(M, n, N, K, a, a_rs, a_ks, b, ldb, c, ldc);
 }
 
 }  // namespace cpu
