@@ -810,8 +810,9 @@ RotaryArgs check_args(const at::Tensor& x, const std::optional<at::Tensor>& inv_
              ") overflow int64; offset must be at most ",
              std::numeric_limits<int64_t>::max() - (a.S - 1));
     a.offset = offset;
-    if (!x.is_cuda()) {
-      // Filled directly: cheaper than an ATen op for the short vectors of decoding steps.
+    if (!x.is_cuda() && x.numel() > 0) {
+      // Filled directly: cheaper than an ATen op for the short vectors of decoding steps. (An
+      // empty x reads no position: none is made, however large S is.)
       a.pos = at::empty({1, a.S}, x.options().dtype(at::kLong));
       int64_t* pos = a.pos.data_ptr<int64_t>();
       for (int64_t s = 0; s < a.S; ++s) pos[s] = offset + s;
@@ -939,20 +940,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rotary_ba
     gsrc = cpu::empty_output(x.sizes(), a.rotation.defined() ? x.options().dtype(a.math) : x.options());
   }
   const bool nonempty = x.numel() > 0;
-  if (need_freq || need_table) {
+  if ((need_freq || need_table) && !nonempty) {
+    // No element of x: the angle gradients are zero, and no (B, S, half) partial is made.
+    if (need_freq) grad_freq = at::zeros({a.half}, inv_freq->options());
+    if (need_table) {
+      grad_cos = at::zeros({a.cos.size(0), a.half}, cos->options());
+      grad_sin = at::zeros({a.cos.size(0), a.half}, sin->options());
+    }
+  } else if (need_freq || need_table) {
     const at::Tensor xsrc = a.rotation.defined() ? rotate_first(x, a) : x;
     const auto opts = x.options().dtype(a.math);
-    // The kernels write every (b, s) row of these; with no heads or no rows they stay 0.
-    const auto make = [&] {
-      return nonempty ? at::empty({a.B, a.S, a.half}, opts) : at::zeros({a.B, a.S, a.half}, opts);
-    };
+    // The kernels write every (b, s) row of these.
+    const auto make = [&] { return at::empty({a.B, a.S, a.half}, opts); };
     at::Tensor d_ang, d_cos, d_sin;
     if (need_freq) d_ang = make();
     if (need_table) {
       d_cos = make();
       d_sin = make();
     }
-    if (nonempty) kernel_backward_partials(grad, xsrc, gsrc, a, d_ang, d_cos, d_sin);
+    kernel_backward_partials(grad, xsrc, gsrc, a, d_ang, d_cos, d_sin);
     // (arange(S) + offset: offset + S itself may be one past int64's range)
     const at::Tensor pos = a.pos.defined()
         ? a.pos

@@ -29,6 +29,14 @@ def _check_devices(ref: Tensor, ref_name: str, named) -> None:
                              f"({ref.device}), got {t.device}")
 
 
+def _check_required(**named) -> None:
+    # The dispatcher hands a fake kernel None for a required Tensor argument given as None;
+    # answer as the device kernels do, not with an AttributeError further down.
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"fastattn: {name} must be a Tensor, got {type(t).__name__}")
+
+
 def _empty_grad(like: Tensor) -> Tensor:
     # Gradients that were not asked for come back as empty tensors (custom ops cannot
     # return None); autograd wrappers below turn them into None.
@@ -39,6 +47,7 @@ def _empty_grad(like: Tensor) -> Tensor:
 # rotary
 # ---------------------------------------------------------------------------------------------
 def _check_rotary_devices(x, inv_freq, cos, sin, positions, rotation):
+    _check_required(x=x)
     _check_devices(x, "x", ((inv_freq, "inv_freq"), (cos, "cos"), (sin, "sin"),
                             (positions, "positions"), (rotation, "rotation")))
 
@@ -58,6 +67,7 @@ def _rotary_inplace_fake(x, inv_freq, cos, sin, positions, rotation, offset, int
 @torch.library.register_fake("fastattn::rotary_backward")
 def _rotary_backward_fake(grad_out, x, inv_freq, cos, sin, positions, rotation, offset,
                           interleaved, rotary_dim, output_mask):
+    _check_required(grad_out=grad_out)
     _check_rotary_devices(x, inv_freq, cos, sin, positions, rotation)
     _check_devices(x, "x", ((grad_out, "grad_out"),))
     need_x, need_freq, need_table, need_rot = output_mask
@@ -95,6 +105,7 @@ ATTENTION_ARGS = tuple(a.name for a in _ops.attention.default._schema.arguments)
 def _check_attention_devices(named: dict, also=()) -> None:
     # Every tensor argument sits on q's device, except a scale tensor on the CPU (read on the
     # host, as csrc/common/attention_args.cpp's check_scale allows).
+    _check_required(**{n: named[n] for n in ("q", "k", "v")})
     q = named["q"]
     _check_devices(q, "q", [(t, "scale (scale_tensor)" if n == "scale_tensor" else n)
                             for n, t in named.items()
@@ -115,6 +126,7 @@ def _attention_fake(q, k, v, *options):
 @torch.library.register_fake("fastattn::attention_backward")
 def _attention_backward_fake(grad_out, out, lse, grad_lse, need_rel_bias_grad, need_span_grad, *attention_args):
     a = dict(zip(ATTENTION_ARGS, attention_args))
+    _check_required(grad_out=grad_out, out=out, lse=lse)
     _check_attention_devices(a, ((grad_out, "grad_out"), (out, "out"), (lse, "lse"), (grad_lse, "grad_lse")))
     q, k, v, rel_bias, span = a["q"], a["k"], a["v"], a["rel_bias"], a["span"]
     gq, gk, gv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
