@@ -154,3 +154,135 @@ def test_non_finite_hidden_key_leaves_other_rows_finite(bad, mask, key, hidden_r
         finite = torch.isfinite(ref)
         assert torch.isfinite(got[finite]).all()
         torch.testing.assert_close(got[finite], ref[finite], atol=1e-5, rtol=1e-5)
+
+
+# ---- what the backward holds, and how it sums -------------------------------------------------
+def _allocated_by(fn):
+    """(bytes the CPU allocator handed out during fn(), fn's result): the sum of the leaf
+    allocation events of the profiler (nothing is freed before fn returns its outputs)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    leaves = [e for e in prof.events() if e.cpu_memory_usage > 0 and not e.cpu_children]
+    return sum(e.cpu_memory_usage for e in leaves), result
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_mqa_backward_partials_are_bounded_by_the_threads(threads):
+    """MQA (one kv head, one batch): the dK / dV chunk partials run in rounds as wide as the
+    threads, so the backward holds (threads + 1) fp32 planes of dK + dV, not one per chunk (16)."""
+    from conftest import attention_backward_op_args, attention_op_args
+    B, Hq, S, D = 1, 4, 2048, 64  # 64 query blocks: 16 chunks
+    q, k, v = (t.bfloat16() for t in _qkv(B=B, Hq=Hq, Hkv=1, Sq=S, Sk=S, D=D, dtype=F32))
+    args = attention_op_args(q, k, v, causal=True)
+    out, lse = torch.ops.fastattn.attention(*args)
+    grad_out = torch.randn_like(out)
+    plane = S * 2 * D * 4  # fp32 dK + dV of the one kv head
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        allocated, grads = _allocated_by(lambda: torch.ops.fastattn.attention_backward(
+            *attention_backward_op_args(grad_out, out, lse, None, args)))
+    finally:
+        torch.set_num_threads(before)
+    outputs = sum(g.numel() * g.element_size() for g in grads)
+    transient = allocated - outputs
+    assert transient <= (threads + 1) * plane, (transient / plane, threads)
+
+
+@pytest.mark.parametrize("dtype", [F32, torch.bfloat16])
+def test_mqa_backward_is_bitwise_the_same_on_any_thread_count(dtype):
+    """The round width follows the thread count; no sum's order may (16 chunks in rounds of 1,
+    2, 3 and 5), with the table and span gradients too."""
+    B, Hq, S, D = 1, 4, 544, 16  # 17 query blocks: 16 chunks
+    q, k, v = (t.to(dtype).requires_grad_() for t in _qkv(B=B, Hq=Hq, Hkv=1, Sq=S, Sk=S, D=D, dtype=F32))
+    table = torch.randn(33, Hq, requires_grad=True)
+    span = torch.full((Hq,), 300.0, requires_grad=True)
+    grad_out = torch.randn(B, Hq, S, D).to(dtype)
+
+    def grads():
+        out = fastattn.attention(q, k, v, causal=True, rel_bias=table, span=span, span_ramp=16)
+        return torch.autograd.grad(out, (q, k, v, table, span), grad_out)
+
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3, 5):
+            torch.set_num_threads(threads)
+            results.append(grads())
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    ref = torch.autograd.grad(reference.attention(q.double(), k.double(), v.double(), causal=True,
+                                                  rel_bias=table.double(), span=span.double(), span_ramp=16),
+                              (q, k, v, table, span), grad_out.double())
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=2e-4, rtol=2e-4)
+    for a, b in zip(results[0], ref):
+        torch.testing.assert_close(a.double(), b.double(), **tol)
+
+
+def test_table_gradient_partials_follow_the_sequence_not_the_table():
+    """A long table and short sequences: the table-gradient partials are per distance (31 of
+    them here), not per table row (2**20 - 1)."""
+    from conftest import attention_backward_op_args, attention_op_args
+    q, k, v = _qkv(B=4, Hq=8, Hkv=8, Sq=16, Sk=16, D=8, dtype=F32)
+    table = torch.randn(2 ** 20 - 1, 8)
+    args = attention_op_args(q, k, v, rel_bias=table)
+    out, lse = torch.ops.fastattn.attention(*args)
+    grad_out = torch.randn_like(out)
+    allocated, grads = _allocated_by(lambda: torch.ops.fastattn.attention_backward(
+        *attention_backward_op_args(grad_out, out, lse, None, args)))
+    grad_table = grads[3]
+    # the gradient itself ((2**20 - 1) x 8, double then float32) and little else
+    assert allocated < (2 ** 20) * 8 * (8 + 4) + 2 ** 20, allocated
+    q, k, v, table = (t.double().requires_grad_() for t in (q, k, v, table))
+    want, = torch.autograd.grad(reference.attention(q, k, v, rel_bias=table), table, grad_out.double())
+    torch.testing.assert_close(grad_table.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_float32_backward_at_a_head_dim_of_2_to_the_20():
+    """Sums over a head dim of 2**20 are blocked: one sequential float32 sum lost most of dq's
+    digits where dP - D cancels (values with a large common offset)."""
+    D = 2 ** 20
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 1, 2, D, generator=g) for _ in range(2))
+    v = torch.randn(1, 1, 2, D, generator=g) + 100
+    grad_out = torch.randn(1, 1, 2, D, generator=g)
+    q.requires_grad_()
+    dq, = torch.autograd.grad(fastattn.attention(q, k, v), q, grad_out)
+    q64 = q.detach().double().requires_grad_()
+    want, = torch.autograd.grad(reference.attention(q64, k.double(), v.double()), q64, grad_out.double())
+    error = ((dq.double() - want).norm() / want.norm()).item()
+    assert error < 3e-4, error  # one sequential sum over D: 1.7e-3
+
+
+# ---- empty calls do no work ------------------------------------------------------------------
+@pytest.mark.parametrize("q_shape,kv_shape", [
+    ((1, 0, 2 ** 44, 8), (1, 1, 0, 8)),          # no query head: B * Hkv * 2**39 empty tasks
+    ((2 ** 16, 0, 0, 8), (2 ** 16, 2 ** 31, 0, 8)),
+])
+def test_forward_without_query_rows_returns_at_once(q_shape, kv_shape):
+    from conftest import attention_op_args
+    q, k, v = torch.empty(q_shape), torch.empty(kv_shape), torch.empty(kv_shape)
+    out, lse = torch.ops.fastattn.attention(*attention_op_args(q, k, v))
+    assert out.shape == q_shape and lse.shape == q_shape[:3]
+
+
+@pytest.mark.parametrize("q_shape,k_shape,v_shape,dtype", [
+    ((2 ** 17, 0, 1, 0), (2 ** 17, 8, 65537, 0), (2 ** 17, 8, 65537, 0), torch.float16),
+    ((1, 1, 0, 8), (1, 1, 0, 8), (1, 1, 0, 2 ** 31), F32),        # scratch of 32 x 2**31 floats
+    ((1, 1, 1, 0), (1, 1, 2 ** 32, 0), (1, 1, 2 ** 32, 0), F32),  # Sq + Sk doubles of table scratch
+])
+def test_backward_with_an_empty_output_returns_zeros_at_once(q_shape, k_shape, v_shape, dtype):
+    from conftest import attention_backward_op_args, attention_op_args
+    q, k, v = torch.empty(q_shape, dtype=dtype), torch.empty(k_shape, dtype=dtype), torch.empty(v_shape, dtype=dtype)
+    table = torch.randn(3, q_shape[1])
+    args = attention_op_args(q, k, v, rel_bias=table)
+    out = torch.empty(*q_shape[:3], v_shape[3], dtype=dtype)
+    lse = torch.zeros(q_shape[:3])
+    dq, dk, dv, dtable, _ = torch.ops.fastattn.attention_backward(
+        *attention_backward_op_args(out, out, lse, None, args, need_span_grad=False))
+    assert dq.shape == q_shape and dk.shape == k_shape and dv.shape == v_shape
+    assert dtable.shape == table.shape and not dtable.any()

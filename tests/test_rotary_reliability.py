@@ -83,6 +83,44 @@ def test_huge_rotary_dim_is_rejected(rotary_dim):
         ops.rotary(x, torch.rand(4), None, None, None, None, 0, False, rotary_dim)
 
 
+def test_empty_x_makes_no_position_row_for_a_huge_s():
+    """An empty x (no batch) with S = 2**31 needs no position: none is allocated (16 GiB)."""
+    x = torch.empty(0, 1, 2 ** 31, 8)
+    assert ops.rotary(x, _inv_freq(8, torch.float32), None, None, None, None, 0, False, 8).shape == x.shape
+    ops.rotary_(x, _inv_freq(8, torch.float32), None, None, None, None, 0, False, 8)
+    grads = ops.rotary_backward(x, x, _inv_freq(8, torch.float32), None, None, None, None, 0, False, 8,
+                                [True, True, False, False])
+    assert grads[0].shape == x.shape and grads[1].shape == (4,) and not grads[1].any()
+
+
+def test_empty_x_backward_makes_no_angle_partials():
+    """No head (H = 0): the inv_freq and table gradients are zeros, without the (B, S,
+    rotary_dim / 2) partials (2 GiB here)."""
+    x = torch.empty(256, 0, 1024, 2048, dtype=torch.float64)
+    inv = _inv_freq(2048)
+    _, g_freq, _, _, _ = ops.rotary_backward(x, x, inv, None, None, None, None, 0, False, 2048,
+                                             [False, True, False, False])
+    torch.testing.assert_close(g_freq, torch.zeros_like(inv), rtol=0, atol=0)
+    cos, sin = torch.randn(1024, 4), torch.randn(1024, 4)
+    x = torch.empty(4, 0, 1024, 8)
+    _, _, g_cos, g_sin, _ = ops.rotary_backward(x, x, None, cos, sin, None, None, 0, False, 8,
+                                                [False, False, True, False])
+    assert g_cos.shape == cos.shape and g_sin.shape == sin.shape and not g_cos.any() and not g_sin.any()
+
+
+@pytest.mark.parametrize("call", ["rotary", "rotary_backward"])
+def test_fake_kernel_names_a_missing_tensor(call):
+    """A meta call with None for a required tensor: fastattn's TypeError, not an AttributeError
+    from inside the fake kernel."""
+    x = torch.empty(1, 1, 4, 8, device="meta")
+    inv = torch.empty(4, device="meta")
+    with pytest.raises(TypeError, match="must be a Tensor"):
+        if call == "rotary":
+            ops.rotary(None, inv, None, None, None, None, 0, False, 8)
+        else:
+            ops.rotary_backward(None, x, inv, None, None, None, None, 0, False, 8, [True, True, False, False])
+
+
 # ---------------------------------------------------------------------------------------------
 # in place: what every PyTorch in-place op does
 # ---------------------------------------------------------------------------------------------
