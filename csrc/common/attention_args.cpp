@@ -5,11 +5,13 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
 #include <vector>
 
 #include "common/checks.h"
+#include "common/dropout.h"
 
 namespace fastattn {
 
@@ -47,13 +49,16 @@ AttentionArgs AttentionArgs::from_stack(const torch::jit::Stack& stack, size_t f
   a.num_global = s[12].toInt();
   a.key_lengths = s[13].toOptional<at::Tensor>();
   a.softcap = s[14].toDouble();
-  static_assert(kNumArgs == 15, "read every schema argument above");
+  a.dropout_p = s[15].toDouble();
+  a.dropout_seed = s[16].toOptional<at::Tensor>();
+  static_assert(kNumArgs == 17, "read every schema argument above");
   return a;
 }
 
 void AttentionArgs::push_to(torch::jit::Stack& stack) const {
   torch::jit::push(stack, q, k, v, scale, scale_tensor, causal, window_left, window_right,
-                   rel_bias, alibi_slopes, span, span_ramp, num_global, key_lengths, softcap);
+                   rel_bias, alibi_slopes, span, span_ramp, num_global, key_lengths, softcap,
+                   dropout_p, dropout_seed);
 }
 
 AttentionBackwardArgs AttentionBackwardArgs::from_stack(const torch::jit::Stack& stack,
@@ -168,6 +173,22 @@ void check_biases(const AttentionArgs& a) {
                  "fastattn: softcap must be a finite number >= 0 (0 = off), got ", a.softcap);
 }
 
+void check_dropout(const AttentionArgs& a) {
+  FA_CHECK_VALUE(a.dropout_p >= 0 && a.dropout_p < 1,
+                 "fastattn: dropout_p must be in [0, 1), got ", a.dropout_p);
+  if (a.dropout_p == 0) return;
+  FA_CHECK_VALUE(present(a.dropout_seed),
+                 "fastattn: dropout_seed ([seed, offset], int64) is required when dropout_p > 0, got None");
+  const at::Tensor& t = *a.dropout_seed;
+  FA_CHECK_TYPE(t.scalar_type() == at::kLong,
+                "fastattn: dropout_seed must be an int64 tensor [seed, offset], got ", t.scalar_type());
+  FA_CHECK_VALUE(t.dim() == 1 && t.size(0) == 2,
+                 "fastattn: dropout_seed must have shape (2,) [seed, offset], got ", t.sizes());
+  FA_CHECK_VALUE(t.device().is_cpu() || t.device() == a.q.device(),
+                 "fastattn: dropout_seed must be on the CPU or on q's device (", a.q.device(),
+                 "), got ", t.device());
+}
+
 }  // namespace
 
 bool AttentionArgs::has_symbolic_shapes() const {
@@ -179,6 +200,7 @@ void AttentionArgs::check() const {
   check_scale(*this);
   check_masks(*this);
   check_biases(*this);
+  check_dropout(*this);
 }
 
 void AttentionArgs::check_values() const {
@@ -238,6 +260,26 @@ at::Tensor as_real_contiguous(const at::Tensor& t) {
 }
 
 }  // namespace
+
+// Dropout: the 16-bit keep threshold and 1 / (1 - p); the seed and offset read here from a CPU
+// tensor, or left on the GPU for the kernel to read (no wait for the GPU).
+template <typename Real>
+void set_dropout(const AttentionArgs& a, ParamTensors& keep, AttentionParamsT<Real>& p) {
+  if (!(a.dropout_p > 0)) return;
+  p.dropout = true;
+  const double threshold = std::nearbyint((1.0 - a.dropout_p) * kDropoutOne);
+  p.dropout_threshold = static_cast<uint32_t>(std::min<double>(std::max<double>(threshold, 0.0), kDropoutOne));
+  p.dropout_scale = static_cast<Real>(1.0 / (1.0 - a.dropout_p));
+  const at::Tensor& seed = *a.dropout_seed;
+  if (seed.device().is_cpu()) {
+    const at::Tensor values = seed.contiguous();
+    p.dropout_seed = static_cast<uint64_t>(values.data_ptr<int64_t>()[0]);
+    p.dropout_offset = static_cast<uint64_t>(values.data_ptr<int64_t>()[1]);
+  } else {
+    keep.dropout_seed = seed.contiguous();
+    p.dropout_seed_ptr = keep.dropout_seed.data_ptr<int64_t>();
+  }
+}
 
 template <typename Real>
 AttentionParamsT<Real> make_attention_params(const AttentionArgs& a, ParamTensors& keep,
@@ -300,6 +342,7 @@ AttentionParamsT<Real> make_attention_params(const AttentionArgs& a, ParamTensor
     p.span_stride_b = keep.span.dim() == 2 ? p.heads_q : 0;
   }
   p.span_ramp = static_cast<Real>(a.span_ramp);
+  set_dropout(a, keep, p);
   return p;
 }
 

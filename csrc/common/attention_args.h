@@ -20,12 +20,13 @@
 #define FASTATTN_ATTENTION_ARGS_SCHEMA                                                         \
   "Tensor q, Tensor k, Tensor v, float? scale, Tensor? scale_tensor, bool causal, "            \
   "int window_left, int window_right, Tensor? rel_bias, Tensor? alibi_slopes, Tensor? span, " \
-  "float span_ramp, int num_global, Tensor? key_lengths, float softcap"
+  "float span_ramp, int num_global, Tensor? key_lengths, float softcap, float dropout_p, "     \
+  "Tensor? dropout_seed"
 
 namespace fastattn {
 
 struct AttentionArgs {
-  static constexpr size_t kNumArgs = 15;  // the schema's argument count
+  static constexpr size_t kNumArgs = 17;  // the schema's argument count
 
   at::Tensor q, k, v;                    // (B, Hq, Sq, Dqk), (B, Hkv, Sk, Dqk), (B, Hkv, Sk, Dv)
   std::optional<double> scale;           // default Dqk^-0.5
@@ -39,6 +40,10 @@ struct AttentionArgs {
   int64_t num_global = 0;
   std::optional<at::Tensor> key_lengths;  // (B,) int64 / int32
   double softcap = 0.0;                   // 0 = off
+  double dropout_p = 0.0;                 // in [0, 1); 0 = off
+  // (2,) int64 [seed, offset] of the dropout mask (common/dropout.h), on the CPU or q's
+  // device; read only when dropout_p > 0.
+  std::optional<at::Tensor> dropout_seed;
 
   // Reads the kNumArgs schema arguments that start at stack[first] (copies, the stack is kept).
   static AttentionArgs from_stack(const torch::jit::Stack& stack, size_t first);
@@ -79,7 +84,7 @@ using AttentionGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor
 // The small tensors AttentionParamsT points to, converted to the kernels' layout (contiguous
 // Real, int64 lengths); they must outlive the kernels.
 struct ParamTensors {
-  at::Tensor scale, rel_bias, alibi_slopes, span, key_lengths;
+  at::Tensor scale, rel_bias, alibi_slopes, span, key_lengths, dropout_seed;
 };
 
 // The kernels' parameters for `a`, with the output allocated contiguous (B, Hq, Sq, Dv).

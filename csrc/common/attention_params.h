@@ -71,6 +71,16 @@ struct AttentionParamsT {
   int64_t span_stride_b = 0;           // (heads_q,) with span_stride_b = 0; or null
   Real span_ramp = 32;
 
+  // Attention dropout (common/dropout.h): a weight is kept when its 16-bit draw is below
+  // dropout_threshold and then multiplied by dropout_scale = 1 / (1 - p). The seed and offset
+  // are in dropout_seed / dropout_offset, or (CUDA, a seed tensor on the GPU) read by the kernel
+  // from dropout_seed_ptr = [seed, offset], so that drawing them never waits for the GPU.
+  bool dropout = false;
+  uint32_t dropout_threshold = 65536;
+  Real dropout_scale = 1;
+  uint64_t dropout_seed = 0, dropout_offset = 0;
+  const int64_t* dropout_seed_ptr = nullptr;
+
   FA_HD int64_t group_size() const { return heads_q / heads_kv; }
   FA_HD int64_t query_pos(int64_t i) const { return i + seqlen_k - seqlen_q; }
   FA_HD int64_t key_len(int64_t b) const {

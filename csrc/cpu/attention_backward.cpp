@@ -30,6 +30,7 @@
 #include "common/attention_params.h"
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "cpu/attention_dropout.h"
 #include "cpu/attention_kernel.h"
 
 namespace fastattn {
@@ -158,15 +159,19 @@ struct BackwardScratch {
   std::vector<acc_t> qT, doT, sT, dsT, q_buf, do_buf, k_buf, v_buf, row_delta, lse_safe, dq,
       diag, span_diag, tile_diag, lse_work;
   std::vector<acc_t> cap_grad;   // softcap only: d(capped score)/d(score) per element of sT
+  std::vector<acc_t> drop_factors;  // dropout only: each element's factor, 1 / (1 - p) or 0
+  DropoutLanes drop;             // dropout: the rows of the query block's lanes
   std::vector<double> diag_acc;  // per-distance sums of dS for one head (table gradient)
-  BackwardScratch(int64_t dqk, int64_t dv, bool need_convert, int64_t num_distances, bool softcap)
+  BackwardScratch(int64_t dqk, int64_t dv, bool need_convert, int64_t num_distances, bool softcap,
+                  bool dropout)
       : qT(dqk * kBlockQ), doT(dv * kBlockQ), sT(kBlockK * kBlockQ), dsT(kBlockK * kBlockQ),
         q_buf(need_convert ? kBlockQ * dqk : 0), do_buf(need_convert ? kBlockQ * dv : 0),
         k_buf(need_convert ? kBlockK * dqk : 0), v_buf(need_convert ? kBlockK * dv : 0),
         row_delta(kBlockQ), lse_safe(kBlockQ), dq(kBlockQ * dqk), diag(kBlockQ + kBlockK),
         span_diag(kBlockQ + kBlockK), tile_diag(kBlockQ + kBlockK),
         lse_work(std::is_same_v<acc_t, double> ? 4 * kBlockQ : 0),
-        cap_grad(softcap ? kBlockK * kBlockQ : 0), diag_acc(num_distances) {}
+        cap_grad(softcap ? kBlockK * kBlockQ : 0), drop_factors(dropout ? kBlockK * kBlockQ : 0),
+        diag_acc(num_distances) {}
 };
 
 // The number of query-block chunks per (batch, kv head) in the backward: enough tasks to keep
@@ -275,6 +280,12 @@ void start_query_block(const BackwardCall<scalar_t>& c, const TaskKV<scalar_t>& 
     s.lse_safe[ii] = l == -pos_inf ? pos_inf : l;
   }
   std::fill(s.dq.begin(), s.dq.begin() + nq * Dqk, acc_t(0));
+  if (p.dropout) {
+    for (int64_t ii = 0; ii < kBlockQ; ++ii) {
+      s.drop.bh[ii] = b * p.heads_q + h;
+      s.drop.i[ii] = i0 + ii;
+    }
+  }
   for (int x = 0; x < QueryBlock<acc_t>::kLaneVecs; ++x) {
     blk->delta[x] = Vectorized<acc_t>::loadu(s.row_delta.data() + x * Vectorized<acc_t>::size());
   }
@@ -384,10 +395,19 @@ void backward_key_tile(const BackwardCall<scalar_t>& c, const TaskKV<scalar_t>& 
     shift[x] = Vec::loadu(s.lse_safe.data() + x * W) - Vec(tb.uniform);
     total[x] = Vec(acc_t(0));
   }
+  // Dropout (factors Z: 1 / (1 - p) or 0): O = (P * Z) V, so dP becomes dP * Z before dS and
+  // dV takes P * Z.
+  acc_t* z = s.drop_factors.data();
+  if (p.dropout) {
+    std::fill(z, z + nk * kBlockQ, acc_t(1));
+    apply_dropout(p, s.drop, kBlockQ, j0, nk, z, kBlockQ);
+    multiply_tile(dsT, z, nk * kBlockQ);
+  }
   const ProbabilityPassArgs<acc_t> pass{sT, dsT, nk, tb.diag, shift, blk.delta, td, total};
   probabilities_pass(pass, tb.diag != nullptr, sums.fused_diag, sums.fused_tile);
   if (c.need_diag_sums) add_bias_grads(c, kv.b, blk, j0, nk, sums, total, s, span_acc);
   if (capped) multiply_tile(dsT, s.cap_grad.data(), nk * kBlockQ);
+  if (p.dropout) multiply_tile(sT, z, nk * kBlockQ);
   gemm_bcast<acc_t, true>(nk, Dv, nq, sT, kBlockQ, 1, blk.do_blk, blk.ldo, kv.dv + j0 * Dv, Dv);
   gemm_bcast<acc_t, true>(nk, Dqk, nq, dsT, kBlockQ, 1, blk.q_blk, blk.ldq, kv.dk + j0 * Dqk, Dqk);
   gemm_bcast<acc_t, true>(nq, Dqk, nk, dsT, 1, kBlockQ, k_tile, ldk, s.dq.data(), Dqk);
@@ -673,7 +693,9 @@ BackwardOutputs attention_backward_impl(
     // writes dQ = 0).
     run_tasks(
         B * Hkv * c.round_chunks, work_per_chunk * c.round_chunks,
-        [&] { return BackwardScratch<acc_t>(Dqk, Dv, need_convert, c.num_distances, p.softcap > 0); },
+        [&] {
+          return BackwardScratch<acc_t>(Dqk, Dv, need_convert, c.num_distances, p.softcap > 0, p.dropout);
+        },
         [&](int64_t task, BackwardScratch<acc_t>& s) { backward_task(c, task, s); });
     // Fixed-order reductions of the round's partials.
     if (!c.direct_kv) reduce_kv_round<scalar_t>(c, run_k, run_v, res);

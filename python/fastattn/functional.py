@@ -181,6 +181,8 @@ def attention(
     num_global: int = 0,
     key_lengths: Optional[Tensor] = None,
     softcap: float = 0.0,
+    dropout_p: float = 0.0,
+    generator: Optional[torch.Generator] = None,
     return_lse: bool = False,
 ):
     """Fused attention with relative-position bias, ALiBi, windows, global tokens and spans.
@@ -201,17 +203,41 @@ def attention(
         key_lengths: (B,) integer; keys j >= key_lengths[b] are masked.
         softcap: logit soft-capping (Gemma 2): the scaled score s = scale * q.k becomes
             softcap * tanh(s / softcap) before the biases and masks; 0 turns it off.
+        dropout_p: attention dropout, in [0, 1): after the softmax each weight is kept with
+            probability 1 - dropout_p and kept weights are scaled by 1 / (1 - dropout_p) (lse
+            is that of the undropped weights). The mask is a function of a seed and an offset
+            drawn from `generator` and of (b, h, i, j), the same on every device and thread
+            count, regenerated in the backward (never stored). Pass 0 when not training.
+        generator: the torch.Generator the dropout seed is drawn from (default: the default
+            generator of q's device, so torch.manual_seed makes a call reproducible).
         return_lse: also return the log-sum-exp of the logits, (B, Hq, Sq) float32.
     Returns:
         out (B, Hq, Sq, Dv) in q's dtype (a row with no visible key is 0, its lse -inf);
         with return_lse, (out, lse).
     """
     return _attention(ops.attention, q, k, v, scale, causal, window, rel_bias, alibi_slopes, span,
-                      span_ramp, num_global, key_lengths, softcap, return_lse)
+                      span_ramp, num_global, key_lengths, softcap, return_lse, dropout_p, generator)
+
+
+def dropout_seed(dropout_p: float, generator: Optional[torch.Generator], q: Tensor) -> Optional[Tensor]:
+    """The (2,) int64 [seed, offset] of a dropout mask, drawn from `generator` (default: the
+    default generator of q's device) on the generator's device, or None when dropout_p is 0.
+    A traceable torch operation: torch.compile keeps it in the graph."""
+    if dropout_p == 0:
+        return None
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            _fail(f"generator must be a torch.Generator or None, got {type(generator).__name__}", TypeError)
+        if generator.device.type != q.device.type:
+            _fail(f"generator must be on q's device type ({q.device.type}), got {generator.device}")
+        device = generator.device
+    else:
+        device = q.device
+    return torch.randint(2 ** 62, (2,), dtype=torch.int64, device=device, generator=generator)
 
 
 def _attention(op, q, k, v, scale, causal, window, rel_bias, alibi_slopes, span, span_ramp, num_global,
-               key_lengths, softcap, return_lse):
+               key_lengths, softcap, return_lse, dropout_p=0.0, generator=None):
     # Every check of shapes, dtypes, devices and ranges is the op's own (C++: one set for every
     # caller, raising ValueError / TypeError); here only what Python alone can do: Python
     # scalars, defaults, a non-contiguous last dim. `op` is the attention op (the CUDA
@@ -232,6 +258,10 @@ def _attention(op, q, k, v, scale, causal, window, rel_bias, alibi_slopes, span,
     num_global = _int(num_global, "num_global", "an int")
     span_ramp = _real(span_ramp, "span_ramp", "a number")
     softcap = _real(softcap, "softcap", "a number")
+    dropout_p = _real(dropout_p, "dropout_p", "a number in [0, 1)")
+    if not 0 <= dropout_p < 1:
+        _fail(f"dropout_p must be in [0, 1), got {dropout_p}")
+    seed = dropout_seed(dropout_p, generator, q)
 
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     # A learnable scale's gradient, sum(q * dq) / s, cancels heavily: with fp16/bf16 rounding of
@@ -242,7 +272,7 @@ def _attention(op, q, k, v, scale, causal, window, rel_bias, alibi_slopes, span,
             and out_dtype in (torch.float16, torch.bfloat16)):
         q, k, v = q.float(), k.float(), v.float()
     out, lse = op(q, k, v, scale_f, scale_tensor, bool(causal), left, right, rel_bias, alibi_slopes,
-                  span, span_ramp, num_global, key_lengths, softcap)
+                  span, span_ramp, num_global, key_lengths, softcap, dropout_p, seed)
     if out.dtype != out_dtype:  # (Tensor.to costs a few us even when it is a no-op)
         out = out.to(out_dtype)
     return (out, lse) if return_lse else out

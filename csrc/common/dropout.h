@@ -1,0 +1,82 @@
+// Attention dropout's keep/drop decisions, shared by the CPU and CUDA kernels.
+//
+// The decision for the weight of (batch b, query head h, query row i, key j) is a pure function
+// of (seed, offset, b, h, i, j), drawn with the counter-based generator Philox-4x32-10
+// (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", 2011; the generator of
+// cuRAND and PyTorch):
+//   key     = (seed mod 2^32, seed >> 32)                        (seed, offset taken as uint64)
+//   counter = (j >> 3, i, b * Hq + h, offset)                    (each word mod 2^32)
+//   word    = philox(counter, key)[(j >> 1) & 3]
+//   draw    = the high 16 bits of word for odd j, the low 16 bits for even j
+//   keep    = draw < threshold,  threshold = round((1 - p) * 65536)
+// so one Philox call gives the draws of eight consecutive keys of one row. Kept weights are
+// multiplied by 1 / (1 - p); the keep probability threshold / 65536 is within 2^-17 of 1 - p
+// (FlashAttention resolves it to 8 bits). Nothing is stored: the backward draws the same
+// decisions again. reference.py implements the same function independently in PyTorch.
+#pragma once
+
+#include <cstdint>
+
+#include "common/attention_params.h"
+
+namespace fastattn {
+
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u, kPhiloxM1 = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
+constexpr uint32_t kDropoutOne = 65536;  // the threshold of p = 0 (16-bit draws)
+
+FA_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t* hi, uint32_t* lo) {
+#if defined(__CUDA_ARCH__)
+  *hi = __umulhi(a, b);
+  *lo = a * b;
+#else
+  const uint64_t p = static_cast<uint64_t>(a) * b;
+  *hi = static_cast<uint32_t>(p >> 32);
+  *lo = static_cast<uint32_t>(p);
+#endif
+}
+
+// Philox-4x32-10 of counter c (in place) under key (k0, k1).
+FA_HD void philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int r = 0; r < 10; ++r) {
+    if (r > 0) {
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+    uint32_t hi0, lo0, hi1, lo1;
+    mulhilo32(kPhiloxM0, c[0], &hi0, &lo0);
+    mulhilo32(kPhiloxM1, c[2], &hi1, &lo1);
+    const uint32_t n0 = hi1 ^ c[1] ^ k0, n2 = hi0 ^ c[3] ^ k1;
+    c[0] = n0;
+    c[1] = lo1;
+    c[2] = n2;
+    c[3] = lo0;
+  }
+}
+
+// The four words of the Philox call that holds the draws of keys 8g .. 8g + 7 of row (bh, i).
+FA_HD void dropout_words(uint64_t seed, uint64_t offset, int64_t bh, int64_t i, int64_t g,
+                         uint32_t words[4]) {
+  words[0] = static_cast<uint32_t>(g);
+  words[1] = static_cast<uint32_t>(i);
+  words[2] = static_cast<uint32_t>(bh);
+  words[3] = static_cast<uint32_t>(offset);
+  philox4x32_10(words, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+// Key j's 16-bit draw from the words of its group of eight.
+FA_HD uint32_t dropout_draw(const uint32_t words[4], int64_t j) {
+  const uint32_t w = words[(j >> 1) & 3];
+  return (j & 1) ? (w >> 16) : (w & 0xFFFFu);
+}
+
+// The factor a weight is multiplied by: 1 / (1 - p) when kept, 0 when dropped.
+template <typename Real>
+FA_HD Real dropout_factor(const AttentionParamsT<Real>& p, uint32_t draw) {
+  return draw < p.dropout_threshold ? p.dropout_scale : Real(0);
+}
+
+}  // namespace fastattn
