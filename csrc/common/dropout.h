@@ -79,4 +79,37 @@ FA_HD Real dropout_factor(const AttentionParamsT<Real>& p, uint32_t draw) {
   return draw < p.dropout_threshold ? p.dropout_scale : Real(0);
 }
 
+// The seed and offset of a call: from the parameters, or read from the GPU (dropout_seed_ptr).
+struct DropoutSeed {
+  uint64_t seed = 0, offset = 0;
+};
+template <typename Real>
+FA_HD DropoutSeed dropout_seed_of(const AttentionParamsT<Real>& p) {
+  DropoutSeed s{p.dropout_seed, p.dropout_offset};
+  if (p.dropout_seed_ptr != nullptr) {
+    s.seed = static_cast<uint64_t>(p.dropout_seed_ptr[0]);
+    s.offset = static_cast<uint64_t>(p.dropout_seed_ptr[1]);
+  }
+  return s;
+}
+
+// The factors of keys j and j + 1 (j even) of row (bh, i): one Philox call.
+template <typename Real>
+FA_HD void dropout_pair_factors(const AttentionParamsT<Real>& p, const DropoutSeed& s, int64_t bh,
+                                int64_t i, int64_t j, Real* z0, Real* z1) {
+  uint32_t words[4];
+  dropout_words(s.seed, s.offset, bh, i, j >> 3, words);
+  *z0 = dropout_factor(p, dropout_draw(words, j));
+  *z1 = dropout_factor(p, dropout_draw(words, j + 1));
+}
+
+// The factor of key j of row (bh, i).
+template <typename Real>
+FA_HD Real dropout_factor_at(const AttentionParamsT<Real>& p, const DropoutSeed& s, int64_t bh,
+                             int64_t i, int64_t j) {
+  uint32_t words[4];
+  dropout_words(s.seed, s.offset, bh, i, j >> 3, words);
+  return dropout_factor(p, dropout_draw(words, j));
+}
+
 }  // namespace fastattn

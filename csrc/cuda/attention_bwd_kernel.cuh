@@ -271,6 +271,7 @@ __global__ void __launch_bounds__(BwdConfig<T, kD>::kThreads)
 
   const float scale = read_scale(p, args.scale_ptr);
   const ScoreRule rule = score_rule(p, scale);
+  const DropoutSeed drop_seed = p.dropout ? dropout_seed_of(p) : DropoutSeed{};
   float acc_dk[kMB][kNB][4], acc_dv[kMB][kNB][4];
   zero_acc(acc_dk);
   zero_acc(acc_dv);
@@ -367,8 +368,10 @@ __global__ void __launch_bounds__(BwdConfig<T, kD>::kThreads)
       const bool table_from_smem = want_bias_grad && !uniform;
       const bool cap_later = rule.capped && table_from_smem;
       float tile_ds_sum = 0.f;  // this thread's dS of a uniform tile
-      // Calls visit(key, query, p, ds, cap_grad) for each of this thread's elements, in pairs
-      // of queries (store_pair), and returns the pair's values through pv / ds.
+      // Calls visit(key, query, p, ds, cap_grad, pz) for each of this thread's elements, in
+      // pairs of queries (store_pair), and returns the pair's values through pv / ds. With
+      // dropout (factors z: 1 / (1 - p) or 0), O = (P z) V: dS = P (dP z - D), and dV takes
+      // pz = P z (pz = P without dropout).
       const auto for_each_pair = [&](auto&& visit) {
 #pragma unroll
         for (int m = 0; m < kMA; ++m) {
@@ -378,7 +381,7 @@ __global__ void __launch_bounds__(BwdConfig<T, kD>::kThreads)
             for (int hf = 0; hf < 2; ++hf) {
               const int key = a_key0 + m * 16 + g + 8 * hf;  // row of the accumulator: a key
               const int col = a_q0 + n * 8 + 2 * t;          // its first column: a query
-              float pv[2], ds[2], cap_grad[2];
+              float pv[2], ds[2], cap_grad[2], pz[2];
 #pragma unroll
               for (int e = 0; e < 2; ++e) {
                 const int query = col + e;
@@ -386,16 +389,19 @@ __global__ void __launch_bounds__(BwdConfig<T, kD>::kThreads)
                 const float x = uniform ? fmaf(score, rule.logit_log2, tile_bias)
                                         : tile_logit_log2<kBQ, kBK>(rules, s_table, query, key, score,
                                                                     rule.logit_log2);
+                const float z = p.dropout ? dropout_factor_at(p, drop_seed, bh, i0 + query, j0 + key) : 1.f;
                 pv[e] = exp2f(x - s_lse[query]);
-                ds[e] = pv[e] * (acc_dp[m][n][2 * hf + e] - s_delta[query]);
+                pz[e] = pv[e] * z;
+                ds[e] = pv[e] * (acc_dp[m][n][2 * hf + e] * z - s_delta[query]);
                 cap_grad[e] = rule.grad(score);
               }
-              visit(key, col, pv, ds, cap_grad);
+              visit(key, col, pv, ds, cap_grad, pz);
             }
           }
         }
       };
-      for_each_pair([&](int key, int col, const float* pv, const float* ds, const float* cap_grad) {
+      for_each_pair([&](int key, int col, const float* pv, const float* ds, const float* cap_grad,
+                        const float* pz) {
         // Uniform tiles have no span (tile_is_uniform), so only the others contribute.
         if (!uniform && want_span_grad) {
           for (int e = 0; e < 2; ++e) {
@@ -403,7 +409,7 @@ __global__ void __launch_bounds__(BwdConfig<T, kD>::kThreads)
           }
         }
         if (want_bias_grad && uniform) tile_ds_sum += ds[0] + ds[1];
-        store_pair(sPt + key * kLdT + col, pv[0], pv[1]);
+        store_pair(sPt + key * kLdT + col, pz[0], pz[1]);
         if (cap_later) {
           store_pair(sdSt + key * kLdT + col, ds[0], ds[1]);
         } else {
@@ -424,7 +430,8 @@ __global__ void __launch_bounds__(BwdConfig<T, kD>::kThreads)
       }
       if (cap_later) {
         __syncthreads();  // every warp has read the diagonals of dS^T
-        for_each_pair([&](int key, int col, const float*, const float* ds, const float* cap_grad) {
+        for_each_pair([&](int key, int col, const float*, const float* ds, const float* cap_grad,
+                          const float*) {
           store_pair(sdSt + key * kLdT + col, ds[0] * cap_grad[0], ds[1] * cap_grad[1]);
         });
         __syncthreads();  // dS^T times the cap's derivative is complete

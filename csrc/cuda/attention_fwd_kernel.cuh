@@ -119,6 +119,7 @@ __global__ void __launch_bounds__(FwdConfig<T, kD>::kThreads, 1)
   const T* v_bh = args.v + b * p.v_stride_b + h_kv * p.v_stride_h;
 
   const ScoreRule rule = score_rule(p, read_scale(p, args.scale_ptr));
+  const DropoutSeed drop_seed = p.dropout ? dropout_seed_of(p) : DropoutSeed{};
   float acc_o[kM][kTilesO][4];
   zero_acc(acc_o);
   // Per row tile m and accumulator row half hf (rows 16m + g and 16m + g + 8): the running max
@@ -241,6 +242,20 @@ __global__ void __launch_bounds__(FwdConfig<T, kD>::kThreads, 1)
         for (int r = 0; r < 4; ++r) {
           acc_s[m][n][r] = exp2f(acc_s[m][n][r] - base[r / 2]);
           row_sum[m][r / 2] += acc_s[m][n][r];
+        }
+      }
+      // Dropout (common/dropout.h) acts on the weights that reach V, after the row sums took
+      // them undropped: keys 2t and 2t + 1 of each 8-key group share one Philox call.
+      if (p.dropout) {
+#pragma unroll
+        for (int n = 0; n < kTilesS; ++n) {
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            float z0, z1;
+            dropout_pair_factors(p, drop_seed, bh, i0 + row0 + m * 16 + g + 8 * hf, j0 + n * 8 + 2 * t, &z0, &z1);
+            acc_s[m][n][2 * hf] *= z0;
+            acc_s[m][n][2 * hf + 1] *= z1;
+          }
         }
       }
     }

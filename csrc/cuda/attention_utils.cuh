@@ -32,6 +32,7 @@
 #include <type_traits>
 
 #include "common/attention_params.h"
+#include "common/dropout.h"
 
 #if defined(FASTATTN_CUDA_EMULATION)
 #include "fastattn_cuda_emulation.h"

@@ -216,7 +216,7 @@ def attention(
         with return_lse, (out, lse).
     """
     return _attention(ops.attention, q, k, v, scale, causal, window, rel_bias, alibi_slopes, span,
-                      span_ramp, num_global, key_lengths, softcap, return_lse, dropout_p, generator)
+                      span_ramp, num_global, key_lengths, softcap, dropout_p, generator, return_lse)
 
 
 def dropout_seed(dropout_p: float, generator: Optional[torch.Generator], q: Tensor) -> Optional[Tensor]:
@@ -237,7 +237,8 @@ def dropout_seed(dropout_p: float, generator: Optional[torch.Generator], q: Tens
 
 
 def _attention(op, q, k, v, scale, causal, window, rel_bias, alibi_slopes, span, span_ramp, num_global,
-               key_lengths, softcap, return_lse, dropout_p=0.0, generator=None):
+               key_lengths, softcap, dropout_p, generator, return_lse):
+    # (the arguments of fastattn.attention, in its order: the emulator's tests bind them by name)
     # Every check of shapes, dtypes, devices and ranges is the op's own (C++: one set for every
     # caller, raising ValueError / TypeError); here only what Python alone can do: Python
     # scalars, defaults, a non-contiguous last dim. `op` is the attention op (the CUDA
