@@ -396,3 +396,48 @@ def test_non_finite_hidden_key_leaves_other_rows_finite(emu, bad, mask, key, row
     want = fastattn.reference.attention(q.double(), k.double(), v.double(), **kw)
     assert torch.isfinite(out[:, :, rows]).all() and torch.isfinite(lse[:, :, rows]).all()
     torch.testing.assert_close(out[:, :, rows].double(), want[:, :, rows], atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# dropout: the emulated CUDA kernels draw the CPU kernel's mask bit for bit
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,shape,parts", [
+    (F32, (2, 4, 2, 33, 47), 0), (F16, (1, 2, 2, 70, 140), 0), (BF16, (1, 2, 1, 40, 250), 3),
+    (BF16, (2, 8, 2, 1, 90), 0),  # decode steps: the group folded into rows
+], ids=["f32", "f16", "bf16-split", "bf16-decode"])
+def test_dropout_mask_matches_the_cpu_kernel(emu, dtype, shape, parts):
+    """Zero scores and v = identity: out[b, h, i, j] != 0 exactly where the weight was kept."""
+    B, Hq, Hkv, Sq, Sk = shape
+    q = torch.zeros(B, Hq, Sq, 16, dtype=dtype)
+    k = torch.zeros(B, Hkv, Sk, 16, dtype=dtype)
+    v = torch.eye(Sk, dtype=dtype).expand(B, Hkv, Sk, Sk).contiguous()
+    seed = torch.tensor([2 ** 62 + 5, 11])
+    want, _ = torch.ops.fastattn.attention(*attention_op_args(q, k, v, dropout_p=0.4, dropout_seed=seed))
+    with emu_tuning(kv_splits=parts):
+        got, _ = emu.attention(*attention_op_args(q, k, v, dropout_p=0.4, dropout_seed=seed))
+    assert torch.equal(got != 0, want != 0)
+    assert 0.5 < (want != 0).float().mean().item() < 0.7
+
+
+@pytest.mark.parametrize("case", [
+    Case(**GQA, dtype=F32, causal=True, rel_bias=5, scale="tensor"),
+    Case(**LONGQ, dtype=F16, window=(0, 5), span="bh", span_values=(3.5, 9.25), span_ramp=4.0, softcap=2.0),
+    Case(B=1, Hq=2, Hkv=1, Sq=70, Sk=140, Dqk=32, Dv=32, dtype=BF16, alibi=True, num_global=2,
+         key_lengths=(100,)),
+], ids=case_id)
+def test_dropout_forward_and_backward_match_the_cpu_kernel(emu, case):
+    """The same seed on both kernels: outputs and every gradient agree (the mask and the
+    gradient formulas dS = P (dP z - D), dV = (P z)^T dO)."""
+    results = []
+    for fn in (fastattn.attention, emulated_attention):
+        inp = make_inputs(case)
+        options = {n: inp[n] for n in ("rel_bias", "alibi_slopes", "span", "key_lengths", "scale") if n in inp}
+        out = fn(inp["q"], inp["k"], inp["v"], causal=case.causal, window=case.window,
+                 num_global=case.num_global, span_ramp=case.span_ramp, softcap=case.softcap,
+                 dropout_p=0.2, generator=torch.Generator().manual_seed(8), **options)
+        leaves = [t for t in (inp["q"], inp["k"], inp["v"], *options.values()) if t.requires_grad]
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+        results.append((out, *torch.autograd.grad(out, leaves, grad_out)))
+    tol = dict(atol=2e-5, rtol=2e-5) if case.dtype == F32 else dict(atol=3e-2, rtol=3e-2)
+    for cpu, emulated in zip(*results):
+        torch.testing.assert_close(emulated.float(), cpu.float(), **tol)

@@ -179,13 +179,14 @@ Prepared prepare_inputs(const DeviceContext& ctx, const AttentionArgs& a) {
 // does: K/V tiles are read once per group instead of once per query head, and the rows fill
 // one query tile instead of one 1-row tile per head. The call becomes (B, Hkv, group, D) over
 // a strided view of q (no copy); no rule then depends on the rows' positions. Returns whether
-// it applied; the caller views out / lse the same way.
+// it applied; the caller views out / lse the same way. Not with dropout: its decisions are a
+// function of each weight's own (head, row), which folding renames.
 bool fold_group_into_rows(Prepared& in) {
   AttentionParams& p = in.params;
   const int64_t group = p.group_size();
   const bool every_key_visible = p.window_left < 0 || p.window_left >= p.seqlen_k - 1;
   if (p.seqlen_q != 1 || group <= 1 || p.rel_bias != nullptr || p.alibi_slopes != nullptr ||
-      p.span != nullptr || !every_key_visible) {
+      p.span != nullptr || !every_key_visible || p.dropout) {
     return false;
   }
   const int64_t head_stride = p.q_stride_h;
