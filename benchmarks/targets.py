@@ -60,6 +60,18 @@ _ALL = [
     Target("fwd_bwd_softcap_over_no_softcap",
            "forward+backward: fastattn softcap=30 time / the same call without softcap", 1.15, "<="),
 
+    # ---- attention dropout and attention weights (bench_dropout.py) -----------------------
+    # CPU: B=1 H=8 S=2048 D=64 float32, table (255, 8)
+    Target("cpu_dropout_over_no_dropout",
+           "forward+backward: fastattn dropout_p=0.1 time / the same call without dropout", 1.25, "<="),
+    Target("cpu_dropout_vs_sdpa_bias",
+           "forward+backward with dropout_p=0.1: SDPA with the materialized bias time / fastattn time",
+           3.0, ">="),
+    # CPU: one head, S=4096
+    Target("cpu_weights_vs_softmax",
+           "attention weights of one head at S=4096: softmax(q k^T scale + bias) time / "
+           "fastattn.attention_weights time", 1.0, ">="),
+
     # ---- sliding windows and adaptive spans (bench_window.py) -----------------------------
     # CPU: B=1 H=8 D=64 float32, forward
     Target("cpu_window_vs_flex",

@@ -540,6 +540,9 @@ def strategies():
         a["key_lengths"] = draw(tensor((B,), kl, ctx, lo=-2, hi=Sk + 2, grad_ok=False)) if kl else None
         a["softcap"] = draw(st.one_of(*[st.just(0.0)] * 3, st.sampled_from((2.0, 50.0)), st.sampled_from((2.0, 50.0)),
                                       any_float))
+        a["dropout_p"] = draw(st.one_of(*[st.just(0.0)] * 3, st.sampled_from((0.1, 0.5, 0.999)), any_float))
+        a["dropout_seed"] = draw(st.one_of(st.none(), tensor((2,), "int64", ctx, grad_ok=False),
+                                           tensor((2,), "int64", ctx, grad_ok=False)))
         if op == "attention_backward":
             a["grad_out"] = draw(tensor((B, Hq, Sq, Dv), dt, ctx, grad_ok=False))
             a["out"] = draw(tensor((B, Hq, Sq, Dv), dt, ctx, grad_ok=False))
