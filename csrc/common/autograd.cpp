@@ -359,8 +359,8 @@ void rotary_inplace_or_view(c10::DispatchKeySet keys, const at::Tensor& x,
 // tensor argument is an input of the autograd node; the call's arguments are saved whole
 // (tensors through save_for_backward, the rest as values) and handed back to `<op>_backward`
 // after its own arguments. The gradients are matched to the arguments by name: q, k, v,
-// rel_bias and span from the backward kernel, the scale tensor's from dq (below); alibi slopes
-// are fixed (asking for their gradient raises) and key lengths are integers.
+// rel_bias and span from the backward kernel, the scale tensor's from dq (below), the ALiBi
+// slopes' from a per-distance table gradient (alibi_slopes_grad); key lengths are integers.
 
 using torch::jit::Stack;
 
@@ -421,6 +421,68 @@ at::Tensor sum_of_products(const at::Tensor& a, const at::Tensor& b, at::ScalarT
 at::Tensor scale_grad(const at::Tensor& q, const at::Tensor& gq, const at::Tensor& scale) {
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   return (sum_of_products(q, gq, acc) / scale.to(acc)).to(scale.scalar_type());
+}
+
+// ALiBi slopes' gradient, from the kernels' table gradient: the ALiBi term -slope[h] * |d|
+// depends on the distance d only, so d(loss)/d(slope[h]) = -sum_d |d| * (the sum of dS over
+// the pairs at distance d). The backward runs with a table of one row per distance of the call
+// (d in [1 - M, M - 1], M = max(Sq, Sk): nothing clamps) holding the call's own table values
+// (zero without a table), so the logits are unchanged and the table gradient the kernels
+// compute, deterministically on both devices, is exactly those per-distance sums.
+struct DistanceTable {
+  at::Tensor table;      // (2M - 1, Hq)
+  at::Tensor user_rows;  // (2M - 1,) int64: the call's table row of each distance (if a table)
+  int64_t reach = 0;     // M
+};
+
+DistanceTable distance_table(const at::Tensor& q, const at::Tensor& k, const at::Tensor& table,
+                             const at::Tensor& slopes) {
+  DistanceTable t;
+  t.reach = std::max<int64_t>({q.size(2), k.size(2), 1});
+  const auto dtype = table.defined() ? at::promote_types(table.scalar_type(), slopes.scalar_type())
+                                     : slopes.scalar_type();
+  const int64_t rows = 2 * t.reach - 1;
+  if (!table.defined()) {
+    t.table = at::zeros({rows, q.size(1)}, slopes.options().dtype(dtype));
+    return t;
+  }
+  const int64_t user_reach = (table.size(0) + 1) / 2;
+  t.user_rows = (at::arange(rows, table.options().dtype(at::kLong)) - (t.reach - 1))
+                    .clamp(1 - user_reach, user_reach - 1) + (user_reach - 1);
+  t.table = table.index_select(0, t.user_rows).to(dtype);
+  return t;
+}
+
+// Sums along dim 0 in one fixed order (a running sum in double): at::sum on the CPU splits a
+// reduction by the thread count, and these gradients must not depend on it.
+at::Tensor ordered_sum0(const at::Tensor& x) {
+  return at::constant_pad_nd(x.to(at::kDouble), {0, 0, 1, 0}).cumsum(0).select(0, -1);
+}
+
+// -sum_d |d| * grad[d + M - 1, h] for each head h.
+at::Tensor alibi_slopes_grad(const DistanceTable& t, const at::Tensor& grad, const at::Tensor& slopes) {
+  const at::Tensor d = at::arange(grad.size(0), grad.options().dtype(at::kDouble)) - (t.reach - 1);
+  return ordered_sum0(grad.to(at::kDouble) * (-d.abs()).unsqueeze(1)).to(slopes.scalar_type());
+}
+
+// The call's table's gradient from the per-distance one: each table row gets the sum over the
+// distances that clamp to it (the end rows collect several), in distance order.
+at::Tensor fold_table_grad(const DistanceTable& t, const at::Tensor& grad, const at::Tensor& table) {
+  at::Tensor out = at::zeros(table.sizes(), grad.options().dtype(at::kDouble));
+  const int64_t user_reach = (table.size(0) + 1) / 2, n = grad.size(0);
+  const int64_t first = std::clamp<int64_t>(1 - t.reach, 1 - user_reach, user_reach - 1) + user_reach - 1;
+  const int64_t last = std::clamp<int64_t>(t.reach - 1, 1 - user_reach, user_reach - 1) + user_reach - 1;
+  if (first == last) {
+    out.select(0, first).copy_(ordered_sum0(grad));
+  } else {
+    // rows first + 1 .. last - 1 take one distance each; the two end rows share the rest
+    // equally (the distances are symmetric around 0)
+    const int64_t inner = last - first - 1, at_end = (n - inner) / 2;
+    out.select(0, first).copy_(ordered_sum0(grad.narrow(0, 0, at_end)));
+    out.narrow(0, first + 1, inner).copy_(grad.narrow(0, at_end, inner));
+    out.select(0, last).copy_(ordered_sum0(grad.narrow(0, at_end + inner, at_end)));
+  }
+  return out.to(table.scalar_type());
 }
 
 // With create_graph=True the gradients would be differentiated again, and the backward kernel
@@ -497,21 +559,23 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     const auto need = [&](size_t t) { return saved[t].defined() && ctx->needs_input_grad(edge[t]); };
     const auto slot = [&](const char* arg) { return tensor_slot(schema, arg); };
     const size_t q = slot("q"), table = slot("rel_bias"), span = slot("span");
-    const size_t scale = slot("scale_tensor");
-    // The kernels compute no gradient for ALiBi slopes: refuse rather than report none.
-    TORCH_CHECK_NOT_IMPLEMENTED(!need(slot("alibi_slopes")),
-                                "fastattn: attention computes no gradient for alibi_slopes (they "
-                                "are fixed slopes); detach them, or learn a rel_bias table instead");
+    const size_t scale = slot("scale_tensor"), alibi = slot("alibi_slopes");
+    DistanceTable per_distance;  // only when the ALiBi slopes need their gradient (above)
+    if (need(alibi)) per_distance = distance_table(saved[q], saved[slot("k")], saved[table], saved[alibi]);
+    const bool by_distance = per_distance.table.defined();
 
     // attention_backward(grad_out, out, lse, grad_lse, need_rel_bias_grad, need_span_grad,
     // <the call's arguments>).
     Stack stack{grad_outputs[0].defined() ? grad_outputs[0] : at::zeros_like(out), out, lse,
                 grad_outputs[1].defined() ? c10::IValue(grad_outputs[1]) : c10::IValue(),
-                need(table), need(span)};
+                need(table) || by_distance, need(span)};
     const auto& values = ctx->saved_data["values"].toTupleRef().elements();
     for (size_t i = 0, t = 0; i < values.size(); ++i) {
       if (!is_tensor_argument(schema.arguments()[i])) {
         stack.push_back(values[i]);
+      } else if (t == table && by_distance) {
+        stack.push_back(per_distance.table);
+        ++t;
       } else {
         stack.push_back(saved[t].defined() ? c10::IValue(saved[t]) : c10::IValue());
         ++t;
@@ -526,7 +590,13 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
       give(q, gq);
       give(slot("k"), stack[1].toTensor());
       give(slot("v"), stack[2].toTensor());
-      give(table, stack[3].toTensor());
+      if (by_distance) {
+        const at::Tensor grad_distance = stack[3].toTensor();
+        grads[edge[alibi]] = alibi_slopes_grad(per_distance, grad_distance, saved[alibi]);
+        if (need(table)) grads[edge[table]] = fold_table_grad(per_distance, grad_distance, saved[table]);
+      } else {
+        give(table, stack[3].toTensor());
+      }
       give(span, stack[4].toTensor());
       if (need(scale)) grads[edge[scale]] = scale_grad(saved[q], gq, saved[scale]);
     }
