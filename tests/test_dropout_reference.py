@@ -6,8 +6,8 @@ implementation written here from the paper's round function; the mask element by
 against the layout written out here (counter (j >> 3, i, b*H + h, offset), 16-bit halves);
 its statistics (kept fraction, correlations of neighbours) over millions of elements; the
 dropped attention against the masked formula, its gradients (gradcheck), and its mean over
-many seeds against the undropped output. Every seed is fixed: the statistical bounds are
-5 standard deviations, on the same numbers every run.
+many (seed, offset) pairs against the undropped output. Every seed value is fixed: the
+statistical bounds are 5 standard deviations, on the same numbers every run.
 """
 from __future__ import annotations
 
@@ -247,7 +247,7 @@ def test_gradcheck_with_a_fixed_mask():
     assert torch.autograd.gradcheck(fn, (*leaves, span))
 
 
-def test_mean_over_seeds_is_the_undropped_output():
+def test_mean_over_many_masks_is_the_undropped_output():
     """E[out] = out without dropout; each element's variance is p / (1 - p) * sum_j P_ij^2 v_j^2
     (independent Bernoulli draws), so the mean of N draws is within 5 of its standard errors."""
     q, k, v, table = _inputs(B=1, Hq=2, Hkv=2, Sq=4, Sk=24, D=4, Dv=3, seed=5)
