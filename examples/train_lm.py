@@ -10,6 +10,7 @@ with the repository) and shows that the attention modules train:
 
 --attn picks the attention: mha (rotary MHA), gqa (rotary GQA, 2 KV heads), mla
 (DeepSeek-V2 latent attention), hybrid (global + predicted-span local), adaptive-span.
+--dropout sets the attention dropout of every layer (training steps only; 0 turns it off).
 Runs on CUDA when present, else CPU. A tqdm bar shows loss and tokens/s; at the end the script
 prints train/validation loss, saves the loss curve (PNG), samples some text (with a KV cache
 where the module has one), and times a few training steps of the same model with
@@ -73,27 +74,29 @@ class CharData:
 
 
 # ----------------------------------------------------------------------------------- model
-def make_attention(kind: str, d_model: int, n_head: int, seq_len: int, impl: str) -> nn.Module:
-    """The attention module for ``--attn kind`` (all causal)."""
+def make_attention(kind: str, d_model: int, n_head: int, seq_len: int, impl: str,
+                   dropout: float = 0.0) -> nn.Module:
+    """The attention module for ``--attn kind`` (all causal), with attention dropout."""
     if kind == "mha":
-        return fnn.MultiheadAttention(d_model, n_head, causal=True, rotary="rope", impl=impl)
+        return fnn.MultiheadAttention(d_model, n_head, causal=True, rotary="rope", dropout=dropout,
+                                      impl=impl)
     if kind == "gqa":
         return fnn.MultiheadAttention(d_model, n_head, max(1, n_head // 2), causal=True,
-                                      rotary="rope", impl=impl)
+                                      rotary="rope", dropout=dropout, impl=impl)
     if kind == "mla":
         hd = d_model // n_head
         return fnn.MultiheadLatentAttention(d_model, n_head, kv_lora_rank=max(8, d_model // 2),
                                             qk_nope_head_dim=hd, qk_rope_head_dim=max(2, hd // 2),
-                                            v_head_dim=hd, causal=True, impl=impl)
+                                            v_head_dim=hd, causal=True, dropout=dropout, impl=impl)
     if kind == "hybrid":
         return fnn.HybridAttention(d_model, n_head, max_span=max(4, seq_len // 4),
                                    span_ramp=max(2, seq_len // 16), causal=True, rotary="rope",
-                                   impl=impl)
+                                   dropout=dropout, impl=impl)
     if kind == "adaptive-span":
         return fnn.AdaptiveSpanAttention(d_model, n_head, max_span=seq_len,
                                          span_ramp=max(2, seq_len // 8), span_init=0.5,
                                          span_loss_coef=1e-4, causal=True, rotary="rope",
-                                         impl=impl)
+                                         dropout=dropout, impl=impl)
     raise ValueError(f"--attn must be one of {ATTN_KINDS}, got {kind!r}")
 
 
@@ -117,16 +120,17 @@ class Block(nn.Module):
 
 class CharLM(nn.Module):
     """Token embedding -> ``n_layer`` pre-LN blocks -> LayerNorm -> tied output head.
-    Positions come from the attention (rotary / MLA's decoupled rotary / span masks)."""
+    Positions come from the attention (rotary / MLA's decoupled rotary / span masks);
+    ``dropout`` is the attention dropout of every layer (in training mode)."""
 
     def __init__(self, vocab_size: int, attn: str = "mha", d_model: int = 128, n_head: int = 4,
-                 n_layer: int = 2, seq_len: int = 128, impl: str = "fused"):
+                 n_layer: int = 2, seq_len: int = 128, impl: str = "fused", dropout: float = 0.0):
         super().__init__()
         self.attn_kind = attn
         self.seq_len = seq_len
         self.emb = nn.Embedding(vocab_size, d_model)
         self.blocks = nn.ModuleList(
-            Block(make_attention(attn, d_model, n_head, seq_len, impl), d_model)
+            Block(make_attention(attn, d_model, n_head, seq_len, impl, dropout), d_model)
             for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
@@ -310,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--n-layer", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--dropout", type=float, default=0.1,
+                   help="attention dropout probability during training (0: off)")
     p.add_argument("--impl", choices=("fused", "reference"), default="fused",
                    help="attention implementation used for training")
     p.add_argument("--bench-steps", type=int, default=10,
@@ -332,9 +338,9 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     data = CharData(args.data)
     model = CharLM(data.vocab_size, args.attn, args.d_model, args.n_head, args.n_layer,
-                   args.seq_len, impl=args.impl).to(device)
+                   args.seq_len, impl=args.impl, dropout=args.dropout).to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"fastattn char-LM: attn={args.attn} impl={args.impl} device={device} "
+    print(f"fastattn char-LM: attn={args.attn} impl={args.impl} dropout={args.dropout} device={device} "
           f"params={n_params:,} vocab={data.vocab_size} train_chars={len(data.train):,} "
           f"threads={torch.get_num_threads()}")
     bs, sl = args.batch_size, args.seq_len

@@ -5,6 +5,7 @@ compare the kernels against it and skip while the compiled ops are not registere
 """
 
 import copy
+import inspect
 import math
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 
 import fastattn
 from fastattn import nn as fnn
+from fastattn import reference
 
 TOL = dict(atol=2e-5, rtol=1e-4)
 FUSED_TOL = dict(atol=1e-4, rtol=1e-3)
@@ -27,6 +29,11 @@ def _fused_ops_registered() -> bool:
 
 FUSED = _fused_ops_registered()
 needs_fused = pytest.mark.skipif(not FUSED, reason="fastattn compiled ops are not registered")
+# Dropout in the fused op: fastattn.attention(dropout_p=...). The modules pass dropout_p only
+# in training mode with dropout > 0, so everything else runs without it.
+FUSED_DROPOUT = FUSED and "dropout_p" in inspect.signature(fastattn.attention).parameters
+needs_fused_dropout = pytest.mark.skipif(not FUSED_DROPOUT,
+                                         reason="fastattn.attention has no dropout_p in this build")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -65,9 +72,9 @@ def distances(Sq, Sk):
 
 
 def naive_attention(q, k, v, *, scale, causal=False, window=(-1, -1), bias=None, span=None,
-                    ramp=32.0, key_lengths=None, softcap=0.0):
+                    ramp=32.0, key_lengths=None, softcap=0.0, return_weights=False):
     """softmax(cap(scale q k^T) + bias) over the allowed keys; with a span, the weights are
-    multiplied by the soft mask and renormalized."""
+    multiplied by the soft mask and renormalized. return_weights: also the weights."""
     B, H, Sq, _ = q.shape
     Sk = k.shape[2]
     grp = torch.arange(H) // (H // k.shape[1])
@@ -93,7 +100,7 @@ def naive_attention(q, k, v, *, scale, causal=False, window=(-1, -1), bias=None,
         m = ((ramp + sp - d.abs()) / ramp).clamp(0, 1)
         w = w * m
         w = w / w.sum(-1, keepdim=True)
-    return w @ v
+    return (w @ v, w) if return_weights else w @ v
 
 
 def naive_rope(x, inv_freq, positions, interleaved, rd):
@@ -132,7 +139,7 @@ def naive_rotary_module(rot_mod, x, offset=0):
     return naive_rope(x, rot_mod.inv_freq, pos, rot_mod.interleaved, rot_mod.rotary_dim)
 
 
-def naive_mha(m, x, xa=None, span=None, ramp=32.0, key_lengths=None):
+def naive_mha(m, x, xa=None, span=None, ramp=32.0, key_lengths=None, return_weights=False):
     q = heads(lin(x, m.q_proj), m.n_head)
     src = x if xa is None else xa
     k = heads(lin(src, m.k_proj), m.n_kv_head)
@@ -146,12 +153,14 @@ def naive_mha(m, x, xa=None, span=None, ramp=32.0, key_lengths=None):
     if m.alibi_slopes is not None:
         bias = bias - m.alibi_slopes[:, None, None] * d.abs()
     scale = m.head_dim ** -0.5 if m.log_scale is None else torch.exp(m.log_scale)
-    o = naive_attention(q, k, v, scale=scale, causal=m.causal, window=m.window, bias=bias,
-                        span=span, ramp=ramp, key_lengths=key_lengths, softcap=m.softcap)
-    return lin(merge(o), m.out_proj)
+    o, w = naive_attention(q, k, v, scale=scale, causal=m.causal, window=m.window, bias=bias,
+                           span=span, ramp=ramp, key_lengths=key_lengths, softcap=m.softcap,
+                           return_weights=True)
+    out = lin(merge(o), m.out_proj)
+    return (out, w) if return_weights else out
 
 
-def naive_mla(m, x):
+def naive_mla(m, x, return_weights=False):
     """DeepSeek-V2 MLA, expanded, from the module's weights."""
     B, S, _ = x.shape
     H, dn, dr, dv, dc = m.n_head, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim, m.kv_lora_rank
@@ -172,17 +181,21 @@ def naive_mla(m, x):
     kv = heads(lin(c, m.kv_b_proj), H)
     k = torch.cat([kv[..., :dn], k_rope.expand(B, H, S, dr)], -1)
     qf = torch.cat([q[..., :dn], q_rope], -1)
-    o = naive_attention(qf, k, kv[..., dn:], scale=(dn + dr) ** -0.5, causal=m.causal, window=m.window)
-    return lin(merge(o), m.out_proj)
+    o, w = naive_attention(qf, k, kv[..., dn:], scale=(dn + dr) ** -0.5, causal=m.causal,
+                           window=m.window, return_weights=True)
+    out = lin(merge(o), m.out_proj)
+    return (out, w) if return_weights else out
 
 
-def naive_hybrid(m, x):
+def naive_hybrid(m, x, return_weights=False):
     ln = torch.nn.functional.layer_norm
-    g = naive_mha(m.attn_global, ln(x, (m.d_model,), m.ln_global.weight, m.ln_global.bias))
+    g, w_global = naive_mha(m.attn_global, ln(x, (m.d_model,), m.ln_global.weight, m.ln_global.bias),
+                            return_weights=True)
     span = m.max_span * torch.sigmoid(lin(g.mean(1), m.span_pred))
-    loc = naive_mha(m.attn_local, ln(x, (m.d_model,), m.ln_local.weight, m.ln_local.bias),
-                    span=span, ramp=m.span_ramp)
-    return lin(torch.cat([loc, g], -1), m.projection), span
+    loc, w_local = naive_mha(m.attn_local, ln(x, (m.d_model,), m.ln_local.weight, m.ln_local.bias),
+                             span=span, ramp=m.span_ramp, return_weights=True)
+    out = lin(torch.cat([loc, g], -1), m.projection)
+    return (out, span, (w_local, w_global)) if return_weights else (out, span)
 
 
 def grads(module, *inputs):
@@ -698,6 +711,228 @@ def test_hybrid_key_lengths_pool_only_valid_positions():
     torch.testing.assert_close(a[:, :4], b[:, :4], **TOL)
 
 
+# ------------------------------------------------------------------ need_weights
+IMPLS = ["reference", pytest.param("fused", marks=needs_fused)]
+
+
+def impl_tol(impl):
+    return TOL if impl == "reference" else FUSED_TOL
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("cfg", ["mha", "mqa-givens-relbias", "all", "softcap-relbias-temp"])
+def test_mha_need_weights_are_the_attention_probabilities(cfg, impl):
+    m = make_mha(cfg, impl)
+    x = torch.randn(2, 6, 16)
+    out, w = m(x, need_weights=True, average_attn_weights=False)
+    ref_out, ref_w = naive_mha(m, x, return_weights=True)
+    assert w.shape == (2, 4, 6, 6)
+    torch.testing.assert_close(w, ref_w, **impl_tol(impl))
+    torch.testing.assert_close(out, ref_out, **impl_tol(impl))
+    torch.testing.assert_close(out, m(x), atol=0, rtol=0)  # the output does not change
+    out_avg, w_avg = m(x, need_weights=True)
+    assert w_avg.shape == (2, 6, 6)
+    torch.testing.assert_close(w_avg, ref_w.mean(1), **impl_tol(impl))
+
+
+@needs_fused
+def test_fused_need_weights_gradients_match_reference():
+    fused = make_mha("all", "fused")
+    ref = fnn.set_impl(copy.deepcopy(fused), "reference")
+    x = torch.randn(2, 7, 16)
+    gw = torch.randn(2, 4, 7, 7)
+    for m in (fused, ref):
+        (m(x, need_weights=True, average_attn_weights=False)[1] * gw).sum().backward()
+    for (n, p), (_, q) in zip(fused.named_parameters(), ref.named_parameters()):
+        if n.startswith(("v_proj", "out_proj")):  # (the weights do not depend on them)
+            assert p.grad is None and q.grad is None, n
+            continue
+        torch.testing.assert_close(p.grad, q.grad, **FUSED_TOL, msg=lambda s: f"grad {n}: {s}")
+
+
+def test_need_weights_cross_attention_with_key_lengths():
+    m = fnn.MultiheadAttention(16, 4, 2, kdim=12, impl="reference")
+    x, xa = torch.randn(2, 5, 16), torch.randn(2, 7, 12)
+    kl = torch.tensor([7, 4])
+    out, w = m(x, xa, key_lengths=kl, need_weights=True, average_attn_weights=False)
+    ref_out, ref_w = naive_mha(m, x, xa, key_lengths=kl, return_weights=True)
+    torch.testing.assert_close(w, ref_w, **TOL)
+    assert w.shape == (2, 4, 5, 7) and (w[1, :, :, 4:] == 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_need_weights_with_a_cache_returns_out_weights_cache(impl):
+    m = fnn.MultiheadAttention(16, 4, 2, rotary="rope", causal=True, rel_bias_max_dist=3, impl=impl)
+    x = torch.randn(2, 7, 16)
+    _, full = m(x, need_weights=True, average_attn_weights=False)
+    out, w, cache = m(x[:, :3], cache={}, need_weights=True, average_attn_weights=False)
+    torch.testing.assert_close(w, full[:, :, :3, :3], **impl_tol(impl))
+    for t in range(3, 7):
+        out, w, cache = m(x[:, t:t + 1], cache=cache, need_weights=True)
+        assert w.shape == (2, 1, t + 1) and cache["k"].shape[2] == t + 1
+        torch.testing.assert_close(w, full[:, :, t:t + 1, :t + 1].mean(1), **impl_tol(impl))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("absorb", [False, True], ids=["expanded", "absorbed"])
+def test_mla_need_weights(absorb, impl):
+    m = make_mla(impl)
+    x = torch.randn(2, 7, 16)
+    out, w = m(x, absorb=absorb, need_weights=True, average_attn_weights=False)
+    ref_out, ref_w = naive_mla(m, x, return_weights=True)
+    torch.testing.assert_close(w, ref_w, **impl_tol(impl))
+    torch.testing.assert_close(out, ref_out, **impl_tol(impl))
+    out, w, cache = m(x, cache={}, need_weights=True)
+    assert set(cache) == {"latent", "k_rope"}
+    torch.testing.assert_close(w, ref_w.mean(1), **impl_tol(impl))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_adaptive_span_and_hybrid_need_weights(impl):
+    span_m = fnn.AdaptiveSpanAttention(16, 4, max_span=6.5, span_ramp=3, n_kv_head=2, rotary="rope",
+                                       impl=impl)
+    with torch.no_grad():
+        span_m.span_frac.copy_(torch.tensor([0.1, 0.4, 0.7, 1.0]))
+    x = torch.randn(2, 12, 16)
+    out, w = span_m(x, need_weights=True, average_attn_weights=False)
+    ref_out, ref_w = naive_mha(span_m, x, span=span_m.span(), ramp=3.0, return_weights=True)
+    torch.testing.assert_close(w, ref_w, **impl_tol(impl))
+    assert (w[:, 0, 11, :11 - 4] == 0).all()  # head 0's span (0.65 + ramp 3) ends within 4 keys
+    hyb = fnn.HybridAttention(16, 4, max_span=5, span_ramp=2, n_kv_head=2, rotary="rope", impl=impl)
+    out, (w_local, w_global), span = hyb(x, need_weights=True, average_attn_weights=False,
+                                         return_span=True)
+    ref_out, ref_span, (ref_local, ref_global) = naive_hybrid(hyb, x, return_weights=True)
+    torch.testing.assert_close(out, ref_out, **impl_tol(impl))
+    torch.testing.assert_close(w_local, ref_local, **impl_tol(impl))
+    torch.testing.assert_close(w_global, ref_global, **impl_tol(impl))
+    out2, (avg_local, avg_global) = hyb(x, need_weights=True)
+    torch.testing.assert_close(out2, out, atol=0, rtol=0)
+    torch.testing.assert_close(avg_local, ref_local.mean(1), **impl_tol(impl))
+
+
+# ------------------------------------------------------------------ dropout
+DROPOUT_BUILDERS = {
+    "mha": lambda impl, p: fnn.MultiheadAttention(16, 4, 2, rotary="rope", causal=True,
+                                                  rel_bias_max_dist=3, dropout=p, impl=impl),
+    "mla": lambda impl, p: make_mla(impl, dropout=p),
+    "adaptive-span": lambda impl, p: fnn.AdaptiveSpanAttention(16, 4, max_span=6.5, span_ramp=3,
+                                                               dropout=p, impl=impl),
+    "hybrid": lambda impl, p: fnn.HybridAttention(16, 4, max_span=5, span_ramp=2, n_kv_head=2,
+                                                  dropout=p, impl=impl),
+}
+
+
+@pytest.mark.parametrize("name", list(DROPOUT_BUILDERS))
+def test_dropout_is_no_state_and_shows_in_repr_only_when_set(name):
+    torch.manual_seed(0)
+    plain = DROPOUT_BUILDERS[name]("reference", 0.0)
+    torch.manual_seed(0)
+    dropped = DROPOUT_BUILDERS[name]("reference", 0.3)
+    a, b = plain.state_dict(), dropped.state_dict()
+    assert list(a) == list(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert "dropout" not in repr(plain)
+    assert ", dropout=0.3" in dropped.extra_repr()
+    assert dropped.extra_repr().replace(", dropout=0.3", "") == plain.extra_repr()
+    assert dropped.dropout == 0.3 and plain.dropout == 0.0
+    if name == "hybrid":
+        assert dropped.attn_local.dropout == dropped.attn_global.dropout == 0.3
+
+
+def test_mha_repr_without_dropout_is_unchanged():
+    assert fnn.MultiheadAttention(16, 4, impl="reference").extra_repr() == (
+        "d_model=16, n_head=4, n_kv_head=4, head_dim=4, causal=False, window=(-1, -1), "
+        "num_global=0, softcap=0.0, impl='reference'")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", list(DROPOUT_BUILDERS))
+def test_dropout_is_off_in_eval_mode_and_at_zero(name, impl):
+    # (passes no dropout argument at all: runs on builds whose attention has no dropout_p)
+    torch.manual_seed(0)
+    plain = DROPOUT_BUILDERS[name](impl, 0.0)
+    torch.manual_seed(0)
+    dropped = DROPOUT_BUILDERS[name](impl, 0.5).eval()
+    x = torch.randn(2, 9, 16)
+    expected = plain(x)  # training mode, dropout 0
+    torch.testing.assert_close(dropped(x), expected, atol=0, rtol=0)
+    torch.testing.assert_close(plain.eval()(x), expected, atol=0, rtol=0)
+
+
+def test_reference_dropout_applies_the_keep_mask_in_training():
+    m = fnn.MultiheadAttention(16, 4, 2, causal=True, rel_bias_max_dist=3, dropout=0.5,
+                               impl="reference")
+    B, Sq, Sk = 2, 5, 11
+    q, k = torch.randn(B, 4, Sq, 4), torch.randn(B, 2, Sk, 4)
+    eye = torch.eye(Sk).expand(B, 2, Sk, Sk)  # v = identity: the output rows are the weights
+    weights = m.attend_weights(q, k)
+    torch.manual_seed(5)
+    seed, offset = torch.empty(2, dtype=torch.int64).random_()  # what the module draws
+    torch.manual_seed(5)
+    got = m.attend(q, k, eye)
+    keep = reference.dropout_keep_mask(seed, offset, B, 4, Sq, Sk, 0.5)
+    torch.testing.assert_close(got, weights * keep / 0.5, **TOL)
+    assert 0 < (~keep & (weights > 0)).sum() < (weights > 0).sum()  # some kept, some dropped
+    assert not torch.equal(m.attend(q, k, eye), got)  # a new mask per call
+    torch.testing.assert_close(m.eval().attend(q, k, eye), weights, **TOL)
+
+
+def test_mla_dropout_absorbed_and_expanded_drop_the_same_weights():
+    m = make_mla("reference", dropout=0.5)
+    x = torch.randn(2, 7, 16)
+    torch.manual_seed(3)
+    expanded = m(x, absorb=False)
+    torch.manual_seed(3)
+    absorbed = m(x, absorb=True)
+    torch.testing.assert_close(absorbed, expanded, **TOL)
+    assert (expanded - m.eval()(x)).abs().max() > 1e-2
+
+
+@needs_fused_dropout
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_fused_dropout_drops_weights_at_rate_p(p):
+    m = fnn.MultiheadAttention(16, 4, 2, rel_bias_max_dist=3, dropout=p, impl="fused")
+    B, Sq, Sk = 4, 64, 128
+    q, k = torch.randn(B, 4, Sq, 4), torch.randn(B, 2, Sk, 4)
+    eye = torch.eye(Sk).expand(B, 2, Sk, Sk)  # v = identity: the output rows are the weights
+    weights = m.attend_weights(q, k)
+    assert (weights > 0).all()
+    torch.manual_seed(1)
+    got = m.attend(q, k, eye)
+    torch.manual_seed(1)
+    assert torch.equal(m.attend(q, k, eye), got), "the same generator state must give the same mask"
+    assert not torch.equal(m.attend(q, k, eye), got), "the next call must draw another mask"
+    kept = got != 0
+    n = kept.numel()
+    frac = kept.double().mean().item()
+    assert abs(frac - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n), f"kept {frac:.4f} of {n}"
+    torch.testing.assert_close(got[kept], (weights / (1 - p))[kept], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(m.eval().attend(q, k, eye), weights, atol=1e-6, rtol=1e-5)
+
+
+@needs_fused_dropout
+@pytest.mark.parametrize("name", list(DROPOUT_BUILDERS))
+def test_fused_dropout_mean_over_draws_is_the_eval_output(name):
+    m = DROPOUT_BUILDERS[name]("fused", 0.3)
+    x = torch.randn(2, 9, 16)
+    expected = m.eval()(x)
+    m.train()
+    draws = []
+    for i in range(300):
+        torch.manual_seed(i)
+        draws.append(m(x).detach())
+    draws = torch.stack(draws)
+    se = draws.std(0) / math.sqrt(len(draws))
+    # (1e-6: the rounding of the dropout path against the plain one, where se is tiny)
+    z = (draws.mean(0) - expected).abs() / (se + 1e-6)
+    assert z.max() < 5.5, f"largest deviation {z.max():.2f} standard errors"
+    assert se.max() > 1e-4  # dropout did change the outputs
+    out = m(x)
+    out.pow(2).sum().backward()
+    check_every_param_has_grad(m)
+
+
 # ------------------------------------------------------------------ fused vs reference
 FUSED_BUILDERS = {
     "mha-all": lambda impl: make_mha("all", impl),
@@ -828,6 +1063,12 @@ BAD = [
     (lambda: fnn.AdaptiveSpanAttention(32, 4, max_span=8, span_init=1.5), ValueError, "span_init"),
     (lambda: fnn.HybridAttention(32, 4, span_ramp=-1), ValueError, "span_ramp"),
     (lambda: fnn.HybridAttention(32, 4, window=(1, 1)), ValueError, "window"),
+    (lambda: fnn.MultiheadAttention(32, 4, dropout=1.0), ValueError, r"dropout must be in \[0, 1\), got 1.0"),
+    (lambda: fnn.MultiheadAttention(32, 4, dropout=-0.1), ValueError, r"dropout must be in \[0, 1\), got -0.1"),
+    (lambda: fnn.MultiheadAttention(32, 4, dropout="0.1"), TypeError, "dropout must be a float in .* got str"),
+    (lambda: fnn.MultiheadLatentAttention(32, 4, 8, dropout=float("nan")), ValueError, "dropout must be in"),
+    (lambda: fnn.AdaptiveSpanAttention(32, 4, max_span=8, dropout=True), TypeError, "dropout must be a float"),
+    (lambda: fnn.HybridAttention(32, 4, dropout=1.5), ValueError, r"dropout must be in \[0, 1\), got 1.5"),
 ]
 
 

@@ -1,10 +1,13 @@
 """examples/train_lm.py: a few training steps of each attention variant make the loss fall."""
 
 import importlib.util
+import inspect
 import os
 
 import pytest
 import torch
+
+import fastattn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "train_lm.py")
@@ -16,6 +19,11 @@ def _fused_ops_registered() -> bool:
         return all(has(f"fastattn::{op}", "CPU") for op in ("attention", "rotary"))
     except Exception:
         return False
+
+
+# Dropout in the fused op (fastattn.attention(dropout_p=...)); without it, fused models train
+# with dropout 0.
+FUSED_DROPOUT = _fused_ops_registered() and "dropout_p" in inspect.signature(fastattn.attention).parameters
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -54,12 +62,30 @@ def test_loss_decreases(train_lm, data, attn):
     assert tps > 0
 
 
+@pytest.mark.parametrize("impl", ["reference", pytest.param("fused", marks=pytest.mark.skipif(
+    not FUSED_DROPOUT, reason="fastattn.attention has no dropout_p in this build"))])
+@pytest.mark.parametrize("attn", ["mha", "mla"])
+def test_loss_decreases_with_dropout(train_lm, data, attn, impl):
+    torch.manual_seed(0)
+    model = train_lm.CharLM(data.vocab_size, attn, d_model=32, n_head=4, n_layer=1, seq_len=32,
+                            impl=impl, dropout=0.1)
+    x, _ = data.batch("train", 4, 32, torch.Generator().manual_seed(0), "cpu")
+    assert not torch.equal(model(x), model(x)), "training mode: each call draws a new mask"
+    losses, _, _ = train_lm.train_steps(model, data, 30, batch_size=8, seq_len=32, lr=1e-2,
+                                        progress=False)
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.4, f"{attn}: loss {first:.3f} -> {last:.3f} did not fall"
+    model.eval()
+    torch.testing.assert_close(model(x), model(x), atol=0, rtol=0)  # no dropout in eval mode
+
+
 def test_main_end_to_end(train_lm, tmp_path):
     plot = tmp_path / "curve.png"
     res = train_lm.main(["--attn", "gqa", "--steps", "6", "--eval-every", "3", "--batch-size", "4",
                          "--seq-len", "16", "--d-model", "32", "--n-layer", "1",
                          "--bench-steps", "1", "--sample-chars", "8", "--no-progress",
-                         "--impl", "reference", "--plot", str(plot)])
+                         "--impl", "reference", "--plot", str(plot),
+                         "--dropout", "0.1" if FUSED_DROPOUT else "0"])
     assert plot.exists() and plot.stat().st_size > 1000
     assert len(res["losses"]) == 6 and [s for s, _ in res["val"]] == [3, 6]
     assert res["throughput"]["reference"] > 0

@@ -49,7 +49,7 @@ _library_source = _load_library()
 
 from . import ops  # noqa: E402  (fake kernels and autograd for the ops)
 from . import reference  # noqa: E402
-from .functional import attention, rotary  # noqa: E402
+from .functional import attention, attention_weights, rotary  # noqa: E402
 from . import functional  # noqa: E402
 from . import nn  # noqa: E402
 from . import tuning  # noqa: E402
@@ -87,4 +87,4 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["attention", "rotary", "functional", "reference", "nn", "ops", "tuning", "build_info", "empty_cache"]
+__all__ = ["attention", "attention_weights", "rotary", "functional", "reference", "nn", "ops", "tuning", "build_info", "empty_cache"]

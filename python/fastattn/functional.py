@@ -1,4 +1,4 @@
-"""The public functions: fastattn.attention and fastattn.rotary.
+"""The public functions: fastattn.attention, fastattn.attention_weights and fastattn.rotary.
 
 They normalize their arguments (Python scalars, defaults, a non-contiguous last dim) and call
 the fused ops in fastattn.ops, which validate them (ValueError / TypeError naming the argument,
@@ -14,9 +14,9 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from . import ops
+from . import ops, reference
 
-__all__ = ["attention", "rotary", "check_options"]
+__all__ = ["attention", "attention_weights", "rotary", "check_options"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -277,6 +277,70 @@ def _attention(op, q, k, v, scale, causal, window, rel_bias, alibi_slopes, span,
     if out.dtype != out_dtype:  # (Tensor.to costs a few us even when it is a no-op)
         out = out.to(out_dtype)
     return (out, lse) if return_lse else out
+
+
+def attention_weights(
+    q: Tensor,
+    k: Tensor,
+    *,
+    scale: Union[float, Tensor, None] = None,
+    causal: bool = False,
+    window: Sequence[int] = (-1, -1),
+    rel_bias: Optional[Tensor] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    span: Optional[Tensor] = None,
+    span_ramp: float = 32.0,
+    num_global: int = 0,
+    key_lengths: Optional[Tensor] = None,
+    softcap: float = 0.0,
+    heads=None,
+) -> Tensor:
+    """The attention probabilities of fastattn.attention (no dropout), for inspection.
+
+    The options are fastattn.attention's. The kernel computes each row's log-sum-exp (a call
+    with no value columns); then one dense pass over the selected heads builds the logits by
+    the same rules (fastattn.reference.attention_logits) and returns exp(logit - lse): the
+    weights the kernel normalizes with, 0 on masked pairs and on rows with no visible key.
+    This materializes (Sq, Sk) per selected head: pick heads to bound the memory.
+
+    Args:
+        q, k: as fastattn.attention.
+        heads: query-head indices (a list / tuple of ints or a 1-d integer tensor, each in
+            [0, Hq)); None: every head.
+    Returns:
+        (B, len(heads) or Hq, Sq, Sk) in q's dtype, computed in float32 (float64 for float64
+        q). Differentiable: gradients reach q, k, rel_bias, span and scale, through the dense
+        pass and through the kernel's lse (whose float32 rounding limits float64 results to
+        ~1e-7 relative accuracy).
+    """
+    for t, name in ((q, "q"), (k, "k")):
+        _check_tensor(t, name, 4, floating=False)
+    idx = reference.head_indices(heads, q.shape[1], q.device)
+    _, lse = _attention(ops.attention, q, k, _lse_only_values(q, k, scale, rel_bias, span), scale,
+                        causal, window, rel_bias, alibi_slopes, span, span_ramp, num_global,
+                        key_lengths, softcap, True)
+    # (the op call above has checked every option; these only normalize Python scalars)
+    logits = reference._logits(q, k, idx, scale, causal, _window(window), rel_bias, alibi_slopes,
+                               span, _real(span_ramp, "span_ramp", "a number"),
+                               _int(num_global, "num_global", "an int"), key_lengths,
+                               _real(softcap, "softcap", "a number"))
+    lse = lse if idx is None else lse.index_select(1, idx)
+    lse = lse.to(logits.dtype).unsqueeze(-1)
+    # A row with lse = -inf has no visible pair (every logit -inf): its weights are exp(-inf) = 0
+    # with a 0 shift, never exp(-inf + inf).
+    shift = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    return torch.exp(logits - shift).to(q.dtype)
+
+
+def _lse_only_values(q: Tensor, k: Tensor, scale, rel_bias, span) -> Tensor:
+    """v for a call that only needs lse: no value columns (Dv = 0), so the kernel computes the
+    softmax statistics and no output. The CPU backward answers a Dv = 0 call with zero gradients
+    (its early return for an empty output ignores grad_lse), so a call autograd records gets
+    one column of zeros instead, whose backward carries lse's gradient."""
+    recording = torch.is_grad_enabled() and any(
+        isinstance(t, Tensor) and t.requires_grad for t in (q, k, scale, rel_bias, span))
+    B, Hkv, Sk = k.shape[0], k.shape[1], k.shape[2]
+    return k.new_zeros(()).expand(B, Hkv, Sk, 1 if recording else 0)
 
 
 def check_options(**options) -> None:

@@ -1,19 +1,28 @@
 """Pure-PyTorch references of every fastattn op: the math, spelled out.
 
 Each function has the same signature as its fused twin in fastattn.functional and is
-differentiable by autograd. Math runs in float32 (float64 for float64 inputs) and the result
-is cast back to the input's dtype. These materialize the full (Sq, Sk) score matrix: they
-are for checking and reading, not for speed.
+differentiable by autograd (attention's dropout takes an explicit (seed, offset) instead of a
+generator). Math runs in float32 (float64 for float64 inputs) and the result is cast back to
+the input's dtype. These materialize the full (Sq, Sk) score matrix: they are for checking and
+reading, not for speed.
+
+Attention dropout draws its keep mask from a counter-based generator (Philox-4x32-10), written
+here independently in plain PyTorch: the CPU and CUDA kernels draw the same mask bit for bit
+(dropout_keep_mask has the layout).
 """
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["attention", "rotary", "attention_mask_and_bias", "rotary_angles"]
+__all__ = ["attention", "attention_weights", "attention_logits", "rotary", "attention_mask_and_bias",
+           "rotary_angles", "philox4x32_10", "dropout_keep_mask", "dropout_threshold",
+           "head_indices"]
 
 
 def _math_dtype(t: Tensor) -> torch.dtype:
@@ -155,6 +164,133 @@ def attention_mask_and_bias(
     return visible, bias
 
 
+def head_indices(heads, num_heads: int, device=None) -> Optional[Tensor]:
+    """``heads`` (None, a list / tuple of ints, or a 1-d integer tensor of query-head indices in
+    [0, num_heads)) as an int64 tensor on ``device``; None stays None (every head).
+
+    Raises TypeError / ValueError naming ``heads``."""
+    if heads is None:
+        return None
+    if isinstance(heads, Tensor):
+        if heads.dtype.is_floating_point or heads.dtype.is_complex or heads.dtype == torch.bool:
+            raise TypeError(f"fastattn: heads must hold integers, got a tensor of {heads.dtype}")
+        if heads.dim() != 1:
+            raise ValueError(f"fastattn: heads must be a 1-d tensor of query-head indices, got shape "
+                             f"{tuple(heads.shape)}")
+        # (a range check reads the values: skipped while torch.compile traces, and for meta)
+        if heads.numel() > 0 and heads.device.type != "meta" and not torch.compiler.is_compiling():
+            lo, hi = int(heads.min()), int(heads.max())
+            if lo < 0 or hi >= num_heads:
+                raise ValueError(f"fastattn: heads must lie in [0, {num_heads}) (the query heads), "
+                                 f"got values in [{lo}, {hi}]")
+        return heads.to(device=device, dtype=torch.int64)
+    if not isinstance(heads, (list, tuple)):
+        raise TypeError(f"fastattn: heads must be None, a list or tuple of ints or a 1-d integer "
+                        f"tensor, got {type(heads).__name__}")
+    idx = []
+    for h in heads:
+        if isinstance(h, bool):
+            raise TypeError(f"fastattn: heads must hold ints, got {h!r}")
+        try:
+            h = operator.index(h)
+        except TypeError:
+            raise TypeError(f"fastattn: heads must hold ints, got {type(h).__name__} ({h!r})") from None
+        if not 0 <= h < num_heads:
+            raise ValueError(f"fastattn: heads must lie in [0, {num_heads}) (the query heads), got {h}")
+        idx.append(h)
+    return torch.tensor(idx, dtype=torch.int64, device=device)
+
+
+def _logits(q: Tensor, k: Tensor, idx: Optional[Tensor], scale, causal, window, rel_bias, alibi_slopes,
+            span, span_ramp, num_global, key_lengths, softcap) -> Tensor:
+    """The masked logits (B, n, Sq, Sk) of the query heads ``idx`` (None: all), in the math
+    dtype, -inf where a pair is not visible."""
+    B, Hq, Sq, Dqk = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    md = _math_dtype(q)
+    if scale is None:
+        scale = Dqk ** -0.5
+    group = Hq // Hkv
+    if idx is None:
+        n = Hq
+        qf = q.to(md)
+        kf = k.to(md).repeat_interleave(group, dim=1)
+    else:  # only the selected heads (and each one's kv head), with their per-head parameters
+        n = idx.shape[0]
+        qf = q.index_select(1, idx).to(md)
+        kf = k.index_select(1, torch.div(idx, group, rounding_mode="floor")).to(md)
+        rel_bias = None if rel_bias is None else rel_bias.index_select(1, idx)
+        alibi_slopes = None if alibi_slopes is None else alibi_slopes.index_select(0, idx)
+        span = None if span is None else span.index_select(span.dim() - 1, idx)
+    scale_t = scale.to(md) if isinstance(scale, Tensor) else scale
+    logits = scale_t * (qf @ kf.transpose(-1, -2))
+    if softcap > 0:  # capped before any bias or mask
+        logits = softcap * torch.tanh(logits / softcap)
+    visible, bias = attention_mask_and_bias(
+        B, n, Sq, Sk, device=q.device, dtype=md, causal=causal, window=window,
+        rel_bias=rel_bias, alibi_slopes=alibi_slopes, span=span, span_ramp=span_ramp,
+        num_global=num_global, key_lengths=key_lengths)
+    return torch.where(visible, logits + bias, torch.full_like(logits, -math.inf))
+
+
+def attention_logits(
+    q: Tensor,
+    k: Tensor,
+    *,
+    scale: Union[float, Tensor, None] = None,
+    causal: bool = False,
+    window: Sequence[int] = (-1, -1),
+    rel_bias: Optional[Tensor] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    span: Optional[Tensor] = None,
+    span_ramp: float = 32.0,
+    num_global: int = 0,
+    key_lengths: Optional[Tensor] = None,
+    softcap: float = 0.0,
+    heads=None,
+) -> Tensor:
+    """The logits fastattn.attention normalizes, materialized: (B, len(heads) or Hq, Sq, Sk)
+    in float32 (float64 for float64 q), -inf where a pair is not visible: the scaled score
+    (soft-capped) plus the table, ALiBi and span terms. ``heads`` selects query heads
+    (see head_indices)."""
+    idx = head_indices(heads, q.shape[1], q.device)
+    return _logits(q, k, idx, scale, causal, window, rel_bias, alibi_slopes, span, span_ramp,
+                   num_global, key_lengths, softcap)
+
+
+def _probs_and_lse(logits: Tensor) -> tuple[Tensor, Tensor]:
+    lse = torch.logsumexp(logits, dim=-1)  # -inf for empty rows
+    empty = torch.isneginf(lse)
+    safe_lse = torch.where(empty, torch.zeros_like(lse), lse)
+    return torch.exp(logits - safe_lse.unsqueeze(-1)), lse  # exp(-inf) = 0 on masked keys
+
+
+def attention_weights(
+    q: Tensor,
+    k: Tensor,
+    *,
+    scale: Union[float, Tensor, None] = None,
+    causal: bool = False,
+    window: Sequence[int] = (-1, -1),
+    rel_bias: Optional[Tensor] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    span: Optional[Tensor] = None,
+    span_ramp: float = 32.0,
+    num_global: int = 0,
+    key_lengths: Optional[Tensor] = None,
+    softcap: float = 0.0,
+    heads=None,
+) -> Tensor:
+    """The attention probabilities (B, len(heads) or Hq, Sq, Sk) in q's dtype: the softmax of
+    attention_logits over the keys, 0 on masked pairs and on rows with no visible key. No
+    dropout."""
+    logits = attention_logits(q, k, scale=scale, causal=causal, window=window, rel_bias=rel_bias,
+                              alibi_slopes=alibi_slopes, span=span, span_ramp=span_ramp,
+                              num_global=num_global, key_lengths=key_lengths, softcap=softcap,
+                              heads=heads)
+    return _probs_and_lse(logits)[0].to(q.dtype)
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -170,6 +306,8 @@ def attention(
     num_global: int = 0,
     key_lengths: Optional[Tensor] = None,
     softcap: float = 0.0,
+    dropout_p: float = 0.0,
+    dropout_seed=None,
     return_lse: bool = False,
 ):
     """Attention with fastattn's masks and biases, materialized.
@@ -177,30 +315,150 @@ def attention(
     q (B, Hq, Sq, Dqk), k (B, Hkv, Sk, Dqk), v (B, Hkv, Sk, Dv), Hq % Hkv == 0.
     Returns out (B, Hq, Sq, Dv) in q's dtype, and lse (B, Hq, Sq) float32 when return_lse.
     A row with no visible key gives zeros and lse = -inf.
+
+    dropout_p in [0, 1): the weights are multiplied by dropout_keep_mask(seed, offset, ...)
+    (B, Hq, Sq, Sk) and by 1 / (1 - dropout_p) before the product with v; lse stays that of
+    the undropped weights. dropout_seed, (seed, offset) as a pair of ints or a 2-element int64
+    tensor, is required when dropout_p > 0. Autograd gives the exact gradients for that mask.
     """
-    B, Hq, Sq, Dqk = q.shape
+    dropout_p = _check_dropout_p(dropout_p)
+    B, Hq, Sq, _ = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     md = _math_dtype(q)
-    if scale is None:
-        scale = Dqk ** -0.5
-    group = Hq // Hkv
-    qf = q.to(md)
-    kf = k.to(md).repeat_interleave(group, dim=1)
-    vf = v.to(md).repeat_interleave(group, dim=1)
-    scale_t = scale.to(md) if isinstance(scale, Tensor) else scale
-    logits = scale_t * (qf @ kf.transpose(-1, -2))
-    if softcap > 0:  # capped before any bias or mask
-        logits = softcap * torch.tanh(logits / softcap)
-    visible, bias = attention_mask_and_bias(
-        B, Hq, Sq, Sk, device=q.device, dtype=md, causal=causal, window=window,
-        rel_bias=rel_bias, alibi_slopes=alibi_slopes, span=span, span_ramp=span_ramp,
-        num_global=num_global, key_lengths=key_lengths)
-    logits = torch.where(visible, logits + bias, torch.full_like(logits, -math.inf))
-    lse = torch.logsumexp(logits, dim=-1)  # -inf for empty rows
-    empty = torch.isneginf(lse)
-    safe_lse = torch.where(empty, torch.zeros_like(lse), lse)
-    probs = torch.exp(logits - safe_lse.unsqueeze(-1))  # exp(-inf) = 0 on masked keys
+    vf = v.to(md).repeat_interleave(Hq // Hkv, dim=1)
+    logits = _logits(q, k, None, scale, causal, window, rel_bias, alibi_slopes, span, span_ramp,
+                     num_global, key_lengths, softcap)
+    probs, lse = _probs_and_lse(logits)
+    if dropout_p > 0:
+        seed, offset = _dropout_seed(dropout_seed)
+        keep = dropout_keep_mask(seed, offset, B, Hq, Sq, Sk, dropout_p, q.device)
+        # 1 / (1 - p) is evaluated in float64 and rounded to the math dtype, as the kernels do
+        rescale = torch.tensor(1.0 / (1.0 - dropout_p), dtype=md, device=q.device)
+        probs = probs * torch.where(keep, rescale, torch.zeros((), dtype=md, device=q.device))
     out = (probs @ vf).to(q.dtype)
     if return_lse:
         return out, lse.to(torch.float32)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# dropout: Philox-4x32-10 and the keep mask
+# ---------------------------------------------------------------------------------------------
+# Philox-4x32-10 (Salmon, Moraes, Dror, Shaw, "Parallel random numbers: as easy as 1, 2, 3",
+# SC 2011; Random123 and cuRAND use the same constants): round multipliers and key increments.
+PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+_U32 = 0xFFFFFFFF
+_INT64_MIN, _INT64_MAX = -2 ** 63, 2 ** 63 - 1
+
+
+def _mulhilo32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(hi, lo): the high and low 32 bits of the 64-bit product of the uint32 constant ``a`` and
+    the uint32 values of ``b`` (int64). The product itself does not fit in int64, so ``b`` is
+    split into 16-bit halves: each partial product stays below 2^48."""
+    p_lo = a * (b & 0xFFFF)
+    p_hi = a * (b >> 16)
+    t = p_lo + ((p_hi & 0xFFFF) << 16)  # = a * b - (p_hi >> 16) * 2^32, < 2^49
+    return (p_hi >> 16) + (t >> 32), t & _U32
+
+
+def philox4x32_10(c0, c1, c2, c3, k0, k1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Philox-4x32-10 of the counter (c0, c1, c2, c3) under the key (k0, k1).
+
+    Each argument is an int64 tensor (or a Python int) of uint32 values, taken mod 2^32;
+    they broadcast together. Returns the four output words, int64 tensors of uint32 values.
+    A round: (hi0, lo0) = mulhilo32(M0, c0), (hi1, lo1) = mulhilo32(M1, c2), the counter
+    becomes (hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0); the key is bumped by (W0, W1) mod 2^32
+    before each of rounds 2..10.
+    """
+    def word(x):
+        x = x if isinstance(x, Tensor) else torch.tensor(x, dtype=torch.int64)
+        if x.dtype != torch.int64:
+            raise TypeError(f"fastattn: philox4x32_10 takes int64 tensors of uint32 values, got {x.dtype}")
+        return x & _U32
+
+    c0, c1, c2, c3, k0, k1 = (word(x) for x in (c0, c1, c2, c3, k0, k1))
+    for r in range(10):
+        if r > 0:
+            k0, k1 = (k0 + PHILOX_W0) & _U32, (k1 + PHILOX_W1) & _U32
+        hi0, lo0 = _mulhilo32(PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo32(PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    shape = torch.broadcast_shapes(c0.shape, c1.shape, c2.shape, c3.shape)
+    return tuple(c.expand(shape) for c in (c0, c1, c2, c3))
+
+
+def dropout_threshold(dropout_p: float) -> int:
+    """The keep threshold of a 16-bit draw u (keep iff u < threshold): round((1 - p) * 65536),
+    Python's round of the float64 product (half to even, as C's nearbyint), clamped to
+    [0, 65536]."""
+    p = _check_dropout_p(dropout_p)
+    return min(max(round((1.0 - p) * 65536.0), 0), 65536)
+
+
+def dropout_keep_mask(seed, offset, B: int, H: int, Sq: int, Sk: int, dropout_p: float,
+                      device=None) -> Tensor:
+    """The dropout keep mask, bool (B, H, Sq, Sk), that fastattn's kernels draw.
+
+    seed and offset: int64 values (Python ints or 0-dim / 1-element int64 tensors, e.g. the two
+    entries of a [seed, offset] tensor), taken as uint64 (two's complement). H is the number of
+    query heads. The key is (seed mod 2^32, (seed >> 32) mod 2^32). Element (b, h, i, j) reads
+    the Philox-4x32-10 output of the counter (j >> 3, i, b * H + h, offset mod 2^32) (each word
+    mod 2^32): of its word (j >> 1) & 3, the high 16 bits u for odd j, the low 16 bits for even
+    j. It is kept iff u < dropout_threshold(dropout_p). One Philox call serves 8 consecutive keys.
+    """
+    threshold = dropout_threshold(dropout_p)
+    seed = _seed_word(seed, "seed", device)
+    offset = _seed_word(offset, "offset", device)
+    k0, k1 = seed & _U32, (seed >> 32) & _U32
+    blocks = (Sk + 7) // 8
+    c0 = torch.arange(blocks, dtype=torch.int64, device=device).view(1, 1, blocks)   # j >> 3
+    c1 = torch.arange(Sq, dtype=torch.int64, device=device).view(1, Sq, 1)           # i
+    c2 = torch.arange(B * H, dtype=torch.int64, device=device).view(B * H, 1, 1)     # b * H + h
+    words = torch.stack(philox4x32_10(c0, c1, c2, offset & _U32, k0, k1), dim=-1)  # (BH, Sq, blocks, 4)
+    # 8 values per call, key j = 8 * block + 2 * word + (j odd): low half for even j, high for odd
+    u = torch.stack([words & 0xFFFF, words >> 16], dim=-1).flatten(-3)[..., :Sk]
+    return (u < threshold).view(B, H, Sq, Sk)
+
+
+def _check_dropout_p(dropout_p) -> float:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"fastattn: dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
+    p = float(dropout_p)
+    if not 0.0 <= p < 1.0:  # (NaN fails too)
+        raise ValueError(f"fastattn: dropout_p must be in [0, 1), got {dropout_p!r}")
+    return p
+
+
+def _seed_word(value, name: str, device):
+    """seed or offset as a Python int or a 0-dim int64 tensor on ``device``."""
+    if isinstance(value, Tensor):
+        if value.dtype != torch.int64 or value.numel() != 1:
+            raise TypeError(f"fastattn: {name} must be an int or a one-element int64 tensor, got a "
+                            f"{value.dtype} tensor of shape {tuple(value.shape)}")
+        return value.reshape(()).to(device)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"fastattn: {name} must be an int or a one-element int64 tensor, got "
+                        f"{type(value).__name__}")
+    value = int(value)
+    if not _INT64_MIN <= value <= _INT64_MAX:
+        raise ValueError(f"fastattn: {name} must fit in int64 ([-2**63, 2**63 - 1]), got {value}")
+    return value
+
+
+def _dropout_seed(dropout_seed):
+    """(seed, offset) from a (seed, offset) pair or a 2-element int64 tensor [seed, offset]."""
+    if dropout_seed is None:
+        raise ValueError("fastattn: dropout_seed (seed, offset) must be given when dropout_p > 0, got None")
+    if isinstance(dropout_seed, Tensor):
+        if dropout_seed.dtype != torch.int64:
+            raise TypeError(f"fastattn: dropout_seed must be an int64 tensor [seed, offset], got "
+                            f"{dropout_seed.dtype}")
+        if tuple(dropout_seed.shape) != (2,):
+            raise ValueError(f"fastattn: dropout_seed must be a tensor of shape (2,) ([seed, offset]), "
+                             f"got shape {tuple(dropout_seed.shape)}")
+        return dropout_seed[0], dropout_seed[1]
+    if not isinstance(dropout_seed, (tuple, list)) or len(dropout_seed) != 2:
+        raise TypeError(f"fastattn: dropout_seed must be a (seed, offset) pair or an int64 tensor of "
+                        f"shape (2,), got {dropout_seed!r}")
+    return dropout_seed[0], dropout_seed[1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -49,6 +50,32 @@ def check_window(window) -> Tuple[int, int]:
     pair = functional._window(window)
     functional.check_options(window=pair)
     return pair
+
+
+def check_dropout(dropout) -> float:
+    """``dropout`` (the attention dropout probability) as a float in [0, 1)."""
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
+        raise TypeError(f"dropout must be a float in [0, 1), got {type(dropout).__name__} ({dropout!r})")
+    if not 0.0 <= float(dropout) < 1.0:  # (NaN fails too)
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    return float(dropout)
+
+
+def dropout_options(dropout: float, training: bool, impl: str) -> dict:
+    """The attention call's dropout arguments: none outside training or at 0 (a call without
+    them is the plain attention). The fused op draws its mask from torch's generator; the
+    reference takes an explicit (seed, offset), drawn here from torch's default generator:
+    the same distribution of masks, not the fused call's mask."""
+    if not training or dropout == 0.0:
+        return {}
+    if impl == "reference":
+        return dict(dropout_p=dropout, dropout_seed=torch.empty(2, dtype=torch.int64).random_())
+    return dict(dropout_p=dropout)
+
+
+def average_weights(weights: torch.Tensor, average: bool) -> torch.Tensor:
+    """``(B, H, Sq, Sk)`` attention weights, or their mean over the heads ``(B, Sq, Sk)``."""
+    return weights.mean(dim=1) if average else weights
 
 
 def check_input(name: str, x: torch.Tensor, last_dim: int, what: str = "d_model") -> None:

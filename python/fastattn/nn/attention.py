@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ._common import (alibi_slopes, append_to_caches, check_impl, check_input, check_positive_int,
-                      check_window, ops)
+from ._common import (alibi_slopes, append_to_caches, average_weights, check_dropout, check_impl,
+                      check_input, check_positive_int, check_window, dropout_options, ops)
 from .. import functional
 from .bias import RelativePositionBias
 from .rotary import GivensRotaryEmbedding, RotaryEmbedding
@@ -54,9 +54,15 @@ class MultiheadAttention(nn.Module):
         learnable_temperature: learn the softmax scale (``scale = exp(log_scale)``, init
             ``head_dim ** -0.5``; ``log_scale`` has shape ``(1,)``); its gradient comes from the
             kernel.
+        dropout: attention dropout probability in [0, 1), applied to the attention weights in
+            training mode only (``fastattn.attention(dropout_p=...)``); not a parameter or buffer.
         impl: ``"fused"`` (``fastattn.functional``) or ``"reference"`` (``fastattn.reference``).
 
-    Shapes: ``x (B, S, d_model)``, ``xa (B, Sa, kdim)`` -> ``(B, S, d_model)``.
+    Shapes: ``x (B, S, d_model)``, ``xa (B, Sa, kdim)`` -> ``(B, S, d_model)``. With
+    ``need_weights=True`` the forward also returns the attention weights (as
+    ``torch.nn.MultiheadAttention``): ``(B, S, Sk)`` averaged over the heads, or
+    ``(B, n_head, S, Sk)`` with ``average_attn_weights=False``, from
+    ``fastattn.attention_weights`` (before dropout; it materializes them).
 
     State dict: ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj`` (``nn.Linear``), plus
     ``rotary.*``, ``rel_bias.pos_bias``, ``alibi_slopes`` (buffer), ``log_scale`` as configured.
@@ -80,7 +86,7 @@ class MultiheadAttention(nn.Module):
                  rotary_dim: Optional[int] = None, interleaved: bool = False,
                  learned_freq: Optional[bool] = None, n_rotations: Optional[int] = None,
                  rel_bias_max_dist: Optional[int] = None, alibi: bool = False,
-                 learnable_temperature: bool = False, impl: str = "fused",
+                 learnable_temperature: bool = False, dropout: float = 0.0, impl: str = "fused",
                  device=None, dtype=None):
         super().__init__()
         check_positive_int("d_model", d_model)
@@ -115,6 +121,7 @@ class MultiheadAttention(nn.Module):
         functional.check_options(softcap=softcap)
         self.softcap = float(softcap)
         self.num_global = num_global
+        self.dropout = check_dropout(dropout)
         self.impl = check_impl(impl)
         fk = dict(device=device, dtype=dtype)
 
@@ -171,25 +178,37 @@ class MultiheadAttention(nn.Module):
         return (q, self.log_scale, None if self.rel_bias is None else self.rel_bias.pos_bias,
                 self.alibi_slopes, span)
 
+    def _options(self, key_lengths: Optional[torch.Tensor], span: Optional[torch.Tensor],
+                 span_ramp: float) -> dict:
+        """This module's scale, mask and biases as attention / attention_weights options."""
+        kw = dict(scale=self._scale(), causal=self.causal, window=self.window,
+                  rel_bias=None if self.rel_bias is None else self.rel_bias.pos_bias,
+                  alibi_slopes=self.alibi_slopes, num_global=self.num_global,
+                  key_lengths=key_lengths, softcap=self.softcap)
+        if span is not None:
+            kw.update(span=span, span_ramp=span_ramp)
+        return kw
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                key_lengths: Optional[torch.Tensor] = None, span: Optional[torch.Tensor] = None,
                span_ramp: float = 32.0) -> torch.Tensor:
         """The attention core on head-split tensors: ``q (B, n_head, Sq, head_dim)``,
         ``k, v (B, n_kv_head, Sk, head_dim)`` -> ``(B, n_head, Sq, head_dim)``, with this
-        module's scale, mask and biases."""
-        kw = {}
-        if span is not None:
-            kw = dict(span=span, span_ramp=span_ramp)
-        return ops(self.impl).attention(
-            q, k, v, scale=self._scale(), causal=self.causal, window=self.window,
-            rel_bias=None if self.rel_bias is None else self.rel_bias.pos_bias,
-            alibi_slopes=self.alibi_slopes, num_global=self.num_global,
-            key_lengths=key_lengths, softcap=self.softcap, **kw)
+        module's scale, mask, biases and (in training mode) dropout."""
+        return ops(self.impl).attention(q, k, v, **self._options(key_lengths, span, span_ramp),
+                                        **dropout_options(self.dropout, self.training, self.impl))
+
+    def attend_weights(self, q: torch.Tensor, k: torch.Tensor, *,
+                       key_lengths: Optional[torch.Tensor] = None, span: Optional[torch.Tensor] = None,
+                       span_ramp: float = 32.0) -> torch.Tensor:
+        """The attention weights ``(B, n_head, Sq, Sk)`` that :meth:`attend` applies (before
+        dropout), from ``fastattn.attention_weights``."""
+        return ops(self.impl).attention_weights(q, k, **self._options(key_lengths, span, span_ramp))
 
     def forward(self, x: torch.Tensor, xa: Optional[torch.Tensor] = None, *,
                 cache: Optional[Cache] = None, key_lengths: Optional[torch.Tensor] = None,
-                span: Optional[torch.Tensor] = None, span_ramp: float = 32.0
-                ) -> Union[torch.Tensor, Tuple[torch.Tensor, Cache]]:
+                span: Optional[torch.Tensor] = None, span_ramp: float = 32.0,
+                need_weights: bool = False, average_attn_weights: bool = True):
         """Attention over ``x (B, S, d_model)``; keys/values from ``x`` or ``xa (B, Sa, kdim)``.
 
         Args:
@@ -198,8 +217,11 @@ class MultiheadAttention(nn.Module):
                 (positions count the cached keys too).
             span: ``(B, n_head)`` or ``(n_head,)`` soft attention span in tokens, with ramp
                 ``span_ramp`` (differentiable; used by the adaptive-span/hybrid modules).
+            need_weights: also return the attention weights (see the class docstring).
+            average_attn_weights: with ``need_weights``, average the weights over the heads.
 
-        Returns: ``out (B, S, d_model)``, or ``(out, cache)`` when ``cache`` is given.
+        Returns: ``out (B, S, d_model)``; ``(out, weights)`` with ``need_weights``; a given
+        ``cache`` adds the new cache last: ``(out, cache)`` or ``(out, weights, cache)``.
         """
         check_input("x", x, self.d_model)
         B, S, _ = x.shape
@@ -234,11 +256,16 @@ class MultiheadAttention(nn.Module):
                 new_cache["k"], new_cache["v"] = k, v
         o = self.attend(q, k, v, key_lengths=key_lengths, span=span, span_ramp=span_ramp)
         out = self.out_proj(o.transpose(1, 2).reshape(B, S, self.n_head * self.head_dim))
-        if cache is None:
-            return out
-        return out, new_cache
+        result = (out,)
+        if need_weights:
+            w = self.attend_weights(q, k, key_lengths=key_lengths, span=span, span_ramp=span_ramp)
+            result += (average_weights(w, average_attn_weights),)
+        if cache is not None:
+            result += (new_cache,)
+        return result[0] if len(result) == 1 else result
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_head={self.n_head}, n_kv_head={self.n_kv_head}, "
                 f"head_dim={self.head_dim}, causal={self.causal}, window={self.window}, "
-                f"num_global={self.num_global}, softcap={self.softcap}, impl={self.impl!r}")
+                f"num_global={self.num_global}, softcap={self.softcap}, impl={self.impl!r}"
+                + (f", dropout={self.dropout}" if self.dropout else ""))

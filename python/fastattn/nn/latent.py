@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ._common import append_to_caches, check_impl, check_input, check_positive_int, check_window, ops
+from ._common import (append_to_caches, average_weights, check_dropout, check_impl, check_input,
+                      check_positive_int, check_window, dropout_options, ops)
 from .rotary import RotaryEmbedding
 
 Cache = Dict[str, torch.Tensor]
@@ -46,9 +47,13 @@ class MultiheadLatentAttention(nn.Module):
         v_head_dim: per-head value dim ``dv`` (default ``dn``).
         rope_base, interleaved: rotary options for the decoupled rotary part.
         causal, window: masking, as in :class:`MultiheadAttention`.
+        dropout: attention dropout probability in [0, 1), in training mode only. The mask
+            is indexed by (batch, query head, query, key), which both paths share, so for the
+            same (seed, offset) they drop the same weights.
         impl: ``"fused"`` or ``"reference"``.
 
-    Shapes: ``x (B, S, d_model)`` -> ``(B, S, d_model)``.
+    Shapes: ``x (B, S, d_model)`` -> ``(B, S, d_model)``. With ``need_weights=True`` the
+    forward also returns the attention weights as :class:`MultiheadAttention` does.
 
     State dict: ``q_proj`` (or ``q_a_proj``, ``q_a_norm``, ``q_b_proj``), ``kv_a_proj``
     (``d_model -> d_c + dr``), ``kv_a_norm``, ``kv_b_proj`` (``d_c -> H*(dn+dv)``, no bias:
@@ -65,7 +70,8 @@ class MultiheadLatentAttention(nn.Module):
                  q_lora_rank: Optional[int] = None, qk_nope_head_dim: Optional[int] = None,
                  qk_rope_head_dim: Optional[int] = None, v_head_dim: Optional[int] = None,
                  rope_base: float = 10000.0, interleaved: bool = False, causal: bool = True,
-                 window: Tuple[int, int] = (-1, -1), impl: str = "fused", device=None, dtype=None):
+                 window: Tuple[int, int] = (-1, -1), dropout: float = 0.0, impl: str = "fused",
+                 device=None, dtype=None):
         super().__init__()
         check_positive_int("d_model", d_model)
         check_positive_int("n_head", n_head)
@@ -95,6 +101,7 @@ class MultiheadLatentAttention(nn.Module):
         self.v_head_dim = v_head_dim
         self.causal = bool(causal)
         self.window = check_window(window)
+        self.dropout = check_dropout(dropout)
         self.impl = check_impl(impl)
         self.scale = (qk_nope_head_dim + qk_rope_head_dim) ** -0.5
         fk = dict(device=device, dtype=dtype)
@@ -124,14 +131,20 @@ class MultiheadLatentAttention(nn.Module):
         return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
 
     def forward(self, x: torch.Tensor, *, cache: Optional[Cache] = None,
-                absorb: Optional[bool] = None, key_lengths: Optional[torch.Tensor] = None
-                ) -> Union[torch.Tensor, Tuple[torch.Tensor, Cache]]:
-        """``x (B, S, d_model)`` -> ``(B, S, d_model)``, or ``(out, cache)`` with a cache.
+                absorb: Optional[bool] = None, key_lengths: Optional[torch.Tensor] = None,
+                need_weights: bool = False, average_attn_weights: bool = True):
+        """``x (B, S, d_model)`` -> ``(B, S, d_model)``.
 
         Args:
             cache: ``{}`` to start decoding, then the returned cache (see class docstring).
             absorb: use the absorbed path; default True with a cache, False without.
             key_lengths: ``(B,)`` int, keys ``>= key_lengths[b]`` are masked.
+            need_weights: also return the attention weights (before dropout), ``(B, S, Sk)``
+                averaged over the heads or ``(B, n_head, S, Sk)`` with
+                ``average_attn_weights=False``.
+
+        Returns: ``out``; ``(out, weights)`` with ``need_weights``; a given ``cache`` adds the
+        new cache last: ``(out, cache)`` or ``(out, weights, cache)``.
         """
         check_input("x", x, self.d_model)
         B, S, _ = x.shape
@@ -157,6 +170,7 @@ class MultiheadLatentAttention(nn.Module):
             absorb = cache is not None
         attention = ops(self.impl).attention
         kw = dict(scale=self.scale, causal=self.causal, window=self.window, key_lengths=key_lengths)
+        drop = dropout_options(self.dropout, self.training, self.impl)
         Sk = c.shape[1]
         if absorb:
             w_uk, w_uv = self.absorbed_weights()
@@ -166,21 +180,27 @@ class MultiheadLatentAttention(nn.Module):
                 latent_and_rope = torch.cat([c, k_rope], dim=-1)
             ka = latent_and_rope.unsqueeze(1)                         # (B, 1, Sk, dc+dr)
             va = c.unsqueeze(1)                                       # (B, 1, Sk, dc)
-            o_lat = attention(qa, ka, va, **kw)                       # (B, H, Sq, dc)
+            o_lat = attention(qa, ka, va, **kw, **drop)               # (B, H, Sq, dc)
+            q_w, k_w = qa, ka
             o = torch.einsum("bhsc,hvc->bhsv", o_lat, w_uv.to(o_lat.dtype))
         else:
             kv = self.kv_b_proj(c).view(B, Sk, H, dn + dv).transpose(1, 2)
             k_nope, v = kv.split([dn, dv], dim=-1)                    # (B, H, Sk, dn), (.., dv)
             k = torch.cat([k_nope, k_rope.unsqueeze(1).expand(B, H, Sk, dr)], dim=-1)
             qf = torch.cat([q_nope, q_rope], dim=-1)
-            o = attention(qf, k, v, **kw)                             # (B, H, Sq, dv)
-        out = self.out_proj(o.transpose(1, 2).reshape(B, S, H * dv))
-        if cache is None:
-            return out
-        return out, {"latent": c, "k_rope": k_rope}
+            o = attention(qf, k, v, **kw, **drop)                     # (B, H, Sq, dv)
+            q_w, k_w = qf, k
+        result = (self.out_proj(o.transpose(1, 2).reshape(B, S, H * dv)),)
+        if need_weights:
+            w = ops(self.impl).attention_weights(q_w, k_w, **kw)
+            result += (average_weights(w, average_attn_weights),)
+        if cache is not None:
+            result += ({"latent": c, "k_rope": k_rope},)
+        return result[0] if len(result) == 1 else result
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_head={self.n_head}, kv_lora_rank={self.kv_lora_rank}, "
                 f"q_lora_rank={self.q_lora_rank}, qk_nope_head_dim={self.qk_nope_head_dim}, "
                 f"qk_rope_head_dim={self.qk_rope_head_dim}, v_head_dim={self.v_head_dim}, "
-                f"causal={self.causal}, impl={self.impl!r}")
+                f"causal={self.causal}, impl={self.impl!r}"
+                + (f", dropout={self.dropout}" if self.dropout else ""))

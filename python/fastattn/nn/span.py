@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
-from ._common import check_impl, check_input, check_positive_int
+from ._common import check_dropout, check_impl, check_input, check_positive_int
 from .attention import Cache, MultiheadAttention
 
 
@@ -79,12 +79,13 @@ class AdaptiveSpanAttention(MultiheadAttention):
         self.span_frac.clamp_(0.0, 1.0)
 
     def forward(self, x: torch.Tensor, xa: Optional[torch.Tensor] = None, *,
-                cache: Optional[Cache] = None, key_lengths: Optional[torch.Tensor] = None
-                ) -> Union[torch.Tensor, Tuple[torch.Tensor, Cache]]:
-        """``x (B, S, d_model)`` -> ``(B, S, d_model)`` (or ``(out, cache)``, see
-        :class:`MultiheadAttention`), attending within each head's learned span."""
+                cache: Optional[Cache] = None, key_lengths: Optional[torch.Tensor] = None,
+                need_weights: bool = False, average_attn_weights: bool = True):
+        """``x (B, S, d_model)`` -> ``(B, S, d_model)`` (with the weights and the cache as
+        :class:`MultiheadAttention` returns them), attending within each head's learned span."""
         return super().forward(x, xa, cache=cache, key_lengths=key_lengths,
-                               span=self.span().to(x.dtype), span_ramp=self.span_ramp)
+                               span=self.span().to(x.dtype), span_ramp=self.span_ramp,
+                               need_weights=need_weights, average_attn_weights=average_attn_weights)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", max_span={self.max_span}, span_ramp={self.span_ramp}"
@@ -115,11 +116,15 @@ class HybridAttention(nn.Module):
         max_span: largest predicted span (tokens).
         span_ramp: soft-mask ramp (tokens).
         causal: causal masking in both branches.
+        dropout: attention dropout probability in [0, 1) of both branches, in training mode
+            only.
         n_kv_head, rotary, rel_bias_max_dist, alibi, ...: further keyword arguments go to both
             :class:`MultiheadAttention` branches.
         impl: ``"fused"`` or ``"reference"``.
 
-    Shapes: ``x (B, S, d_model)`` -> ``(B, S, d_model)``.
+    Shapes: ``x (B, S, d_model)`` -> ``(B, S, d_model)``. With ``need_weights=True`` the
+    forward also returns the attention weights of both branches, ``(local, global)``, each as
+    :class:`MultiheadAttention` returns them.
 
     State dict: ``ln_global``, ``ln_local`` (LayerNorm), ``attn_global``, ``attn_local``
     (:class:`MultiheadAttention`), ``span_pred`` (``Linear(d_model, n_head)``),
@@ -127,8 +132,8 @@ class HybridAttention(nn.Module):
     """
 
     def __init__(self, d_model: int, n_head: int, *, max_span: float = 32.0,
-                 span_ramp: float = 8.0, causal: bool = True, impl: str = "fused",
-                 device=None, dtype=None, **mha_kwargs):
+                 span_ramp: float = 8.0, causal: bool = True, dropout: float = 0.0,
+                 impl: str = "fused", device=None, dtype=None, **mha_kwargs):
         super().__init__()
         _check_span_args(max_span, span_ramp)
         check_positive_int("d_model", d_model)
@@ -141,15 +146,16 @@ class HybridAttention(nn.Module):
         self.max_span = float(max_span)
         self.span_ramp = float(span_ramp)
         self.causal = bool(causal)
+        self.dropout = check_dropout(dropout)
         self._impl = check_impl(impl)
         fk = dict(device=device, dtype=dtype)
         w = int(math.ceil(max_span + span_ramp))
         self.ln_global = nn.LayerNorm(d_model, **fk)
         self.ln_local = nn.LayerNorm(d_model, **fk)
-        self.attn_global = MultiheadAttention(d_model, n_head, causal=causal, impl=impl,
-                                              **fk, **mha_kwargs)
+        self.attn_global = MultiheadAttention(d_model, n_head, causal=causal, dropout=dropout,
+                                              impl=impl, **fk, **mha_kwargs)
         self.attn_local = MultiheadAttention(d_model, n_head, causal=causal, window=(w, w),
-                                             impl=impl, **fk, **mha_kwargs)
+                                             dropout=dropout, impl=impl, **fk, **mha_kwargs)
         self.span_pred = nn.Linear(d_model, n_head, **fk)
         self.projection = nn.Linear(2 * d_model, d_model, **fk)
 
@@ -174,19 +180,27 @@ class HybridAttention(nn.Module):
         return self.max_span * torch.sigmoid(self.span_pred(pooled))
 
     def forward(self, x: torch.Tensor, *, key_lengths: Optional[torch.Tensor] = None,
-                return_span: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-        """``x (B, S, d_model)`` -> ``(B, S, d_model)``; with ``return_span`` also the
-        predicted span ``(B, n_head)``."""
+                return_span: bool = False, need_weights: bool = False,
+                average_attn_weights: bool = True):
+        """``x (B, S, d_model)`` -> ``out (B, S, d_model)``, followed by the weights
+        ``(local, global)`` with ``need_weights`` and the predicted span ``(B, n_head)`` with
+        ``return_span``: ``out``, ``(out, weights)``, ``(out, span)`` or ``(out, weights, span)``."""
         check_input("x", x, self.d_model)
-        g = self.attn_global(self.ln_global(x), key_lengths=key_lengths)
+        wk = dict(need_weights=True, average_attn_weights=average_attn_weights) if need_weights else {}
+        g = self.attn_global(self.ln_global(x), key_lengths=key_lengths, **wk)
+        g, w_global = g if need_weights else (g, None)
         span = self.predict_span(g, key_lengths)
         loc = self.attn_local(self.ln_local(x), key_lengths=key_lengths, span=span.to(x.dtype),
-                              span_ramp=self.span_ramp)
-        out = self.projection(torch.cat([loc, g], dim=-1))
+                              span_ramp=self.span_ramp, **wk)
+        loc, w_local = loc if need_weights else (loc, None)
+        result = (self.projection(torch.cat([loc, g], dim=-1)),)
+        if need_weights:
+            result += ((w_local, w_global),)
         if return_span:
-            return out, span
-        return out
+            result += (span,)
+        return result[0] if len(result) == 1 else result
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_head={self.n_head}, max_span={self.max_span}, "
-                f"span_ramp={self.span_ramp}, causal={self.causal}, impl={self.impl!r}")
+                f"span_ramp={self.span_ramp}, causal={self.causal}, impl={self.impl!r}"
+                + (f", dropout={self.dropout}" if self.dropout else ""))
