@@ -112,19 +112,42 @@ def test_non_finite_scalar_options_raise(name, value):
         fastattn.attention(q, k, v, **{name: value})
 
 
-# ---- gradients the kernels do not compute ---------------------------------------------------
-def test_alibi_slopes_requiring_grad_raise_instead_of_none():
-    q, k, v = _qkv()
-    q.requires_grad_()
+# ---- learned ALiBi slopes ---------------------------------------------------------------------
+@pytest.mark.parametrize("Sq,Sk,rows", [(6, 9, 3), (9, 4, 21), (5, 5, 1), (1, 7, None)])
+def test_alibi_slopes_get_their_gradient(Sq, Sk, rows):
+    """Learned ALiBi slopes get d(loss)/d(slope) = -sum |d| dS (they got None): against the
+    reference, with and without a table (short and long), and gradcheck."""
+    q, k, v = _qkv(Sq=Sq, Sk=Sk)
     slopes = torch.tensor([0.5, 0.25], dtype=F64, requires_grad=True)
-    out = fastattn.attention(q, k, v, alibi_slopes=slopes)
-    with pytest.raises(NotImplementedError, match="alibi_slopes"):
-        out.sum().backward()
-    # Fixed slopes (no grad) train the rest as before.
-    out = fastattn.attention(q, k, v, alibi_slopes=slopes.detach())
-    g, = torch.autograd.grad(out.sum(), q)
-    want, = torch.autograd.grad(reference.attention(q, k, v, alibi_slopes=slopes.detach()).sum(), q)
-    torch.testing.assert_close(g, want)
+    table = torch.randn(rows, 2, dtype=F64, requires_grad=True) if rows else None
+    q.requires_grad_()
+    leaves = [q, slopes] + ([table] if rows else [])
+    kw = dict(causal=Sq <= Sk, rel_bias=table)
+    got = torch.autograd.grad(fastattn.attention(q, k, v, alibi_slopes=slopes, **kw).square().sum(), leaves)
+    want = torch.autograd.grad(reference.attention(q, k, v, alibi_slopes=slopes, **kw).square().sum(), leaves)
+    assert got[1].abs().max() > 1e-3  # a real gradient, not a zero
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(
+        lambda q, s, *t: fastattn.attention(q, k, v, alibi_slopes=s, causal=kw["causal"],
+                                            rel_bias=t[0] if t else None), tuple(leaves))
+
+
+def test_alibi_slopes_gradient_is_the_same_on_any_thread_count():
+    q, k, v = _qkv(B=1, Hq=2, Hkv=1, Sq=300, Sk=300, D=16, dtype=F32)
+    slopes = torch.tensor([0.05, 0.01], requires_grad=True)
+    table = torch.randn(33, 2, requires_grad=True)
+    before, grads = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            out = fastattn.attention(q, k, v, causal=True, alibi_slopes=slopes, rel_bias=table)
+            grads.append(torch.autograd.grad(out.square().sum(), (slopes, table)))
+    finally:
+        torch.set_num_threads(before)
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            assert torch.equal(a, b)
 
 
 # ---- non-finite values in positions a row cannot see ------------------------------------------

@@ -441,3 +441,21 @@ def test_dropout_forward_and_backward_match_the_cpu_kernel(emu, case):
     tol = dict(atol=2e-5, rtol=2e-5) if case.dtype == F32 else dict(atol=3e-2, rtol=3e-2)
     for cpu, emulated in zip(*results):
         torch.testing.assert_close(emulated.float(), cpu.float(), **tol)
+
+
+@pytest.mark.parametrize("dtype,table_rows", [(F32, None), (BF16, 9)], ids=["f32", "bf16-table"])
+def test_alibi_slopes_gradient(emu, dtype, table_rows):
+    """Learned ALiBi slopes through the emulated kernels' per-distance table gradient."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, s, 32, generator=g).to(dtype).requires_grad_() for s in (70, 140, 140))
+    slopes = torch.tensor([0.1, 0.02], requires_grad=True)
+    table = torch.randn(table_rows, 2, generator=g).requires_grad_() if table_rows else None
+    leaves = [q, k, v, slopes] + ([table] if table_rows else [])
+    grad_out = torch.randn(1, 2, 70, 32, generator=g).to(dtype)
+    got = torch.autograd.grad(emulated_attention(q, k, v, causal=True, alibi_slopes=slopes, rel_bias=table),
+                              leaves, grad_out)
+    want = torch.autograd.grad(fastattn.reference.attention(q, k, v, causal=True, alibi_slopes=slopes,
+                                                            rel_bias=table), leaves, grad_out)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == F32 else dict(atol=5e-2, rtol=5e-2)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.float(), b.float(), **tol)

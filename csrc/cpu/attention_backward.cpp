@@ -613,7 +613,8 @@ BackwardBuffers<acc_type<scalar_t>> allocate_backward(const at::Tensor& q, const
   return buf;
 }
 
-// Every gradient of a call whose output is empty (no query row, or Dv == 0): zeros.
+// Every gradient of a call whose outputs carry no gradient (no query row; or Dv == 0 and no
+// gradient reaching lse): zeros.
 BackwardOutputs zero_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               bool need_table_grad, bool need_span_grad, int64_t num_table_rows) {
   BackwardOutputs res;
@@ -674,7 +675,7 @@ BackwardOutputs attention_backward_impl(
   constexpr bool need_convert = !std::is_same_v<scalar_t, acc_t>;
   const int64_t B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, Sk = p.seqlen_k;
   const int64_t Dqk = p.head_dim_qk, Dv = p.head_dim_v;
-  if (B * Hq * p.seqlen_q == 0 || Dv == 0) {
+  if (B * Hq * p.seqlen_q == 0 || (Dv == 0 && !grad_lse.defined())) {
     return zero_backward(q, k, v, need_table_grad, need_span_grad, num_table_rows);
   }
   BackwardCall<scalar_t> c = backward_call<scalar_t>(grad_out, q, k, v, out, lse, grad_lse, p,

@@ -316,9 +316,12 @@ def attention_weights(
     for t, name in ((q, "q"), (k, "k")):
         _check_tensor(t, name, 4, floating=False)
     idx = reference.head_indices(heads, q.shape[1], q.device)
-    _, lse = _attention(ops.attention, q, k, _lse_only_values(q, k, scale, rel_bias, span), scale,
-                        causal, window, rel_bias, alibi_slopes, span, span_ramp, num_global,
-                        key_lengths, softcap, True)
+    # lse from the kernel: a call with no value columns (Dv = 0) computes the softmax statistics
+    # and no output; its backward carries lse's gradient.
+    B, Hkv, Sk = k.shape[0], k.shape[1], k.shape[2]
+    no_values = k.new_zeros(()).expand(B, Hkv, Sk, 0)
+    _, lse = _attention(ops.attention, q, k, no_values, scale, causal, window, rel_bias, alibi_slopes,
+                        span, span_ramp, num_global, key_lengths, softcap, 0.0, None, True)
     # (the op call above has checked every option; these only normalize Python scalars)
     logits = reference._logits(q, k, idx, scale, causal, _window(window), rel_bias, alibi_slopes,
                                span, _real(span_ramp, "span_ramp", "a number"),
@@ -330,17 +333,6 @@ def attention_weights(
     # with a 0 shift, never exp(-inf + inf).
     shift = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
     return torch.exp(logits - shift).to(q.dtype)
-
-
-def _lse_only_values(q: Tensor, k: Tensor, scale, rel_bias, span) -> Tensor:
-    """v for a call that only needs lse: no value columns (Dv = 0), so the kernel computes the
-    softmax statistics and no output. The CPU backward answers a Dv = 0 call with zero gradients
-    (its early return for an empty output ignores grad_lse), so a call autograd records gets
-    one column of zeros instead, whose backward carries lse's gradient."""
-    recording = torch.is_grad_enabled() and any(
-        isinstance(t, Tensor) and t.requires_grad for t in (q, k, scale, rel_bias, span))
-    B, Hkv, Sk = k.shape[0], k.shape[1], k.shape[2]
-    return k.new_zeros(()).expand(B, Hkv, Sk, 1 if recording else 0)
 
 
 def check_options(**options) -> None:
