@@ -93,6 +93,7 @@ def attention_cases(draw, kind: str = "cpu") -> tuple[Case, bool]:
                            st.integers(5, 200).map(lambda x: x / 100)))
     # soft-capping: off, tight (most logits in tanh's curved part) or loose
     softcap = draw(st.sampled_from((0.0, 0.0, 0.5, 3.0, 30.0)))
+    dropout = draw(st.sampled_from((0.0, 0.0, 0.0, 0.1, 0.5)))
     layouts = ["contiguous", "bshd", "lastdim"]
     if Sq == Sk and Dqk == Dv:
         layouts.append("packed")
@@ -101,6 +102,6 @@ def attention_cases(draw, kind: str = "cpu") -> tuple[Case, bool]:
                 device="cuda" if kind == "cuda" else "cpu", causal=causal, window=window,
                 rel_bias=rel_bias, alibi=alibi, span=span, span_values=span_values,
                 span_ramp=span_ramp, span_grad=span_grad, num_global=num_global,
-                key_lengths=key_lengths, scale=scale, softcap=softcap, layout=layout,
+                key_lengths=key_lengths, scale=scale, softcap=softcap, dropout=dropout, layout=layout,
                 seed=draw(st.integers(0, 2 ** 20)))
     return case, draw(st.booleans())

@@ -235,6 +235,8 @@ class Case:
     scale: "default", a float, or "tensor" (0-dim tensor that requires grad).
     layout: "contiguous", "bshd" ((B, S, H, D).transpose(1, 2) views), "packed" (views into
         one (B, S, Hq + 2 Hkv, D) buffer) or "lastdim" (last dim strided by 2: the wrapper copies).
+    dropout: attention dropout_p; every formulation draws the same mask (dropout_generator,
+        and the (seed, offset) it gives for the references).
     """
     B: int = 2
     Hq: int = 4
@@ -257,6 +259,7 @@ class Case:
     key_lengths: Optional[tuple] = None
     scale: object = "default"
     softcap: float = 0.0
+    dropout: float = 0.0
     layout: str = "contiguous"
     seed: int = 0
 
@@ -339,9 +342,22 @@ def clone_inputs(inp: dict, dtype: Optional[torch.dtype] = None, device="cpu", r
 GRAD_NAMES = ("q", "k", "v", "rel_bias", "span", "scale")
 
 
+def dropout_generator(case: Case) -> torch.Generator:
+    """The generator a case's fused call draws its dropout (seed, offset) from."""
+    return torch.Generator(device=case.device).manual_seed(case.seed + 77)
+
+
 def run_attention(fn, inp: dict, case: Case, grad_out=None, grad_lse=None, backward=True) -> dict:
-    """Call fn(q, k, v, **options) with return_lse; backprop sum(out*grad_out) (+ lse term)."""
+    """Call fn(q, k, v, **options) with return_lse; backprop sum(out*grad_out) (+ lse term).
+    With dropout, the references get the (seed, offset) the fused call draws."""
     kw = {n: inp[n] for n in ("rel_bias", "alibi_slopes", "span", "key_lengths", "scale") if n in inp}
+    if case.dropout:
+        kw["dropout_p"] = case.dropout
+        if fn in (reference.attention, dense_sdpa_attention):
+            kw["dropout_seed"] = fastattn.functional.dropout_seed(case.dropout, dropout_generator(case),
+                                                                  inp["q"]).cpu()
+        else:
+            kw["generator"] = dropout_generator(case)
     out, lse = fn(inp["q"], inp["k"], inp["v"], return_lse=True, **kw, **case.options())
     res = dict(out=out, lse=lse)
     if backward and grad_out is not None:
@@ -447,12 +463,14 @@ def dense_visibility_and_bias(B, Hq, Sq, Sk, *, causal=False, window=(-1, -1), r
 
 def dense_sdpa_attention(q, k, v, *, scale=None, causal=False, window=(-1, -1), rel_bias=None,
                          alibi_slopes=None, span=None, span_ramp=32.0, num_global=0,
-                         key_lengths=None, softcap=0.0, return_lse=True):
+                         key_lengths=None, softcap=0.0, dropout_p=0.0, dropout_seed=None,
+                         return_lse=True):
     """fastattn.attention's math through F.scaled_dot_product_attention with a dense mask.
 
     Runs in q's dtype (use float64 CPU inputs). Rows with no visible key are computed with a
     harmless mask and then replaced by the expected zeros (lse -inf). With softcap, whose cap
-    SDPA cannot apply, the softmax of the capped scores is written out densely instead.
+    SDPA cannot apply, the softmax of the capped scores is written out densely instead; with
+    dropout too (SDPA draws its own mask), the weights then times reference.dropout_keep_mask.
     """
     B, Hq, Sq, Dqk = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -474,8 +492,13 @@ def dense_sdpa_attention(q, k, v, *, scale=None, causal=False, window=(-1, -1), 
         scores = softcap * torch.tanh(scores / softcap)
     lse = torch.logsumexp(scores + safe_mask, dim=-1)
     lse = torch.where(empty_row, torch.full((), -math.inf, dtype=dtype), lse)
-    if softcap > 0:
-        out = torch.softmax(scores + safe_mask, dim=-1) @ vr
+    if softcap > 0 or dropout_p > 0:
+        weights = torch.softmax(scores + safe_mask, dim=-1)
+        if dropout_p > 0:
+            keep = reference.dropout_keep_mask(int(dropout_seed[0]), int(dropout_seed[1]), B, Hq, Sq, Sk,
+                                               dropout_p, q.device)
+            weights = weights * keep / (1 - dropout_p)
+        out = weights @ vr
     else:
         out = F.scaled_dot_product_attention(qs, kr, vr, attn_mask=safe_mask, scale=1.0)
     out = torch.where(empty_row.unsqueeze(-1), torch.zeros((), dtype=dtype), out)
@@ -729,6 +752,8 @@ def case_id(case: Case) -> str:
         parts.append(f"scale{case.scale}")
     if case.softcap:
         parts.append(f"cap{case.softcap:g}")
+    if case.dropout:
+        parts.append(f"drop{case.dropout:g}")
     if case.layout != "contiguous":
         parts.append(case.layout)
     return "-".join(parts)

@@ -102,6 +102,7 @@ FACTORS = dict(
     seqs=list(SEQS),
     dtype=[F32, F32, BF16],
     softcap=[0.0, 0.0, 2.0],
+    dropout=[0.0, 0.0, 0.2],
 )
 
 
@@ -118,7 +119,8 @@ def _pairwise_cases():
             span=span and span[0], span_values=span[1] if span else (3.5,),
             span_grad=bool(span) and span[1] != (0.0,), span_ramp=row["span_ramp"],
             key_lengths=(Sk - 9, Sk) if row["key_lengths"] else None,
-            scale=("default", "tensor", 0.4)[n % 3], softcap=row["softcap"], seed=2000 + n))
+            scale=("default", "tensor", 0.4)[n % 3], softcap=row["softcap"], dropout=row["dropout"],
+            seed=2000 + n))
     return cases
 
 
