@@ -234,3 +234,47 @@ def test_compile_fullgraph_with_dropout():
     # the compiled graph drew its seed from the default generator: a different seed, a different loss
     torch.manual_seed(5)
     assert compiled(q, k, v).item() != loss.item()
+
+
+# ---- on a GPU: the CUDA kernels draw the CPU kernel's mask --------------------------------------
+from conftest import HAS_CUDA  # noqa: E402
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build of fastattn")
+@pytest.mark.parametrize("dtype", [F32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("seed_device", ["cpu", "cuda"])
+def test_cuda_mask_is_the_cpu_mask(dtype, seed_device):
+    """The seed on the CPU (read on the host) or on the GPU (read by the kernel)."""
+    B, H, Sq, Sk = 2, 4, 70, 200
+    q = torch.zeros(B, H, Sq, 16, dtype=dtype)
+    k = torch.zeros(B, H, Sk, 16, dtype=dtype)
+    v = torch.eye(Sk, dtype=dtype)[:, :128].expand(B, H, Sk, 128).contiguous()
+    seed = torch.tensor([2 ** 61 + 3, 5])
+    want, _ = torch.ops.fastattn.attention(*attention_op_args(q, k, v, dropout_p=0.3, dropout_seed=seed))
+    got, _ = torch.ops.fastattn.attention(*attention_op_args(q.cuda(), k.cuda(), v.cuda(), dropout_p=0.3,
+                                                             dropout_seed=seed.to(seed_device)))
+    assert torch.equal(got.cpu() != 0, want != 0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build of fastattn")
+@pytest.mark.parametrize("name", list(OPTION_SETS))
+def test_cuda_dropout_matches_the_cpu_kernel(name):
+    q, k, v = _qkv(dtype=F32)
+    o = _options(name, 4, 2, F32)
+    results = []
+    for dev in ("cpu", "cuda"):
+        leaves = [t.detach().to(dev).requires_grad_() for t in (q, k, v)]
+        opts = {n: (t.detach().to(dev).requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t)
+                for n, t in o.items()}
+        seed = torch.tensor([42, 1], device=dev)
+        out = torch.ops.fastattn.attention(*attention_op_args(
+            *leaves, **{n: opts[n] for n in opts if n not in ("window", "scale")},
+            **({"window_left": o["window"][0], "window_right": o["window"][1]} if "window" in o else {}),
+            **({"scale_tensor": opts["scale"]} if "scale" in opts else {}),
+            dropout_p=0.3, dropout_seed=seed))[0]
+        grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+        results.append([t.cpu() for t in (out, *grads)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, atol=2e-4, rtol=2e-4)

@@ -89,6 +89,7 @@ stage_bench() {
   bench_one bench_attention ${BENCH_ARGS:-} || status=1
   bench_one bench_window ${BENCH_ARGS:-} || status=1
   bench_one bench_decode ${BENCH_ARGS:-} || status=1
+  bench_one bench_dropout ${BENCH_ARGS:-} || status=1
   [ -s "$RECORD" ] && echo "tables recorded in $RECORD"
   return $status
 }
