@@ -381,7 +381,8 @@ def run_attention(fn, inp: dict, case: Case, grad_out=None, grad_lse=None, backw
 # The attention op's arguments other than q, k, v, as fastattn.attention passes them by default.
 ATTENTION_OP_DEFAULTS = dict(scale=None, scale_tensor=None, causal=False, window_left=-1, window_right=-1,
                              rel_bias=None, alibi_slopes=None, span=None, span_ramp=32.0, num_global=0,
-                             key_lengths=None, softcap=0.0, dropout_p=0.0, dropout_seed=None)
+                             key_lengths=None, softcap=0.0, dropout_p=0.0, dropout_seed=None,
+                             q_offset=None, k_offset=None)
 
 
 def attention_op_args(q, k, v, **options) -> tuple:

@@ -51,14 +51,16 @@ AttentionArgs AttentionArgs::from_stack(const torch::jit::Stack& stack, size_t f
   a.softcap = s[14].toDouble();
   a.dropout_p = s[15].toDouble();
   a.dropout_seed = s[16].toOptional<at::Tensor>();
-  static_assert(kNumArgs == 17, "read every schema argument above");
+  a.q_offset = s[17].toOptional<at::Tensor>();
+  a.k_offset = s[18].toOptional<at::Tensor>();
+  static_assert(kNumArgs == 19, "read every schema argument above");
   return a;
 }
 
 void AttentionArgs::push_to(torch::jit::Stack& stack) const {
   torch::jit::push(stack, q, k, v, scale, scale_tensor, causal, window_left, window_right,
                    rel_bias, alibi_slopes, span, span_ramp, num_global, key_lengths, softcap,
-                   dropout_p, dropout_seed);
+                   dropout_p, dropout_seed, q_offset, k_offset);
 }
 
 AttentionBackwardArgs AttentionBackwardArgs::from_stack(const torch::jit::Stack& stack,
@@ -151,6 +153,15 @@ void check_masks(const AttentionArgs& a) {
     check_same_device(kl, a.q, "key_lengths", "q");
     check_size(kl, 0, B, "key_lengths", "batch");
   }
+  for (const auto& [t, name] : {std::pair{&a.q_offset, "q_offset"}, std::pair{&a.k_offset, "k_offset"}}) {
+    if (!present(*t)) continue;
+    const at::Tensor& o = **t;
+    FA_CHECK_TYPE(o.scalar_type() == at::kLong || o.scalar_type() == at::kInt,
+                  "fastattn: ", name, " must be int64 or int32, got ", o.scalar_type());
+    check_rank(o, 1, name);
+    check_same_device(o, a.q, name, "q");
+    check_size(o, 0, B, name, "batch");
+  }
 }
 
 void check_biases(const AttentionArgs& a) {
@@ -165,9 +176,11 @@ void check_biases(const AttentionArgs& a) {
   }
   if (present(a.alibi_slopes)) {
     const at::Tensor& t = *a.alibi_slopes;
-    check_rank(t, 1, "alibi_slopes");
     check_parameter(t, a.q, "alibi_slopes");
-    check_size(t, 0, Hq, "alibi_slopes", "query heads");
+    const int64_t B = a.q.size(0);
+    FA_CHECK_VALUE((t.dim() == 1 && t.size(0) == Hq) || (t.dim() == 2 && t.size(0) == B && t.size(1) == Hq),
+                   "fastattn: alibi_slopes must be (Hq,) = (", Hq, ",) or (B, Hq) = (", B, ", ", Hq,
+                   "), got shape ", t.sizes());
   }
   FA_CHECK_VALUE(std::isfinite(a.softcap) && a.softcap >= 0,
                  "fastattn: softcap must be a finite number >= 0 (0 = off), got ", a.softcap);
@@ -317,15 +330,26 @@ AttentionParamsT<Real> make_attention_params(const AttentionArgs& a, ParamTensor
   }
   p.softcap = static_cast<Real>(a.softcap);
   p.causal = a.causal;
-  // A window bound that reaches past every distance (|d| < Sq + Sk) is no bound: -1, so that
-  // the kernels' position arithmetic (pos_q - left, pos_q + right) cannot overflow.
-  const int64_t reach = p.seqlen_q + p.seqlen_k;
+  // A window bound that reaches past every distance is no bound: -1, so that the kernels'
+  // position arithmetic (pos_q - left, pos_q + right) cannot overflow. Every distance is below
+  // Sq + Sk with the default positions, below 2^62 with offsets (clamped to +-2^60).
+  const bool offsets = present(a.q_offset) || present(a.k_offset);
+  const int64_t reach = offsets ? (int64_t(1) << 62) : p.seqlen_q + p.seqlen_k;
   p.window_left = a.window_left >= reach ? -1 : a.window_left;
   p.window_right = a.window_right >= reach ? -1 : a.window_right;
   p.num_global = a.num_global;
   if (present(a.key_lengths)) {
     keep.key_lengths = a.key_lengths->to(at::kLong).contiguous();
     p.key_lengths = keep.key_lengths.data_ptr<int64_t>();
+  }
+  constexpr int64_t kOffsetLimit = int64_t(1) << 60;
+  if (present(a.q_offset)) {
+    keep.q_offset = a.q_offset->to(at::kLong).clamp(-kOffsetLimit, kOffsetLimit).contiguous();
+    p.q_offset = keep.q_offset.data_ptr<int64_t>();
+  }
+  if (present(a.k_offset)) {
+    keep.k_offset = a.k_offset->to(at::kLong).clamp(-kOffsetLimit, kOffsetLimit).contiguous();
+    p.k_offset = keep.k_offset.data_ptr<int64_t>();
   }
   if (present(a.rel_bias)) {
     keep.rel_bias = as_real_contiguous<Real>(*a.rel_bias);
@@ -335,6 +359,7 @@ AttentionParamsT<Real> make_attention_params(const AttentionArgs& a, ParamTensor
   if (present(a.alibi_slopes)) {
     keep.alibi_slopes = as_real_contiguous<Real>(*a.alibi_slopes);
     p.alibi_slopes = keep.alibi_slopes.template data_ptr<Real>();
+    p.alibi_stride_b = keep.alibi_slopes.dim() == 2 ? p.heads_q : 0;
   }
   if (present(a.span)) {
     keep.span = as_real_contiguous<Real>(*a.span);

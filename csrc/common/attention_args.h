@@ -21,12 +21,12 @@
   "Tensor q, Tensor k, Tensor v, float? scale, Tensor? scale_tensor, bool causal, "            \
   "int window_left, int window_right, Tensor? rel_bias, Tensor? alibi_slopes, Tensor? span, " \
   "float span_ramp, int num_global, Tensor? key_lengths, float softcap, float dropout_p, "     \
-  "Tensor? dropout_seed"
+  "Tensor? dropout_seed, Tensor? q_offset, Tensor? k_offset"
 
 namespace fastattn {
 
 struct AttentionArgs {
-  static constexpr size_t kNumArgs = 17;  // the schema's argument count
+  static constexpr size_t kNumArgs = 19;  // the schema's argument count
 
   at::Tensor q, k, v;                    // (B, Hq, Sq, Dqk), (B, Hkv, Sk, Dqk), (B, Hkv, Sk, Dv)
   std::optional<double> scale;           // default Dqk^-0.5
@@ -34,7 +34,7 @@ struct AttentionArgs {
   bool causal = false;
   int64_t window_left = -1, window_right = -1;  // -1 = unbounded
   std::optional<at::Tensor> rel_bias;      // (2 * max_dist - 1, Hq)
-  std::optional<at::Tensor> alibi_slopes;  // (Hq,)
+  std::optional<at::Tensor> alibi_slopes;  // (Hq,) or (B, Hq)
   std::optional<at::Tensor> span;          // (B, Hq) or (Hq,)
   double span_ramp = 32.0;
   int64_t num_global = 0;
@@ -44,6 +44,9 @@ struct AttentionArgs {
   // (2,) int64 [seed, offset] of the dropout mask (common/dropout.h), on the CPU or q's
   // device; read only when dropout_p > 0.
   std::optional<at::Tensor> dropout_seed;
+  // (B,) int64 / int32: query i of row b stands at q_offset[b] + i (default Sk - Sq), key j at
+  // k_offset[b] + j (default 0); clamped to +-2^60.
+  std::optional<at::Tensor> q_offset, k_offset;
 
   // Reads the kNumArgs schema arguments that start at stack[first] (copies, the stack is kept).
   static AttentionArgs from_stack(const torch::jit::Stack& stack, size_t first);
@@ -84,7 +87,7 @@ using AttentionGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor
 // The small tensors AttentionParamsT points to, converted to the kernels' layout (contiguous
 // Real, int64 lengths); they must outlive the kernels.
 struct ParamTensors {
-  at::Tensor scale, rel_bias, alibi_slopes, span, key_lengths, dropout_seed;
+  at::Tensor scale, rel_bias, alibi_slopes, span, key_lengths, dropout_seed, q_offset, k_offset;
 };
 
 // The kernels' parameters for `a`, with the output allocated contiguous (B, Hq, Sq, Dv).

@@ -4,8 +4,12 @@
 // logit lives here, as inline host/device functions, so the two devices cannot drift apart.
 // The Python twin of these rules is fastattn/reference.py::attention.
 //
-// Positions are aligned bottom-right: query i stands at position i + Sk - Sq, key j at j, and
-// the distance is d = pos_q - j.
+// Positions: query i of batch b stands at q_offset[b] + i, key j at k_offset[b] + j (the
+// defaults, Sk - Sq and 0, align them bottom-right), and the distance is their difference.
+// The kernels count positions from key 0 of the row: query_pos(b, i) = i + q_offset[b] -
+// k_offset[b], so that d = query_pos(b, i) - j; only the global-token rule needs the absolute
+// key position (global_limit). Offsets are clamped to +-2^60, so no position arithmetic of the
+// kernels overflows whatever a direct op call passes.
 //
 // A pair (i, j) of batch b, query head h is visible when
 //   j < key_lengths[b]                                   (padding / KV cache length)
@@ -62,11 +66,14 @@ struct AttentionParamsT {
   int64_t window_left = -1, window_right = -1;
   int64_t num_global = 0;
   const int64_t* key_lengths = nullptr;  // (batch,) or null
+  const int64_t* q_offset = nullptr;     // (batch,), clamped to +-2^60; or null (Sk - Sq)
+  const int64_t* k_offset = nullptr;     // (batch,), clamped to +-2^60; or null (0)
 
   // Biases, all contiguous Real (fp32: see checks.h: as_fp32_contiguous; fp64 on CPU float64).
   const Real* rel_bias = nullptr;  // (2 * max_dist - 1, heads_q) or null
   int64_t max_dist = 0;
-  const Real* alibi_slopes = nullptr;  // (heads_q,) or null
+  const Real* alibi_slopes = nullptr;  // (heads_q,) or (batch, heads_q) with alibi_stride_b; or null
+  int64_t alibi_stride_b = 0;
   const Real* span = nullptr;          // (batch, heads_q) with span_stride_b = heads_q, or
   int64_t span_stride_b = 0;           // (heads_q,) with span_stride_b = 0; or null
   Real span_ramp = 32;
@@ -82,7 +89,20 @@ struct AttentionParamsT {
   const int64_t* dropout_seed_ptr = nullptr;
 
   FA_HD int64_t group_size() const { return heads_q / heads_kv; }
-  FA_HD int64_t query_pos(int64_t i) const { return i + seqlen_k - seqlen_q; }
+  // Query i's position counted from key 0 of row b (see the file comment).
+  FA_HD int64_t query_pos(int64_t b, int64_t i) const {
+    const int64_t qo = q_offset != nullptr ? q_offset[b] : seqlen_k - seqlen_q;
+    const int64_t ko = k_offset != nullptr ? k_offset[b] : 0;
+    return i + (qo - ko);
+  }
+  // Global tokens (num_global = G > 0): key j is global when j < global_limit(b), query i when
+  // query_pos(b, i) < global_limit(b): the absolute positions below G. (G is capped at 2^61,
+  // past every position.)
+  FA_HD int64_t global_limit(int64_t b) const {
+    const int64_t g = num_global < (int64_t(1) << 61) ? num_global : (int64_t(1) << 61);
+    return g - (k_offset != nullptr ? k_offset[b] : 0);
+  }
+  FA_HD Real alibi_slope(int64_t b, int64_t h) const { return alibi_slopes[b * alibi_stride_b + h]; }
   FA_HD int64_t key_len(int64_t b) const {
     if (key_lengths == nullptr) return seqlen_k;
     const int64_t len = key_lengths[b];
@@ -129,8 +149,10 @@ FA_HD Real span_mask(const AttentionParamsT<Real>& p, int64_t b, int64_t h, int6
 // num_global == 0 means no global token at all: with Sq > Sk some queries sit at negative
 // positions, which must not count as "< G" then.
 template <typename Real>
-FA_HD bool is_global_pair(const AttentionParamsT<Real>& p, int64_t pos_q, int64_t j) {
-  return p.num_global > 0 && (j < p.num_global || pos_q < p.num_global);
+FA_HD bool is_global_pair(const AttentionParamsT<Real>& p, int64_t b, int64_t pos_q, int64_t j) {
+  if (p.num_global <= 0) return false;
+  const int64_t limit = p.global_limit(b);
+  return j < limit || pos_q < limit;
 }
 
 // Largest |d| the span lets through for head (b, h): m(d) > 0  <=>  |d| < R + span.
@@ -165,7 +187,7 @@ FA_HD bool distance_bias(const AttentionParamsT<Real>& p, int64_t b, int64_t h, 
     }
   }
   if (p.rel_bias != nullptr) extra += p.rel_bias[rel_bias_row(p, d) * p.heads_q + h];
-  if (p.alibi_slopes != nullptr) extra -= p.alibi_slopes[h] * static_cast<Real>(d < 0 ? -d : d);
+  if (p.alibi_slopes != nullptr) extra -= p.alibi_slope(b, h) * static_cast<Real>(d < 0 ? -d : d);
   *bias = extra;
   return true;
 }
@@ -202,8 +224,8 @@ template <typename Real>
 FA_HD bool pair_bias(const AttentionParamsT<Real>& p, int64_t b, int64_t h, int64_t i, int64_t j,
                      Real* bias) {
   if (j >= p.key_len(b)) return false;
-  const int64_t pos_q = p.query_pos(i);
-  return distance_bias(p, b, h, pos_q - j, is_global_pair(p, pos_q, j), bias);
+  const int64_t pos_q = p.query_pos(b, i);
+  return distance_bias(p, b, h, pos_q - j, is_global_pair(p, b, pos_q, j), bias);
 }
 
 // d(logit)/d(span[b, h]) for a visible pair: 1 / (R + span - |d|) inside the ramp
@@ -214,8 +236,8 @@ template <typename Real>
 FA_HD Real span_logit_grad(const AttentionParamsT<Real>& p, int64_t b, int64_t h, int64_t i,
                            int64_t j) {
   if (!p.has_span()) return Real(0);
-  const int64_t pos_q = p.query_pos(i);
-  if (is_global_pair(p, pos_q, j)) return Real(0);
+  const int64_t pos_q = p.query_pos(b, i);
+  if (is_global_pair(p, b, pos_q, j)) return Real(0);
   const int64_t d = pos_q - j;
   const Real ad = static_cast<Real>(d < 0 ? -d : d);
   const Real num = p.span_ramp + p.span_of(b, h) - ad;
@@ -231,7 +253,7 @@ template <typename Real>
 FA_HD void local_key_range(const AttentionParamsT<Real>& p, int64_t b, int64_t h, int64_t i0, int64_t i1,
                            int64_t* lo, int64_t* hi) {
   int64_t start = 0, end = p.key_len(b);
-  const int64_t pq0 = p.query_pos(i0), pq1 = p.query_pos(i1 - 1);
+  const int64_t pq0 = p.query_pos(b, i0), pq1 = p.query_pos(b, i1 - 1);
   int64_t left = p.window_left, right = p.window_right;
   if (p.causal) right = 0;  // causal wins over any right window
   const int64_t reach = span_reach(p, b, h);
@@ -249,8 +271,8 @@ FA_HD void local_key_range(const AttentionParamsT<Real>& p, int64_t b, int64_t h
 
 // Whether some query of the block [i0, i1) is a global query (sees every key).
 template <typename Real>
-FA_HD bool query_block_has_global_query(const AttentionParamsT<Real>& p, int64_t i0) {
-  return p.num_global > 0 && p.query_pos(i0) < p.num_global;
+FA_HD bool query_block_has_global_query(const AttentionParamsT<Real>& p, int64_t b, int64_t i0) {
+  return p.num_global > 0 && p.query_pos(b, i0) < p.global_limit(b);
 }
 
 }  // namespace fastattn

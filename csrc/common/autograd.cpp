@@ -426,19 +426,45 @@ at::Tensor scale_grad(const at::Tensor& q, const at::Tensor& gq, const at::Tenso
 // ALiBi slopes' gradient, from the kernels' table gradient: the ALiBi term -slope[h] * |d|
 // depends on the distance d only, so d(loss)/d(slope[h]) = -sum_d |d| * (the sum of dS over
 // the pairs at distance d). The backward runs with a table of one row per distance of the call
-// (d in [1 - M, M - 1], M = max(Sq, Sk): nothing clamps) holding the call's own table values
-// (zero without a table), so the logits are unchanged and the table gradient the kernels
-// compute, deterministically on both devices, is exactly those per-distance sums.
+// (d in [1 - M, M - 1], M - 1 the call's largest |d|: nothing clamps) holding the call's own
+// table values (zero without a table), so the logits are unchanged and the table gradient the
+// kernels compute, deterministically on both devices, is exactly those per-distance sums.
 struct DistanceTable {
   at::Tensor table;      // (2M - 1, Hq)
   at::Tensor user_rows;  // (2M - 1,) int64: the call's table row of each distance (if a table)
   int64_t reach = 0;     // M
 };
 
+// The largest |d| + 1 of the call: max(Sq, Sk) with the default positions, else from the
+// offsets (read on the host: this path alone needs their values there).
+int64_t distance_reach(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_offset,
+                       const at::Tensor& k_offset) {
+  const int64_t Sq = q.size(2), Sk = k.size(2);
+  if (!q_offset.defined() && !k_offset.defined()) return std::max<int64_t>({Sq, Sk, 1});
+  constexpr int64_t kLimit = int64_t(1) << 60;  // as make_attention_params clamps them
+  const auto cpu_long = [&](const at::Tensor& o, int64_t fill) {
+    return o.defined() ? o.to(at::kCPU, at::kLong).clamp(-kLimit, kLimit)
+                       : at::full({q.size(0)}, fill, q.options().device(at::kCPU).dtype(at::kLong));
+  };
+  const at::Tensor shift = cpu_long(q_offset, Sk - Sq) - cpu_long(k_offset, 0);
+  if (shift.numel() == 0) return 1;
+  const int64_t lo = shift.min().item<int64_t>() - (Sk - 1), hi = shift.max().item<int64_t>() + Sq - 1;
+  const int64_t reach = std::max<int64_t>({lo < 0 ? -lo : lo, hi < 0 ? -hi : hi, 0}) + 1;
+  TORCH_CHECK_NOT_IMPLEMENTED(reach <= (int64_t(1) << 24),
+                              "fastattn: the gradient of alibi_slopes with positions (q_offset, "
+                              "k_offset) more than 2^24 apart is not implemented, got distances up to ",
+                              reach - 1);
+  return reach;
+}
+
 DistanceTable distance_table(const at::Tensor& q, const at::Tensor& k, const at::Tensor& table,
-                             const at::Tensor& slopes) {
+                             const at::Tensor& slopes, const at::Tensor& q_offset,
+                             const at::Tensor& k_offset) {
+  TORCH_CHECK_NOT_IMPLEMENTED(slopes.dim() == 1,
+                              "fastattn: the gradient of per-batch alibi_slopes (B, Hq) is not "
+                              "implemented; use (Hq,) slopes to learn them, or detach them");
   DistanceTable t;
-  t.reach = std::max<int64_t>({q.size(2), k.size(2), 1});
+  t.reach = distance_reach(q, k, q_offset, k_offset);
   const auto dtype = table.defined() ? at::promote_types(table.scalar_type(), slopes.scalar_type())
                                      : slopes.scalar_type();
   const int64_t rows = 2 * t.reach - 1;
@@ -561,7 +587,10 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     const size_t q = slot("q"), table = slot("rel_bias"), span = slot("span");
     const size_t scale = slot("scale_tensor"), alibi = slot("alibi_slopes");
     DistanceTable per_distance;  // only when the ALiBi slopes need their gradient (above)
-    if (need(alibi)) per_distance = distance_table(saved[q], saved[slot("k")], saved[table], saved[alibi]);
+    if (need(alibi)) {
+      per_distance = distance_table(saved[q], saved[slot("k")], saved[table], saved[alibi],
+                                    saved[slot("q_offset")], saved[slot("k_offset")]);
+    }
     const bool by_distance = per_distance.table.defined();
 
     // attention_backward(grad_out, out, lse, grad_lse, need_rel_bias_grad, need_span_grad,

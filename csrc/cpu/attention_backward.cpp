@@ -209,7 +209,8 @@ struct BackwardCall {
   // than rows (a long table, short sequences): whichever is smaller.
   int64_t table_cols;
   bool table_by_distance;
-  int64_t min_distance;      // the smallest distance 1 - Sq (table gradient's first entry)
+  // The smallest distance of row b (the table gradient's first entry): 1 - Sq by default.
+  int64_t min_distance(int64_t b) const { return p.query_pos(b, 0) - (p.seqlen_k - 1); }
   int64_t num_distances;     // Sq + Sk - 1 when the table gradient is needed, else 0
   bool direct_kv, may_need_bias, need_table_grad, need_span_grad, need_diag_sums;
   acc_t scale;
@@ -297,7 +298,7 @@ double span_grad_sum(const AttentionParamsT<acc_t>& p, int64_t b, const QueryBlo
                      int64_t j0, int64_t nk, const acc_t* dsT, const acc_t* td, acc_t* span_diag) {
   const int64_t h = blk.h, i0 = blk.i0, nq = blk.nq;
   double sum = 0.0;
-  if (!tile_has_global_pair(p, i0, j0)) {
+  if (!tile_has_global_pair(p, b, i0, j0)) {
     local_tile_diagonal_span_grad(p, b, h, i0, nq, j0, nk, span_diag);
     for (int64_t u = 0; u < nq + nk - 1; ++u) {
       sum += static_cast<double>(td[u]) * static_cast<double>(span_diag[u]);
@@ -327,7 +328,7 @@ void add_bias_grads(const BackwardCall<scalar_t>& c, int64_t b, const QueryBlock
                     BackwardScratch<acc_t>& s, double* span_acc) {
   using Vec = Vectorized<acc_t>;
   const int64_t ndiag = blk.nq + nk - 1;
-  const int64_t d_first = c.p.query_pos(blk.i0) - (j0 + nk - 1);
+  const int64_t d_first = c.p.query_pos(b, blk.i0) - (j0 + nk - 1);
   acc_t* td = s.tile_diag.data();
   if (sums.fused_tile) {
     // Every pair of the tile reads one table row: its whole sum goes to one of the tile's
@@ -336,7 +337,7 @@ void add_bias_grads(const BackwardCall<scalar_t>& c, int64_t b, const QueryBlock
     for (int x = 0; x < QueryBlock<acc_t>::kLaneVecs; ++x) total[x].store(lanes + x * Vec::size());
     double sum = 0;
     for (int64_t ii = 0; ii < kBlockQ; ++ii) sum += static_cast<double>(lanes[ii]);
-    s.diag_acc[d_first - c.min_distance] += sum;
+    s.diag_acc[d_first - c.min_distance(b)] += sum;
     return;
   }
   if (!sums.fused_diag) {
@@ -350,7 +351,7 @@ void add_bias_grads(const BackwardCall<scalar_t>& c, int64_t b, const QueryBlock
     }
   }
   if (c.need_table_grad) {
-    double* acc = s.diag_acc.data() + (d_first - c.min_distance);
+    double* acc = s.diag_acc.data() + (d_first - c.min_distance(b));
     for (int64_t u = 0; u < ndiag; ++u) acc[u] += static_cast<double>(td[u]);
   }
   if (c.need_span_grad) {
@@ -450,7 +451,7 @@ void backward_head(const BackwardCall<scalar_t>& c, const TaskKV<scalar_t>& kv, 
     const int64_t slot = ((kv.chunk - c.chunk_begin) * c.p.batch + kv.b) * c.p.heads_q + h;
     double* cols = c.table_part + slot * c.table_cols;
     for (int64_t x = 0; x < c.num_distances; ++x) {
-      cols[c.table_by_distance ? x : rel_bias_row(c.p, c.min_distance + x)] += s.diag_acc[x];
+      cols[c.table_by_distance ? x : rel_bias_row(c.p, c.min_distance(kv.b) + x)] += s.diag_acc[x];
     }
   }
   if (c.need_span_grad) c.span_part[(kv.b * c.chunks + kv.chunk) * c.p.heads_q + h] = span_acc;
@@ -531,7 +532,7 @@ void reduce_table_round(const BackwardCall<scalar_t>& c, at::Tensor& grad) {
       for (int64_t h = 0; h < Hq; ++h) {
         const double* cols = part + ((slot * B + b) * Hq + h) * c.table_cols;
         for (int64_t x = 0; x < c.table_cols; ++x) {
-          const int64_t row = c.table_by_distance ? rel_bias_row(c.p, c.min_distance + x) : x;
+          const int64_t row = c.table_by_distance ? rel_bias_row(c.p, c.min_distance(b) + x) : x;
           gt[row * Hq + h] += cols[x];
         }
       }
@@ -651,8 +652,7 @@ BackwardCall<scalar_t> backward_call(
   c.num_qblocks = (Sq + kBlockQ - 1) / kBlockQ;
   c.chunks = backward_chunks(p.batch * p.heads_kv, c.num_qblocks);
   c.num_table_rows = num_table_rows;
-  // Distances d = pos_q - j range over [1 - Sq, Sk - 1].
-  c.min_distance = 1 - Sq;
+  // Distances d = query_pos(b, i) - j of row b: Sq + Sk - 1 of them from min_distance(b).
   c.num_distances = need_table_grad ? std::max<int64_t>(Sq + Sk - 1, 0) : 0;
   c.table_by_distance = c.num_distances < num_table_rows;
   c.table_cols = c.table_by_distance ? c.num_distances : num_table_rows;

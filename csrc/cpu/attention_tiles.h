@@ -57,17 +57,18 @@ inline KeyRanges visible_key_ranges(const AttentionParamsT<Real>& p, int64_t b, 
   // of the block's last query (causal applies to global pairs too).
   int64_t end = p.key_len(b);
   if (p.causal) {
-    const int64_t causal_end = p.query_pos(i1 - 1) + 1;
+    const int64_t causal_end = p.query_pos(b, i1 - 1) + 1;
     if (causal_end < end) end = causal_end;
   }
   if (end <= 0) return ranges;
-  if (query_block_has_global_query(p, i0)) {
+  if (query_block_has_global_query(p, b, i0)) {
     ranges.add(0, end);  // a global query sees every key
     return ranges;
   }
   int64_t lo = 0, hi = 0;
   local_key_range(p, b, h, i0, i1, &lo, &hi);
-  const int64_t num_global = p.num_global < end ? (p.num_global > 0 ? p.num_global : 0) : end;
+  const int64_t limit = p.num_global > 0 ? p.global_limit(b) : 0;
+  const int64_t num_global = limit < end ? (limit > 0 ? limit : 0) : end;
   ranges.add(0, num_global);  // global keys are seen by every query
   if (lo < num_global) lo = num_global;
   if (hi > end) hi = end;
@@ -77,8 +78,8 @@ inline KeyRanges visible_key_ranges(const AttentionParamsT<Real>& p, int64_t b, 
 
 // Whether the tile (queries [i0, i0 + nq), keys [j0, j0 + nk)) holds a global pair.
 template <typename Real>
-inline bool tile_has_global_pair(const AttentionParamsT<Real>& p, int64_t i0, int64_t j0) {
-  return p.num_global > 0 && (j0 < p.num_global || p.query_pos(i0) < p.num_global);
+inline bool tile_has_global_pair(const AttentionParamsT<Real>& p, int64_t b, int64_t i0, int64_t j0) {
+  return p.num_global > 0 && (j0 < p.global_limit(b) || p.query_pos(b, i0) < p.global_limit(b));
 }
 
 // The in-tile pair (i, j) that lies on diagonal u of a local tile, u in [0, nq + nk - 1).
@@ -171,13 +172,13 @@ inline TileBias<acc_t> tile_bias(const AttentionParamsT<acc_t>& p, int64_t b, in
   }
   // Visited tiles hold only keys < key_len and queries < Sq, so the distance rule decides.
   int64_t row = -1;
-  if (uniform_distance_bias(p, h, p.query_pos(i0) - (j0 + nk - 1), p.query_pos(i0 + nq - 1) - j0,
+  if (uniform_distance_bias(p, h, p.query_pos(b, i0) - (j0 + nk - 1), p.query_pos(b, i0 + nq - 1) - j0,
                             &tb.uniform, &row)) {
     tb.one_table_row = true;
     return tb;
   }
   tb.uniform = 0;
-  if (!tile_has_global_pair(p, i0, j0)) {
+  if (!tile_has_global_pair(p, b, i0, j0)) {
     if (local_tile_diagonal_bias(p, b, h, i0, nq, j0, nk, kBlockQ + nk - 1, diag_scratch)) {
       tb.diag = diag_scratch;
     }

@@ -186,7 +186,8 @@ bool fold_group_into_rows(Prepared& in) {
   const int64_t group = p.group_size();
   const bool every_key_visible = p.window_left < 0 || p.window_left >= p.seqlen_k - 1;
   if (p.seqlen_q != 1 || group <= 1 || p.rel_bias != nullptr || p.alibi_slopes != nullptr ||
-      p.span != nullptr || !every_key_visible || p.dropout) {
+      p.span != nullptr || !every_key_visible || p.dropout || p.q_offset != nullptr ||
+      p.k_offset != nullptr) {
     return false;
   }
   const int64_t head_stride = p.q_stride_h;

@@ -170,7 +170,8 @@ struct BwdConfig {
 // must not be written again until the caller's next one.
 template <typename T, int kBQ, int kBK, int kThreads>
 FA_DEVICE void accumulate_rel_bias_grad(const AttentionParams& p, const T* s_dst, int ld,
-                                        float* s_diag, int64_t i0, int64_t j0, float* partial_rows) {
+                                        float* s_diag, int64_t b, int64_t i0, int64_t j0,
+                                        float* partial_rows) {
   constexpr int kDiagonals = kBQ + kBK - 1;
   // Slot s holds q_l - k_l = s - (kBK - 1), i.e. d = d_first + s.
   for (int s = threadIdx.x; s < kDiagonals; s += kThreads) {
@@ -182,7 +183,7 @@ FA_DEVICE void accumulate_rel_bias_grad(const AttentionParams& p, const T* s_dst
     s_diag[s] = sum;
   }
   __syncthreads();
-  const int64_t d_first = p.query_pos(i0) - (j0 + kBK - 1);  // smallest distance of the tile
+  const int64_t d_first = p.query_pos(b, i0) - (j0 + kBK - 1);  // smallest distance of the tile
   for (int s = threadIdx.x; s < kDiagonals; s += kThreads) {
     const int64_t row = rel_bias_row(p, d_first + s);
     if (s > 0 && rel_bias_row(p, d_first + s - 1) == row) continue;  // not the row's first slot
@@ -426,7 +427,7 @@ __global__ void __launch_bounds__(BwdConfig<T, kD>::kThreads)
       __syncthreads();  // P^T and dS^T are complete (each product reads other warps' parts)
       if (table_from_smem) {  // the same for the whole block
         float* bias_rows = args.bias_partial + (bh * args.num_k_blocks + k_block) * table_rows;
-        accumulate_rel_bias_grad<T, kBQ, kBK, kThreads>(p, sdSt, kLdT, s_diag, i0, j0, bias_rows);
+        accumulate_rel_bias_grad<T, kBQ, kBK, kThreads>(p, sdSt, kLdT, s_diag, b, i0, j0, bias_rows);
       }
       if (cap_later) {
         __syncthreads();  // every warp has read the diagonals of dS^T

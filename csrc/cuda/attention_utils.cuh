@@ -586,15 +586,15 @@ FA_DEVICE KeyRanges visible_key_ranges(const AttentionParams& p, int64_t b, int6
                                        int64_t i1) {
   // No key past key_len, and with causal none past the last query's position.
   int64_t cap = p.key_len(b);
-  if (p.causal) cap = min64(cap, max64(int64_t(0), p.query_pos(i1 - 1) + 1));
+  if (p.causal) cap = min64(cap, max64(int64_t(0), p.query_pos(b, i1 - 1) + 1));
   KeyRanges r;
-  if (query_block_has_global_query(p, i0)) {
+  if (query_block_has_global_query(p, b, i0)) {
     // A global query sees every key (causal still applies): one range covers the block.
     r.global_end = cap;
     r.local_begin = r.local_end = 0;
     return r;
   }
-  r.global_end = max64(int64_t(0), min64(p.num_global, cap));
+  r.global_end = p.num_global > 0 ? max64(int64_t(0), min64(p.global_limit(b), cap)) : 0;
   local_key_range(p, b, h, i0, i1, &r.local_begin, &r.local_end);
   return r;
 }
@@ -660,7 +660,7 @@ FA_DEVICE bool tile_is_uniform(const AttentionParams& p, int64_t b, int64_t h, i
                                int64_t i1, int64_t j0, int64_t j1, float* bias_log2,
                                int64_t* bias_row) {
   if (i1 > p.seqlen_q || j1 > p.key_len(b)) return false;
-  const int64_t d_min = p.query_pos(i0) - (j1 - 1), d_max = p.query_pos(i1 - 1) - j0;
+  const int64_t d_min = p.query_pos(b, i0) - (j1 - 1), d_max = p.query_pos(b, i1 - 1) - j0;
   float bias = 0.f;
   if (!uniform_distance_bias(p, h, d_min, d_max, &bias, bias_row)) return false;
   *bias_log2 = bias * kLog2e;  // as distance_bias + fill_tile_table
@@ -697,8 +697,8 @@ FA_DEVICE TileRules tile_rules(const AttentionParams& p, int64_t b, int64_t i0, 
   TileRules r;
   r.rows_valid = clamp_to(p.seqlen_q - i0, kBQ);
   r.cols_valid = clamp_to(p.key_len(b) - j0, kBK);
-  r.global_rows = p.num_global > 0 ? clamp_to(p.num_global - p.query_pos(i0), kBQ) : 0;
-  r.global_cols = p.num_global > 0 ? clamp_to(p.num_global - j0, kBK) : 0;
+  r.global_rows = p.num_global > 0 ? clamp_to(p.global_limit(b) - p.query_pos(b, i0), kBQ) : 0;
+  r.global_cols = p.num_global > 0 ? clamp_to(p.global_limit(b) - j0, kBK) : 0;
   return r;
 }
 
@@ -708,7 +708,7 @@ template <int kBQ, int kBK, int kThreads>
 FA_DEVICE void fill_tile_table(const AttentionParams& p, int64_t b, int64_t h, int64_t i0,
                                int64_t j0, bool with_global, float* table) {
   constexpr int kSlots = TileTable<kBQ, kBK>::kSlots;
-  const int64_t d_first = p.query_pos(i0) - (j0 + kBK - 1);
+  const int64_t d_first = p.query_pos(b, i0) - (j0 + kBK - 1);
   for (int s = threadIdx.x; s < kSlots; s += kThreads) {
     float bias = 0.f;
     table[s] = distance_bias(p, b, h, d_first + s, false, &bias) ? bias * kLog2e : -INFINITY;

@@ -180,6 +180,8 @@ def attention(
     span_ramp: float = 32.0,
     num_global: int = 0,
     key_lengths: Optional[Tensor] = None,
+    q_offset: Union[int, Tensor, None] = None,
+    k_offset: Union[int, Tensor, None] = None,
     softcap: float = 0.0,
     dropout_p: float = 0.0,
     generator: Optional[torch.Generator] = None,
@@ -201,6 +203,11 @@ def attention(
         num_global: keys at positions < G are seen by all queries, queries at positions < G
             see all keys (window and span do not apply to them; causal does).
         key_lengths: (B,) integer; keys j >= key_lengths[b] are masked.
+        q_offset, k_offset: positions: query i of batch b stands at q_offset[b] + i, key j at
+            k_offset[b] + j; each an int or a (B,) integer tensor on q's device. The defaults
+            (Sk - Sq and 0) align the last query with the last key. Every rule (table, ALiBi,
+            window, span, global tokens by position, causal) uses these positions; e.g.
+            new tokens appended to caches of lengths L[b]: q_offset = L - Sq.
         softcap: logit soft-capping (Gemma 2): the scaled score s = scale * q.k becomes
             softcap * tanh(s / softcap) before the biases and masks; 0 turns it off.
         dropout_p: attention dropout, in [0, 1): after the softmax each weight is kept with
@@ -216,7 +223,8 @@ def attention(
         with return_lse, (out, lse).
     """
     return _attention(ops.attention, q, k, v, scale, causal, window, rel_bias, alibi_slopes, span,
-                      span_ramp, num_global, key_lengths, softcap, dropout_p, generator, return_lse)
+                      span_ramp, num_global, key_lengths, q_offset, k_offset, softcap, dropout_p, generator,
+                      return_lse)
 
 
 def dropout_seed(dropout_p: float, generator: Optional[torch.Generator], q: Tensor) -> Optional[Tensor]:
@@ -237,7 +245,7 @@ def dropout_seed(dropout_p: float, generator: Optional[torch.Generator], q: Tens
 
 
 def _attention(op, q, k, v, scale, causal, window, rel_bias, alibi_slopes, span, span_ramp, num_global,
-               key_lengths, softcap, dropout_p, generator, return_lse):
+               key_lengths, q_offset, k_offset, softcap, dropout_p, generator, return_lse):
     # (the arguments of fastattn.attention, in its order: the emulator's tests bind them by name)
     # Every check of shapes, dtypes, devices and ranges is the op's own (C++: one set for every
     # caller, raising ValueError / TypeError); here only what Python alone can do: Python
@@ -273,7 +281,8 @@ def _attention(op, q, k, v, scale, causal, window, rel_bias, alibi_slopes, span,
             and out_dtype in (torch.float16, torch.bfloat16)):
         q, k, v = q.float(), k.float(), v.float()
     out, lse = op(q, k, v, scale_f, scale_tensor, bool(causal), left, right, rel_bias, alibi_slopes,
-                  span, span_ramp, num_global, key_lengths, softcap, dropout_p, seed)
+                  span, span_ramp, num_global, key_lengths, softcap, dropout_p, seed,
+                  _offset(q_offset, "q_offset", q), _offset(k_offset, "k_offset", q))
     if out.dtype != out_dtype:  # (Tensor.to costs a few us even when it is a no-op)
         out = out.to(out_dtype)
     return (out, lse) if return_lse else out
@@ -292,6 +301,8 @@ def attention_weights(
     span_ramp: float = 32.0,
     num_global: int = 0,
     key_lengths: Optional[Tensor] = None,
+    q_offset: Union[int, Tensor, None] = None,
+    k_offset: Union[int, Tensor, None] = None,
     softcap: float = 0.0,
     heads=None,
 ) -> Tensor:
@@ -321,18 +332,29 @@ def attention_weights(
     B, Hkv, Sk = k.shape[0], k.shape[1], k.shape[2]
     no_values = k.new_zeros(()).expand(B, Hkv, Sk, 0)
     _, lse = _attention(ops.attention, q, k, no_values, scale, causal, window, rel_bias, alibi_slopes,
-                        span, span_ramp, num_global, key_lengths, softcap, 0.0, None, True)
+                        span, span_ramp, num_global, key_lengths, q_offset, k_offset, softcap, 0.0, None,
+                        True)
     # (the op call above has checked every option; these only normalize Python scalars)
     logits = reference._logits(q, k, idx, scale, causal, _window(window), rel_bias, alibi_slopes,
                                span, _real(span_ramp, "span_ramp", "a number"),
                                _int(num_global, "num_global", "an int"), key_lengths,
-                               _real(softcap, "softcap", "a number"))
+                               _real(softcap, "softcap", "a number"), _offset(q_offset, "q_offset", q),
+                               _offset(k_offset, "k_offset", q))
     lse = lse if idx is None else lse.index_select(1, idx)
     lse = lse.to(logits.dtype).unsqueeze(-1)
     # A row with lse = -inf has no visible pair (every logit -inf): its weights are exp(-inf) = 0
     # with a 0 shift, never exp(-inf + inf).
     shift = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
     return torch.exp(logits - shift).to(q.dtype)
+
+
+def _offset(value, name: str, q: Tensor) -> Optional[Tensor]:
+    """A position offset as the op takes it: None, or a (B,) integer tensor (an int is
+    broadcast to every batch row, on q's device)."""
+    if value is None or isinstance(value, Tensor):
+        return value
+    value = _int(value, name, "an int, a (B,) integer tensor or None")
+    return torch.full((q.shape[0],), value, dtype=torch.int64, device=q.device)
 
 
 def check_options(**options) -> None:

@@ -120,22 +120,32 @@ def attention_mask_and_bias(
     span_ramp: float = 32.0,
     num_global: int = 0,
     key_lengths: Optional[Tensor] = None,
+    q_offset=None,
+    k_offset=None,
 ) -> tuple[Tensor, Tensor]:
     """The visibility mask (bool) and the additive logit bias, each (B, H, Sq, Sk).
 
-    Mirrors csrc/common/attention_params.h::pair_bias. The bias is differentiable w.r.t.
-    rel_bias, alibi_slopes and span; it is 0 (not -inf) where the mask is False.
+    Mirrors csrc/common/attention_params.h::pair_bias. Query i of batch b stands at
+    q_offset[b] + i (default Sk - Sq), key j at k_offset[b] + j (default 0); each an int or a
+    (B,) tensor. The bias is differentiable w.r.t. rel_bias, alibi_slopes and span; it is 0
+    (not -inf) where the mask is False.
     """
-    pos_q = torch.arange(seqlen_q, device=device) + (seqlen_k - seqlen_q)
-    pos_k = torch.arange(seqlen_k, device=device)
-    d = pos_q[:, None] - pos_k[None, :]  # (Sq, Sk)
+    def positions(offset, default, length):  # (B or 1, 1, length, 1)
+        offset = default if offset is None else offset
+        offset = torch.as_tensor(offset, device=device, dtype=torch.int64).reshape(-1, 1)
+        return (offset + torch.arange(length, device=device)).view(-1, 1, length, 1)
+
+    pos_q = positions(q_offset, seqlen_k - seqlen_q, seqlen_q)                 # (B|1, 1, Sq, 1)
+    pos_k = positions(k_offset, 0, seqlen_k).transpose(-1, -2)                # (B|1, 1, 1, Sk)
+    d = pos_q - pos_k                                                         # (B|1, 1, Sq, Sk)
     visible = torch.ones(batch, heads, seqlen_q, seqlen_k, dtype=torch.bool, device=device)
-    if key_lengths is not None:
-        visible = visible & (pos_k[None, None, None, :] < key_lengths.to(device).long()[:, None, None, None])
+    if key_lengths is not None:  # by key index, not position
+        j = torch.arange(seqlen_k, device=device)
+        visible = visible & (j[None, None, None, :] < key_lengths.to(device).long()[:, None, None, None])
     if causal:
         visible = visible & (d >= 0)
-    # (Sq, Sk). With G = 0 nothing is global, also queries at negative positions (Sq > Sk).
-    is_global = ((pos_k[None, :] < num_global) | (pos_q[:, None] < num_global)) & (num_global > 0)
+    # By absolute position. With G = 0 nothing is global, also queries at negative positions.
+    is_global = ((pos_k < num_global) | (pos_q < num_global)) & (num_global > 0)
     local_ok = torch.ones_like(d, dtype=torch.bool)
     left, right = window
     if left >= 0:
@@ -157,10 +167,12 @@ def attention_mask_and_bias(
     visible = visible & (is_global | local_ok)
     if rel_bias is not None:
         max_dist = (rel_bias.shape[0] + 1) // 2
-        idx = d.clamp(1 - max_dist, max_dist - 1) + max_dist - 1
-        bias = bias + rel_bias.to(dtype)[idx].permute(2, 0, 1).unsqueeze(0)
+        idx = d.clamp(1 - max_dist, max_dist - 1) + max_dist - 1             # (B|1, 1, Sq, Sk)
+        bias = bias + rel_bias.to(dtype)[idx[:, 0]].permute(0, 3, 1, 2)
     if alibi_slopes is not None:
-        bias = bias - alibi_slopes.to(dtype)[None, :, None, None] * d.abs().to(dtype)
+        slopes = alibi_slopes.to(dtype)
+        slopes = slopes[None, :, None, None] if slopes.dim() == 1 else slopes[:, :, None, None]
+        bias = bias - slopes * d.abs().to(dtype)
     return visible, bias
 
 
@@ -202,7 +214,7 @@ def head_indices(heads, num_heads: int, device=None) -> Optional[Tensor]:
 
 
 def _logits(q: Tensor, k: Tensor, idx: Optional[Tensor], scale, causal, window, rel_bias, alibi_slopes,
-            span, span_ramp, num_global, key_lengths, softcap) -> Tensor:
+            span, span_ramp, num_global, key_lengths, softcap, q_offset=None, k_offset=None) -> Tensor:
     """The masked logits (B, n, Sq, Sk) of the query heads ``idx`` (None: all), in the math
     dtype, -inf where a pair is not visible."""
     B, Hq, Sq, Dqk = q.shape
@@ -220,7 +232,7 @@ def _logits(q: Tensor, k: Tensor, idx: Optional[Tensor], scale, causal, window, 
         qf = q.index_select(1, idx).to(md)
         kf = k.index_select(1, torch.div(idx, group, rounding_mode="floor")).to(md)
         rel_bias = None if rel_bias is None else rel_bias.index_select(1, idx)
-        alibi_slopes = None if alibi_slopes is None else alibi_slopes.index_select(0, idx)
+        alibi_slopes = None if alibi_slopes is None else alibi_slopes.index_select(alibi_slopes.dim() - 1, idx)
         span = None if span is None else span.index_select(span.dim() - 1, idx)
     scale_t = scale.to(md) if isinstance(scale, Tensor) else scale
     logits = scale_t * (qf @ kf.transpose(-1, -2))
@@ -229,7 +241,7 @@ def _logits(q: Tensor, k: Tensor, idx: Optional[Tensor], scale, causal, window, 
     visible, bias = attention_mask_and_bias(
         B, n, Sq, Sk, device=q.device, dtype=md, causal=causal, window=window,
         rel_bias=rel_bias, alibi_slopes=alibi_slopes, span=span, span_ramp=span_ramp,
-        num_global=num_global, key_lengths=key_lengths)
+        num_global=num_global, key_lengths=key_lengths, q_offset=q_offset, k_offset=k_offset)
     return torch.where(visible, logits + bias, torch.full_like(logits, -math.inf))
 
 
@@ -246,6 +258,8 @@ def attention_logits(
     span_ramp: float = 32.0,
     num_global: int = 0,
     key_lengths: Optional[Tensor] = None,
+    q_offset=None,
+    k_offset=None,
     softcap: float = 0.0,
     heads=None,
 ) -> Tensor:
@@ -255,7 +269,7 @@ def attention_logits(
     (see head_indices)."""
     idx = head_indices(heads, q.shape[1], q.device)
     return _logits(q, k, idx, scale, causal, window, rel_bias, alibi_slopes, span, span_ramp,
-                   num_global, key_lengths, softcap)
+                   num_global, key_lengths, softcap, q_offset, k_offset)
 
 
 def _probs_and_lse(logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -278,6 +292,8 @@ def attention_weights(
     span_ramp: float = 32.0,
     num_global: int = 0,
     key_lengths: Optional[Tensor] = None,
+    q_offset=None,
+    k_offset=None,
     softcap: float = 0.0,
     heads=None,
 ) -> Tensor:
@@ -286,8 +302,8 @@ def attention_weights(
     dropout."""
     logits = attention_logits(q, k, scale=scale, causal=causal, window=window, rel_bias=rel_bias,
                               alibi_slopes=alibi_slopes, span=span, span_ramp=span_ramp,
-                              num_global=num_global, key_lengths=key_lengths, softcap=softcap,
-                              heads=heads)
+                              num_global=num_global, key_lengths=key_lengths, q_offset=q_offset,
+                              k_offset=k_offset, softcap=softcap, heads=heads)
     return _probs_and_lse(logits)[0].to(q.dtype)
 
 
@@ -305,6 +321,8 @@ def attention(
     span_ramp: float = 32.0,
     num_global: int = 0,
     key_lengths: Optional[Tensor] = None,
+    q_offset=None,
+    k_offset=None,
     softcap: float = 0.0,
     dropout_p: float = 0.0,
     dropout_seed=None,
@@ -314,7 +332,9 @@ def attention(
 
     q (B, Hq, Sq, Dqk), k (B, Hkv, Sk, Dqk), v (B, Hkv, Sk, Dv), Hq % Hkv == 0.
     Returns out (B, Hq, Sq, Dv) in q's dtype, and lse (B, Hq, Sq) float32 when return_lse.
-    A row with no visible key gives zeros and lse = -inf.
+    A row with no visible key gives zeros and lse = -inf. Query i of batch b stands at
+    q_offset[b] + i (default Sk - Sq), key j at k_offset[b] + j (default 0): ints or (B,)
+    tensors.
 
     dropout_p in [0, 1): the weights are multiplied by dropout_keep_mask(seed, offset, ...)
     (B, Hq, Sq, Sk) and by 1 / (1 - dropout_p) before the product with v; lse stays that of
@@ -327,7 +347,7 @@ def attention(
     md = _math_dtype(q)
     vf = v.to(md).repeat_interleave(Hq // Hkv, dim=1)
     logits = _logits(q, k, None, scale, causal, window, rel_bias, alibi_slopes, span, span_ramp,
-                     num_global, key_lengths, softcap)
+                     num_global, key_lengths, softcap, q_offset, k_offset)
     probs, lse = _probs_and_lse(logits)
     if dropout_p > 0:
         seed, offset = _dropout_seed(dropout_seed)
