@@ -94,6 +94,9 @@ def attention_cases(draw, kind: str = "cpu") -> tuple[Case, bool]:
     # soft-capping: off, tight (most logits in tanh's curved part) or loose
     softcap = draw(st.sampled_from((0.0, 0.0, 0.5, 3.0, 30.0)))
     dropout = draw(st.sampled_from((0.0, 0.0, 0.0, 0.1, 0.5)))
+    # positions: the defaults most of the time, else per-batch offsets (either may stay default)
+    offsets = st.one_of(st.none(), st.tuples(*[st.integers(-2 * (Sq + Sk), 2 * (Sq + Sk))] * B))
+    q_offset, k_offset = (draw(offsets), draw(offsets)) if draw(st.integers(0, 2)) == 0 else (None, None)
     layouts = ["contiguous", "bshd", "lastdim"]
     if Sq == Sk and Dqk == Dv:
         layouts.append("packed")
@@ -102,6 +105,7 @@ def attention_cases(draw, kind: str = "cpu") -> tuple[Case, bool]:
                 device="cuda" if kind == "cuda" else "cpu", causal=causal, window=window,
                 rel_bias=rel_bias, alibi=alibi, span=span, span_values=span_values,
                 span_ramp=span_ramp, span_grad=span_grad, num_global=num_global,
-                key_lengths=key_lengths, scale=scale, softcap=softcap, dropout=dropout, layout=layout,
+                key_lengths=key_lengths, scale=scale, softcap=softcap, dropout=dropout, q_offset=q_offset,
+                k_offset=k_offset, layout=layout,
                 seed=draw(st.integers(0, 2 ** 20)))
     return case, draw(st.booleans())

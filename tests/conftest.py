@@ -237,6 +237,7 @@ class Case:
         one (B, S, Hq + 2 Hkv, D) buffer) or "lastdim" (last dim strided by 2: the wrapper copies).
     dropout: attention dropout_p; every formulation draws the same mask (dropout_generator,
         and the (seed, offset) it gives for the references).
+    q_offset, k_offset: per-batch positions of query 0 and key 0, or None (the defaults).
     """
     B: int = 2
     Hq: int = 4
@@ -260,6 +261,8 @@ class Case:
     scale: object = "default"
     softcap: float = 0.0
     dropout: float = 0.0
+    q_offset: Optional[tuple] = None
+    k_offset: Optional[tuple] = None
     layout: str = "contiguous"
     seed: int = 0
 
@@ -316,6 +319,9 @@ def make_inputs(case: Case, requires_grad: bool = True) -> dict:
         inp["span"] = leaf(sp) if case.span_grad else sp
     if case.key_lengths is not None:
         inp["key_lengths"] = torch.tensor(case.key_lengths, dtype=torch.int64, device=dev)
+    for name in ("q_offset", "k_offset"):
+        if getattr(case, name) is not None:
+            inp[name] = torch.tensor(getattr(case, name), dtype=torch.int64, device=dev)
     if case.scale == "tensor":
         inp["scale"] = leaf(torch.tensor(0.37, dtype=pdt, device=dev))
     elif case.scale != "default":
@@ -350,7 +356,8 @@ def dropout_generator(case: Case) -> torch.Generator:
 def run_attention(fn, inp: dict, case: Case, grad_out=None, grad_lse=None, backward=True) -> dict:
     """Call fn(q, k, v, **options) with return_lse; backprop sum(out*grad_out) (+ lse term).
     With dropout, the references get the (seed, offset) the fused call draws."""
-    kw = {n: inp[n] for n in ("rel_bias", "alibi_slopes", "span", "key_lengths", "scale") if n in inp}
+    kw = {n: inp[n] for n in ("rel_bias", "alibi_slopes", "span", "key_lengths", "scale", "q_offset", "k_offset")
+          if n in inp}
     if case.dropout:
         kw["dropout_p"] = case.dropout
         if fn in (reference.attention, dense_sdpa_attention):
@@ -407,30 +414,33 @@ def attention_backward_op_args(grad_out, out, lse, grad_lse, args: tuple, need_r
 # ---------------------------------------------------------------------------------------------
 def dense_visibility_and_bias(B, Hq, Sq, Sk, *, causal=False, window=(-1, -1), rel_bias=None,
                               alibi_slopes=None, span=None, span_ramp=32.0, num_global=0,
-                              key_lengths=None, dtype=torch.float64):
+                              key_lengths=None, q_offset=None, k_offset=None, dtype=torch.float64):
     """(visible (B, Hq, Sq, Sk) bool, additive bias (B, Hq, Sq, Sk)) from DESIGN.md's rules.
 
-    Written from the spec, not from reference.py: query i stands at position i + Sk - Sq,
-    distance d = pos_q - j. The bias is computed in float64 and returned in `dtype`.
+    Written from the spec, not from reference.py: query i of row b stands at position
+    q_offset[b] + i (default Sk - Sq), key j at k_offset[b] + j (default 0), distance d =
+    pos_q - pos_k. The bias is computed in float64 and returned in `dtype`.
     """
     out_dtype, dtype = dtype, torch.float64
-    qpos = torch.arange(Sk - Sq, Sk).view(Sq, 1)
-    kpos = torch.arange(Sk).view(1, Sk)
-    dist = qpos - kpos                                                   # (Sq, Sk)
+    q0 = (torch.full((B,), Sk - Sq) if q_offset is None else q_offset.cpu().long()).view(B, 1, 1, 1)
+    k0 = (torch.zeros(B, dtype=torch.long) if k_offset is None else k_offset.cpu().long()).view(B, 1, 1, 1)
+    qpos = q0 + torch.arange(Sq).view(1, 1, Sq, 1)                       # (B, 1, Sq, 1)
+    kpos = k0 + torch.arange(Sk).view(1, 1, 1, Sk)                       # (B, 1, 1, Sk)
+    dist = qpos - kpos                                                   # (B, 1, Sq, Sk)
     adist = dist.abs().to(dtype)
     shape = (B, Hq, Sq, Sk)
 
     visible = torch.ones(shape, dtype=torch.bool)
-    if key_lengths is not None:
-        visible = visible & (kpos.view(1, 1, 1, Sk) < key_lengths.cpu().view(B, 1, 1, 1))
+    if key_lengths is not None:  # by key index
+        visible = visible & (torch.arange(Sk).view(1, 1, 1, Sk) < key_lengths.cpu().view(B, 1, 1, 1))
     if causal:
         visible = visible & (dist >= 0)
 
     # Longformer global tokens: the first G keys, and queries at positions 0..G-1. With G = 0
     # nothing is global (not even queries at negative positions when Sq > Sk).
-    global_pair = ((kpos < num_global) | (qpos < num_global)) & (num_global > 0)  # (Sq, Sk)
+    global_pair = ((kpos < num_global) | (qpos < num_global)) & (num_global > 0)  # (B, 1, Sq, Sk)
     left, right = window
-    in_window = torch.ones(Sq, Sk, dtype=torch.bool)
+    in_window = torch.ones(B, 1, Sq, Sk, dtype=torch.bool)
     if left != -1:
         in_window = in_window & (dist <= left)
     if right != -1:
@@ -454,18 +464,19 @@ def dense_visibility_and_bias(B, Hq, Sq, Sk, *, causal=False, window=(-1, -1), r
 
     if rel_bias is not None:
         max_dist = (rel_bias.shape[0] + 1) // 2
-        row = (dist.clamp(min=-(max_dist - 1), max=max_dist - 1) + (max_dist - 1))  # (Sq, Sk)
-        table_bias = F.embedding(row, rel_bias.to(dtype))                # (Sq, Sk, Hq)
-        bias = bias + table_bias.permute(2, 0, 1).unsqueeze(0)
+        row = (dist.clamp(min=-(max_dist - 1), max=max_dist - 1) + (max_dist - 1))[:, 0]  # (B, Sq, Sk)
+        table_bias = F.embedding(row, rel_bias.to(dtype))                # (B, Sq, Sk, Hq)
+        bias = bias + table_bias.permute(0, 3, 1, 2)
     if alibi_slopes is not None:
-        bias = bias - alibi_slopes.to(dtype).view(1, Hq, 1, 1) * adist
+        slopes = alibi_slopes.to(dtype)
+        bias = bias - (slopes.view(1, Hq, 1, 1) if slopes.dim() == 1 else slopes.view(B, Hq, 1, 1)) * adist
     return visible, bias.to(out_dtype)
 
 
 def dense_sdpa_attention(q, k, v, *, scale=None, causal=False, window=(-1, -1), rel_bias=None,
                          alibi_slopes=None, span=None, span_ramp=32.0, num_global=0,
-                         key_lengths=None, softcap=0.0, dropout_p=0.0, dropout_seed=None,
-                         return_lse=True):
+                         key_lengths=None, q_offset=None, k_offset=None, softcap=0.0, dropout_p=0.0,
+                         dropout_seed=None, return_lse=True):
     """fastattn.attention's math through F.scaled_dot_product_attention with a dense mask.
 
     Runs in q's dtype (use float64 CPU inputs). Rows with no visible key are computed with a
@@ -478,7 +489,8 @@ def dense_sdpa_attention(q, k, v, *, scale=None, causal=False, window=(-1, -1), 
     dtype = q.dtype
     visible, bias = dense_visibility_and_bias(
         B, Hq, Sq, Sk, causal=causal, window=window, rel_bias=rel_bias, alibi_slopes=alibi_slopes,
-        span=span, span_ramp=span_ramp, num_global=num_global, key_lengths=key_lengths, dtype=dtype)
+        span=span, span_ramp=span_ramp, num_global=num_global, key_lengths=key_lengths,
+        q_offset=q_offset, k_offset=k_offset, dtype=dtype)
     kr = k.repeat_interleave(Hq // Hkv, dim=1)
     vr = v.repeat_interleave(Hq // Hkv, dim=1)
     if scale is None:
@@ -561,7 +573,8 @@ def error_floors(case: "Case", inp: dict, grad_out: torch.Tensor, grad_lse: Opti
     visible, bias = dense_visibility_and_bias(
         B, Hq, Sq, Sk, causal=case.causal, window=case.window, rel_bias=opt("rel_bias"),
         alibi_slopes=opt("alibi_slopes"), span=opt("span"), span_ramp=case.span_ramp,
-        num_global=case.num_global, key_lengths=inp.get("key_lengths"))
+        num_global=case.num_global, key_lengths=inp.get("key_lengths"), q_offset=inp.get("q_offset"),
+        k_offset=inp.get("k_offset"))
     lse = f64(exact["lse"]).unsqueeze(-1)
     finite_lse = lse.nan_to_num(0, 0, 0)
     finite_bias = torch.where(visible, bias, torch.zeros((), dtype=torch.float64))
@@ -755,6 +768,8 @@ def case_id(case: Case) -> str:
         parts.append(f"cap{case.softcap:g}")
     if case.dropout:
         parts.append(f"drop{case.dropout:g}")
+    if case.q_offset is not None or case.k_offset is not None:
+        parts.append(f"pos{case.q_offset}_{case.k_offset}".replace(" ", "").replace(",", "."))
     if case.layout != "contiguous":
         parts.append(case.layout)
     return "-".join(parts)

@@ -103,7 +103,11 @@ FACTORS = dict(
     dtype=[F32, F32, BF16],
     softcap=[0.0, 0.0, 2.0],
     dropout=[0.0, 0.0, 0.2],
+    positions=[None, None, "chunk", "batch"],
 )
+# positions: None (the defaults), a chunk further into the sequence (both offsets shifted), or
+# a different offset per batch row (keys shifted too: global tokens count from the offset).
+POSITIONS = {None: (None, None), "chunk": ((100, 100), (90, 90)), "batch": ((5, 60), (0, -7))}
 
 
 def _pairwise_cases():
@@ -120,6 +124,7 @@ def _pairwise_cases():
             span_grad=bool(span) and span[1] != (0.0,), span_ramp=row["span_ramp"],
             key_lengths=(Sk - 9, Sk) if row["key_lengths"] else None,
             scale=("default", "tensor", 0.4)[n % 3], softcap=row["softcap"], dropout=row["dropout"],
+            q_offset=POSITIONS[row["positions"]][0], k_offset=POSITIONS[row["positions"]][1],
             seed=2000 + n))
     return cases
 

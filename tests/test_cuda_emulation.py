@@ -130,6 +130,12 @@ CASES = [
           causal=True), True),
     (Case(**GQA, dtype=F32, softcap=0.5, scale="tensor", window=(3, 2), span="h", num_global=1), False),
     (Case(**GQA, dtype=BF16, softcap=30.0, alibi=True, key_lengths=(47, 9)), True),
+    # explicit positions: per-batch offsets (global tokens by absolute position, tile skipping
+    # and the table gradient's distances follow them)
+    (Case(**GQA, dtype=BF16, causal=True, rel_bias=9, num_global=2, key_lengths=(47, 30),
+          q_offset=(40, 3), k_offset=(0, -5)), True),
+    (Case(B=2, Hq=2, Hkv=1, Sq=70, Sk=140, Dqk=32, Dv=32, dtype=F16, window=(20, 5), alibi=True, span="bh",
+          span_values=(10.5, 30.25), span_ramp=8.0, q_offset=(200, 60), k_offset=(150, 0)), False),
 ]
 
 
