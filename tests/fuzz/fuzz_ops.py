@@ -540,6 +540,10 @@ def strategies():
         a["key_lengths"] = draw(tensor((B,), kl, ctx, lo=-2, hi=Sk + 2, grad_ok=False)) if kl else None
         a["softcap"] = draw(st.one_of(*[st.just(0.0)] * 3, st.sampled_from((2.0, 50.0)), st.sampled_from((2.0, 50.0)),
                                       any_float))
+        offset = st.one_of(st.none(), st.none(), tensor((B,), draw(st.sampled_from(("int64", "int32"))), ctx,
+                                                         lo=-2 * (Sq + Sk) - 2, hi=2 * (Sq + Sk) + 2, grad_ok=False),
+                           tensor((B,), "int64", ctx, grad_ok=False))
+        a["q_offset"], a["k_offset"] = draw(offset), draw(offset)
         a["dropout_p"] = draw(st.one_of(*[st.just(0.0)] * 3, st.sampled_from((0.1, 0.5, 0.999)), any_float))
         a["dropout_seed"] = draw(st.one_of(st.none(), tensor((2,), "int64", ctx, grad_ok=False),
                                            tensor((2,), "int64", ctx, grad_ok=False)))
