@@ -97,6 +97,7 @@ def attention_cases(draw, kind: str = "cpu") -> tuple[Case, bool]:
     # positions: the defaults most of the time, else per-batch offsets (either may stay default)
     offsets = st.one_of(st.none(), st.tuples(*[st.integers(-2 * (Sq + Sk), 2 * (Sq + Sk))] * B))
     q_offset, k_offset = (draw(offsets), draw(offsets)) if draw(st.integers(0, 2)) == 0 else (None, None)
+    attn_mask = draw(st.sampled_from((None, None, None, "bool", "float", "float_grad")))
     layouts = ["contiguous", "bshd", "lastdim"]
     if Sq == Sk and Dqk == Dv:
         layouts.append("packed")
@@ -106,6 +107,6 @@ def attention_cases(draw, kind: str = "cpu") -> tuple[Case, bool]:
                 rel_bias=rel_bias, alibi=alibi, span=span, span_values=span_values,
                 span_ramp=span_ramp, span_grad=span_grad, num_global=num_global,
                 key_lengths=key_lengths, scale=scale, softcap=softcap, dropout=dropout, q_offset=q_offset,
-                k_offset=k_offset, layout=layout,
+                k_offset=k_offset, attn_mask=attn_mask, layout=layout,
                 seed=draw(st.integers(0, 2 ** 20)))
     return case, draw(st.booleans())

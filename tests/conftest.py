@@ -238,6 +238,8 @@ class Case:
     dropout: attention dropout_p; every formulation draws the same mask (dropout_generator,
         and the (seed, offset) it gives for the references).
     q_offset, k_offset: per-batch positions of query 0 and key 0, or None (the defaults).
+    attn_mask: None, "bool" ((B, 1, Sq, Sk), 75% True), "float" ((Hq, Sq, Sk) added, some -inf)
+        or "float_grad" ((1, Hq, Sq, Sk), requires grad).
     """
     B: int = 2
     Hq: int = 4
@@ -263,6 +265,7 @@ class Case:
     dropout: float = 0.0
     q_offset: Optional[tuple] = None
     k_offset: Optional[tuple] = None
+    attn_mask: Optional[str] = None
     layout: str = "contiguous"
     seed: int = 0
 
@@ -319,6 +322,14 @@ def make_inputs(case: Case, requires_grad: bool = True) -> dict:
         inp["span"] = leaf(sp) if case.span_grad else sp
     if case.key_lengths is not None:
         inp["key_lengths"] = torch.tensor(case.key_lengths, dtype=torch.int64, device=dev)
+    if case.attn_mask == "bool":
+        inp["attn_mask"] = (torch.rand(B, 1, case.Sq, case.Sk, generator=g) < 0.75).to(dev)
+    elif case.attn_mask in ("float", "float_grad"):
+        shape = (Hq, case.Sq, case.Sk) if case.attn_mask == "float" else (1, Hq, case.Sq, case.Sk)
+        m = 0.5 * torch.randn(*shape, generator=g, dtype=torch.float64)
+        m = torch.where(torch.rand(*shape, generator=g) < 0.05, torch.full((), -math.inf, dtype=torch.float64), m)
+        m = m.to(pdt).to(dev)
+        inp["attn_mask"] = leaf(m) if case.attn_mask == "float_grad" else m
     for name in ("q_offset", "k_offset"):
         if getattr(case, name) is not None:
             inp[name] = torch.tensor(getattr(case, name), dtype=torch.int64, device=dev)
@@ -345,7 +356,7 @@ def clone_inputs(inp: dict, dtype: Optional[torch.dtype] = None, device="cpu", r
     return out
 
 
-GRAD_NAMES = ("q", "k", "v", "rel_bias", "span", "scale")
+GRAD_NAMES = ("q", "k", "v", "rel_bias", "span", "scale", "attn_mask")
 
 
 def dropout_generator(case: Case) -> torch.Generator:
@@ -356,8 +367,8 @@ def dropout_generator(case: Case) -> torch.Generator:
 def run_attention(fn, inp: dict, case: Case, grad_out=None, grad_lse=None, backward=True) -> dict:
     """Call fn(q, k, v, **options) with return_lse; backprop sum(out*grad_out) (+ lse term).
     With dropout, the references get the (seed, offset) the fused call draws."""
-    kw = {n: inp[n] for n in ("rel_bias", "alibi_slopes", "span", "key_lengths", "scale", "q_offset", "k_offset")
-          if n in inp}
+    kw = {n: inp[n] for n in ("rel_bias", "alibi_slopes", "span", "key_lengths", "scale", "q_offset", "k_offset",
+                              "attn_mask") if n in inp}
     if case.dropout:
         kw["dropout_p"] = case.dropout
         if fn in (reference.attention, dense_sdpa_attention):
@@ -389,7 +400,7 @@ def run_attention(fn, inp: dict, case: Case, grad_out=None, grad_lse=None, backw
 ATTENTION_OP_DEFAULTS = dict(scale=None, scale_tensor=None, causal=False, window_left=-1, window_right=-1,
                              rel_bias=None, alibi_slopes=None, span=None, span_ramp=32.0, num_global=0,
                              key_lengths=None, softcap=0.0, dropout_p=0.0, dropout_seed=None,
-                             q_offset=None, k_offset=None)
+                             q_offset=None, k_offset=None, attn_mask=None)
 
 
 def attention_op_args(q, k, v, **options) -> tuple:
@@ -404,9 +415,9 @@ def attention_op_args(q, k, v, **options) -> tuple:
 
 
 def attention_backward_op_args(grad_out, out, lse, grad_lse, args: tuple, need_rel_bias_grad=True,
-                               need_span_grad=True) -> tuple:
+                               need_span_grad=True, need_attn_mask_grad=True) -> tuple:
     """The arguments of torch.ops.fastattn.attention_backward for the forward call `args`."""
-    return (grad_out, out, lse, grad_lse, need_rel_bias_grad, need_span_grad, *args)
+    return (grad_out, out, lse, grad_lse, need_rel_bias_grad, need_span_grad, need_attn_mask_grad, *args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,12 +425,14 @@ def attention_backward_op_args(grad_out, out, lse, grad_lse, args: tuple, need_r
 # ---------------------------------------------------------------------------------------------
 def dense_visibility_and_bias(B, Hq, Sq, Sk, *, causal=False, window=(-1, -1), rel_bias=None,
                               alibi_slopes=None, span=None, span_ramp=32.0, num_global=0,
-                              key_lengths=None, q_offset=None, k_offset=None, dtype=torch.float64):
+                              key_lengths=None, q_offset=None, k_offset=None, attn_mask=None,
+                              dtype=torch.float64):
     """(visible (B, Hq, Sq, Sk) bool, additive bias (B, Hq, Sq, Sk)) from DESIGN.md's rules.
 
     Written from the spec, not from reference.py: query i of row b stands at position
     q_offset[b] + i (default Sk - Sq), key j at k_offset[b] + j (default 0), distance d =
-    pos_q - pos_k. The bias is computed in float64 and returned in `dtype`.
+    pos_q - pos_k. attn_mask follows SDPA: bool True may attend, a float is added (-inf hides
+    the pair). The bias is computed in float64 and returned in `dtype`.
     """
     out_dtype, dtype = dtype, torch.float64
     q0 = (torch.full((B,), Sk - Sq) if q_offset is None else q_offset.cpu().long()).view(B, 1, 1, 1)
@@ -470,13 +483,21 @@ def dense_visibility_and_bias(B, Hq, Sq, Sk, *, causal=False, window=(-1, -1), r
     if alibi_slopes is not None:
         slopes = alibi_slopes.to(dtype)
         bias = bias - (slopes.view(1, Hq, 1, 1) if slopes.dim() == 1 else slopes.view(B, Hq, 1, 1)) * adist
+    if attn_mask is not None:
+        m = attn_mask.cpu()
+        if m.dtype == torch.bool:
+            visible = visible & m
+        else:
+            hidden = torch.isneginf(m)
+            visible = visible & ~hidden
+            bias = bias + torch.where(hidden, torch.zeros((), dtype=dtype), m.to(dtype))
     return visible, bias.to(out_dtype)
 
 
 def dense_sdpa_attention(q, k, v, *, scale=None, causal=False, window=(-1, -1), rel_bias=None,
                          alibi_slopes=None, span=None, span_ramp=32.0, num_global=0,
-                         key_lengths=None, q_offset=None, k_offset=None, softcap=0.0, dropout_p=0.0,
-                         dropout_seed=None, return_lse=True):
+                         key_lengths=None, q_offset=None, k_offset=None, attn_mask=None, softcap=0.0,
+                         dropout_p=0.0, dropout_seed=None, return_lse=True):
     """fastattn.attention's math through F.scaled_dot_product_attention with a dense mask.
 
     Runs in q's dtype (use float64 CPU inputs). Rows with no visible key are computed with a
@@ -490,7 +511,7 @@ def dense_sdpa_attention(q, k, v, *, scale=None, causal=False, window=(-1, -1), 
     visible, bias = dense_visibility_and_bias(
         B, Hq, Sq, Sk, causal=causal, window=window, rel_bias=rel_bias, alibi_slopes=alibi_slopes,
         span=span, span_ramp=span_ramp, num_global=num_global, key_lengths=key_lengths,
-        q_offset=q_offset, k_offset=k_offset, dtype=dtype)
+        q_offset=q_offset, k_offset=k_offset, attn_mask=attn_mask, dtype=dtype)
     kr = k.repeat_interleave(Hq // Hkv, dim=1)
     vr = v.repeat_interleave(Hq // Hkv, dim=1)
     if scale is None:
@@ -574,7 +595,8 @@ def error_floors(case: "Case", inp: dict, grad_out: torch.Tensor, grad_lse: Opti
         B, Hq, Sq, Sk, causal=case.causal, window=case.window, rel_bias=opt("rel_bias"),
         alibi_slopes=opt("alibi_slopes"), span=opt("span"), span_ramp=case.span_ramp,
         num_global=case.num_global, key_lengths=inp.get("key_lengths"), q_offset=inp.get("q_offset"),
-        k_offset=inp.get("k_offset"))
+        k_offset=inp.get("k_offset"), attn_mask=opt("attn_mask") if inp.get("attn_mask") is not None
+        and inp["attn_mask"].is_floating_point() else inp.get("attn_mask"))
     lse = f64(exact["lse"]).unsqueeze(-1)
     finite_lse = lse.nan_to_num(0, 0, 0)
     finite_bias = torch.where(visible, bias, torch.zeros((), dtype=torch.float64))
@@ -768,6 +790,8 @@ def case_id(case: Case) -> str:
         parts.append(f"cap{case.softcap:g}")
     if case.dropout:
         parts.append(f"drop{case.dropout:g}")
+    if case.attn_mask is not None:
+        parts.append(f"mask_{case.attn_mask}")
     if case.q_offset is not None or case.k_offset is not None:
         parts.append(f"pos{case.q_offset}_{case.k_offset}".replace(" ", "").replace(",", "."))
     if case.layout != "contiguous":

@@ -104,6 +104,7 @@ FACTORS = dict(
     softcap=[0.0, 0.0, 2.0],
     dropout=[0.0, 0.0, 0.2],
     positions=[None, None, "chunk", "batch"],
+    attn_mask=[None, None, "bool", "float", "float_grad"],
 )
 # positions: None (the defaults), a chunk further into the sequence (both offsets shifted), or
 # a different offset per batch row (keys shifted too: global tokens count from the offset).
@@ -125,6 +126,7 @@ def _pairwise_cases():
             key_lengths=(Sk - 9, Sk) if row["key_lengths"] else None,
             scale=("default", "tensor", 0.4)[n % 3], softcap=row["softcap"], dropout=row["dropout"],
             q_offset=POSITIONS[row["positions"]][0], k_offset=POSITIONS[row["positions"]][1],
+            attn_mask=row["attn_mask"],
             seed=2000 + n))
     return cases
 

@@ -136,6 +136,11 @@ CASES = [
           q_offset=(40, 3), k_offset=(0, -5)), True),
     (Case(B=2, Hq=2, Hkv=1, Sq=70, Sk=140, Dqk=32, Dv=32, dtype=F16, window=(20, 5), alibi=True, span="bh",
           span_values=(10.5, 30.25), span_ramp=8.0, q_offset=(200, 60), k_offset=(150, 0)), False),
+    # attn_mask: a float mask with its gradient (summed over the batch), a bool one per batch row
+    (Case(**GQA, dtype=F32, causal=True, rel_bias=5, attn_mask="float_grad"), True),
+    (Case(B=2, Hq=2, Hkv=1, Sq=70, Sk=140, Dqk=32, Dv=32, dtype=BF16, window=(30, 30), num_global=2,
+          attn_mask="bool"), False),
+    (Case(B=1, Hq=2, Hkv=2, Sq=40, Sk=70, Dqk=64, Dv=64, dtype=F16, softcap=5.0, attn_mask="float"), True),
 ]
 
 

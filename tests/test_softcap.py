@@ -210,7 +210,7 @@ def test_softcap_op_backward_matches_autograd():
                              causal=True, rel_bias=inp["rel_bias"].detach(), softcap=0.7)
     out, lse = torch.ops.fastattn.attention(*args)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=F64)
-    gq, gk, gv, gt, _ = torch.ops.fastattn.attention_backward(
+    gq, gk, gv, gt, _, _ = torch.ops.fastattn.attention_backward(
         *attention_backward_op_args(grad_out, out, lse, None, args, need_span_grad=False))
     ref = reference.attention(inp["q"], inp["k"], inp["v"], scale=0.5, causal=True, rel_bias=inp["rel_bias"],
                               softcap=0.7)

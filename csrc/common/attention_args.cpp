@@ -25,8 +25,8 @@ void define_attention_ops(torch::Library& m) {
   // enters as D_i = rowsum(dO * O) - grad_lse_i).
   m.def(
       "attention_backward(Tensor grad_out, Tensor out, Tensor lse, Tensor? grad_lse, "
-      "bool need_rel_bias_grad, bool need_span_grad, " FASTATTN_ATTENTION_ARGS_SCHEMA
-      ") -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "bool need_rel_bias_grad, bool need_span_grad, bool need_attn_mask_grad, "
+      FASTATTN_ATTENTION_ARGS_SCHEMA ") -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 // ---- reading and writing the argument stack ---------------------------------------------------
@@ -53,14 +53,15 @@ AttentionArgs AttentionArgs::from_stack(const torch::jit::Stack& stack, size_t f
   a.dropout_seed = s[16].toOptional<at::Tensor>();
   a.q_offset = s[17].toOptional<at::Tensor>();
   a.k_offset = s[18].toOptional<at::Tensor>();
-  static_assert(kNumArgs == 19, "read every schema argument above");
+  a.attn_mask = s[19].toOptional<at::Tensor>();
+  static_assert(kNumArgs == 20, "read every schema argument above");
   return a;
 }
 
 void AttentionArgs::push_to(torch::jit::Stack& stack) const {
   torch::jit::push(stack, q, k, v, scale, scale_tensor, causal, window_left, window_right,
                    rel_bias, alibi_slopes, span, span_ramp, num_global, key_lengths, softcap,
-                   dropout_p, dropout_seed, q_offset, k_offset);
+                   dropout_p, dropout_seed, q_offset, k_offset, attn_mask);
 }
 
 AttentionBackwardArgs AttentionBackwardArgs::from_stack(const torch::jit::Stack& stack,
@@ -73,6 +74,7 @@ AttentionBackwardArgs AttentionBackwardArgs::from_stack(const torch::jit::Stack&
   a.grad_lse = s[3].toOptional<at::Tensor>();
   a.need_rel_bias_grad = s[4].toBool();
   a.need_span_grad = s[5].toBool();
+  a.need_attn_mask_grad = s[6].toBool();
   a.attn = AttentionArgs::from_stack(stack, first + kNumOwnArgs);
   return a;
 }
@@ -186,6 +188,24 @@ void check_biases(const AttentionArgs& a) {
                  "fastattn: softcap must be a finite number >= 0 (0 = off), got ", a.softcap);
 }
 
+// SDPA's rule: a bool or float tensor broadcastable (right-aligned) to (B, Hq, Sq, Sk).
+void check_attn_mask(const AttentionArgs& a) {
+  if (!present(a.attn_mask)) return;
+  const at::Tensor& m = *a.attn_mask;
+  FA_CHECK_TYPE(m.scalar_type() == at::kBool || at::isFloatingType(m.scalar_type()),
+                "fastattn: attn_mask must be bool (True = may attend) or floating (added to the "
+                "logits), got ", m.scalar_type());
+  check_same_device(m, a.q, "attn_mask", "q");
+  const int64_t target[4] = {a.q.size(0), a.q.size(1), a.q.size(2), a.k.size(2)};
+  FA_CHECK_VALUE(m.dim() <= 4, "fastattn: attn_mask must broadcast to (B, Hq, Sq, Sk) = (", target[0],
+                 ", ", target[1], ", ", target[2], ", ", target[3], "), got shape ", m.sizes());
+  for (int64_t d = 0; d < m.dim(); ++d) {
+    const int64_t size = m.size(m.dim() - 1 - d), want = target[3 - d];
+    FA_CHECK_VALUE(size == 1 || size == want, "fastattn: attn_mask must broadcast to (B, Hq, Sq, Sk) = (",
+                   target[0], ", ", target[1], ", ", target[2], ", ", target[3], "), got shape ", m.sizes());
+  }
+}
+
 void check_dropout(const AttentionArgs& a) {
   FA_CHECK_VALUE(a.dropout_p >= 0 && a.dropout_p < 1,
                  "fastattn: dropout_p must be in [0, 1), got ", a.dropout_p);
@@ -213,6 +233,7 @@ void AttentionArgs::check() const {
   check_scale(*this);
   check_masks(*this);
   check_biases(*this);
+  check_attn_mask(*this);
   check_dropout(*this);
 }
 
@@ -294,6 +315,27 @@ void set_dropout(const AttentionArgs& a, ParamTensors& keep, AttentionParamsT<Re
   }
 }
 
+// attn_mask: read in place through its strides (0 on broadcast dims, right-aligned to (b, h,
+// i, j)); a float mask of another dtype than the kernels' is converted in its own shape.
+template <typename Real>
+void set_attn_mask(const AttentionArgs& a, ParamTensors& keep, AttentionParamsT<Real>& p) {
+  if (!present(a.attn_mask)) return;
+  const at::Tensor& m = *a.attn_mask;
+  const auto real = std::is_same_v<Real, double> ? at::kDouble : at::kFloat;
+  keep.attn_mask = m.scalar_type() == at::kBool || m.scalar_type() == real ? m : m.to(real);
+  int64_t* strides[4] = {&p.mask_stride_b, &p.mask_stride_h, &p.mask_stride_q, &p.mask_stride_k};
+  const int64_t dims = keep.attn_mask.dim();
+  for (int64_t d = 0; d < dims; ++d) {
+    const int64_t dim = dims - 1 - d;
+    *strides[3 - d] = keep.attn_mask.size(dim) == 1 ? 0 : keep.attn_mask.stride(dim);
+  }
+  if (keep.attn_mask.scalar_type() == at::kBool) {
+    p.mask_bool = reinterpret_cast<const uint8_t*>(keep.attn_mask.data_ptr<bool>());
+  } else {
+    p.mask = keep.attn_mask.template data_ptr<Real>();
+  }
+}
+
 template <typename Real>
 AttentionParamsT<Real> make_attention_params(const AttentionArgs& a, ParamTensors& keep,
                                              bool read_scale_tensor) {
@@ -368,6 +410,7 @@ AttentionParamsT<Real> make_attention_params(const AttentionArgs& a, ParamTensor
   }
   p.span_ramp = static_cast<Real>(a.span_ramp);
   set_dropout(a, keep, p);
+  set_attn_mask(a, keep, p);
   return p;
 }
 
@@ -375,6 +418,24 @@ template AttentionParamsT<float> make_attention_params<float>(const AttentionArg
                                                               bool);
 template AttentionParamsT<double> make_attention_params<double>(const AttentionArgs&,
                                                                 ParamTensors&, bool);
+
+at::Tensor reduce_to_mask_shape(const at::Tensor& full, const at::Tensor& mask) {
+  at::Tensor g = full;
+  for (int64_t d = 0; d < 4; ++d) {
+    const int64_t mask_dim = mask.dim() - 4 + d;  // right-aligned; < 0: a dim the mask lacks
+    if (mask_dim >= 0 && mask.size(mask_dim) == g.size(d)) continue;
+    if (g.size(d) == 1) continue;
+    if (g.device().is_cpu()) {
+      // (a leading 0 makes the last entry of the running sum exist for an empty dim too)
+      std::vector<int64_t> pad(2 * (4 - d), 0);
+      pad[2 * (3 - d)] = 1;
+      g = at::constant_pad_nd(g.to(at::kDouble), pad).cumsum(d).narrow(d, g.size(d), 1);
+    } else {
+      g = g.sum(d, /*keepdim=*/true);
+    }
+  }
+  return g.reshape(mask.sizes()).to(mask.scalar_type()).contiguous();
+}
 
 // ---- C++ callers --------------------------------------------------------------------------------
 

@@ -21,12 +21,12 @@
   "Tensor q, Tensor k, Tensor v, float? scale, Tensor? scale_tensor, bool causal, "            \
   "int window_left, int window_right, Tensor? rel_bias, Tensor? alibi_slopes, Tensor? span, " \
   "float span_ramp, int num_global, Tensor? key_lengths, float softcap, float dropout_p, "     \
-  "Tensor? dropout_seed, Tensor? q_offset, Tensor? k_offset"
+  "Tensor? dropout_seed, Tensor? q_offset, Tensor? k_offset, Tensor? attn_mask"
 
 namespace fastattn {
 
 struct AttentionArgs {
-  static constexpr size_t kNumArgs = 19;  // the schema's argument count
+  static constexpr size_t kNumArgs = 20;  // the schema's argument count
 
   at::Tensor q, k, v;                    // (B, Hq, Sq, Dqk), (B, Hkv, Sk, Dqk), (B, Hkv, Sk, Dv)
   std::optional<double> scale;           // default Dqk^-0.5
@@ -47,6 +47,9 @@ struct AttentionArgs {
   // (B,) int64 / int32: query i of row b stands at q_offset[b] + i (default Sk - Sq), key j at
   // k_offset[b] + j (default 0); clamped to +-2^60.
   std::optional<at::Tensor> q_offset, k_offset;
+  // SDPA's attn_mask: bool (True = may attend) or float (added to the logit), broadcastable to
+  // (B, Hq, Sq, Sk) (right-aligned; read through its strides, never expanded).
+  std::optional<at::Tensor> attn_mask;
 
   // Reads the kNumArgs schema arguments that start at stack[first] (copies, the stack is kept).
   static AttentionArgs from_stack(const torch::jit::Stack& stack, size_t first);
@@ -67,11 +70,11 @@ struct AttentionArgs {
 
 // attention_backward's arguments: its own, then the attention arguments.
 struct AttentionBackwardArgs {
-  static constexpr size_t kNumOwnArgs = 6;
+  static constexpr size_t kNumOwnArgs = 7;
 
   at::Tensor grad_out, out, lse;        // (B, Hq, Sq, Dv), (B, Hq, Sq, Dv), (B, Hq, Sq)
   std::optional<at::Tensor> grad_lse;   // (B, Hq, Sq): the gradient reaching lse, if used
-  bool need_rel_bias_grad = false, need_span_grad = false;
+  bool need_rel_bias_grad = false, need_span_grad = false, need_attn_mask_grad = false;
   AttentionArgs attn;
 
   static AttentionBackwardArgs from_stack(const torch::jit::Stack& stack, size_t first);
@@ -81,13 +84,16 @@ struct AttentionBackwardArgs {
 };
 
 using AttentionOutputs = std::tuple<at::Tensor, at::Tensor>;  // out, lse
-// grad_q, grad_k, grad_v, grad_rel_bias, grad_span (the last two empty unless asked for).
-using AttentionGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// grad_q, grad_k, grad_v, grad_rel_bias, grad_span, grad_attn_mask (the last three empty
+// unless asked for).
+using AttentionGrads =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // The small tensors AttentionParamsT points to, converted to the kernels' layout (contiguous
 // Real, int64 lengths); they must outlive the kernels.
 struct ParamTensors {
-  at::Tensor scale, rel_bias, alibi_slopes, span, key_lengths, dropout_seed, q_offset, k_offset;
+  at::Tensor scale, rel_bias, alibi_slopes, span, key_lengths, dropout_seed, q_offset, k_offset,
+      attn_mask;
 };
 
 // The kernels' parameters for `a`, with the output allocated contiguous (B, Hq, Sq, Dv).
@@ -96,6 +102,11 @@ struct ParamTensors {
 template <typename Real>
 AttentionParamsT<Real> make_attention_params(const AttentionArgs& a, ParamTensors& keep,
                                              bool read_scale_tensor);
+
+// The attn_mask's gradient in its own shape: `full` (B, Hq, Sq, Sk), the gradient of every
+// pair's logit, summed over the dims the mask broadcasts along, in a fixed order (on the CPU a
+// running sum in float64, whatever the thread count), in the mask's dtype.
+at::Tensor reduce_to_mask_shape(const at::Tensor& full, const at::Tensor& mask);
 
 // Registers device entry points written against the structs as the boxed kernels of
 // `ns::attention` and `ns::attention_backward` for the library's dispatch key.
@@ -114,10 +125,10 @@ template <AttentionBackwardFn F>
 void boxed_backward(const c10::OperatorHandle&, c10::DispatchKeySet, torch::jit::Stack* stack) {
   constexpr size_t n = AttentionBackwardArgs::kNumOwnArgs + AttentionArgs::kNumArgs;
   const auto args = AttentionBackwardArgs::from_stack(*stack, stack->size() - n);
-  auto [gq, gk, gv, gb, gs] = F(args);
+  auto [gq, gk, gv, gb, gs, gm] = F(args);
   torch::jit::drop(*stack, n);
   torch::jit::push(*stack, std::move(gq), std::move(gk), std::move(gv), std::move(gb),
-                   std::move(gs));
+                   std::move(gs), std::move(gm));
 }
 }  // namespace detail
 

@@ -78,6 +78,12 @@ struct AttentionParamsT {
   int64_t span_stride_b = 0;           // (heads_q,) with span_stride_b = 0; or null
   Real span_ramp = 32;
 
+  // SDPA's attn_mask, read through its strides (0 on broadcast dims): a float mask's value is
+  // added to the logit (-inf hides the pair), a bool mask's False hides it.
+  const Real* mask = nullptr;          // float attn_mask, or null
+  const uint8_t* mask_bool = nullptr;  // bool attn_mask, or null
+  int64_t mask_stride_b = 0, mask_stride_h = 0, mask_stride_q = 0, mask_stride_k = 0;
+
   // Attention dropout (common/dropout.h): a weight is kept when its 16-bit draw is below
   // dropout_threshold and then multiplied by dropout_scale = 1 / (1 - p). The seed and offset
   // are in dropout_seed / dropout_offset, or (CUDA, a seed tensor on the GPU) read by the kernel
@@ -103,6 +109,10 @@ struct AttentionParamsT {
     return g - (k_offset != nullptr ? k_offset[b] : 0);
   }
   FA_HD Real alibi_slope(int64_t b, int64_t h) const { return alibi_slopes[b * alibi_stride_b + h]; }
+  FA_HD bool has_mask() const { return mask != nullptr || mask_bool != nullptr; }
+  FA_HD int64_t mask_index(int64_t b, int64_t h, int64_t i, int64_t j) const {
+    return b * mask_stride_b + h * mask_stride_h + i * mask_stride_q + j * mask_stride_k;
+  }
   FA_HD int64_t key_len(int64_t b) const {
     if (key_lengths == nullptr) return seqlen_k;
     const int64_t len = key_lengths[b];
@@ -216,6 +226,18 @@ FA_HD bool uniform_distance_bias(const AttentionParamsT<Real>& p, int64_t h, int
     *row = r;
   }
   return true;
+}
+
+// The attn_mask rule of pair (b, h, i, j), applied to its logit x (after the cap, with the
+// other biases or before them: addition commutes): x plus a float mask's value, or -inf where
+// the mask hides the pair (selected, not added, so a NaN or inf score there cannot leak).
+template <typename Real>
+FA_HD Real apply_mask(const AttentionParamsT<Real>& p, int64_t b, int64_t h, int64_t i, int64_t j,
+                      Real x) {
+  const int64_t at = p.mask_index(b, h, i, j);
+  if (p.mask_bool != nullptr) return p.mask_bool[at] ? x : -static_cast<Real>(INFINITY);
+  const Real m = p.mask[at];
+  return m == -static_cast<Real>(INFINITY) ? m : x + m;
 }
 
 // Whether (i, j) is visible, and the additive logit term that is not scale * q.k.

@@ -594,10 +594,11 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     const bool by_distance = per_distance.table.defined();
 
     // attention_backward(grad_out, out, lse, grad_lse, need_rel_bias_grad, need_span_grad,
-    // <the call's arguments>).
+    // need_attn_mask_grad, <the call's arguments>).
+    const size_t mask = slot("attn_mask");
     Stack stack{grad_outputs[0].defined() ? grad_outputs[0] : at::zeros_like(out), out, lse,
                 grad_outputs[1].defined() ? c10::IValue(grad_outputs[1]) : c10::IValue(),
-                need(table) || by_distance, need(span)};
+                need(table) || by_distance, need(span), need(mask)};
     const auto& values = ctx->saved_data["values"].toTupleRef().elements();
     for (size_t i = 0, t = 0; i < values.size(); ++i) {
       if (!is_tensor_argument(schema.arguments()[i])) {
@@ -627,6 +628,7 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
         give(table, stack[3].toTensor());
       }
       give(span, stack[4].toTensor());
+      give(mask, stack[5].toTensor());
       if (need(scale)) grads[edge[scale]] = scale_grad(saved[q], gq, saved[scale]);
     }
     return refuse_second_derivative(std::move(grads), grad_outputs, saved);

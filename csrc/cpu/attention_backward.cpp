@@ -43,7 +43,8 @@ namespace {
 template <typename acc_t, typename scalar_t>
 void recompute_lse(const AttentionParamsT<acc_t>& p, int64_t b, int64_t h, int64_t i0, int64_t nq,
                    const KeyRanges& ranges, const scalar_t* k_head, bool may_need_bias,
-                   const acc_t* qT, acc_t* sT, acc_t* diag, acc_t* work, acc_t* lse_safe) {
+                   const LaneRows& rows, const acc_t* qT, acc_t* sT, acc_t* diag, acc_t* work,
+                   acc_t* lse_safe) {
   static_assert(std::is_same_v<scalar_t, acc_t>, "only used where no conversion is needed");
   acc_t* m = work;
   acc_t* l = work + kBlockQ;
@@ -57,6 +58,7 @@ void recompute_lse(const AttentionParamsT<acc_t>& p, int64_t b, int64_t h, int64
       gemm_bcast<acc_t, false>(nk, kBlockQ, p.head_dim_qk, k_head + j0 * p.k_stride_s,
                                p.k_stride_s, 1, qT, kBlockQ, sT, kBlockQ);
       if (p.softcap > 0) softcap_tile<acc_t>(sT, nk, kBlockQ, p.softcap, nullptr);
+      if (p.has_mask()) mask_tile(p, b, rows, nq, j0, nk, sT);
       const TileBias<acc_t> tb = tile_bias(p, b, h, i0, nq, j0, nk, may_need_bias, sT, diag);
       std::fill(uniform, uniform + kBlockQ, tb.uniform);
       online_softmax_tile(sT, nk, kBlockQ, tb.diag, uniform, m, l, alpha);
@@ -160,7 +162,7 @@ struct BackwardScratch {
       diag, span_diag, tile_diag, lse_work;
   std::vector<acc_t> cap_grad;   // softcap only: d(capped score)/d(score) per element of sT
   std::vector<acc_t> drop_factors;  // dropout only: each element's factor, 1 / (1 - p) or 0
-  DropoutLanes drop;             // dropout: the rows of the query block's lanes
+  LaneRows rows;             // the rows of the query block's lanes (dropout, attn_mask)
   std::vector<double> diag_acc;  // per-distance sums of dS for one head (table gradient)
   BackwardScratch(int64_t dqk, int64_t dv, bool need_convert, int64_t num_distances, bool softcap,
                   bool dropout)
@@ -213,6 +215,7 @@ struct BackwardCall {
   int64_t min_distance(int64_t b) const { return p.query_pos(b, 0) - (p.seqlen_k - 1); }
   int64_t num_distances;     // Sq + Sk - 1 when the table gradient is needed, else 0
   bool direct_kv, may_need_bias, need_table_grad, need_span_grad, need_diag_sums;
+  acc_t* mask_grad;          // (B, Hq, Sq, Sk): the attn_mask's gradient dS, or null
   acc_t scale;
 };
 
@@ -281,10 +284,10 @@ void start_query_block(const BackwardCall<scalar_t>& c, const TaskKV<scalar_t>& 
     s.lse_safe[ii] = l == -pos_inf ? pos_inf : l;
   }
   std::fill(s.dq.begin(), s.dq.begin() + nq * Dqk, acc_t(0));
-  if (p.dropout) {
+  if (p.dropout || p.has_mask()) {
     for (int64_t ii = 0; ii < kBlockQ; ++ii) {
-      s.drop.bh[ii] = b * p.heads_q + h;
-      s.drop.i[ii] = i0 + ii;
+      s.rows.bh[ii] = b * p.heads_q + h;
+      s.rows.i[ii] = i0 + ii;
     }
   }
   for (int x = 0; x < QueryBlock<acc_t>::kLaneVecs; ++x) {
@@ -359,6 +362,18 @@ void add_bias_grads(const BackwardCall<scalar_t>& c, int64_t b, const QueryBlock
   }
 }
 
+// The attn_mask's gradient is dS itself (the mask is added after the cap): the tile's rows of
+// it, each element written by the one task that computes it.
+template <typename scalar_t, typename acc_t>
+void write_mask_grad(const BackwardCall<scalar_t>& c, int64_t b, const QueryBlock<acc_t>& blk,
+                     int64_t j0, int64_t nk, const acc_t* dsT) {
+  const int64_t Sq = c.p.seqlen_q, Sk = c.p.seqlen_k;
+  acc_t* rows = c.mask_grad + ((b * c.p.heads_q + blk.h) * Sq + blk.i0) * Sk + j0;
+  for (int64_t ii = 0; ii < blk.nq; ++ii) {
+    for (int64_t jj = 0; jj < nk; ++jj) rows[ii * Sk + jj] = dsT[jj * kBlockQ + ii];
+  }
+}
+
 // One key tile [j0, j0 + nk) of a query block: S = cap(K·qT) (+ bias), dP = V·dOᵀ; then one
 // pass: P = exp(S + bias - lse) into sT, dS = P * (dP - D) into dsT, and the sums of dS the
 // table / span gradients need (fused for full query blocks, see probabilities_and_ds); the
@@ -383,6 +398,7 @@ void backward_key_tile(const BackwardCall<scalar_t>& c, const TaskKV<scalar_t>& 
   gemm_bcast<acc_t, false>(nk, kBlockQ, Dqk, k_tile, ldk, 1, s.qT.data(), kBlockQ, sT, kBlockQ);
   const bool capped = p.softcap > 0;
   if (capped) softcap_tile(sT, nk, kBlockQ, p.softcap, s.cap_grad.data());
+  if (p.has_mask()) mask_tile(p, kv.b, s.rows, nq, j0, nk, sT);
   const TileBias<acc_t> tb = tile_bias(p, kv.b, blk.h, blk.i0, nq, j0, nk, c.may_need_bias, sT, s.diag.data());
   gemm_bcast<acc_t, false>(nk, kBlockQ, Dv, v_tile, ldv, 1, s.doT.data(), kBlockQ, dsT, kBlockQ);
   const bool full_block = nq == kBlockQ;
@@ -401,12 +417,13 @@ void backward_key_tile(const BackwardCall<scalar_t>& c, const TaskKV<scalar_t>& 
   acc_t* z = s.drop_factors.data();
   if (p.dropout) {
     std::fill(z, z + nk * kBlockQ, acc_t(1));
-    apply_dropout(p, s.drop, kBlockQ, j0, nk, z, kBlockQ);
+    apply_dropout(p, s.rows, kBlockQ, j0, nk, z, kBlockQ);
     multiply_tile(dsT, z, nk * kBlockQ);
   }
   const ProbabilityPassArgs<acc_t> pass{sT, dsT, nk, tb.diag, shift, blk.delta, td, total};
   probabilities_pass(pass, tb.diag != nullptr, sums.fused_diag, sums.fused_tile);
   if (c.need_diag_sums) add_bias_grads(c, kv.b, blk, j0, nk, sums, total, s, span_acc);
+  if (c.mask_grad != nullptr) write_mask_grad(c, kv.b, blk, j0, nk, dsT);
   if (capped) multiply_tile(dsT, s.cap_grad.data(), nk * kBlockQ);
   if (p.dropout) multiply_tile(sT, z, nk * kBlockQ);
   gemm_bcast<acc_t, true>(nk, Dv, nq, sT, kBlockQ, 1, blk.do_blk, blk.ldo, kv.dv + j0 * Dv, Dv);
@@ -425,7 +442,7 @@ void backward_query_block(const BackwardCall<scalar_t>& c, const TaskKV<scalar_t
   if constexpr (std::is_same_v<acc_t, double>) {
     // lse comes as float32; in float64 recompute it exactly (one extra K·Qᵀ pass) so that
     // float64 gradients are float64-accurate (gradcheck).
-    recompute_lse(p, kv.b, h, blk.i0, blk.nq, ranges, kv.k_head, c.may_need_bias, s.qT.data(),
+    recompute_lse(p, kv.b, h, blk.i0, blk.nq, ranges, kv.k_head, c.may_need_bias, s.rows, s.qT.data(),
                   s.sT.data(), s.diag.data(), s.lse_work.data(), s.lse_safe.data());
   }
   for (int rg = 0; rg < ranges.count; ++rg) {
@@ -670,7 +687,7 @@ BackwardOutputs attention_backward_impl(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& grad_lse /* undefined: none */,
     const AttentionParamsT<acc_type<scalar_t>>& p, bool need_table_grad, bool need_span_grad,
-    int64_t num_table_rows) {
+    int64_t num_table_rows, const at::Tensor& mask_grad /* (B, Hq, Sq, Sk) zeros, or undefined */) {
   using acc_t = acc_type<scalar_t>;
   constexpr bool need_convert = !std::is_same_v<scalar_t, acc_t>;
   const int64_t B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, Sk = p.seqlen_k;
@@ -680,6 +697,7 @@ BackwardOutputs attention_backward_impl(
   }
   BackwardCall<scalar_t> c = backward_call<scalar_t>(grad_out, q, k, v, out, lse, grad_lse, p,
                                                      need_table_grad, need_span_grad, num_table_rows);
+  c.mask_grad = mask_grad.defined() ? mask_grad.template data_ptr<acc_t>() : nullptr;
   const int64_t width = round_width(c.chunks, B * Hkv);
   BackwardOutputs res;
   BackwardBuffers<acc_t> buf = allocate_backward(q, k, v, width, c, res);
@@ -740,15 +758,21 @@ AttentionGrads attention_backward_cpu(const AttentionBackwardArgs& args) {
       present(args.grad_lse) ? args.grad_lse->to(at::kFloat).contiguous() : at::Tensor();
   const bool want_table = args.need_rel_bias_grad && present(a.rel_bias);
   const bool want_span = args.need_span_grad && present(a.span);
+  const bool want_mask = args.need_attn_mask_grad && present(a.attn_mask) && a.attn_mask->is_floating_point();
 
   BackwardOutputs res;
+  at::Tensor mask_grad;  // dS, (B, Hq, Sq, Sk), reduced to the mask's shape below
   FASTATTN_DISPATCH_CPU_FLOATING(q.scalar_type(), "fastattn::attention_backward (CPU)", [&] {
     using acc_t = acc_type<scalar_t>;
     ParamTensors keep;
     const auto p = make_attention_params<acc_t>(a, keep, /*read_scale_tensor=*/true);
+    if (want_mask) {
+      mask_grad = at::zeros({p.batch, p.heads_q, p.seqlen_q, p.seqlen_k},
+                            q.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    }
     res = attention_backward_impl<scalar_t>(grad_out, q, a.k, a.v, out, lse, grad_lse, p,
                                             want_table, want_span,
-                                            want_table ? a.rel_bias->size(0) : 0);
+                                            want_table ? a.rel_bias->size(0) : 0, mask_grad);
   });
   at::Tensor grad_table = at::empty({0}, q.options());
   at::Tensor grad_span = at::empty({0}, q.options());
@@ -757,7 +781,9 @@ AttentionGrads attention_backward_cpu(const AttentionBackwardArgs& args) {
     const at::Tensor gs = a.span->dim() == 1 ? sum_over_batch(res.grad_span) : res.grad_span;
     grad_span = gs.to(a.span->scalar_type()).contiguous();
   }
-  return {res.grad_q, res.grad_k, res.grad_v, grad_table, grad_span};
+  const at::Tensor grad_mask =
+      want_mask ? reduce_to_mask_shape(mask_grad, *a.attn_mask) : at::empty({0}, q.options());
+  return {res.grad_q, res.grad_k, res.grad_v, grad_table, grad_span, grad_mask};
 }
 
 }  // namespace cpu

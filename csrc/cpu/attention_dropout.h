@@ -93,18 +93,11 @@ inline void scale_row_avx2(float* row, const uint32_t* words, int shift, uint32_
 }
 #endif
 
-// The rows a tile's lanes belong to: lane x is query row i[x] of head bh[x] = b * Hq + h.
-// Sized kBlockQ (a multiple of kDropLanes); lanes past the tile's hold any value.
-struct DropoutLanes {
-  int64_t bh[kBlockQ];
-  int64_t i[kBlockQ];
-};
-
 // tile[jj * ld + x] *= the dropout factor of (lanes.bh[x], lanes.i[x], j0 + jj) for keys
 // jj < nk and lanes x < num_lanes (<= kBlockQ): 1 / (1 - p) when kept, 0 when dropped.
 // Multiplying (not assigning) keeps a NaN weight NaN, as the reference's product does.
 template <typename acc_t>
-void apply_dropout(const AttentionParamsT<acc_t>& p, const DropoutLanes& lanes, int64_t num_lanes,
+void apply_dropout(const AttentionParamsT<acc_t>& p, const LaneRows& lanes, int64_t num_lanes,
                    int64_t j0, int64_t nk, acc_t* tile, int64_t ld) {
   const uint32_t k0 = static_cast<uint32_t>(p.dropout_seed);
   const uint32_t k1 = static_cast<uint32_t>(p.dropout_seed >> 32);

@@ -128,7 +128,7 @@ template <typename acc_t>
 struct ForwardScratch {
   std::vector<acc_t> qT, sT, oT, m, l, alpha, lane_uniform, diag, k_buf, v_buf;
   std::vector<acc_t> q_rows;  // tasks of single-row heads only (see dot_scores)
-  DropoutLanes drop;          // the lanes' rows, for dropout
+  LaneRows rows;          // the lanes' rows (dropout, attn_mask)
   ForwardScratch(int64_t dqk, int64_t dv, bool need_convert)
       : qT(dqk * kBlockQ), sT(kBlockK * kBlockQ), oT(dv * kBlockQ), m(kBlockQ), l(kBlockQ),
         alpha(kBlockQ), lane_uniform(kBlockQ), diag(kBlockQ + kBlockK),
@@ -239,11 +239,11 @@ void start_task(const ForwardCall<scalar_t>& c, const TaskLanes& t, ForwardScrat
     }
   }
   pad_lanes(s.qT.data(), Dqk, t.lanes, t.lanes_padded);
-  if (p.dropout) {
+  if (p.dropout || p.has_mask()) {
     for (int64_t x = 0; x < kBlockQ; ++x) {
       const bool real = x < t.lanes;
-      s.drop.bh[x] = real ? t.b * p.heads_q + t.h0 + x / t.nq : 0;
-      s.drop.i[x] = real ? t.i0 + x % t.nq : 0;
+      s.rows.bh[x] = t.b * p.heads_q + (real ? t.h0 + x / t.nq : 0);
+      s.rows.i[x] = real ? t.i0 + x % t.nq : 0;
     }
   }
   std::fill(s.m.begin(), s.m.end(), -std::numeric_limits<acc_t>::infinity());
@@ -319,11 +319,12 @@ void forward_key_tile(const ForwardCall<scalar_t>& c, const TaskLanes& t, int64_
   }
   // Soft-capping acts on the scaled scores, before any bias or mask (padding lanes: 0 -> 0).
   if (p.softcap > 0) softcap_tile<acc_t>(s.sT.data(), nk, t.lanes_padded, p.softcap, nullptr);
+  if (p.has_mask()) mask_tile(p, t.b, s.rows, t.lanes, j0, nk, s.sT.data());
   const acc_t* fused_diag = add_tile_bias(c, t, j0, nk, s);
   online_softmax_tile(s.sT.data(), nk, t.lanes_padded, fused_diag, s.lane_uniform.data(),
                       s.m.data(), s.l.data(), s.alpha.data());
   // Dropout acts on the weights that reach V, after the normalizer l took them undropped.
-  if (p.dropout) apply_dropout(p, s.drop, t.lanes_padded, j0, nk, s.sT.data(), kBlockQ);
+  if (p.dropout) apply_dropout(p, s.rows, t.lanes_padded, j0, nk, s.sT.data(), kBlockQ);
   rescale_output(t, Dv, s);
   const acc_t* v_tile = rows_as_acc(v_head + j0 * p.v_stride_s, p.v_stride_s, nk, Dv,
                                     s.v_buf.data(), &ldv);

@@ -82,6 +82,26 @@ inline bool tile_has_global_pair(const AttentionParamsT<Real>& p, int64_t b, int
   return p.num_global > 0 && (j0 < p.global_limit(b) || p.query_pos(b, i0) < p.global_limit(b));
 }
 
+// The rows a score tile's lanes belong to: lane x is query row i[x] of head bh[x] = b * Hq + h
+// (dropout draws and attn_mask reads). Sized kBlockQ; lanes past the tile's hold any value.
+struct LaneRows {
+  int64_t bh[kBlockQ];
+  int64_t i[kBlockQ];
+};
+
+// attn_mask on a transposed score tile: sT[jj][x] for keys j0 + jj < j0 + nk and the first
+// `lanes` lanes (apply_mask: plus a float mask's value, or -inf where it hides the pair).
+template <typename acc_t>
+inline void mask_tile(const AttentionParamsT<acc_t>& p, int64_t b, const LaneRows& rows, int64_t lanes,
+                      int64_t j0, int64_t nk, acc_t* sT) {
+  for (int64_t jj = 0; jj < nk; ++jj) {
+    acc_t* row = sT + jj * kBlockQ;
+    for (int64_t x = 0; x < lanes; ++x) {
+      row[x] = apply_mask(p, b, rows.bh[x] - b * p.heads_q, rows.i[x], j0 + jj, row[x]);
+    }
+  }
+}
+
 // The in-tile pair (i, j) that lies on diagonal u of a local tile, u in [0, nq + nk - 1).
 // Diagonal u holds the pairs with d = pos_q(i0) - (j0 + nk - 1) + u: u < nk starts on the
 // tile's first query row, the others on its first key column. Row jj of a transposed score

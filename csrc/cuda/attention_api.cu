@@ -187,7 +187,7 @@ bool fold_group_into_rows(Prepared& in) {
   const bool every_key_visible = p.window_left < 0 || p.window_left >= p.seqlen_k - 1;
   if (p.seqlen_q != 1 || group <= 1 || p.rel_bias != nullptr || p.alibi_slopes != nullptr ||
       p.span != nullptr || !every_key_visible || p.dropout || p.q_offset != nullptr ||
-      p.k_offset != nullptr) {
+      p.k_offset != nullptr || p.has_mask()) {
     return false;
   }
   const int64_t head_stride = p.q_stride_h;
@@ -320,6 +320,7 @@ struct BackwardTensors {
   at::Tensor dout, out, lse, grad_lse;  // normalized inputs (grad_lse may be undefined)
   at::Tensor dq, dk, dv;                // outputs
   at::Tensor grad_rel_bias, grad_span;  // fp32 outputs when asked for (else undefined)
+  at::Tensor mask_grad;                 // (B, Hq, Sq, Sk) fp32 zeros when asked for
   bool want_bias_grad = false, want_span_grad = false;
 };
 
@@ -398,6 +399,7 @@ void run_backward(const DeviceContext& ctx, const Prepared& in, BackwardTensors&
   a.dv = mutable_data_of<T>(bt.dv);
   a.bias_partial = nullptr;
   a.span_partial = nullptr;
+  a.mask_grad = bt.mask_grad.defined() ? bt.mask_grad.data_ptr<float>() : nullptr;
   a.dk_partial = group_splits > 1 ? dk_partial.data_ptr<float>() : nullptr;
   a.dv_partial = group_splits > 1 ? dv_partial.data_ptr<float>() : nullptr;
   a.num_k_blocks = num_k_blocks;
@@ -490,6 +492,11 @@ AttentionGrads attention_backward_cuda(const AttentionBackwardArgs& args) {
   bt.dv = at::empty({p.batch, p.heads_kv, p.seqlen_k, p.head_dim_v}, in.q.options());
   bt.want_bias_grad = args.need_rel_bias_grad && in.keep.rel_bias.defined();
   bt.want_span_grad = args.need_span_grad && in.keep.span.defined();
+  const bool want_mask_grad = args.need_attn_mask_grad && in.keep.attn_mask.defined() &&
+                              args.attn.attn_mask->is_floating_point();
+  if (want_mask_grad) {
+    bt.mask_grad = at::zeros({p.batch, p.heads_q, p.seqlen_q, p.seqlen_k}, bt.lse.options());
+  }
 
   FASTATTN_DISPATCH_CUDA_FLOATING(in.q.scalar_type(), "fastattn::attention_backward (CUDA)", [&] {
     using T = typename DeviceType<scalar_t>::type;
@@ -502,7 +509,9 @@ AttentionGrads attention_backward_cuda(const AttentionBackwardArgs& args) {
                                            : at::empty({0}, q.options());
   at::Tensor grad_span = bt.want_span_grad ? bt.grad_span.to(args.attn.span->scalar_type())
                                            : at::empty({0}, q.options());
-  return {bt.dq, bt.dk, bt.dv, grad_bias, grad_span};
+  at::Tensor grad_mask = want_mask_grad ? reduce_to_mask_shape(bt.mask_grad, *args.attn.attn_mask)
+                                        : at::empty({0}, q.options());
+  return {bt.dq, bt.dk, bt.dv, grad_bias, grad_span, grad_mask};
 }
 
 }  // namespace

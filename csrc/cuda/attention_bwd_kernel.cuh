@@ -95,6 +95,7 @@ struct BwdArgs {
   float* dv_partial;      // (group_splits, B, Hkv, Sk, Dv)
   float* bias_partial;    // (B, Hq, num_k_blocks, 2 * max_dist - 1) zero-initialized, or null
   float* span_partial;    // (B, Hq, num_k_blocks) zero-initialized, or null
+  float* mask_grad;       // (B, Hq, Sq, Sk) zero-initialized: the attn_mask's gradient dS, or null
   int64_t num_k_blocks, num_q_blocks;
   int64_t heads_per_split, group_splits;  // query heads of a group per block; blocks per group
   bool q_vec, k_vec, v_vec, dout_vec;  // 16-byte vector loads allowed
@@ -387,14 +388,19 @@ __global__ void __launch_bounds__(BwdConfig<T, kD>::kThreads)
               for (int e = 0; e < 2; ++e) {
                 const int query = col + e;
                 const float score = rule.score(acc_s[m][n][2 * hf + e]);
-                const float x = uniform ? fmaf(score, rule.logit_log2, tile_bias)
-                                        : tile_logit_log2<kBQ, kBK>(rules, s_table, query, key, score,
-                                                                    rule.logit_log2);
+                float x = uniform ? fmaf(score, rule.logit_log2, tile_bias)
+                                  : tile_logit_log2<kBQ, kBK>(rules, s_table, query, key, score,
+                                                              rule.logit_log2);
+                const int64_t i = i0 + query, j = j0 + key;
+                const bool inside = i < p.seqlen_q && j < p.seqlen_k;
+                if (p.has_mask() && inside) x = mask_logit_log2(p, b, h, i, j, x);
                 const float z = p.dropout ? dropout_factor_at(p, drop_seed, bh, i0 + query, j0 + key) : 1.f;
                 pv[e] = exp2f(x - s_lse[query]);
                 pz[e] = pv[e] * z;
                 ds[e] = pv[e] * (acc_dp[m][n][2 * hf + e] * z - s_delta[query]);
                 cap_grad[e] = rule.grad(score);
+                // the mask is added after the cap: its gradient is dS itself, one thread per pair
+                if (args.mask_grad != nullptr && inside) args.mask_grad[(bh * p.seqlen_q + i) * p.seqlen_k + j] = ds[e];
               }
               visit(key, col, pv, ds, cap_grad, pz);
             }

@@ -187,6 +187,10 @@ __global__ void __launch_bounds__(FwdConfig<T, kD>::kThreads, 1)
                                    : tile_logit_log2<kBQ, kBK>(rules, table, row0 + m * 16 + g + 8 * (r / 2),
                                                                n * 8 + 2 * t + (r % 2), score,
                                                                rule.logit_log2);
+          if (p.has_mask()) {  // attn_mask, read where the pair lies inside the sequences
+            const int64_t i = i0 + row0 + m * 16 + g + 8 * (r / 2), j = j0 + n * 8 + 2 * t + (r % 2);
+            if (i < p.seqlen_q && j < p.seqlen_k) acc_s[m][n][r] = mask_logit_log2(p, b, h, i, j, acc_s[m][n][r]);
+          }
         }
       }
     }

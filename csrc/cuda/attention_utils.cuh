@@ -667,6 +667,16 @@ FA_DEVICE bool tile_is_uniform(const AttentionParams& p, int64_t b, int64_t h, i
   return true;
 }
 
+// The attn_mask rule (common/attention_params.h: apply_mask) on a base-2 logit x of pair
+// (b, h, i, j) inside the sequences: plus the float mask's value in base-2 units, or -inf.
+FA_DEVICE float mask_logit_log2(const AttentionParams& p, int64_t b, int64_t h, int64_t i, int64_t j,
+                                float x) {
+  const int64_t at = p.mask_index(b, h, i, j);
+  if (p.mask_bool != nullptr) return p.mask_bool[at] ? x : -INFINITY;
+  const float m = p.mask[at];
+  return m == -INFINITY ? m : fmaf(m, kLog2e, x);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Per-tile logit tables: the per-element mask and bias rule as an index and a lookup
 // ---------------------------------------------------------------------------------------------

@@ -182,6 +182,7 @@ def attention(
     key_lengths: Optional[Tensor] = None,
     q_offset: Union[int, Tensor, None] = None,
     k_offset: Union[int, Tensor, None] = None,
+    attn_mask: Optional[Tensor] = None,
     softcap: float = 0.0,
     dropout_p: float = 0.0,
     generator: Optional[torch.Generator] = None,
@@ -208,6 +209,12 @@ def attention(
             (Sk - Sq and 0) align the last query with the last key. Every rule (table, ALiBi,
             window, span, global tokens by position, causal) uses these positions; e.g.
             new tokens appended to caches of lengths L[b]: q_offset = L - Sq.
+        attn_mask: SDPA's mask: bool (True = may attend) or float (added to the logits, -inf
+            hides a pair), broadcastable to (B, Hq, Sq, Sk); read where it lies (size-1 or
+            stride-0 dims are never expanded), combined with every other option (the table
+            and ALiBi add on top, the other masks intersect). A float mask that requires
+            grad gets its gradient in its own shape, summed over the broadcast dims in a fixed
+            order; the kernels then form dS of size (B, Hq, Sq, Sk) to reduce.
         softcap: logit soft-capping (Gemma 2): the scaled score s = scale * q.k becomes
             softcap * tanh(s / softcap) before the biases and masks; 0 turns it off.
         dropout_p: attention dropout, in [0, 1): after the softmax each weight is kept with
@@ -223,8 +230,8 @@ def attention(
         with return_lse, (out, lse).
     """
     return _attention(ops.attention, q, k, v, scale, causal, window, rel_bias, alibi_slopes, span,
-                      span_ramp, num_global, key_lengths, q_offset, k_offset, softcap, dropout_p, generator,
-                      return_lse)
+                      span_ramp, num_global, key_lengths, q_offset, k_offset, attn_mask, softcap, dropout_p,
+                      generator, return_lse)
 
 
 def dropout_seed(dropout_p: float, generator: Optional[torch.Generator], q: Tensor) -> Optional[Tensor]:
@@ -245,7 +252,7 @@ def dropout_seed(dropout_p: float, generator: Optional[torch.Generator], q: Tens
 
 
 def _attention(op, q, k, v, scale, causal, window, rel_bias, alibi_slopes, span, span_ramp, num_global,
-               key_lengths, q_offset, k_offset, softcap, dropout_p, generator, return_lse):
+               key_lengths, q_offset, k_offset, attn_mask, softcap, dropout_p, generator, return_lse):
     # (the arguments of fastattn.attention, in its order: the emulator's tests bind them by name)
     # Every check of shapes, dtypes, devices and ranges is the op's own (C++: one set for every
     # caller, raising ValueError / TypeError); here only what Python alone can do: Python
@@ -255,7 +262,7 @@ def _attention(op, q, k, v, scale, causal, window, rel_bias, alibi_slopes, span,
         if not isinstance(t, Tensor):
             _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
     for t, name in ((rel_bias, "rel_bias"), (alibi_slopes, "alibi_slopes"), (span, "span"),
-                    (key_lengths, "key_lengths")):
+                    (key_lengths, "key_lengths"), (attn_mask, "attn_mask")):
         if t is not None and not isinstance(t, Tensor):
             _fail(f"{name} must be a torch.Tensor or None, got {type(t).__name__}", TypeError)
     scale_f, scale_tensor = None, None
@@ -282,7 +289,7 @@ def _attention(op, q, k, v, scale, causal, window, rel_bias, alibi_slopes, span,
         q, k, v = q.float(), k.float(), v.float()
     out, lse = op(q, k, v, scale_f, scale_tensor, bool(causal), left, right, rel_bias, alibi_slopes,
                   span, span_ramp, num_global, key_lengths, softcap, dropout_p, seed,
-                  _offset(q_offset, "q_offset", q), _offset(k_offset, "k_offset", q))
+                  _offset(q_offset, "q_offset", q), _offset(k_offset, "k_offset", q), attn_mask)
     if out.dtype != out_dtype:  # (Tensor.to costs a few us even when it is a no-op)
         out = out.to(out_dtype)
     return (out, lse) if return_lse else out
@@ -303,6 +310,7 @@ def attention_weights(
     key_lengths: Optional[Tensor] = None,
     q_offset: Union[int, Tensor, None] = None,
     k_offset: Union[int, Tensor, None] = None,
+    attn_mask: Optional[Tensor] = None,
     softcap: float = 0.0,
     heads=None,
 ) -> Tensor:
@@ -332,14 +340,14 @@ def attention_weights(
     B, Hkv, Sk = k.shape[0], k.shape[1], k.shape[2]
     no_values = k.new_zeros(()).expand(B, Hkv, Sk, 0)
     _, lse = _attention(ops.attention, q, k, no_values, scale, causal, window, rel_bias, alibi_slopes,
-                        span, span_ramp, num_global, key_lengths, q_offset, k_offset, softcap, 0.0, None,
-                        True)
+                        span, span_ramp, num_global, key_lengths, q_offset, k_offset, attn_mask, softcap,
+                        0.0, None, True)
     # (the op call above has checked every option; these only normalize Python scalars)
     logits = reference._logits(q, k, idx, scale, causal, _window(window), rel_bias, alibi_slopes,
                                span, _real(span_ramp, "span_ramp", "a number"),
                                _int(num_global, "num_global", "an int"), key_lengths,
                                _real(softcap, "softcap", "a number"), _offset(q_offset, "q_offset", q),
-                               _offset(k_offset, "k_offset", q))
+                               _offset(k_offset, "k_offset", q), attn_mask)
     lse = lse if idx is None else lse.index_select(1, idx)
     lse = lse.to(logits.dtype).unsqueeze(-1)
     # A row with lse = -inf has no visible pair (every logit -inf): its weights are exp(-inf) = 0

@@ -124,15 +124,18 @@ def _attention_fake(q, k, v, *options):
 
 
 @torch.library.register_fake("fastattn::attention_backward")
-def _attention_backward_fake(grad_out, out, lse, grad_lse, need_rel_bias_grad, need_span_grad, *attention_args):
+def _attention_backward_fake(grad_out, out, lse, grad_lse, need_rel_bias_grad, need_span_grad,
+                             need_attn_mask_grad, *attention_args):
     a = dict(zip(ATTENTION_ARGS, attention_args))
     _check_required(grad_out=grad_out, out=out, lse=lse)
     _check_attention_devices(a, ((grad_out, "grad_out"), (out, "out"), (lse, "lse"), (grad_lse, "grad_lse")))
-    q, k, v, rel_bias, span = a["q"], a["k"], a["v"], a["rel_bias"], a["span"]
+    q, k, v, rel_bias, span, mask = a["q"], a["k"], a["v"], a["rel_bias"], a["span"], a["attn_mask"]
     gq, gk, gv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
     gb = rel_bias.new_empty(rel_bias.shape) if (need_rel_bias_grad and rel_bias is not None) else _empty_grad(q)
     gs = span.new_empty(span.shape) if (need_span_grad and span is not None) else _empty_grad(q)
-    return gq, gk, gv, gb, gs
+    want_mask = need_attn_mask_grad and mask is not None and mask.is_floating_point()
+    gm = mask.new_empty(mask.shape) if want_mask else _empty_grad(q)
+    return gq, gk, gv, gb, gs, gm
 
 
 # attention's autograd formula is registered in C++ too (csrc/common/autograd.cpp).

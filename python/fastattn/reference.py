@@ -214,7 +214,8 @@ def head_indices(heads, num_heads: int, device=None) -> Optional[Tensor]:
 
 
 def _logits(q: Tensor, k: Tensor, idx: Optional[Tensor], scale, causal, window, rel_bias, alibi_slopes,
-            span, span_ramp, num_global, key_lengths, softcap, q_offset=None, k_offset=None) -> Tensor:
+            span, span_ramp, num_global, key_lengths, softcap, q_offset=None, k_offset=None,
+            attn_mask=None) -> Tensor:
     """The masked logits (B, n, Sq, Sk) of the query heads ``idx`` (None: all), in the math
     dtype, -inf where a pair is not visible."""
     B, Hq, Sq, Dqk = q.shape
@@ -234,6 +235,8 @@ def _logits(q: Tensor, k: Tensor, idx: Optional[Tensor], scale, causal, window, 
         rel_bias = None if rel_bias is None else rel_bias.index_select(1, idx)
         alibi_slopes = None if alibi_slopes is None else alibi_slopes.index_select(alibi_slopes.dim() - 1, idx)
         span = None if span is None else span.index_select(span.dim() - 1, idx)
+        if attn_mask is not None and attn_mask.dim() >= 3 and attn_mask.shape[-3] > 1:
+            attn_mask = attn_mask.index_select(attn_mask.dim() - 3, idx)
     scale_t = scale.to(md) if isinstance(scale, Tensor) else scale
     logits = scale_t * (qf @ kf.transpose(-1, -2))
     if softcap > 0:  # capped before any bias or mask
@@ -242,6 +245,14 @@ def _logits(q: Tensor, k: Tensor, idx: Optional[Tensor], scale, causal, window, 
         B, n, Sq, Sk, device=q.device, dtype=md, causal=causal, window=window,
         rel_bias=rel_bias, alibi_slopes=alibi_slopes, span=span, span_ramp=span_ramp,
         num_global=num_global, key_lengths=key_lengths, q_offset=q_offset, k_offset=k_offset)
+    if attn_mask is not None:  # SDPA's: True may attend; a float is added (-inf hides the pair)
+        if attn_mask.dtype == torch.bool:
+            visible = visible & attn_mask
+        else:
+            hidden = torch.isneginf(attn_mask)
+            visible = visible & ~hidden
+            bias = bias + torch.where(hidden, torch.zeros_like(attn_mask), attn_mask).to(bias.dtype)
+    # (one select for every rule: a pair hidden by any of them passes no gradient)
     return torch.where(visible, logits + bias, torch.full_like(logits, -math.inf))
 
 
@@ -260,6 +271,7 @@ def attention_logits(
     key_lengths: Optional[Tensor] = None,
     q_offset=None,
     k_offset=None,
+    attn_mask: Optional[Tensor] = None,
     softcap: float = 0.0,
     heads=None,
 ) -> Tensor:
@@ -269,7 +281,7 @@ def attention_logits(
     (see head_indices)."""
     idx = head_indices(heads, q.shape[1], q.device)
     return _logits(q, k, idx, scale, causal, window, rel_bias, alibi_slopes, span, span_ramp,
-                   num_global, key_lengths, softcap, q_offset, k_offset)
+                   num_global, key_lengths, softcap, q_offset, k_offset, attn_mask)
 
 
 def _probs_and_lse(logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -294,6 +306,7 @@ def attention_weights(
     key_lengths: Optional[Tensor] = None,
     q_offset=None,
     k_offset=None,
+    attn_mask: Optional[Tensor] = None,
     softcap: float = 0.0,
     heads=None,
 ) -> Tensor:
@@ -303,7 +316,7 @@ def attention_weights(
     logits = attention_logits(q, k, scale=scale, causal=causal, window=window, rel_bias=rel_bias,
                               alibi_slopes=alibi_slopes, span=span, span_ramp=span_ramp,
                               num_global=num_global, key_lengths=key_lengths, q_offset=q_offset,
-                              k_offset=k_offset, softcap=softcap, heads=heads)
+                              k_offset=k_offset, attn_mask=attn_mask, softcap=softcap, heads=heads)
     return _probs_and_lse(logits)[0].to(q.dtype)
 
 
@@ -323,6 +336,7 @@ def attention(
     key_lengths: Optional[Tensor] = None,
     q_offset=None,
     k_offset=None,
+    attn_mask: Optional[Tensor] = None,
     softcap: float = 0.0,
     dropout_p: float = 0.0,
     dropout_seed=None,
@@ -347,7 +361,7 @@ def attention(
     md = _math_dtype(q)
     vf = v.to(md).repeat_interleave(Hq // Hkv, dim=1)
     logits = _logits(q, k, None, scale, causal, window, rel_bias, alibi_slopes, span, span_ramp,
-                     num_global, key_lengths, softcap, q_offset, k_offset)
+                     num_global, key_lengths, softcap, q_offset, k_offset, attn_mask)
     probs, lse = _probs_and_lse(logits)
     if dropout_p > 0:
         seed, offset = _dropout_seed(dropout_seed)

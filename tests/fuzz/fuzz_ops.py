@@ -544,6 +544,12 @@ def strategies():
                                                          lo=-2 * (Sq + Sk) - 2, hi=2 * (Sq + Sk) + 2, grad_ok=False),
                            tensor((B,), "int64", ctx, grad_ok=False))
         a["q_offset"], a["k_offset"] = draw(offset), draw(offset)
+        # (shapes that fit the element budget: the fit above bounds the work, not the (Sq, Sk) plane)
+        mask_shapes = [sh for sh in ((B, Hq, Sq, Sk), (Sq, Sk), (1, Hq, 1, Sk), (Sk,), (B, 1, Sq, 1), (2, Sq, Sk),
+                                     (Sq, Sk + 1)) if math.prod(sh) <= MAX_ELEMENTS]
+        mask_shape = draw(st.sampled_from([None] * max(3, len(mask_shapes) // 2) + mask_shapes))
+        mask_dtype = draw(st.sampled_from(("bool", dt, "float32", "float64", "int64")))
+        a["attn_mask"] = draw(tensor(mask_shape, mask_dtype, ctx)) if mask_shape else None
         a["dropout_p"] = draw(st.one_of(*[st.just(0.0)] * 3, st.sampled_from((0.1, 0.5, 0.999)), any_float))
         a["dropout_seed"] = draw(st.one_of(st.none(), tensor((2,), "int64", ctx, grad_ok=False),
                                            tensor((2,), "int64", ctx, grad_ok=False)))
