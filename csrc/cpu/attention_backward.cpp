@@ -32,6 +32,7 @@
 #include "common/dispatch.h"
 #include "cpu/attention_dropout.h"
 #include "cpu/attention_kernel.h"
+#include "cpu/output_buffers.h"
 
 namespace fastattn {
 namespace cpu {
@@ -766,9 +767,9 @@ AttentionGrads attention_backward_cpu(const AttentionBackwardArgs& args) {
     using acc_t = acc_type<scalar_t>;
     ParamTensors keep;
     const auto p = make_attention_params<acc_t>(a, keep, /*read_scale_tensor=*/true);
-    if (want_mask) {
-      mask_grad = at::zeros({p.batch, p.heads_q, p.seqlen_q, p.seqlen_k},
-                            q.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    if (want_mask) {  // (from the output-buffer cache: a fresh one would cost page faults)
+      mask_grad = empty_output({p.batch, p.heads_q, p.seqlen_q, p.seqlen_k},
+                               q.options().dtype(c10::CppTypeToScalarType<acc_t>::value)).zero_();
     }
     res = attention_backward_impl<scalar_t>(grad_out, q, a.k, a.v, out, lse, grad_lse, p,
                                             want_table, want_span,

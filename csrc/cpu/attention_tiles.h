@@ -91,13 +91,25 @@ struct LaneRows {
 
 // attn_mask on a transposed score tile: sT[jj][x] for keys j0 + jj < j0 + nk and the first
 // `lanes` lanes (apply_mask: plus a float mask's value, or -inf where it hides the pair).
+// Lane by lane: each lane's mask row is read along the keys (contiguous for a row-major mask)
+// into its column of the tile.
 template <typename acc_t>
 inline void mask_tile(const AttentionParamsT<acc_t>& p, int64_t b, const LaneRows& rows, int64_t lanes,
                       int64_t j0, int64_t nk, acc_t* sT) {
-  for (int64_t jj = 0; jj < nk; ++jj) {
-    acc_t* row = sT + jj * kBlockQ;
-    for (int64_t x = 0; x < lanes; ++x) {
-      row[x] = apply_mask(p, b, rows.bh[x] - b * p.heads_q, rows.i[x], j0 + jj, row[x]);
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t sk = p.mask_stride_k;
+  for (int64_t x = 0; x < lanes; ++x) {
+    const int64_t at = p.mask_index(b, rows.bh[x] - b * p.heads_q, rows.i[x], j0);
+    acc_t* col = sT + x;
+    if (p.mask_bool != nullptr) {
+      const uint8_t* m = p.mask_bool + at;
+      for (int64_t jj = 0; jj < nk; ++jj) col[jj * kBlockQ] = m[jj * sk] ? col[jj * kBlockQ] : neg_inf;
+    } else {
+      const acc_t* m = p.mask + at;
+      for (int64_t jj = 0; jj < nk; ++jj) {
+        const acc_t v = m[jj * sk];
+        col[jj * kBlockQ] = v == neg_inf ? v : col[jj * kBlockQ] + v;  // (selected: see apply_mask)
+      }
     }
   }
 }
