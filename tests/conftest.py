@@ -530,7 +530,7 @@ def dense_sdpa_attention(q, k, v, *, scale=None, causal=False, window=(-1, -1), 
         weights = torch.softmax(scores + safe_mask, dim=-1)
         if dropout_p > 0:
             keep = reference.dropout_keep_mask(int(dropout_seed[0]), int(dropout_seed[1]), B, Hq, Sq, Sk,
-                                               dropout_p, q.device)
+                                               dropout_p, q.device, q_offset, k_offset)
             weights = weights * keep / (1 - dropout_p)
         out = weights @ vr
     else:

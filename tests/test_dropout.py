@@ -278,3 +278,15 @@ def test_cuda_dropout_matches_the_cpu_kernel(name):
         results.append([t.cpu() for t in (out, *grads)])
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, atol=2e-4, rtol=2e-4)
+
+
+def test_a_chunk_with_offsets_draws_the_chunk_of_the_whole_mask():
+    """The draws go by position: queries 20..29 and keys 13..44 of a sequence, called with their
+    offsets, drop exactly the weights the whole call drops there (chunked prefill, a shard of
+    context parallelism, a packed sequence)."""
+    seed = torch.tensor([12345, 6])
+    whole = _kernel_mask(2, 3, 50, 45, 0.4, seed, q_offset=torch.tensor([-5, -5]))
+    part = _kernel_mask(2, 3, 10, 32, 0.4, seed, q_offset=torch.tensor([15, 15]), k_offset=torch.tensor([13, 13]))
+    assert torch.equal(part, whole[:, :, 20:30, 13:45])
+    want = reference.dropout_keep_mask(12345, 6, 2, 3, 10, 32, 0.4, "cpu", q_offset=15, k_offset=13)
+    assert torch.equal(part, want)

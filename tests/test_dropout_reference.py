@@ -37,18 +37,21 @@ def philox_scalar(counter, key):
     return c0, c1, c2, c3
 
 
-def mask_scalar(seed, offset, B, H, Sq, Sk, p):
-    """The keep mask from the spec, one element at a time."""
+def mask_scalar(seed, offset, B, H, Sq, Sk, p, q_offset=None, k_offset=0):
+    """The keep mask from the spec, one element at a time: query i at position
+    P = q_offset + i (default Sk - Sq), key j at K = k_offset + j."""
     threshold = min(max(round((1.0 - p) * 65536.0), 0), 65536)
     key = (seed & U32, (seed >> 32) & U32)
+    q_offset = Sk - Sq if q_offset is None else q_offset
     out = torch.zeros(B, H, Sq, Sk, dtype=torch.bool)
     for b in range(B):
         for h in range(H):
             for i in range(Sq):
                 for j in range(Sk):
-                    words = philox_scalar((j >> 3, i, (b * H + h) & U32, offset & U32), key)
-                    w = words[(j >> 1) & 3]
-                    u = (w >> 16) if j % 2 else (w & 0xFFFF)
+                    qpos, kpos = q_offset + i, k_offset + j  # (Python's >> floors: arithmetic shift)
+                    words = philox_scalar(((kpos >> 3) & U32, qpos & U32, (b * H + h) & U32, offset & U32), key)
+                    w = words[(kpos >> 1) & 3]
+                    u = (w >> 16) if kpos % 2 else (w & 0xFFFF)
                     out[b, h, i, j] = u < threshold
     return out
 
@@ -288,3 +291,10 @@ def test_bad_dropout_arguments():
         reference.attention(q, k, v, dropout_p=0.1, dropout_seed=(2 ** 64, 0))
     with pytest.raises(TypeError, match="offset must be an int .* got float"):
         reference.attention(q, k, v, dropout_p=0.1, dropout_seed=(1, 2.0))
+
+
+@pytest.mark.parametrize("q_offset,k_offset", [(-7, -3), (2 ** 33 + 5, 11), (0, -(2 ** 40) - 1)])
+def test_mask_by_position_matches_the_scalar_spec(q_offset, k_offset):
+    """Negative positions (arithmetic K >> 3), positions past 2^32 (each word mod 2^32)."""
+    got = reference.dropout_keep_mask(99, 4, 1, 2, 5, 21, 0.3, q_offset=q_offset, k_offset=k_offset)
+    assert torch.equal(got, mask_scalar(99, 4, 1, 2, 5, 21, 0.3, q_offset=q_offset, k_offset=k_offset))

@@ -101,6 +101,8 @@ struct AttentionParamsT {
     const int64_t ko = k_offset != nullptr ? k_offset[b] : 0;
     return i + (qo - ko);
   }
+  // Key 0's absolute position in row b (k_offset, default 0).
+  FA_HD int64_t key_offset(int64_t b) const { return k_offset != nullptr ? k_offset[b] : 0; }
   // Global tokens (num_global = G > 0): key j is global when j < global_limit(b), query i when
   // query_pos(b, i) < global_limit(b): the absolute positions below G. (G is capped at 2^61,
   // past every position.)

@@ -1,13 +1,17 @@
 // Attention dropout's keep/drop decisions, shared by the CPU and CUDA kernels.
 //
 // The decision for the weight of (batch b, query head h, query row i, key j) is a pure function
-// of (seed, offset, b, h, i, j), drawn with the counter-based generator Philox-4x32-10
-// (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", 2011; the generator of
-// cuRAND and PyTorch):
+// of (seed, offset, b, h) and the pair's positions P = q_offset[b] + i, K = k_offset[b] + j
+// (attention_params.h; the defaults Sk - Sq and 0), drawn with the counter-based generator
+// Philox-4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", 2011; the
+// generator of cuRAND and PyTorch):
 //   key     = (seed mod 2^32, seed >> 32)                        (seed, offset taken as uint64)
-//   counter = (j >> 3, i, b * Hq + h, offset)                    (each word mod 2^32)
-//   word    = philox(counter, key)[(j >> 1) & 3]
-//   draw    = the high 16 bits of word for odd j, the low 16 bits for even j
+//   counter = (K >> 3, P, b * Hq + h, offset)                    (each word mod 2^32)
+//   word    = philox(counter, key)[(K >> 1) & 3]
+//   draw    = the high 16 bits of word for odd K, the low 16 bits for even K
+// Positions rather than indices: a chunk of a sequence called with its offsets (chunked
+// prefill, a shard of context parallelism, a packed sequence) draws the chunk of the whole
+// sequence's mask.
 //   keep    = draw < threshold,  threshold = round((1 - p) * 65536)
 // so one Philox call gives the draws of eight consecutive keys of one row. Kept weights are
 // multiplied by 1 / (1 - p); the keep probability threshold / 65536 is within 2^-17 of 1 - p
@@ -57,20 +61,21 @@ FA_HD void philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1) {
   }
 }
 
-// The four words of the Philox call that holds the draws of keys 8g .. 8g + 7 of row (bh, i).
-FA_HD void dropout_words(uint64_t seed, uint64_t offset, int64_t bh, int64_t i, int64_t g,
+// The four words of the Philox call that holds the draws of key positions 8g .. 8g + 7 of the
+// query at position qpos of head bh.
+FA_HD void dropout_words(uint64_t seed, uint64_t offset, int64_t bh, int64_t qpos, int64_t g,
                          uint32_t words[4]) {
   words[0] = static_cast<uint32_t>(g);
-  words[1] = static_cast<uint32_t>(i);
+  words[1] = static_cast<uint32_t>(qpos);
   words[2] = static_cast<uint32_t>(bh);
   words[3] = static_cast<uint32_t>(offset);
   philox4x32_10(words, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
 }
 
-// Key j's 16-bit draw from the words of its group of eight.
-FA_HD uint32_t dropout_draw(const uint32_t words[4], int64_t j) {
-  const uint32_t w = words[(j >> 1) & 3];
-  return (j & 1) ? (w >> 16) : (w & 0xFFFFu);
+// Key position kpos's 16-bit draw from the words of its group of eight.
+FA_HD uint32_t dropout_draw(const uint32_t words[4], int64_t kpos) {
+  const uint32_t w = words[(kpos >> 1) & 3];
+  return (kpos & 1) ? (w >> 16) : (w & 0xFFFFu);
 }
 
 // The factor a weight is multiplied by: 1 / (1 - p) when kept, 0 when dropped.
@@ -93,23 +98,28 @@ FA_HD DropoutSeed dropout_seed_of(const AttentionParamsT<Real>& p) {
   return s;
 }
 
-// The factors of keys j and j + 1 (j even) of row (bh, i): one Philox call.
+// The factors of keys j and j + 1 of row i of head (b, h): one Philox call when their
+// positions share a group of eight (always, with an even key offset and an even j).
 template <typename Real>
-FA_HD void dropout_pair_factors(const AttentionParamsT<Real>& p, const DropoutSeed& s, int64_t bh,
-                                int64_t i, int64_t j, Real* z0, Real* z1) {
+FA_HD void dropout_pair_factors(const AttentionParamsT<Real>& p, const DropoutSeed& s, int64_t b,
+                                int64_t h, int64_t i, int64_t j, Real* z0, Real* z1) {
+  const int64_t bh = b * p.heads_q + h, qpos = p.query_pos(b, i) + p.key_offset(b);
+  const int64_t k0 = p.key_offset(b) + j;
   uint32_t words[4];
-  dropout_words(s.seed, s.offset, bh, i, j >> 3, words);
-  *z0 = dropout_factor(p, dropout_draw(words, j));
-  *z1 = dropout_factor(p, dropout_draw(words, j + 1));
+  dropout_words(s.seed, s.offset, bh, qpos, k0 >> 3, words);
+  *z0 = dropout_factor(p, dropout_draw(words, k0));
+  if (((k0 + 1) >> 3) != (k0 >> 3)) dropout_words(s.seed, s.offset, bh, qpos, (k0 + 1) >> 3, words);
+  *z1 = dropout_factor(p, dropout_draw(words, k0 + 1));
 }
 
-// The factor of key j of row (bh, i).
+// The factor of key j of row i of head (b, h).
 template <typename Real>
-FA_HD Real dropout_factor_at(const AttentionParamsT<Real>& p, const DropoutSeed& s, int64_t bh,
-                             int64_t i, int64_t j) {
+FA_HD Real dropout_factor_at(const AttentionParamsT<Real>& p, const DropoutSeed& s, int64_t b,
+                             int64_t h, int64_t i, int64_t j) {
+  const int64_t kpos = p.key_offset(b) + j;
   uint32_t words[4];
-  dropout_words(s.seed, s.offset, bh, i, j >> 3, words);
-  return dropout_factor(p, dropout_draw(words, j));
+  dropout_words(s.seed, s.offset, b * p.heads_q + h, p.query_pos(b, i) + p.key_offset(b), kpos >> 3, words);
+  return dropout_factor(p, dropout_draw(words, kpos));
 }
 
 }  // namespace fastattn

@@ -418,7 +418,7 @@ void backward_key_tile(const BackwardCall<scalar_t>& c, const TaskKV<scalar_t>& 
   acc_t* z = s.drop_factors.data();
   if (p.dropout) {
     std::fill(z, z + nk * kBlockQ, acc_t(1));
-    apply_dropout(p, s.rows, kBlockQ, j0, nk, z, kBlockQ);
+    apply_dropout(p, kv.b, s.rows, kBlockQ, j0, nk, z, kBlockQ);
     multiply_tile(dsT, z, nk * kBlockQ);
   }
   const ProbabilityPassArgs<acc_t> pass{sT, dsT, nk, tb.diag, shift, blk.delta, td, total};

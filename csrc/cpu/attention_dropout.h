@@ -93,24 +93,28 @@ inline void scale_row_avx2(float* row, const uint32_t* words, int shift, uint32_
 }
 #endif
 
-// tile[jj * ld + x] *= the dropout factor of (lanes.bh[x], lanes.i[x], j0 + jj) for keys
-// jj < nk and lanes x < num_lanes (<= kBlockQ): 1 / (1 - p) when kept, 0 when dropped.
-// Multiplying (not assigning) keeps a NaN weight NaN, as the reference's product does.
+// tile[jj * ld + x] *= the dropout factor of row lanes.i[x] of head lanes.bh[x] (of batch row
+// b) and key j0 + jj, for jj < nk and lanes x < num_lanes (<= kBlockQ): 1 / (1 - p) when
+// kept, 0 when dropped. The draws go by position (common/dropout.h). Multiplying (not
+// assigning) keeps a NaN weight NaN, as the reference's product does.
 template <typename acc_t>
-void apply_dropout(const AttentionParamsT<acc_t>& p, const LaneRows& lanes, int64_t num_lanes,
-                   int64_t j0, int64_t nk, acc_t* tile, int64_t ld) {
+void apply_dropout(const AttentionParamsT<acc_t>& p, int64_t b, const LaneRows& lanes,
+                   int64_t num_lanes, int64_t j0, int64_t nk, acc_t* tile, int64_t ld) {
   const uint32_t k0 = static_cast<uint32_t>(p.dropout_seed);
   const uint32_t k1 = static_cast<uint32_t>(p.dropout_seed >> 32);
   const uint32_t offset = static_cast<uint32_t>(p.dropout_offset);
   const uint32_t threshold = p.dropout_threshold;
   const acc_t keep = p.dropout_scale;
-  for (int64_t g = j0 >> 3; g <= (j0 + nk - 1) >> 3; ++g) {
-    const int64_t ja = std::max(j0, g * 8), jb = std::min(j0 + nk, g * 8 + 8);
+  const int64_t ko = p.key_offset(b);  // key j stands at ko + j
+  alignas(32) uint32_t qpos[kBlockQ];
+  for (int64_t x = 0; x < kBlockQ; ++x) qpos[x] = static_cast<uint32_t>(p.query_pos(b, lanes.i[x]) + ko);
+  for (int64_t g = (ko + j0) >> 3; g <= (ko + j0 + nk - 1) >> 3; ++g) {
+    const int64_t ja = std::max(j0, g * 8 - ko), jb = std::min(j0 + nk, g * 8 + 8 - ko);
     for (int64_t x0 = 0; x0 < num_lanes; x0 += kDropLanes) {
       alignas(32) uint32_t w[4][kDropLanes];
       for (int l = 0; l < kDropLanes; ++l) {
         w[0][l] = static_cast<uint32_t>(g);
-        w[1][l] = static_cast<uint32_t>(lanes.i[x0 + l]);
+        w[1][l] = qpos[x0 + l];
         w[2][l] = static_cast<uint32_t>(lanes.bh[x0 + l]);
         w[3][l] = offset;
       }
@@ -121,8 +125,9 @@ void apply_dropout(const AttentionParamsT<acc_t>& p, const LaneRows& lanes, int6
 #endif
       const int64_t n = std::min<int64_t>(kDropLanes, num_lanes - x0);
       for (int64_t j = ja; j < jb; ++j) {
-        const uint32_t* words = w[(j >> 1) & 3];
-        const int shift = (j & 1) ? 16 : 0;
+        const int64_t kpos = ko + j;
+        const uint32_t* words = w[(kpos >> 1) & 3];
+        const int shift = (kpos & 1) ? 16 : 0;
         acc_t* row = tile + (j - j0) * ld + x0;
 #if defined(CPU_CAPABILITY_AVX2)
         if constexpr (std::is_same_v<acc_t, float>) {

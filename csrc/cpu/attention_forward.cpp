@@ -324,7 +324,7 @@ void forward_key_tile(const ForwardCall<scalar_t>& c, const TaskLanes& t, int64_
   online_softmax_tile(s.sT.data(), nk, t.lanes_padded, fused_diag, s.lane_uniform.data(),
                       s.m.data(), s.l.data(), s.alpha.data());
   // Dropout acts on the weights that reach V, after the normalizer l took them undropped.
-  if (p.dropout) apply_dropout(p, s.rows, t.lanes_padded, j0, nk, s.sT.data(), kBlockQ);
+  if (p.dropout) apply_dropout(p, t.b, s.rows, t.lanes_padded, j0, nk, s.sT.data(), kBlockQ);
   rescale_output(t, Dv, s);
   const acc_t* v_tile = rows_as_acc(v_head + j0 * p.v_stride_s, p.v_stride_s, nk, Dv,
                                     s.v_buf.data(), &ldv);

@@ -394,7 +394,7 @@ __global__ void __launch_bounds__(BwdConfig<T, kD>::kThreads)
                 const int64_t i = i0 + query, j = j0 + key;
                 const bool inside = i < p.seqlen_q && j < p.seqlen_k;
                 if (p.has_mask() && inside) x = mask_logit_log2(p, b, h, i, j, x);
-                const float z = p.dropout ? dropout_factor_at(p, drop_seed, bh, i0 + query, j0 + key) : 1.f;
+                const float z = p.dropout ? dropout_factor_at(p, drop_seed, b, h, i0 + query, j0 + key) : 1.f;
                 pv[e] = exp2f(x - s_lse[query]);
                 pz[e] = pv[e] * z;
                 ds[e] = pv[e] * (acc_dp[m][n][2 * hf + e] * z - s_delta[query]);

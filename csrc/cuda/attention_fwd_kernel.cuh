@@ -249,14 +249,14 @@ __global__ void __launch_bounds__(FwdConfig<T, kD>::kThreads, 1)
         }
       }
       // Dropout (common/dropout.h) acts on the weights that reach V, after the row sums took
-      // them undropped: keys 2t and 2t + 1 of each 8-key group share one Philox call.
+      // them undropped: keys 2t and 2t + 1 share one Philox call (their 8-key group, by position).
       if (p.dropout) {
 #pragma unroll
         for (int n = 0; n < kTilesS; ++n) {
 #pragma unroll
           for (int hf = 0; hf < 2; ++hf) {
             float z0, z1;
-            dropout_pair_factors(p, drop_seed, bh, i0 + row0 + m * 16 + g + 8 * hf, j0 + n * 8 + 2 * t, &z0, &z1);
+            dropout_pair_factors(p, drop_seed, b, h, i0 + row0 + m * 16 + g + 8 * hf, j0 + n * 8 + 2 * t, &z0, &z1);
             acc_s[m][n][2 * hf] *= z0;
             acc_s[m][n][2 * hf + 1] *= z1;
           }

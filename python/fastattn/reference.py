@@ -365,7 +365,7 @@ def attention(
     probs, lse = _probs_and_lse(logits)
     if dropout_p > 0:
         seed, offset = _dropout_seed(dropout_seed)
-        keep = dropout_keep_mask(seed, offset, B, Hq, Sq, Sk, dropout_p, q.device)
+        keep = dropout_keep_mask(seed, offset, B, Hq, Sq, Sk, dropout_p, q.device, q_offset, k_offset)
         # 1 / (1 - p) is evaluated in float64 and rounded to the math dtype, as the kernels do
         rescale = torch.tensor(1.0 / (1.0 - dropout_p), dtype=md, device=q.device)
         probs = probs * torch.where(keep, rescale, torch.zeros((), dtype=md, device=q.device))
@@ -431,28 +431,40 @@ def dropout_threshold(dropout_p: float) -> int:
 
 
 def dropout_keep_mask(seed, offset, B: int, H: int, Sq: int, Sk: int, dropout_p: float,
-                      device=None) -> Tensor:
+                      device=None, q_offset=None, k_offset=None) -> Tensor:
     """The dropout keep mask, bool (B, H, Sq, Sk), that fastattn's kernels draw.
 
     seed and offset: int64 values (Python ints or 0-dim / 1-element int64 tensors, e.g. the two
     entries of a [seed, offset] tensor), taken as uint64 (two's complement). H is the number of
-    query heads. The key is (seed mod 2^32, (seed >> 32) mod 2^32). Element (b, h, i, j) reads
-    the Philox-4x32-10 output of the counter (j >> 3, i, b * H + h, offset mod 2^32) (each word
-    mod 2^32): of its word (j >> 1) & 3, the high 16 bits u for odd j, the low 16 bits for even
-    j. It is kept iff u < dropout_threshold(dropout_p). One Philox call serves 8 consecutive keys.
+    query heads. Element (b, h, i, j) stands at the positions P = q_offset[b] + i (default
+    Sk - Sq) and K = k_offset[b] + j (default 0; offsets clamped to +-2^60 as the kernels do).
+    The key is (seed mod 2^32, (seed >> 32) mod 2^32); the element reads the Philox-4x32-10
+    output of the counter (K >> 3, P, b * H + h, offset) (each word mod 2^32, K >> 3 an
+    arithmetic shift): of its word (K >> 1) & 3, the high 16 bits u for odd K, the low 16 bits
+    for even K. It is kept iff u < dropout_threshold(dropout_p). One Philox call serves 8
+    consecutive key positions; the mask of a chunk of a sequence (offsets) is the chunk of the
+    whole sequence's mask.
     """
     threshold = dropout_threshold(dropout_p)
     seed = _seed_word(seed, "seed", device)
     offset = _seed_word(offset, "offset", device)
     k0, k1 = seed & _U32, (seed >> 32) & _U32
-    blocks = (Sk + 7) // 8
-    c0 = torch.arange(blocks, dtype=torch.int64, device=device).view(1, 1, blocks)   # j >> 3
-    c1 = torch.arange(Sq, dtype=torch.int64, device=device).view(1, Sq, 1)           # i
-    c2 = torch.arange(B * H, dtype=torch.int64, device=device).view(B * H, 1, 1)     # b * H + h
-    words = torch.stack(philox4x32_10(c0, c1, c2, offset & _U32, k0, k1), dim=-1)  # (BH, Sq, blocks, 4)
-    # 8 values per call, key j = 8 * block + 2 * word + (j odd): low half for even j, high for odd
-    u = torch.stack([words & 0xFFFF, words >> 16], dim=-1).flatten(-3)[..., :Sk]
-    return (u < threshold).view(B, H, Sq, Sk)
+    limit = 2 ** 60
+
+    def positions(off, default, n):  # (B, n) int64
+        off = default if off is None else off
+        off = torch.as_tensor(off, dtype=torch.int64, device=device).reshape(-1, 1).clamp(-limit, limit)
+        return (off + torch.arange(n, dtype=torch.int64, device=device)).expand(B, n)
+
+    qpos = positions(q_offset, Sk - Sq, Sq).view(B, 1, Sq, 1)
+    kpos = positions(k_offset, 0, Sk).view(B, 1, 1, Sk)
+    bh = (torch.arange(B, device=device).view(B, 1) * H + torch.arange(H, device=device)).view(B, H, 1, 1)
+    words = philox4x32_10((kpos >> 3) & _U32, qpos & _U32, bh, offset & _U32, k0, k1)
+    shape = (B, H, Sq, Sk)
+    words = torch.stack([w.expand(shape) for w in words], dim=-1)             # (B, H, Sq, Sk, 4)
+    word = words.gather(-1, ((kpos >> 1) & 3).expand(shape).unsqueeze(-1)).squeeze(-1)
+    u = torch.where((kpos & 1).expand(shape).bool(), word >> 16, word & 0xFFFF)
+    return u < threshold
 
 
 def _check_dropout_p(dropout_p) -> float:
