@@ -142,3 +142,25 @@ def test_opcheck_and_compile():
     eager = torch.autograd.grad(block(q, k, v, m), m)[0]
     compiled = torch.autograd.grad(torch.compile(block, fullgraph=True)(q, k, v, m), m)[0]
     torch.testing.assert_close(compiled, eager)
+
+
+def test_block_diagonal_mask_skips_hidden_tiles_and_matches_per_block_calls():
+    """Documents packed in one row with a block-diagonal bool mask: tiles the mask hides entirely
+    are skipped (no contribution, forward or backward), and each block equals its own call."""
+    g = torch.Generator().manual_seed(5)
+    lengths = [150, 3, 200, 60]
+    S = sum(lengths)
+    q, k, v = (torch.randn(1, 2, S, 16, generator=g, dtype=F64, requires_grad=True) for _ in range(3))
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    mask = (doc[:, None] == doc[None, :]) & (torch.arange(S)[:, None] >= torch.arange(S)[None, :])
+    out = fastattn.attention(q, k, v, attn_mask=mask)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    start = 0
+    for n in lengths:
+        sl = slice(start, start + n)
+        qs, ks, vs = (t.detach()[:, :, sl].requires_grad_() for t in (q, k, v))
+        own = fastattn.attention(qs, ks, vs, causal=True)
+        torch.testing.assert_close(out[:, :, sl], own)
+        for a, b in zip(grads, torch.autograd.grad(own.square().sum(), (qs, ks, vs))):
+            torch.testing.assert_close(a[:, :, sl], b)
+        start += n

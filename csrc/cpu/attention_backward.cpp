@@ -389,6 +389,7 @@ void backward_key_tile(const BackwardCall<scalar_t>& c, const TaskKV<scalar_t>& 
   constexpr int64_t W = Vec::size();
   const AttentionParamsT<acc_t>& p = c.p;
   const int64_t Dqk = p.head_dim_qk, Dv = p.head_dim_v, nq = blk.nq;
+  if (p.has_mask() && tile_masked_out(p, kv.b, s.rows, nq, j0, nk)) return;  // dS = 0 throughout
   int64_t ldk = 0, ldv = 0;
   const acc_t* k_tile = rows_as_acc(kv.k_head + j0 * p.k_stride_s, p.k_stride_s, nk, Dqk,
                                     s.k_buf.data(), &ldk);

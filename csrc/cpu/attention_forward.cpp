@@ -305,6 +305,7 @@ void forward_key_tile(const ForwardCall<scalar_t>& c, const TaskLanes& t, int64_
                       ForwardScratch<acc_t>& s) {
   const AttentionParamsT<acc_t>& p = c.p;
   const int64_t Dqk = p.head_dim_qk, Dv = p.head_dim_v;
+  if (p.has_mask() && tile_masked_out(p, t.b, s.rows, t.lanes, j0, nk)) return;
   const scalar_t* k_head = c.k + t.b * p.k_stride_b + t.hkv * p.k_stride_h;
   const scalar_t* v_head = c.v + t.b * p.v_stride_b + t.hkv * p.v_stride_h;
   int64_t ldk = 0, ldv = 0;

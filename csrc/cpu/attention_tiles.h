@@ -91,6 +91,23 @@ struct LaneRows {
 
 // attn_mask on a transposed score tile: sT[jj][x] for keys j0 + jj < j0 + nk and the first
 // `lanes` lanes (apply_mask: plus a float mask's value, or -inf where it hides the pair).
+// Whether attn_mask hides every pair of the tile (keys [j0, j0 + nk), the first `lanes` lanes):
+// then the tile adds nothing to any row, forward or backward, and is skipped before its
+// products (a block-diagonal mask over a packed row costs its blocks only).
+template <typename acc_t>
+inline bool tile_masked_out(const AttentionParamsT<acc_t>& p, int64_t b, const LaneRows& rows,
+                            int64_t lanes, int64_t j0, int64_t nk) {
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t sk = p.mask_stride_k;
+  for (int64_t x = 0; x < lanes; ++x) {
+    const int64_t at = p.mask_index(b, rows.bh[x] - b * p.heads_q, rows.i[x], j0);
+    for (int64_t jj = 0; jj < nk; ++jj) {
+      if (p.mask_bool != nullptr ? p.mask_bool[at + jj * sk] != 0 : p.mask[at + jj * sk] != neg_inf) return false;
+    }
+  }
+  return true;
+}
+
 // Lane by lane: each lane's mask row is read along the keys (contiguous for a row-major mask)
 // into its column of the tile.
 template <typename acc_t>
