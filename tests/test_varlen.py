@@ -558,3 +558,192 @@ def test_unpad_pad_bad_input():
     for call, err, name in cases:
         with pytest.raises(err, match=name):
             call()
+
+
+# ---------------------------------------------------------------------------------------------
+# modules: packed input and attn_mask
+# ---------------------------------------------------------------------------------------------
+D_MODEL = 32
+
+
+def _module(name: str, impl: str = "fused"):
+    torch.manual_seed(0)
+    fnn = fastattn.nn
+    builders = {
+        "mha-rope-gqa-table": lambda: fnn.MultiheadAttention(
+            D_MODEL, 4, 2, rotary="rope", causal=True, rel_bias_max_dist=6, alibi=True,
+            learnable_temperature=True, impl=impl),
+        "mha-givens-window-softcap": lambda: fnn.MultiheadAttention(
+            D_MODEL, 4, rotary="givens", n_rotations=5, window=(3, 2), softcap=2.0, num_global=1, impl=impl),
+        "mla": lambda: fnn.MultiheadLatentAttention(D_MODEL, 4, 12, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                                                    v_head_dim=6, impl=impl),
+        "adaptive-span": lambda: fnn.AdaptiveSpanAttention(D_MODEL, 4, max_span=6.5, span_ramp=3, rotary="rope",
+                                                           impl=impl),
+    }
+    m = builders[name]()
+    with torch.no_grad():  # learned positions away from their (zero / identity) start
+        for p_name, p in m.named_parameters():
+            if "pos_bias" in p_name or "thetas" in p_name:
+                p.normal_()
+    return m
+
+
+MODULES = ["mha-rope-gqa-table", "mha-givens-window-softcap", "mla", "adaptive-span"]
+
+
+def _param_grads(m):
+    return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+@pytest.mark.parametrize("name", MODULES)
+def test_packed_module_equals_the_padded_module_on_the_real_tokens(name, impl):
+    """A right-padded batch through the module with key_lengths, and the same tokens packed
+    (rotary positions restart at 0 per sequence): equal outputs on the real tokens, and equal
+    parameter gradients for a loss on them."""
+    lengths = torch.tensor([9, 1, 33, 0, 20])
+    B, S = len(lengths), 33
+    mask = torch.arange(S).view(1, S) < lengths.view(B, 1)
+    x = torch.randn(B, S, D_MODEL, generator=torch.Generator().manual_seed(1))
+    m = _module(name, impl)
+    kw = [dict(absorb=False), dict(absorb=True)] if name == "mla" else [{}]
+    for extra in kw:
+        m.zero_grad()
+        padded = m(x, key_lengths=lengths, **extra)[mask]
+        g = torch.randn(padded.shape, generator=torch.Generator().manual_seed(2))
+        (padded * g).sum().backward()
+        want = _param_grads(m)
+        m.zero_grad()
+        xp, _, cu, max_len = fastattn.unpad(x, mask)
+        packed = m(xp, cu_seqlens=cu, max_seqlen=max_len, **extra)
+        assert packed.shape == (int(lengths.sum()), D_MODEL)
+        torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+        (packed * g).sum().backward()
+        got = _param_grads(m)
+        assert set(got) == set(want) and len(got) >= 4
+        for n in want:
+            torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-5, msg=lambda s: f"grad {n}: {s}")
+
+
+def test_packed_module_fused_equals_reference_with_dropout_off_and_on():
+    """impl="fused" against impl="reference" on a packed batch (attention_varlen and its twin);
+    in training mode with dropout both draw masks (different ones: the reference draws its
+    own seed), so only the eval outputs are compared, and training mode must differ."""
+    fused = _module("mha-rope-gqa-table", "fused")
+    ref = fastattn.nn.set_impl(_module("mha-rope-gqa-table", "fused"), "reference")
+    lengths = [5, 17, 1]
+    x = torch.randn(sum(lengths), D_MODEL)
+    cu = _cu(lengths)
+    torch.testing.assert_close(fused(x, cu_seqlens=cu, max_seqlen=17), ref(x, cu_seqlens=cu, max_seqlen=17),
+                               rtol=1e-5, atol=1e-5)
+    fused.dropout = 0.5
+    fused.train()
+    dropped = fused(x, cu_seqlens=cu, max_seqlen=17)
+    fused.eval()
+    assert (dropped - fused(x, cu_seqlens=cu, max_seqlen=17)).abs().max() > 0.01
+
+
+@pytest.mark.parametrize("kind", ["bool", "float_grad"])
+@pytest.mark.parametrize("name", ["mha-rope-gqa-table", "mla"])
+def test_attn_mask_through_the_module_equals_the_reference_module(name, kind):
+    B, S = 2, 23
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(B, S, D_MODEL, generator=g)
+    if kind == "bool":
+        mask = torch.rand(B, 1, S, S, generator=g) < 0.7
+    else:
+        mask = (0.5 * torch.randn(1, 4, S, S, generator=g)).requires_grad_()
+    fused = _module(name, "fused")
+    ref = fastattn.nn.set_impl(_module(name, "fused"), "reference")
+    for extra in ([dict(absorb=False), dict(absorb=True)] if name == "mla" else [{}]):
+        out, want = fused(x, attn_mask=mask, **extra), ref(x, attn_mask=mask, **extra)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+        assert (out - fused(x, **extra)).abs().max() > 1e-3  # the mask changed something
+        if mask.requires_grad:
+            gy = torch.randn(out.shape, generator=g)
+            (got,), (exp,) = torch.autograd.grad(out, mask, gy), torch.autograd.grad(want, mask, gy)
+            torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-6)
+
+
+def test_attn_mask_in_the_module_masks_like_key_lengths_and_with_a_cache():
+    """A bool mask hiding the keys past each row's length gives key_lengths' result; in KV-cache
+    decoding, each step's (B, 1, 1, Sk) mask over the cached keys gives the rows of the full
+    pass with the full mask."""
+    m = _module("mha-rope-gqa-table", "fused")
+    B, S = 2, 12
+    x = torch.randn(B, S, D_MODEL, generator=torch.Generator().manual_seed(5))
+    lengths = torch.tensor([12, 7])
+    keep = torch.arange(S).view(1, S) < lengths.view(B, 1)
+    torch.testing.assert_close(m(x, attn_mask=keep.view(B, 1, 1, S)), m(x, key_lengths=lengths))
+    hidden = torch.zeros(B, S, dtype=torch.bool)
+    hidden[0, 3] = hidden[1, 0] = True  # keys no query may see (e.g. padding inside the row)
+    full = m(x, attn_mask=~hidden.view(B, 1, 1, S))
+    with torch.no_grad():
+        outs, cache = [], {}
+        for t in range(S):
+            o, cache = m(x[:, t:t + 1], cache=cache, attn_mask=~hidden[:, :t + 1].view(B, 1, 1, t + 1))
+            outs.append(o)
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_module_under_torch_compile():
+    m = _module("mha-rope-gqa-table", "fused")
+    lengths = [5, 17, 1]
+    x = torch.randn(sum(lengths), D_MODEL, requires_grad=True)
+    cu = _cu(lengths)
+    torch._dynamo.reset()
+    eager = m(x, cu_seqlens=cu, max_seqlen=17)
+    compiled = torch.compile(m)(x, cu_seqlens=cu, max_seqlen=17)
+    torch.testing.assert_close(compiled, eager)
+    g = torch.randn_like(eager)
+    torch.testing.assert_close(torch.autograd.grad(compiled, x, g)[0], torch.autograd.grad(eager, x, g)[0])
+    torch._dynamo.reset()
+
+
+def test_packed_module_bad_input():
+    m = _module("mha-rope-gqa-table", "fused")
+    mla = _module("mla", "fused")
+    x, cu = torch.randn(6, D_MODEL), _cu([2, 4])
+    cases = [
+        (lambda: m(x, cu_seqlens=cu), ValueError, "max_seqlen"),
+        (lambda: m(x, max_seqlen=4), ValueError, "cu_seqlens"),
+        (lambda: m(x, cu_seqlens=cu.tolist(), max_seqlen=4), TypeError, "cu_seqlens"),
+        (lambda: m(x, cu_seqlens=cu.float(), max_seqlen=4), TypeError, "cu_seqlens"),
+        (lambda: m(x[None], cu_seqlens=cu, max_seqlen=4), ValueError, "total, d_model"),
+        (lambda: m(x[:, :8], cu_seqlens=cu, max_seqlen=4), ValueError, "d_model=32"),
+        (lambda: m(x.long(), cu_seqlens=cu, max_seqlen=4), TypeError, "floating"),
+        (lambda: m(x, x, cu_seqlens=cu, max_seqlen=4), ValueError, "xa"),
+        (lambda: m(x, cache={}, cu_seqlens=cu, max_seqlen=4), ValueError, "cache"),
+        (lambda: m(x, key_lengths=torch.tensor([2, 4]), cu_seqlens=cu, max_seqlen=4), ValueError, "key_lengths"),
+        (lambda: m(x, attn_mask=torch.ones(6, 6, dtype=torch.bool), cu_seqlens=cu, max_seqlen=4), ValueError,
+         "attn_mask"),
+        (lambda: m(x, need_weights=True, cu_seqlens=cu, max_seqlen=4), ValueError, "need_weights"),
+        (lambda: m(x, cu_seqlens=cu, max_seqlen=3), ValueError, "max_seqlen"),
+        (lambda: m(x, cu_seqlens=_cu([2, 3]), max_seqlen=4), ValueError, "cu_seqlens"),
+        (lambda: mla(x, cache={}, cu_seqlens=cu, max_seqlen=4), ValueError, "cache"),
+        (lambda: mla(x, cu_seqlens=cu, max_seqlen=3), ValueError, "max_seqlen"),
+        (lambda: m(torch.randn(2, 5, D_MODEL), attn_mask=torch.ones(3, 1, 5, 5, dtype=torch.bool)), ValueError,
+         "attn_mask"),
+    ]
+    for call, err, match in cases:
+        with pytest.raises(err, match=match):
+            call()
+
+
+def test_packed_rotary_positions_restart_at_zero_in_each_sequence(monkeypatch):
+    """(RoPE scores depend on position differences only, so outputs barely tell where positions
+    start: the positions the modules hand to the rotary embedding are checked directly.)"""
+    from fastattn.nn._common import packed_positions
+    cu = _cu([3, 0, 1, 4])
+    assert packed_positions(cu, 8).tolist() == [0, 1, 2, 0, 0, 1, 2, 3]
+    assert packed_positions(cu.long(), 8).dtype == torch.int64
+    for name in ("mha-rope-gqa-table", "mla"):
+        m = _module(name)
+        seen = []
+        real = m.rotary.rotate
+        monkeypatch.setattr(m.rotary, "rotate", lambda xs, **kw: seen.append(kw["positions"]) or real(xs, **kw))
+        m(torch.randn(8, D_MODEL), cu_seqlens=cu, max_seqlen=4)
+        assert len(seen) == 1 and seen[0].tolist() == [0, 1, 2, 0, 0, 1, 2, 3]
+        seen.clear()
+        m(torch.randn(2, 4, D_MODEL))  # a padded batch: the default positions
+        assert seen == [None]
