@@ -268,6 +268,27 @@ def test_prefill_then_decode_equals_the_full_pass():
     torch.testing.assert_close(step_lse, full_lse[:, last], rtol=0, atol=2e-6)
 
 
+def test_backward_concatenates_the_sequences_gradients_once():
+    """The per-sequence views come from one split per tensor: the backward graph has one node
+    that concatenates the sequences' gradients per input, and no per-sequence slice node (whose
+    backward would zero-fill and add a full-size gradient per sequence: time and memory
+    quadratic in the number of sequences)."""
+    q, k, v, cu_q, cu_k, mq, mk = _packed("tiles", dtype=F32)
+    span = torch.rand(len(cu_q) - 1, HQ, requires_grad=True)
+    out = fastattn.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, span=span)
+    names, seen, todo = [], set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    assert not any(n.startswith("SliceBackward") for n in names), names
+    assert sum(n.startswith("SplitWithSizesBackward") for n in names) == 3     # q, k, v
+    assert sum(n.startswith("SplitBackward") for n in names) == 1              # span's rows
+
+
 def test_one_sequence_is_the_plain_call():
     q, k, v, cu_q, cu_k, mq, mk = _packed(([13], [29]), dtype=F32, requires_grad=False)
     got = fastattn.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, causal=True)

@@ -460,12 +460,18 @@ def _attention_varlen(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
         out, lse = call(*(t[:0].transpose(0, 1).unsqueeze(0)[:0] for t in (q, k, v)), alibi_slopes, span, None)
         out, lse = out.reshape(0, q.shape[1], v.shape[2]), lse.reshape(q.shape[1], 0)
         return (out, lse) if return_lse else out
+    # The views come from one split per tensor, not from slicing: a split's backward is one node
+    # that concatenates the sequences' gradients, where each slice's would add a zero-filled
+    # full-size gradient (time quadratic in the number of sequences).
+    lengths_q = [b - a for a, b in zip(bounds_q, bounds_q[1:])]
+    lengths_k = [b - a for a, b in zip(bounds_k, bounds_k[1:])]
+    pieces = [q.split(lengths_q), k.split(lengths_k), v.split(lengths_k)]
+    for t in (alibi_slopes, span):  # a (n_seq, Hq) tensor gives each sequence its (1, Hq) row
+        pieces.append(t.split(1) if isinstance(t, Tensor) and t.dim() == 2 else [t] * n_seq)
     outs, lses = [], []
-    for s in range(n_seq):
-        (q0, q1), (k0, k1) = bounds_q[s:s + 2], bounds_k[s:s + 2]
-        per_seq = [t[s:s + 1] if isinstance(t, Tensor) and t.dim() == 2 else t for t in (alibi_slopes, span)]
-        o, lse = call(q[q0:q1].transpose(0, 1).unsqueeze(0), k[k0:k1].transpose(0, 1).unsqueeze(0),
-                      v[k0:k1].transpose(0, 1).unsqueeze(0), *per_seq, None if seeds is None else seeds[s])
+    for s, (qs, ks, vs, alibi, sp) in enumerate(zip(*pieces)):
+        o, lse = call(qs.transpose(0, 1).unsqueeze(0), ks.transpose(0, 1).unsqueeze(0),
+                      vs.transpose(0, 1).unsqueeze(0), alibi, sp, None if seeds is None else seeds[s])
         outs.append(o[0].transpose(0, 1))  # (len_q, Hq, Dv)
         lses.append(lse[0])                # (Hq, len_q)
     out = torch.cat(outs, 0)
