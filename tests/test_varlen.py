@@ -95,7 +95,8 @@ def _per_sequence(q, k, v, cu_q, cu_k, options, fn=fastattn.attention, **extra):
 
 def _cotangents(out, lse, seed=5):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(out.shape, generator=g, dtype=F64).to(out.dtype), torch.randn(lse.shape, generator=g, dtype=F64)
+    go = torch.randn(out.shape, generator=g, dtype=F64).to(out.dtype)
+    return go, torch.randn(lse.shape, generator=g, dtype=F64)
 
 
 def _grads(out, lse, leaves, seed=5):
@@ -344,7 +345,8 @@ def test_dropout_is_one_draw_with_offset_plus_s_per_sequence(name):
     def op_call(qs, ks, vs, return_lse, **kw):  # the op with sequence s's seed
         if "window" in kw:
             kw["window_left"], kw["window_right"] = kw.pop("window")
-        return torch.ops.fastattn.attention(*attention_op_args(qs, ks, vs, dropout_p=p, dropout_seed=next(seeds), **kw))
+        args = attention_op_args(qs, ks, vs, dropout_p=p, dropout_seed=next(seeds), **kw)
+        return torch.ops.fastattn.attention(*args)
 
     want, want_lse = _per_sequence(q, k, v, cu_q, cu_k, o, fn=op_call)
     assert torch.equal(out, want) and torch.equal(lse, want_lse)
@@ -402,7 +404,8 @@ def test_gradients_are_bitwise_the_same_across_runs_and_thread_counts():
     try:
         for threads in (1, 2, 3, 2):
             torch.set_num_threads(threads)
-            out = fastattn.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, generator=torch.Generator().manual_seed(9), **o)
+            out = fastattn.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, generator=torch.Generator().manual_seed(9),
+                                            **o)
             runs.append(torch.autograd.grad(out.square().sum(), leaves))
     finally:
         torch.set_num_threads(before)

@@ -460,22 +460,23 @@ def _attention_varlen(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
         out, lse = call(*(t[:0].transpose(0, 1).unsqueeze(0)[:0] for t in (q, k, v)), alibi_slopes, span, None)
         out, lse = out.reshape(0, q.shape[1], v.shape[2]), lse.reshape(q.shape[1], 0)
         return (out, lse) if return_lse else out
-    # The views come from one split per tensor, not from slicing: a split's backward is one node
-    # that concatenates the sequences' gradients, where each slice's would add a zero-filled
-    # full-size gradient (time quadratic in the number of sequences).
+    # The views come from one split per tensor of its (1, H, total, D) view, not from slicing:
+    # a split's backward is one node that concatenates the sequences' gradients, where each
+    # slice's would add a zero-filled full-size gradient (time quadratic in the number of
+    # sequences); and the per-sequence Python work stays one call.
     lengths_q = [b - a for a, b in zip(bounds_q, bounds_q[1:])]
     lengths_k = [b - a for a, b in zip(bounds_k, bounds_k[1:])]
-    pieces = [q.split(lengths_q), k.split(lengths_k), v.split(lengths_k)]
+    pieces = [t.transpose(0, 1).unsqueeze(0).split(lengths, 2)
+              for t, lengths in ((q, lengths_q), (k, lengths_k), (v, lengths_k))]
     for t in (alibi_slopes, span):  # a (n_seq, Hq) tensor gives each sequence its (1, Hq) row
         pieces.append(t.split(1) if isinstance(t, Tensor) and t.dim() == 2 else [t] * n_seq)
     outs, lses = [], []
     for s, (qs, ks, vs, alibi, sp) in enumerate(zip(*pieces)):
-        o, lse = call(qs.transpose(0, 1).unsqueeze(0), ks.transpose(0, 1).unsqueeze(0),
-                      vs.transpose(0, 1).unsqueeze(0), alibi, sp, None if seeds is None else seeds[s])
-        outs.append(o[0].transpose(0, 1))  # (len_q, Hq, Dv)
-        lses.append(lse[0])                # (Hq, len_q)
+        o, lse = call(qs, ks, vs, alibi, sp, None if seeds is None else seeds[s])
+        outs.append(o[0].transpose(0, 1))  # (len_q, Hq, Dv): the concatenation below copies once
+        lses.append(lse)                   # (1, Hq, len_q)
     out = torch.cat(outs, 0)
-    return (out, torch.cat(lses, 1)) if return_lse else out
+    return (out, torch.cat(lses, 2)[0]) if return_lse else out
 
 
 def _varlen_bounds(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> tuple:

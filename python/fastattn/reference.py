@@ -20,8 +20,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-__all__ = ["attention", "attention_varlen", "attention_weights", "attention_logits", "rotary", "attention_mask_and_bias",
-           "rotary_angles", "philox4x32_10", "dropout_keep_mask", "dropout_threshold",
+__all__ = ["attention", "attention_varlen", "attention_weights", "attention_logits", "rotary",
+           "attention_mask_and_bias", "rotary_angles", "philox4x32_10", "dropout_keep_mask", "dropout_threshold",
            "head_indices"]
 
 
