@@ -95,8 +95,8 @@ def _per_sequence(q, k, v, cu_q, cu_k, options, fn=fastattn.attention, **extra):
 
 def _cotangents(out, lse, seed=5):
     g = torch.Generator().manual_seed(seed)
-    go = torch.randn(out.shape, generator=g, dtype=F64).to(out.dtype)
-    return go, torch.randn(lse.shape, generator=g, dtype=F64)
+    go = torch.randn(out.shape, generator=g, dtype=F64).to(out.device, out.dtype)
+    return go, torch.randn(lse.shape, generator=g, dtype=F64).to(lse.device)
 
 
 def _grads(out, lse, leaves, seed=5):
@@ -358,6 +358,36 @@ def test_dropout_is_one_draw_with_offset_plus_s_per_sequence(name):
         assert_close(f"gradient of leaf {i}", a, b, F64, extra_atol=1e-6)
     # without dropout the result differs (the mask did something)
     assert (out - fastattn.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, **o)).abs().max() > 0.1
+
+
+def test_on_each_device_with_dropout_equals_per_sequence_op_calls(device):
+    """CPU and (with a GPU) CUDA: the packed call with a table and dropout is bitwise the op
+    called per sequence with [seed, offset + s]; gradients too."""
+    dtype, p = (F32 if device == "cpu" else torch.bfloat16), 0.2
+    lq, lk = LENGTHS["tiles"]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(n, h, 32, generator=g).to(device, dtype).requires_grad_()
+               for n, h in ((sum(lq), HQ), (sum(lk), HKV), (sum(lk), HKV)))
+    cu_q, cu_k = _cu(lq).to(device), _cu(lk).to(device)
+    table = torch.randn(9, HQ, generator=g).to(device).requires_grad_()
+    out, lse = fastattn.attention_varlen(q, k, v, cu_q, cu_k, max(lq), max(lk), causal=True, rel_bias=table,
+                                         dropout_p=p, generator=torch.Generator(device=device).manual_seed(3),
+                                         return_lse=True)
+    assert out.device.type == torch.device(device).type and out.dtype == dtype
+    drawn = dropout_seed(p, torch.Generator(device=device).manual_seed(3), q)
+    seeds = iter([drawn + torch.tensor([0, s], device=drawn.device) for s in range(len(lq))])
+
+    def op_call(qs, ks, vs, return_lse, **kw):
+        return torch.ops.fastattn.attention(*attention_op_args(qs, ks, vs, dropout_p=p, dropout_seed=next(seeds),
+                                                               **kw))
+
+    want, want_lse = _per_sequence(q, k, v, cu_q.cpu(), cu_k.cpu(), dict(causal=True, rel_bias=table), fn=op_call)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    leaves = [q, k, v, table]
+    got, exp = _grads(out, lse, leaves), _grads(want, want_lse, leaves)
+    for a, b in zip(got[:3], exp[:3]):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(got[3], exp[3], rtol=1e-5, atol=1e-5)
 
 
 def test_dropout_masks_differ_between_identical_sequences():
