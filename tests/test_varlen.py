@@ -1,5 +1,5 @@
 """fastattn.attention_varlen (packed sequences, FlashAttention's varlen layout) and the packing
-helpers unpad / pad: the packed call against one fastattn.attention call per sequence (bitwise),
+functions unpad / pad: the packed call against one fastattn.attention call per sequence (bitwise),
 against the padded batch with key_lengths and q_offset, against reference.attention_varlen and
 against an independent block-diagonal formulation over the packed row written here from the
 spec; every option, dropout, zero-length sequences and tile edges, prefill then decode,
@@ -332,7 +332,7 @@ def test_empty_batches():
 @pytest.mark.parametrize("name", ["plain", "causal-table", "span-per-sequence-window"])
 def test_dropout_is_one_draw_with_offset_plus_s_per_sequence(name):
     """The generator gives one [seed, offset]; sequence s gets the mask of a call with
-    [seed, offset + s]: equal to direct op calls with those seeds and to the reference's
+    [seed, offset + s]: equal to direct op calls with those [seed, offset] pairs and to the reference's
     masks, gradients too."""
     p = 0.3
     q, k, v, cu_q, cu_k, mq, mk = _packed("tiles")
@@ -340,12 +340,12 @@ def test_dropout_is_one_draw_with_offset_plus_s_per_sequence(name):
     out, lse = fastattn.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, dropout_p=p, return_lse=True,
                                          generator=torch.Generator().manual_seed(42), **o)
     drawn = dropout_seed(p, torch.Generator().manual_seed(42), q)
-    seeds = iter([drawn + torch.tensor([0, s]) for s in range(len(cu_q) - 1)])
+    seed_of_sequence = iter([drawn + torch.tensor([0, s]) for s in range(len(cu_q) - 1)])
 
     def op_call(qs, ks, vs, return_lse, **kw):  # the op with sequence s's seed
         if "window" in kw:
             kw["window_left"], kw["window_right"] = kw.pop("window")
-        args = attention_op_args(qs, ks, vs, dropout_p=p, dropout_seed=next(seeds), **kw)
+        args = attention_op_args(qs, ks, vs, dropout_p=p, dropout_seed=next(seed_of_sequence), **kw)
         return torch.ops.fastattn.attention(*args)
 
     want, want_lse = _per_sequence(q, k, v, cu_q, cu_k, o, fn=op_call)
@@ -375,11 +375,11 @@ def test_on_each_device_with_dropout_equals_per_sequence_op_calls(device):
                                          return_lse=True)
     assert out.device.type == torch.device(device).type and out.dtype == dtype
     drawn = dropout_seed(p, torch.Generator(device=device).manual_seed(3), q)
-    seeds = iter([drawn + torch.tensor([0, s], device=drawn.device) for s in range(len(lq))])
+    seed_of_sequence = iter([drawn + torch.tensor([0, s], device=drawn.device) for s in range(len(lq))])
 
     def op_call(qs, ks, vs, return_lse, **kw):
-        return torch.ops.fastattn.attention(*attention_op_args(qs, ks, vs, dropout_p=p, dropout_seed=next(seeds),
-                                                               **kw))
+        args = attention_op_args(qs, ks, vs, dropout_p=p, dropout_seed=next(seed_of_sequence), **kw)
+        return torch.ops.fastattn.attention(*args)
 
     want, want_lse = _per_sequence(q, k, v, cu_q.cpu(), cu_k.cpu(), dict(causal=True, rel_bias=table), fn=op_call)
     assert torch.equal(out, want) and torch.equal(lse, want_lse)

@@ -1,5 +1,5 @@
 """The public functions: fastattn.attention, fastattn.attention_varlen, fastattn.attention_weights,
-fastattn.rotary, and the packing helpers fastattn.unpad and fastattn.pad.
+fastattn.rotary, and the packing functions fastattn.unpad and fastattn.pad.
 
 They normalize their arguments (Python scalars, defaults, a non-contiguous last dim) and call
 the fused ops in fastattn.ops, which validate them (ValueError / TypeError naming the argument,
@@ -441,11 +441,11 @@ def _attention_varlen(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
     dropout_p = _real(dropout_p, "dropout_p", "a number in [0, 1)")
     if not 0 <= dropout_p < 1:
         _fail(f"dropout_p must be in [0, 1), got {dropout_p}")
-    seeds = None
+    seed_rows = None
     if dropout_p > 0:  # one draw; sequence s takes [seed, offset + s]
         base = dropout_seed(dropout_p, generator, q)
-        seeds = base + torch.stack([torch.zeros(n_seq, dtype=torch.int64),
-                                    torch.arange(n_seq, dtype=torch.int64)], 1).to(base.device)
+        seed_rows = base + torch.stack([torch.zeros(n_seq, dtype=torch.int64),
+                                        torch.arange(n_seq, dtype=torch.int64)], 1).to(base.device)
     # One call's view per sequence: (1, H, len, D) with the packed tensor's strides. The views
     # share q's storage, so the last dim is made contiguous once, here, not per sequence.
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
@@ -472,7 +472,7 @@ def _attention_varlen(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
         pieces.append(t.split(1) if isinstance(t, Tensor) and t.dim() == 2 else [t] * n_seq)
     outs, lses = [], []
     for s, (qs, ks, vs, alibi, sp) in enumerate(zip(*pieces)):
-        o, lse = call(qs, ks, vs, alibi, sp, None if seeds is None else seeds[s])
+        o, lse = call(qs, ks, vs, alibi, sp, None if seed_rows is None else seed_rows[s])
         outs.append(o[0].transpose(0, 1))  # (len_q, Hq, Dv): the concatenation below copies once
         lses.append(lse)                   # (1, Hq, len_q)
     out = torch.cat(outs, 0)
