@@ -72,6 +72,23 @@ _ALL = [
            "attention weights of one head at S=4096: softmax(q k^T scale + bias) time / "
            "fastattn.attention_weights time", 1.0, ">="),
 
+    # ---- packed documents and a float attn_mask (bench_varlen.py) --------------------------
+    # CPU: H=8 D=64 float32, forward+backward; 16 causal documents of 64..2048 tokens (seed 0)
+    Target("cpu_varlen_over_per_document",
+           "packed documents: attention_varlen time / the per-document attention calls' total time",
+           1.1, "<="),
+    Target("cpu_varlen_vs_padded",
+           "packed documents: the padded batch with key_lengths time / attention_varlen time", 1.8, ">="),
+    Target("cpu_varlen_vs_sdpa_block_mask",
+           "packed documents: SDPA over the packed row with a block-diagonal causal bool mask time / "
+           "attention_varlen time", 5.0, ">="),
+    # CPU: S=2048, a (1, H, S, S) float attn_mask that requires grad, non-causal
+    Target("cpu_mask_grad_vs_sdpa",
+           "float attn_mask with a gradient: SDPA with the same mask time / fastattn time", 1.5, ">="),
+    Target("cpu_mask_grad_over_no_mask",
+           "float attn_mask with a gradient: fastattn with the mask time / fastattn without a mask time",
+           1.4, "<="),
+
     # ---- sliding windows and adaptive spans (bench_window.py) -----------------------------
     # CPU: B=1 H=8 D=64 float32, forward
     Target("cpu_window_vs_flex",

@@ -62,7 +62,7 @@ def test_main_job_self_check_passes():
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "== build" in proc.stdout and "FAIL" not in proc.stdout
-    assert proc.stdout.count("PASS") == 5
+    assert proc.stdout.count("PASS") == 6 and "PASS  attention_varlen" in proc.stdout
 
 
 def test_main_job_benchmark_table_and_chart(tmp_path):

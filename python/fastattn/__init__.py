@@ -2,6 +2,7 @@
 
     import fastattn
     out = fastattn.attention(q, k, v, causal=True, rel_bias=table)
+    out = fastattn.attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len)  # packed
     q = fastattn.rotary(q, inv_freq=inv_freq)
 
 See fastattn.functional for the public functions, fastattn.reference for their pure-PyTorch
@@ -49,7 +50,7 @@ _library_source = _load_library()
 
 from . import ops  # noqa: E402  (fake kernels and autograd for the ops)
 from . import reference  # noqa: E402
-from .functional import attention, attention_weights, rotary  # noqa: E402
+from .functional import attention, attention_varlen, attention_weights, pad, rotary, unpad  # noqa: E402
 from . import functional  # noqa: E402
 from . import nn  # noqa: E402
 from . import tuning  # noqa: E402
@@ -87,4 +88,4 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["attention", "attention_weights", "rotary", "functional", "reference", "nn", "ops", "tuning", "build_info", "empty_cache"]
+__all__ = ["attention", "attention_varlen", "attention_weights", "rotary", "unpad", "pad", "functional", "reference", "nn", "ops", "tuning", "build_info", "empty_cache"]

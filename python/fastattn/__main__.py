@@ -88,6 +88,15 @@ def self_check(device: str) -> list[tuple[str, bool, float, float]]:
             lambda f, a: f.attention(a["q"], a["k"], a["v"], span=a["span"], span_ramp=8.0),
             ["q", "k", "v", "span"]),
     })
+    # packed: sequences of 0, 1, 20 and 45 queries over 3, 0, 20 and 57 keys
+    cu_q = torch.tensor([0, 0, 1, 21, 66], device=device, dtype=torch.int32)
+    cu_k = torch.tensor([0, 3, 3, 23, 80], device=device, dtype=torch.int32)
+    cases["attention_varlen (causal, GQA, rel_bias)"] = (
+        dict(q=q.transpose(1, 2).reshape(66, 4, 32), k=k.transpose(1, 2).reshape(80, 2, 32),
+             v=v.transpose(1, 2).reshape(80, 2, 24), table=table),
+        lambda f, a: f.attention_varlen(a["q"], a["k"], a["v"], cu_q, cu_k, 45, 57, causal=True,
+                                        rel_bias=a["table"]),
+        ["q", "k", "v", "table"])
     for name, (inputs, call, grads) in cases.items():
         try:
             err = _compare(lambda a: call(fastattn, a), lambda a: call(reference, a), inputs, grads)

@@ -1,4 +1,5 @@
-"""The public functions: fastattn.attention, fastattn.attention_weights and fastattn.rotary.
+"""The public functions: fastattn.attention, fastattn.attention_varlen, fastattn.attention_weights,
+fastattn.rotary, and the packing functions fastattn.unpad and fastattn.pad.
 
 They normalize their arguments (Python scalars, defaults, a non-contiguous last dim) and call
 the fused ops in fastattn.ops, which validate them (ValueError / TypeError naming the argument,
@@ -16,7 +17,7 @@ from torch import Tensor
 
 from . import ops, reference
 
-__all__ = ["attention", "attention_weights", "rotary", "check_options"]
+__all__ = ["attention", "attention_varlen", "attention_weights", "rotary", "unpad", "pad", "check_options"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -252,12 +253,14 @@ def dropout_seed(dropout_p: float, generator: Optional[torch.Generator], q: Tens
 
 
 def _attention(op, q, k, v, scale, causal, window, rel_bias, alibi_slopes, span, span_ramp, num_global,
-               key_lengths, q_offset, k_offset, attn_mask, softcap, dropout_p, generator, return_lse):
+               key_lengths, q_offset, k_offset, attn_mask, softcap, dropout_p, generator, return_lse, *,
+               drawn_seed: Optional[Tensor] = None):
     # (the arguments of fastattn.attention, in its order: the emulator's tests bind them by name)
     # Every check of shapes, dtypes, devices and ranges is the op's own (C++: one set for every
     # caller, raising ValueError / TypeError); here only what Python alone can do: Python
     # scalars, defaults, a non-contiguous last dim. `op` is the attention op (the CUDA
-    # emulator's in its tests).
+    # emulator's in its tests). `drawn_seed`, a [seed, offset] tensor, replaces the draw from
+    # `generator` (attention_varlen draws once for all its sequences).
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
         if not isinstance(t, Tensor):
             _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
@@ -277,7 +280,7 @@ def _attention(op, q, k, v, scale, causal, window, rel_bias, alibi_slopes, span,
     dropout_p = _real(dropout_p, "dropout_p", "a number in [0, 1)")
     if not 0 <= dropout_p < 1:
         _fail(f"dropout_p must be in [0, 1), got {dropout_p}")
-    seed = dropout_seed(dropout_p, generator, q)
+    seed = drawn_seed if drawn_seed is not None and dropout_p > 0 else dropout_seed(dropout_p, generator, q)
 
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     # A learnable scale's gradient, sum(q * dq) / s, cancels heavily: with fp16/bf16 rounding of
@@ -354,6 +357,244 @@ def attention_weights(
     # with a 0 shift, never exp(-inf + inf).
     shift = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
     return torch.exp(logits - shift).to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# packed variable-length sequences
+# ---------------------------------------------------------------------------------------------
+def attention_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    scale: Union[float, Tensor, None] = None,
+    causal: bool = False,
+    window: Sequence[int] = (-1, -1),
+    rel_bias: Optional[Tensor] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    span: Optional[Tensor] = None,
+    span_ramp: float = 32.0,
+    num_global: int = 0,
+    softcap: float = 0.0,
+    dropout_p: float = 0.0,
+    generator: Optional[torch.Generator] = None,
+    return_lse: bool = False,
+):
+    """fastattn.attention over packed sequences of different lengths (FlashAttention's varlen
+    layout): each sequence attends only within itself.
+
+    Sequence s holds queries cu_seqlens_q[s] .. cu_seqlens_q[s + 1] - 1 and keys
+    cu_seqlens_k[s] .. cu_seqlens_k[s + 1] - 1, aligned bottom-right within itself: its query
+    i stands at position len_k(s) - len_q(s) + i and its key j at j (FlashAttention's varlen
+    convention), so a prefill or a decode step of one sequence gives what the padded call gives
+    it. Every rule (causal, window, table, ALiBi, span, global tokens) uses these positions.
+
+    Each sequence is one fastattn.attention call on strided views of q, k and v (no copies, no
+    padding): time and memory follow the real tokens. The cu_seqlens values are read on the
+    host (one transfer for both tensors: a device sync on a GPU), so under torch.compile this
+    function runs eagerly behind a graph break (torch.compile(fullgraph=True) refuses it); the
+    code around it compiles as usual.
+
+    Args:
+        q: (total_q, Hq, Dqk); k: (total_k, Hkv, Dqk); v: (total_k, Hkv, Dv). Hq % Hkv == 0.
+            Any strides with a contiguous last dim.
+        cu_seqlens_q, cu_seqlens_k: (n_seq + 1,) int32 or int64 on q's device: 0, then the
+            running sums of the sequences' lengths, ending at total_q / total_k (zero-length
+            sequences are allowed).
+        max_seqlen_q, max_seqlen_k: ints at least every sequence's length (as FlashAttention
+            requires; checked).
+        scale, causal, window, rel_bias, span_ramp, num_global, softcap: as fastattn.attention.
+        alibi_slopes: (Hq,), or (n_seq, Hq) per sequence (the latter gets no gradient).
+        span: (Hq,), or (n_seq, Hq) per sequence; differentiable.
+        dropout_p, generator: as fastattn.attention. One [seed, offset] is drawn from the
+            generator for the whole call; sequence s draws the mask of a call with
+            [seed, offset + s] (fastattn.reference.dropout_keep_mask(seed, offset + s, 1, Hq,
+            len_q(s), len_k(s), dropout_p)).
+        return_lse: also return lse (Hq, total_q) float32.
+    Returns:
+        out (total_q, Hq, Dv) in q's dtype (a query with no visible key gives 0, its lse
+        -inf); with return_lse, (out, lse). Gradients reach q, k, v, rel_bias, (Hq,)
+        alibi_slopes, span and scale. Autograd adds the sequences' contributions to a shared
+        parameter one after another in a fixed order (it runs their backward calls last
+        sequence first), so gradients are bitwise reproducible, on any thread count.
+    """
+    return _attention_varlen(ops.attention, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                             scale, causal, window, rel_bias, alibi_slopes, span, span_ramp, num_global, softcap,
+                             dropout_p, generator, return_lse)
+
+
+@torch.compiler.disable
+def _attention_varlen(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
+                      window, rel_bias, alibi_slopes, span, span_ramp, num_global, softcap, dropout_p, generator,
+                      return_lse):
+    # (eager under torch.compile: the loop's trip count and slices are the host values of
+    # cu_seqlens, which a graph would have to specialize on and recompile for every batch)
+    bounds_q, bounds_k = _varlen_bounds(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    n_seq = len(bounds_q) - 1
+    for t, name in ((alibi_slopes, "alibi_slopes"), (span, "span")):
+        if isinstance(t, Tensor) and t.dim() == 2 and t.shape[0] != n_seq:
+            _fail(f"{name} must be (Hq,) or (n_seq, Hq) = ({n_seq}, {q.shape[1]}), got {tuple(t.shape)}")
+    dropout_p = _real(dropout_p, "dropout_p", "a number in [0, 1)")
+    if not 0 <= dropout_p < 1:
+        _fail(f"dropout_p must be in [0, 1), got {dropout_p}")
+    seed_rows = None
+    if dropout_p > 0:  # one draw; sequence s takes [seed, offset + s]
+        base = dropout_seed(dropout_p, generator, q)
+        seed_rows = base + torch.stack([torch.zeros(n_seq, dtype=torch.int64),
+                                        torch.arange(n_seq, dtype=torch.int64)], 1).to(base.device)
+    # One call's view per sequence: (1, H, len, D) with the packed tensor's strides. The views
+    # share q's storage, so the last dim is made contiguous once, here, not per sequence.
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+
+    def call(qs, ks, vs, alibi, sp, seed):
+        return _attention(op, qs, ks, vs, scale, causal, window, rel_bias, alibi, sp, span_ramp, num_global,
+                          None, None, None, None, softcap, dropout_p, None, True, drawn_seed=seed)
+
+    if n_seq == 0:
+        # No sequence: a call on empty views (batch 0) still checks every option as the op does,
+        # and gives the empty outputs.
+        out, lse = call(*(t[:0].transpose(0, 1).unsqueeze(0)[:0] for t in (q, k, v)), alibi_slopes, span, None)
+        out, lse = out.reshape(0, q.shape[1], v.shape[2]), lse.reshape(q.shape[1], 0)
+        return (out, lse) if return_lse else out
+    # The views come from one split per tensor of its (1, H, total, D) view, not from slicing:
+    # a split's backward is one node that concatenates the sequences' gradients, where each
+    # slice's would add a zero-filled full-size gradient (time quadratic in the number of
+    # sequences); and the per-sequence Python work stays one call.
+    lengths_q = [b - a for a, b in zip(bounds_q, bounds_q[1:])]
+    lengths_k = [b - a for a, b in zip(bounds_k, bounds_k[1:])]
+    pieces = [t.transpose(0, 1).unsqueeze(0).split(lengths, 2)
+              for t, lengths in ((q, lengths_q), (k, lengths_k), (v, lengths_k))]
+    for t in (alibi_slopes, span):  # a (n_seq, Hq) tensor gives each sequence its (1, Hq) row
+        pieces.append(t.split(1) if isinstance(t, Tensor) and t.dim() == 2 else [t] * n_seq)
+    outs, lses = [], []
+    for s, (qs, ks, vs, alibi, sp) in enumerate(zip(*pieces)):
+        o, lse = call(qs, ks, vs, alibi, sp, None if seed_rows is None else seed_rows[s])
+        outs.append(o[0].transpose(0, 1))  # (len_q, Hq, Dv): the concatenation below copies once
+        lses.append(lse)                   # (1, Hq, len_q)
+    out = torch.cat(outs, 0)
+    return (out, torch.cat(lses, 2)[0]) if return_lse else out
+
+
+def _varlen_bounds(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> tuple:
+    """attention_varlen's layout checks (ValueError / TypeError naming the argument) before any
+    kernel runs; returns the cu_seqlens values as two lists of ints (one host read)."""
+    for t, name, layout in ((q, "q", "(total_q, Hq, Dqk)"), (k, "k", "(total_k, Hkv, Dqk)"),
+                            (v, "v", "(total_k, Hkv, Dv)")):
+        if not isinstance(t, Tensor):
+            _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+        if t.dim() != 3:
+            _fail(f"{name} must be {layout}, got {t.dim()} dimensions (shape {tuple(t.shape)})")
+    if tuple(v.shape[:2]) != tuple(k.shape[:2]):
+        _fail(f"v must be (total_k, Hkv, Dv) with k's (total_k, Hkv) = {tuple(k.shape[:2])}, "
+              f"got {tuple(v.shape)}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        _fail(f"q's heads Hq must be a multiple of k's heads Hkv, got Hq = {q.shape[1]}, Hkv = {k.shape[1]}")
+    if k.shape[2] != q.shape[2]:
+        _fail(f"k must have q's head dim Dqk = {q.shape[2]}, got {k.shape[2]} (shape {tuple(k.shape)})")
+    for t, name in ((k, "k"), (v, "v")):
+        _check_device(t, name, q, "q")
+    for t, name in ((cu_seqlens_q, "cu_seqlens_q"), (cu_seqlens_k, "cu_seqlens_k")):
+        if not isinstance(t, Tensor):
+            _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+        if t.dtype not in (torch.int32, torch.int64):
+            _fail(f"{name} must be int32 or int64, got {t.dtype}", TypeError)
+        if t.dim() != 1 or t.shape[0] < 1:
+            _fail(f"{name} must be (n_seq + 1,) with at least one entry, got shape {tuple(t.shape)}")
+        _check_device(t, name, q, "q")
+    if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
+        _fail(f"cu_seqlens_q and cu_seqlens_k must hold the same number of sequences, got "
+              f"{cu_seqlens_q.shape[0] - 1} and {cu_seqlens_k.shape[0] - 1}")
+    n = cu_seqlens_q.shape[0]
+    values = torch.cat([cu_seqlens_q.long(), cu_seqlens_k.long()]).tolist()  # the one host read
+    bounds = []
+    for b, name, total, max_name, max_len in ((values[:n], "cu_seqlens_q", q.shape[0], "max_seqlen_q", max_seqlen_q),
+                                              (values[n:], "cu_seqlens_k", k.shape[0], "max_seqlen_k", max_seqlen_k)):
+        if b[0] != 0:
+            _fail(f"{name} must start at 0, got {b[0]}")
+        lengths = [b1 - b0 for b0, b1 in zip(b, b[1:])]
+        bad = next((s for s, n_s in enumerate(lengths) if n_s < 0), None)
+        if bad is not None:
+            _fail(f"{name} must be non-decreasing, got {b[bad]} then {b[bad + 1]} at entries {bad}, {bad + 1}")
+        if b[-1] != total:
+            _fail(f"{name} must end at {'total_q' if name.endswith('q') else 'total_k'} = {total} "
+                  f"(the tokens of {'q' if name.endswith('q') else 'k'}), got {b[-1]}")
+        max_len = _int(max_len, max_name, "an int")
+        longest = max(lengths, default=0)
+        if max_len < longest:
+            s = lengths.index(longest)
+            _fail(f"{max_name} must be at least every sequence's length, got {max_len} with sequence {s} "
+                  f"of length {longest}")
+        bounds.append(b)
+    return tuple(bounds)
+
+
+def unpad(x: Tensor, attention_mask: Tensor) -> tuple:
+    """Packs the tokens of a padded batch for attention_varlen (FlashAttention's unpad_input).
+
+    Args:
+        x: (B, S, ...) any tensor.
+        attention_mask: (B, S) bool, or integer of 0 / 1: 1 marks a real token; left or right
+            padding alike (the kept tokens of row b, in order, are sequence b).
+    Returns:
+        (x_packed (total, ...), indices (total,) int64 (the kept tokens' flat indices b * S + t),
+        cu_seqlens (B + 1,) int32, max_seqlen int). Differentiable in x (index_select).
+        Reads the lengths on the host (max_seqlen).
+    """
+    if not isinstance(x, Tensor):
+        _fail(f"x must be a torch.Tensor, got {type(x).__name__}", TypeError)
+    if x.dim() < 2:
+        _fail(f"x must be (B, S, ...), got {x.dim()} dimensions (shape {tuple(x.shape)})")
+    mask = attention_mask
+    if not isinstance(mask, Tensor):
+        _fail(f"attention_mask must be a torch.Tensor, got {type(mask).__name__}", TypeError)
+    if mask.dtype != torch.bool and (mask.dtype.is_floating_point or mask.dtype.is_complex):
+        _fail(f"attention_mask must be bool or an integer dtype of 0 / 1, got {mask.dtype}", TypeError)
+    if tuple(mask.shape) != tuple(x.shape[:2]):
+        _fail(f"attention_mask must be (B, S) = {tuple(x.shape[:2])} (x's first two dims), got {tuple(mask.shape)}")
+    _check_device(mask, "attention_mask", x, "x")
+    if mask.dtype != torch.bool:
+        if mask.numel() > 0 and not bool(((mask == 0) | (mask == 1)).all()):
+            lo, hi = int(mask.min()), int(mask.max())
+            _fail(f"attention_mask must hold 0 and 1 only, got values in [{lo}, {hi}]")
+        mask = mask != 0
+    B, S = mask.shape
+    lengths = mask.sum(1, dtype=torch.int32)
+    indices = torch.nonzero(mask.reshape(-1), as_tuple=False).flatten()
+    cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+    max_seqlen = int(lengths.max()) if B > 0 else 0
+    return x.reshape(B * S, *x.shape[2:]).index_select(0, indices), indices, cu_seqlens, max_seqlen
+
+
+def pad(x_packed: Tensor, indices: Tensor, batch: int, seqlen: int) -> Tensor:
+    """The inverse of unpad: (batch, seqlen, ...) with x_packed's rows at the flat positions
+    `indices` (b * seqlen + t) and zeros elsewhere (FlashAttention's pad_input).
+    Differentiable in x_packed (index_copy; its gradient is an index_select)."""
+    if not isinstance(x_packed, Tensor):
+        _fail(f"x_packed must be a torch.Tensor, got {type(x_packed).__name__}", TypeError)
+    if x_packed.dim() < 1:
+        _fail("x_packed must be (total, ...), got a 0-dim tensor")
+    if not isinstance(indices, Tensor):
+        _fail(f"indices must be a torch.Tensor, got {type(indices).__name__}", TypeError)
+    if indices.dtype not in (torch.int32, torch.int64):
+        _fail(f"indices must be int64 or int32, got {indices.dtype}", TypeError)
+    if indices.dim() != 1 or indices.shape[0] != x_packed.shape[0]:
+        _fail(f"indices must be (total,) = ({x_packed.shape[0]},) (one per row of x_packed), "
+              f"got shape {tuple(indices.shape)}")
+    _check_device(indices, "indices", x_packed, "x_packed")
+    batch, seqlen = _int(batch, "batch", "an int"), _int(seqlen, "seqlen", "an int")
+    for value, name in ((batch, "batch"), (seqlen, "seqlen")):
+        if value < 0:
+            _fail(f"{name} must be >= 0, got {value}")
+    if indices.numel() > 0 and not _is_compiling():
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= batch * seqlen:
+            _fail(f"indices must lie in [0, batch * seqlen = {batch * seqlen}), got values in [{lo}, {hi}]")
+    out = x_packed.new_zeros((batch * seqlen, *x_packed.shape[1:]))
+    return out.index_copy(0, indices.long(), x_packed).view(batch, seqlen, *x_packed.shape[1:])
 
 
 def _offset(value, name: str, q: Tensor) -> Optional[Tensor]:

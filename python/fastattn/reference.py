@@ -20,8 +20,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-__all__ = ["attention", "attention_weights", "attention_logits", "rotary", "attention_mask_and_bias",
-           "rotary_angles", "philox4x32_10", "dropout_keep_mask", "dropout_threshold",
+__all__ = ["attention", "attention_varlen", "attention_weights", "attention_logits", "rotary",
+           "attention_mask_and_bias", "rotary_angles", "philox4x32_10", "dropout_keep_mask", "dropout_threshold",
            "head_indices"]
 
 
@@ -133,7 +133,7 @@ def attention_mask_and_bias(
     def positions(offset, default, length):  # (B or 1, 1, length, 1)
         offset = default if offset is None else offset
         offset = torch.as_tensor(offset, device=device, dtype=torch.int64).reshape(-1, 1)
-        return (offset + torch.arange(length, device=device)).view(-1, 1, length, 1)
+        return (offset + torch.arange(length, device=device)).view(offset.shape[0], 1, length, 1)
 
     pos_q = positions(q_offset, seqlen_k - seqlen_q, seqlen_q)                 # (B|1, 1, Sq, 1)
     pos_k = positions(k_offset, 0, seqlen_k).transpose(-1, -2)                # (B|1, 1, 1, Sk)
@@ -372,6 +372,65 @@ def attention(
     out = (probs @ vf).to(q.dtype)
     if return_lse:
         return out, lse.to(torch.float32)
+    return out
+
+
+def attention_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    scale: Union[float, Tensor, None] = None,
+    causal: bool = False,
+    window: Sequence[int] = (-1, -1),
+    rel_bias: Optional[Tensor] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    span: Optional[Tensor] = None,
+    span_ramp: float = 32.0,
+    num_global: int = 0,
+    softcap: float = 0.0,
+    dropout_p: float = 0.0,
+    dropout_seed=None,
+    return_lse: bool = False,
+):
+    """Attention over packed sequences, materialized: q (total_q, Hq, Dqk), k (total_k, Hkv,
+    Dqk), v (total_k, Hkv, Dv); sequence s holds queries cu_seqlens_q[s] .. cu_seqlens_q[s+1]-1
+    and keys cu_seqlens_k[s] .. cu_seqlens_k[s+1]-1 and attends within itself, its query i at
+    position len_k(s) - len_q(s) + i and its key j at j. Each sequence is attention() on its
+    own (1, H, len, D) block, with its row of a (n_seq, Hq) alibi_slopes or span.
+
+    dropout_seed (seed, offset) is the whole call's: sequence s draws
+    dropout_keep_mask(seed, offset + s, 1, Hq, len_q(s), len_k(s), dropout_p).
+    max_seqlen_q / max_seqlen_k are not used (the fused twin checks them).
+    Returns out (total_q, Hq, Dv) in q's dtype, and lse (Hq, total_q) float32 when return_lse.
+    """
+    bq = [int(x) for x in cu_seqlens_q.tolist()]
+    bk = [int(x) for x in cu_seqlens_k.tolist()]
+    if dropout_p > 0:
+        seed, offset = _dropout_seed(dropout_seed)
+    outs, lses = [], []
+    for s in range(len(bq) - 1):
+        def block(t, b):  # (1, H, len, D)
+            return t[b[s]:b[s + 1]].permute(1, 0, 2).unsqueeze(0)
+
+        def row(t):
+            return t[s:s + 1] if isinstance(t, Tensor) and t.dim() == 2 else t
+
+        drop = dict(dropout_p=dropout_p, dropout_seed=(seed, offset + s)) if dropout_p > 0 else {}
+        o, lse = attention(block(q, bq), block(k, bk), block(v, bk), scale=scale, causal=causal,
+                           window=window, rel_bias=rel_bias, alibi_slopes=row(alibi_slopes),
+                           span=row(span), span_ramp=span_ramp, num_global=num_global, softcap=softcap,
+                           return_lse=True, **drop)
+        outs.append(o[0].permute(1, 0, 2))
+        lses.append(lse[0])
+    Hq = q.shape[1]
+    out = torch.cat(outs, 0) if outs else q.new_zeros(0, Hq, v.shape[2])
+    if return_lse:
+        return out, (torch.cat(lses, 1) if lses else torch.zeros(Hq, 0, device=q.device))
     return out
 
 

@@ -91,6 +91,55 @@ def check_input(name: str, x: torch.Tensor, last_dim: int, what: str = "d_model"
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
 
 
+def check_packed_input(x: torch.Tensor, d_model: int, cu_seqlens, max_seqlen, **unsupported) -> None:
+    """Checks a packed batch for a module's forward: ``x (total, d_model)`` floating, with
+    ``cu_seqlens`` (an int32 / int64 ``(n_seq + 1,)`` tensor) and ``max_seqlen`` given together;
+    ``unsupported`` holds the forward arguments that packed input does not take (each must be
+    None or False). attention_varlen checks the values of cu_seqlens and max_seqlen."""
+    if cu_seqlens is None or max_seqlen is None:
+        given, missing = ("cu_seqlens", "max_seqlen") if max_seqlen is None else ("max_seqlen", "cu_seqlens")
+        raise ValueError(f"packed input needs both cu_seqlens and max_seqlen; got {given} without {missing}")
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1:
+        raise TypeError(f"cu_seqlens must be a 1-d int32 or int64 tensor (n_seq + 1,), got a {cu_seqlens.dtype} "
+                        f"tensor of shape {tuple(cu_seqlens.shape)}")
+    for name, value in unsupported.items():
+        if value is not None and value is not False:
+            raise ValueError(f"{name} is not supported with packed input (cu_seqlens): each packed "
+                             f"sequence attends to itself only; got {name}={_short(value)}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2 or x.shape[-1] != d_model:
+        raise ValueError(f"packed x must have shape (total, d_model={d_model}), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+
+
+def _short(value) -> str:
+    return f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+
+
+def packed_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """The position of each token of a packed batch within its own sequence, ``(total,)`` int64:
+    0, 1, ... restarting at every ``cu_seqlens`` boundary (rotary positions). Computed on the
+    device, without reading cu_seqlens on the host."""
+    cu = cu_seqlens.long()
+    token = torch.arange(total, device=cu.device)
+    sequence = torch.searchsorted(cu[1:], token, right=True)
+    return token - cu[sequence]
+
+
+def attend_packed(fns, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                  max_seqlen: int, **options) -> torch.Tensor:
+    """A packed batch's attention through ``fns.attention_varlen`` (``fns``: fastattn.functional
+    or fastattn.reference), on the head-split tensors the modules build for it, ``(1, H, total,
+    D)`` (the packed tokens as one row); returns ``(1, Hq, total, Dv)``, all views."""
+    flat = [t[0].transpose(0, 1) for t in (q, k, v)]  # (total, H, D)
+    out = fns.attention_varlen(*flat, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **options)
+    return out.transpose(0, 1).unsqueeze(0)
+
+
 def alibi_slopes(n_head: int) -> torch.Tensor:
     """ALiBi slopes (Press et al. 2022) for ``n_head`` heads, shape ``(n_head,)``.
 

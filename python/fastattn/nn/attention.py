@@ -8,8 +8,9 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from ._common import (alibi_slopes, append_to_caches, average_weights, check_dropout, check_impl,
-                      check_input, check_positive_int, check_window, dropout_options, ops)
+from ._common import (alibi_slopes, append_to_caches, attend_packed, average_weights, check_dropout,
+                      check_impl, check_input, check_packed_input, check_positive_int, check_window,
+                      dropout_options, ops, packed_positions)
 from .. import functional
 from .bias import RelativePositionBias
 from .rotary import GivensRotaryEmbedding, RotaryEmbedding
@@ -58,7 +59,10 @@ class MultiheadAttention(nn.Module):
             training mode only (``fastattn.attention(dropout_p=...)``); not a parameter or buffer.
         impl: ``"fused"`` (``fastattn.functional``) or ``"reference"`` (``fastattn.reference``).
 
-    Shapes: ``x (B, S, d_model)``, ``xa (B, Sa, kdim)`` -> ``(B, S, d_model)``. With
+    Shapes: ``x (B, S, d_model)``, ``xa (B, Sa, kdim)`` -> ``(B, S, d_model)``; a packed batch of
+    self-attention sequences, ``forward(x, cu_seqlens=..., max_seqlen=...)`` with ``x (total,
+    d_model)``, -> ``(total, d_model)`` (each sequence attends to itself, rotary positions
+    restart at 0 in each; ``fastattn.attention_varlen``). With
     ``need_weights=True`` the forward also returns the attention weights (as
     ``torch.nn.MultiheadAttention``): ``(B, S, Sk)`` averaged over the heads, or
     ``(B, n_head, S, Sk)`` with ``average_attn_weights=False``, from
@@ -179,7 +183,7 @@ class MultiheadAttention(nn.Module):
                 self.alibi_slopes, span)
 
     def _options(self, key_lengths: Optional[torch.Tensor], span: Optional[torch.Tensor],
-                 span_ramp: float) -> dict:
+                 span_ramp: float, attn_mask: Optional[torch.Tensor] = None) -> dict:
         """This module's scale, mask and biases as attention / attention_weights options."""
         kw = dict(scale=self._scale(), causal=self.causal, window=self.window,
                   rel_bias=None if self.rel_bias is None else self.rel_bias.pos_bias,
@@ -187,28 +191,39 @@ class MultiheadAttention(nn.Module):
                   key_lengths=key_lengths, softcap=self.softcap)
         if span is not None:
             kw.update(span=span, span_ramp=span_ramp)
+        if attn_mask is not None:
+            kw.update(attn_mask=attn_mask)
         return kw
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                key_lengths: Optional[torch.Tensor] = None, span: Optional[torch.Tensor] = None,
-               span_ramp: float = 32.0) -> torch.Tensor:
+               span_ramp: float = 32.0, attn_mask: Optional[torch.Tensor] = None,
+               cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None) -> torch.Tensor:
         """The attention core on head-split tensors: ``q (B, n_head, Sq, head_dim)``,
         ``k, v (B, n_kv_head, Sk, head_dim)`` -> ``(B, n_head, Sq, head_dim)``, with this
-        module's scale, mask, biases and (in training mode) dropout."""
-        return ops(self.impl).attention(q, k, v, **self._options(key_lengths, span, span_ramp),
-                                        **dropout_options(self.dropout, self.training, self.impl))
+        module's scale, mask, biases and (in training mode) dropout. With ``cu_seqlens`` the
+        tensors hold a packed batch as one row (``B = 1``, ``Sq = Sk = total``) and each
+        sequence attends to itself (``attention_varlen``)."""
+        drop = dropout_options(self.dropout, self.training, self.impl)
+        if cu_seqlens is not None:
+            kw = self._options(None, span, span_ramp)
+            del kw["key_lengths"]
+            return attend_packed(ops(self.impl), q, k, v, cu_seqlens, max_seqlen, **kw, **drop)
+        return ops(self.impl).attention(q, k, v, **self._options(key_lengths, span, span_ramp, attn_mask), **drop)
 
     def attend_weights(self, q: torch.Tensor, k: torch.Tensor, *,
                        key_lengths: Optional[torch.Tensor] = None, span: Optional[torch.Tensor] = None,
-                       span_ramp: float = 32.0) -> torch.Tensor:
+                       span_ramp: float = 32.0, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The attention weights ``(B, n_head, Sq, Sk)`` that :meth:`attend` applies (before
         dropout), from ``fastattn.attention_weights``."""
-        return ops(self.impl).attention_weights(q, k, **self._options(key_lengths, span, span_ramp))
+        return ops(self.impl).attention_weights(q, k, **self._options(key_lengths, span, span_ramp, attn_mask))
 
     def forward(self, x: torch.Tensor, xa: Optional[torch.Tensor] = None, *,
                 cache: Optional[Cache] = None, key_lengths: Optional[torch.Tensor] = None,
                 span: Optional[torch.Tensor] = None, span_ramp: float = 32.0,
-                need_weights: bool = False, average_attn_weights: bool = True):
+                need_weights: bool = False, average_attn_weights: bool = True,
+                attn_mask: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                max_seqlen: Optional[int] = None):
         """Attention over ``x (B, S, d_model)``; keys/values from ``x`` or ``xa (B, Sa, kdim)``.
 
         Args:
@@ -219,11 +234,29 @@ class MultiheadAttention(nn.Module):
                 ``span_ramp`` (differentiable; used by the adaptive-span/hybrid modules).
             need_weights: also return the attention weights (see the class docstring).
             average_attn_weights: with ``need_weights``, average the weights over the heads.
+            attn_mask: SDPA's mask, as ``fastattn.attention`` takes it: bool (True may attend)
+                or float (added to the logits), broadcastable to ``(B, n_head, S, Sk)`` (``Sk``
+                counts the cached keys); on top of the module's own masks and biases.
+            cu_seqlens, max_seqlen: packed input: ``x (total, d_model)`` holds ``n_seq``
+                sequences back to back, sequence ``s`` at rows ``cu_seqlens[s]`` ..
+                ``cu_seqlens[s + 1] - 1`` (``(n_seq + 1,)`` int32 / int64, on x's device), none
+                longer than ``max_seqlen``; each attends to itself only
+                (``fastattn.attention_varlen``; ``span`` may be ``(n_seq, n_head)``) and its
+                rotary positions start at 0. Returns ``(total, d_model)``. Self-attention
+                without a cache, ``key_lengths``, ``attn_mask`` or ``need_weights``.
 
         Returns: ``out (B, S, d_model)``; ``(out, weights)`` with ``need_weights``; a given
         ``cache`` adds the new cache last: ``(out, cache)`` or ``(out, weights, cache)``.
         """
-        check_input("x", x, self.d_model)
+        packed = cu_seqlens is not None or max_seqlen is not None
+        positions = None
+        if packed:
+            check_packed_input(x, self.d_model, cu_seqlens, max_seqlen, xa=xa, cache=cache,
+                               key_lengths=key_lengths, attn_mask=attn_mask, need_weights=need_weights)
+            positions = packed_positions(cu_seqlens, x.shape[0])
+            x = x.unsqueeze(0)  # the packed tokens as one row
+        else:
+            check_input("x", x, self.d_model)
         B, S, _ = x.shape
         q = self._heads(self.q_proj(x), self.n_head)
         cross = xa is not None or (cache is not None and "cross_k" in cache)
@@ -247,18 +280,20 @@ class MultiheadAttention(nn.Module):
             past = cache is not None and "k" in cache
             offset = cache["k"].shape[2] if past else 0
             if self.rotary is not None:
-                q, k = self.rotary.rotate((q, k), offset=offset, impl=self.impl)
+                q, k = self.rotary.rotate((q, k), offset=offset, positions=positions, impl=self.impl)
             if past:
                 readers = self._attention_inputs(q, span)
                 (k,), _ = append_to_caches([cache["k"]], [k], dim=2, call_inputs=readers)
                 (v,), _ = append_to_caches([cache["v"]], [v], dim=2, call_inputs=readers)
             if cache is not None:
                 new_cache["k"], new_cache["v"] = k, v
-        o = self.attend(q, k, v, key_lengths=key_lengths, span=span, span_ramp=span_ramp)
+        o = self.attend(q, k, v, key_lengths=key_lengths, span=span, span_ramp=span_ramp, attn_mask=attn_mask,
+                        cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         out = self.out_proj(o.transpose(1, 2).reshape(B, S, self.n_head * self.head_dim))
-        result = (out,)
+        result = (out[0] if packed else out,)
         if need_weights:
-            w = self.attend_weights(q, k, key_lengths=key_lengths, span=span, span_ramp=span_ramp)
+            w = self.attend_weights(q, k, key_lengths=key_lengths, span=span, span_ramp=span_ramp,
+                                    attn_mask=attn_mask)
             result += (average_weights(w, average_attn_weights),)
         if cache is not None:
             result += (new_cache,)

@@ -7,8 +7,9 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from ._common import (append_to_caches, average_weights, check_dropout, check_impl, check_input,
-                      check_positive_int, check_window, dropout_options, ops)
+from ._common import (append_to_caches, attend_packed, average_weights, check_dropout, check_impl,
+                      check_input, check_packed_input, check_positive_int, check_window, dropout_options,
+                      ops, packed_positions)
 from .rotary import RotaryEmbedding
 
 Cache = Dict[str, torch.Tensor]
@@ -52,8 +53,11 @@ class MultiheadLatentAttention(nn.Module):
             same (seed, offset) they drop the same weights.
         impl: ``"fused"`` or ``"reference"``.
 
-    Shapes: ``x (B, S, d_model)`` -> ``(B, S, d_model)``. With ``need_weights=True`` the
-    forward also returns the attention weights as :class:`MultiheadAttention` does.
+    Shapes: ``x (B, S, d_model)`` -> ``(B, S, d_model)``; a packed batch,
+    ``forward(x, cu_seqlens=..., max_seqlen=...)`` with ``x (total, d_model)``, ->
+    ``(total, d_model)`` (each sequence attends to itself, rotary positions restart at 0 in
+    each; either path). With ``need_weights=True`` the forward also returns the attention
+    weights as :class:`MultiheadAttention` does.
 
     State dict: ``q_proj`` (or ``q_a_proj``, ``q_a_norm``, ``q_b_proj``), ``kv_a_proj``
     (``d_model -> d_c + dr``), ``kv_a_norm``, ``kv_b_proj`` (``d_c -> H*(dn+dv)``, no bias:
@@ -132,7 +136,9 @@ class MultiheadLatentAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, *, cache: Optional[Cache] = None,
                 absorb: Optional[bool] = None, key_lengths: Optional[torch.Tensor] = None,
-                need_weights: bool = False, average_attn_weights: bool = True):
+                need_weights: bool = False, average_attn_weights: bool = True,
+                attn_mask: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                max_seqlen: Optional[int] = None):
         """``x (B, S, d_model)`` -> ``(B, S, d_model)``.
 
         Args:
@@ -142,11 +148,25 @@ class MultiheadLatentAttention(nn.Module):
             need_weights: also return the attention weights (before dropout), ``(B, S, Sk)``
                 averaged over the heads or ``(B, n_head, S, Sk)`` with
                 ``average_attn_weights=False``.
+            attn_mask: SDPA's mask as ``fastattn.attention`` takes it (bool: True may attend;
+                float: added to the logits), broadcastable to ``(B, n_head, S, Sk)``; both
+                paths apply it.
+            cu_seqlens, max_seqlen: packed input ``x (total, d_model)``, as
+                :meth:`MultiheadAttention.forward` takes it; returns ``(total, d_model)``.
+                Without a cache, ``key_lengths``, ``attn_mask`` or ``need_weights``.
 
         Returns: ``out``; ``(out, weights)`` with ``need_weights``; a given ``cache`` adds the
         new cache last: ``(out, cache)`` or ``(out, weights, cache)``.
         """
-        check_input("x", x, self.d_model)
+        packed = cu_seqlens is not None or max_seqlen is not None
+        positions = None
+        if packed:
+            check_packed_input(x, self.d_model, cu_seqlens, max_seqlen, cache=cache, key_lengths=key_lengths,
+                               attn_mask=attn_mask, need_weights=need_weights)
+            positions = packed_positions(cu_seqlens, x.shape[0])
+            x = x.unsqueeze(0)  # the packed tokens as one row
+        else:
+            check_input("x", x, self.d_model)
         B, S, _ = x.shape
         H, dn, dr, dv, dc = (self.n_head, self.qk_nope_head_dim, self.qk_rope_head_dim,
                              self.v_head_dim, self.kv_lora_rank)
@@ -157,7 +177,7 @@ class MultiheadLatentAttention(nn.Module):
         k_rope = k_rope.unsqueeze(1)                                  # (B, 1, S, dr)
         past = cache is not None and "latent" in cache
         offset = cache["latent"].shape[1] if past else 0
-        q_rope, k_rope = self.rotary.rotate((q_rope, k_rope), offset=offset, impl=self.impl)
+        q_rope, k_rope = self.rotary.rotate((q_rope, k_rope), offset=offset, positions=positions, impl=self.impl)
         k_rope = k_rope.squeeze(1)                                    # (B, S, dr)
         latent_and_rope = None  # (B, Sk, dc + dr): [c, k_rope], the absorbed path's keys
         if past:
@@ -168,8 +188,13 @@ class MultiheadLatentAttention(nn.Module):
                 call_inputs=(q, q_rope, self.kv_b_proj.weight))
         if absorb is None:
             absorb = cache is not None
-        attention = ops(self.impl).attention
-        kw = dict(scale=self.scale, causal=self.causal, window=self.window, key_lengths=key_lengths)
+        kw = dict(scale=self.scale, causal=self.causal, window=self.window)
+        if packed:
+            def attention(q, k, v, **options):
+                return attend_packed(ops(self.impl), q, k, v, cu_seqlens, max_seqlen, **options)
+        else:
+            attention = ops(self.impl).attention
+            kw.update(key_lengths=key_lengths, attn_mask=attn_mask)
         drop = dropout_options(self.dropout, self.training, self.impl)
         Sk = c.shape[1]
         if absorb:
@@ -190,7 +215,8 @@ class MultiheadLatentAttention(nn.Module):
             qf = torch.cat([q_nope, q_rope], dim=-1)
             o = attention(qf, k, v, **kw, **drop)                     # (B, H, Sq, dv)
             q_w, k_w = qf, k
-        result = (self.out_proj(o.transpose(1, 2).reshape(B, S, H * dv)),)
+        out = self.out_proj(o.transpose(1, 2).reshape(B, S, H * dv))
+        result = (out[0] if packed else out,)
         if need_weights:
             w = ops(self.impl).attention_weights(q_w, k_w, **kw)
             result += (average_weights(w, average_attn_weights),)

@@ -80,12 +80,17 @@ class AdaptiveSpanAttention(MultiheadAttention):
 
     def forward(self, x: torch.Tensor, xa: Optional[torch.Tensor] = None, *,
                 cache: Optional[Cache] = None, key_lengths: Optional[torch.Tensor] = None,
-                need_weights: bool = False, average_attn_weights: bool = True):
+                need_weights: bool = False, average_attn_weights: bool = True,
+                attn_mask: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                max_seqlen: Optional[int] = None):
         """``x (B, S, d_model)`` -> ``(B, S, d_model)`` (with the weights and the cache as
-        :class:`MultiheadAttention` returns them), attending within each head's learned span."""
+        :class:`MultiheadAttention` returns them), attending within each head's learned span;
+        ``attn_mask`` and packed input (``cu_seqlens``, ``max_seqlen``) as
+        :meth:`MultiheadAttention.forward` takes them."""
         return super().forward(x, xa, cache=cache, key_lengths=key_lengths,
                                span=self.span().to(x.dtype), span_ramp=self.span_ramp,
-                               need_weights=need_weights, average_attn_weights=average_attn_weights)
+                               need_weights=need_weights, average_attn_weights=average_attn_weights,
+                               attn_mask=attn_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", max_span={self.max_span}, span_ramp={self.span_ramp}"
