@@ -8,6 +8,7 @@ are in fastattn.reference.
 """
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 from typing import Optional, Sequence, Union
@@ -346,11 +347,11 @@ def attention_weights(
                         span, span_ramp, num_global, key_lengths, q_offset, k_offset, attn_mask, softcap,
                         0.0, None, True)
     # (the op call above has checked every option; these only normalize Python scalars)
-    logits = reference._logits(q, k, idx, scale, causal, _window(window), rel_bias, alibi_slopes,
-                               span, _real(span_ramp, "span_ramp", "a number"),
-                               _int(num_global, "num_global", "an int"), key_lengths,
-                               _real(softcap, "softcap", "a number"), _offset(q_offset, "q_offset", q),
-                               _offset(k_offset, "k_offset", q), attn_mask)
+    args = (q, k, idx, scale, causal, _window(window), rel_bias, alibi_slopes, span,
+            _real(span_ramp, "span_ramp", "a number"), _int(num_global, "num_global", "an int"),
+            key_lengths, _real(softcap, "softcap", "a number"), _offset(q_offset, "q_offset", q),
+            _offset(k_offset, "k_offset", q), attn_mask)
+    logits = _logits_by_distance(*args) if args[10] == 0 and attn_mask is None else reference._logits(*args)
     lse = lse if idx is None else lse.index_select(1, idx)
     lse = lse.to(logits.dtype).unsqueeze(-1)
     # A row with lse = -inf has no visible pair (every logit -inf): its weights are exp(-inf) = 0
@@ -595,6 +596,50 @@ def pad(x_packed: Tensor, indices: Tensor, batch: int, seqlen: int) -> Tensor:
             _fail(f"indices must lie in [0, batch * seqlen = {batch * seqlen}), got values in [{lo}, {hi}]")
     out = x_packed.new_zeros((batch * seqlen, *x_packed.shape[1:]))
     return out.index_copy(0, indices.long(), x_packed).view(batch, seqlen, *x_packed.shape[1:])
+
+
+def _logits_by_distance(q, k, idx, scale, causal, window, rel_bias, alibi_slopes, span, span_ramp,
+                        num_global, key_lengths, softcap, q_offset, k_offset, attn_mask) -> Tensor:
+    """reference._logits for calls whose rules all go by distance (no global tokens, no
+    attn_mask): the rules are evaluated once per distance, on the Sq + Sk - 1 distances of each
+    row, and laid over the (Sq, Sk) scores as a Toeplitz matrix (a strided view, flipped), so
+    the dense pass costs a product and a few elementwise passes (the general path builds an
+    int64 distance per pair and a mask per rule)."""
+    B, Hq, Sq, Dqk = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    md = reference._math_dtype(q)
+    group = Hq // Hkv
+    if idx is None:
+        n, qf, kf = Hq, q.to(md), k.to(md).repeat_interleave(group, dim=1)
+    else:
+        n = idx.shape[0]
+        qf, kf = q.index_select(1, idx).to(md), k.index_select(1, torch.div(idx, group, rounding_mode="floor")).to(md)
+        rel_bias = None if rel_bias is None else rel_bias.index_select(1, idx)
+        alibi_slopes = None if alibi_slopes is None else alibi_slopes.index_select(alibi_slopes.dim() - 1, idx)
+        span = None if span is None else span.index_select(span.dim() - 1, idx)
+    scale = Dqk ** -0.5 if scale is None else scale
+    logits = (scale.to(md) if isinstance(scale, Tensor) else scale) * (qf @ kf.transpose(-1, -2))
+    if softcap > 0:
+        logits = softcap * torch.tanh(logits / softcap)
+    if Sq == 0 or Sk == 0:
+        return logits
+    # One query at position 0 against L = Sq + Sk - 1 keys at decreasing distances: key u' of row
+    # b stands at distance d = shift_b + (Sq - 1) - u' (shift_b = q_offset[b] - k_offset[b]),
+    # the distances of the pairs (i, j) with u' = (Sq - 1) - i + j.
+    L = Sq + Sk - 1
+    qo = torch.full((B,), Sk - Sq, dtype=torch.int64, device=q.device) if q_offset is None else q_offset.long()
+    ko = torch.zeros(B, dtype=torch.int64, device=q.device) if k_offset is None else k_offset.long()
+    visible, bias = reference.attention_mask_and_bias(
+        B, n, 1, L, device=q.device, dtype=md, causal=causal, window=window, rel_bias=rel_bias,
+        alibi_slopes=alibi_slopes, span=span, span_ramp=span_ramp, num_global=0,
+        q_offset=torch.zeros_like(qo), k_offset=-(Sq - 1) - (qo - ko))
+    row = torch.where(visible, bias, torch.full((), -math.inf, dtype=md, device=q.device)).reshape(B, n, L)
+    by_pair = row.as_strided((B, n, Sq, Sk), (n * L, L, 1, 1)).flip(-2)  # [i, j] = row[(Sq - 1) - i + j]
+    logits = logits + by_pair
+    if key_lengths is not None:
+        hidden = torch.arange(Sk, device=q.device).view(1, 1, 1, Sk) >= key_lengths.to(q.device).view(B, 1, 1, 1)
+        logits = logits.masked_fill(hidden, -math.inf)
+    return logits
 
 
 def _offset(value, name: str, q: Tensor) -> Optional[Tensor]:
