@@ -131,14 +131,17 @@ def test_large_softcap_equals_none_small_one_differs(dtype):
 def test_softcap_scores_saturate():
     # Huge scores: every capped logit sits at +-softcap, so each row is a softmax of
     # +-softcap entries: finite, no NaN, and equal to the reference.
-    q = torch.randn(1, 2, 20, 16, dtype=F64) * 100
-    k = torch.randn(1, 2, 20, 16, dtype=F64) * 100
-    v = torch.randn(1, 2, 20, 16, dtype=F64)
+    g = torch.Generator().manual_seed(21)  # (seeded: the test must not depend on what ran before)
+    q = torch.randn(1, 2, 20, 16, dtype=F64, generator=g) * 100
+    k = torch.randn(1, 2, 20, 16, dtype=F64, generator=g) * 100
+    v = torch.randn(1, 2, 20, 16, dtype=F64, generator=g)
     for dtype in (F32, F64):
         out, lse = fastattn.attention(q.to(dtype), k.to(dtype), v.to(dtype), softcap=3.0, return_lse=True)
         ref, ref_lse = reference.attention(q, k, v, softcap=3.0, return_lse=True)
         assert out.isfinite().all() and lse.isfinite().all()
-        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+        # float32: scores of ~1e4 carry ~1e-3 absolute rounding before the cap, ~1e-5 after it
+        tol = 1e-5 if dtype == F64 else 5e-5
+        torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
         torch.testing.assert_close(lse.double(), ref_lse.double(), atol=2e-5, rtol=2e-5)
         assert lse.max().item() <= 3.0 + math.log(20) + 1e-5
 
