@@ -419,6 +419,13 @@ template AttentionParamsT<float> make_attention_params<float>(const AttentionArg
 template AttentionParamsT<double> make_attention_params<double>(const AttentionArgs&,
                                                                 ParamTensors&, bool);
 
+at::Tensor ordered_sum(const at::Tensor& x, int64_t dim) {
+  // (a leading 0 makes the last entry of the running sum exist for an empty dim too)
+  std::vector<int64_t> pad(2 * (x.dim() - dim), 0);
+  pad[2 * (x.dim() - 1 - dim)] = 1;
+  return at::constant_pad_nd(x.to(at::kDouble), pad).cumsum(dim).select(dim, -1);
+}
+
 at::Tensor reduce_to_mask_shape(const at::Tensor& full, const at::Tensor& mask) {
   at::Tensor g = full;
   for (int64_t d = 0; d < 4; ++d) {
@@ -426,10 +433,7 @@ at::Tensor reduce_to_mask_shape(const at::Tensor& full, const at::Tensor& mask) 
     if (mask_dim >= 0 && mask.size(mask_dim) == g.size(d)) continue;
     if (g.size(d) == 1) continue;
     if (g.device().is_cpu()) {
-      // (a leading 0 makes the last entry of the running sum exist for an empty dim too)
-      std::vector<int64_t> pad(2 * (4 - d), 0);
-      pad[2 * (3 - d)] = 1;
-      g = at::constant_pad_nd(g.to(at::kDouble), pad).cumsum(d).narrow(d, g.size(d), 1);
+      g = ordered_sum(g, d).unsqueeze(d);
     } else {
       g = g.sum(d, /*keepdim=*/true);
     }

@@ -103,6 +103,11 @@ template <typename Real>
 AttentionParamsT<Real> make_attention_params(const AttentionArgs& a, ParamTensors& keep,
                                              bool read_scale_tensor);
 
+// The sum of x along `dim` (dropped), in float64, in one fixed order: a running sum (cumsum runs
+// sequentially along its dim), since at::sum on the CPU splits a large reduction by the thread
+// count and the gradients must be bitwise the same on any number of threads.
+at::Tensor ordered_sum(const at::Tensor& x, int64_t dim);
+
 // The attn_mask's gradient in its own shape: `full` (B, Hq, Sq, Sk), the gradient of every
 // pair's logit, summed over the dims the mask broadcasts along, in a fixed order (on the CPU a
 // running sum in float64, whatever the thread count), in the mask's dtype.

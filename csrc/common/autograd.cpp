@@ -402,16 +402,12 @@ bool records_grad(const c10::IValue* args, size_t n) {
   return false;
 }
 
-// sum(a * b), in `acc`. On the CPU the products are added in one fixed order (a running sum:
-// cumsum runs sequentially along its dim) because at::sum splits a large reduction by the
-// thread count, and every other gradient of the backward is bitwise the same on any number of
-// threads. CUDA's sum is already the same from run to run on a device.
+// sum(a * b), in `acc`. On the CPU the products are added in one fixed order (ordered_sum), as
+// every other gradient of the backward is bitwise the same on any number of threads. CUDA's sum
+// is already the same from run to run on a device.
 at::Tensor sum_of_products(const at::Tensor& a, const at::Tensor& b, at::ScalarType acc) {
   if (!a.device().is_cpu()) return (a.to(acc) * b.to(acc)).sum();
-  // (a leading 0 makes the last entry of the running sum exist for empty inputs too)
-  const at::Tensor products =
-      at::constant_pad_nd((a.to(at::kDouble) * b.to(at::kDouble)).reshape({-1}), {1, 0});
-  return products.cumsum(0).select(0, -1).to(acc);
+  return ordered_sum((a.to(at::kDouble) * b.to(at::kDouble)).reshape({-1}), 0).to(acc);
 }
 
 // logits = cap(s * q.k) + ...  =>  dL/ds = sum_ij dS'_ij q_i.k_j = sum(q * dq) / s, where dS'
@@ -479,16 +475,10 @@ DistanceTable distance_table(const at::Tensor& q, const at::Tensor& k, const at:
   return t;
 }
 
-// Sums along dim 0 in one fixed order (a running sum in double): at::sum on the CPU splits a
-// reduction by the thread count, and these gradients must not depend on it.
-at::Tensor ordered_sum0(const at::Tensor& x) {
-  return at::constant_pad_nd(x.to(at::kDouble), {0, 0, 1, 0}).cumsum(0).select(0, -1);
-}
-
 // -sum_d |d| * grad[d + M - 1, h] for each head h.
 at::Tensor alibi_slopes_grad(const DistanceTable& t, const at::Tensor& grad, const at::Tensor& slopes) {
   const at::Tensor d = at::arange(grad.size(0), grad.options().dtype(at::kDouble)) - (t.reach - 1);
-  return ordered_sum0(grad.to(at::kDouble) * (-d.abs()).unsqueeze(1)).to(slopes.scalar_type());
+  return ordered_sum(grad.to(at::kDouble) * (-d.abs()).unsqueeze(1), 0).to(slopes.scalar_type());
 }
 
 // The call's table's gradient from the per-distance one: each table row gets the sum over the
@@ -499,14 +489,14 @@ at::Tensor fold_table_grad(const DistanceTable& t, const at::Tensor& grad, const
   const int64_t first = std::clamp<int64_t>(1 - t.reach, 1 - user_reach, user_reach - 1) + user_reach - 1;
   const int64_t last = std::clamp<int64_t>(t.reach - 1, 1 - user_reach, user_reach - 1) + user_reach - 1;
   if (first == last) {
-    out.select(0, first).copy_(ordered_sum0(grad));
+    out.select(0, first).copy_(ordered_sum(grad, 0));
   } else {
     // rows first + 1 .. last - 1 take one distance each; the two end rows share the rest
     // equally (the distances are symmetric around 0)
     const int64_t inner = last - first - 1, at_end = (n - inner) / 2;
-    out.select(0, first).copy_(ordered_sum0(grad.narrow(0, 0, at_end)));
+    out.select(0, first).copy_(ordered_sum(grad.narrow(0, 0, at_end), 0));
     out.narrow(0, first + 1, inner).copy_(grad.narrow(0, at_end, inner));
-    out.select(0, last).copy_(ordered_sum0(grad.narrow(0, at_end + inner, at_end)));
+    out.select(0, last).copy_(ordered_sum(grad.narrow(0, at_end + inner, at_end), 0));
   }
   return out.to(table.scalar_type());
 }
