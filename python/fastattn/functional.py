@@ -278,9 +278,7 @@ def _attention(op, q, k, v, scale, causal, window, rel_bias, alibi_slopes, span,
     num_global = _int(num_global, "num_global", "an int")
     span_ramp = _real(span_ramp, "span_ramp", "a number")
     softcap = _real(softcap, "softcap", "a number")
-    dropout_p = _real(dropout_p, "dropout_p", "a number in [0, 1)")
-    if not 0 <= dropout_p < 1:
-        _fail(f"dropout_p must be in [0, 1), got {dropout_p}")
+    dropout_p = _dropout_p(dropout_p)
     seed = drawn_seed if drawn_seed is not None and dropout_p > 0 else dropout_seed(dropout_p, generator, q)
 
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
@@ -439,9 +437,7 @@ def _attention_varlen(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
     for t, name in ((alibi_slopes, "alibi_slopes"), (span, "span")):
         if isinstance(t, Tensor) and t.dim() == 2 and t.shape[0] != n_seq:
             _fail(f"{name} must be (Hq,) or (n_seq, Hq) = ({n_seq}, {q.shape[1]}), got {tuple(t.shape)}")
-    dropout_p = _real(dropout_p, "dropout_p", "a number in [0, 1)")
-    if not 0 <= dropout_p < 1:
-        _fail(f"dropout_p must be in [0, 1), got {dropout_p}")
+    dropout_p = _dropout_p(dropout_p)
     seed_rows = None
     if dropout_p > 0:  # one draw; sequence s takes [seed, offset + s]
         base = dropout_seed(dropout_p, generator, q)
@@ -605,22 +601,10 @@ def _logits_by_distance(q, k, idx, scale, causal, window, rel_bias, alibi_slopes
     row, and laid over the (Sq, Sk) scores as a Toeplitz matrix (a strided view, flipped), so
     the dense pass costs a product and a few elementwise passes (the general path builds an
     int64 distance per pair and a mask per rule)."""
-    B, Hq, Sq, Dqk = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
-    md = reference._math_dtype(q)
-    group = Hq // Hkv
-    if idx is None:
-        n, qf, kf = Hq, q.to(md), k.to(md).repeat_interleave(group, dim=1)
-    else:
-        n = idx.shape[0]
-        qf, kf = q.index_select(1, idx).to(md), k.index_select(1, torch.div(idx, group, rounding_mode="floor")).to(md)
-        rel_bias = None if rel_bias is None else rel_bias.index_select(1, idx)
-        alibi_slopes = None if alibi_slopes is None else alibi_slopes.index_select(alibi_slopes.dim() - 1, idx)
-        span = None if span is None else span.index_select(span.dim() - 1, idx)
-    scale = Dqk ** -0.5 if scale is None else scale
-    logits = (scale.to(md) if isinstance(scale, Tensor) else scale) * (qf @ kf.transpose(-1, -2))
-    if softcap > 0:
-        logits = softcap * torch.tanh(logits / softcap)
+    logits, rel_bias, alibi_slopes, span, _ = reference._head_scores(
+        q, k, idx, scale, softcap, rel_bias, alibi_slopes, span, None)
+    B, n, Sq, Sk = logits.shape
+    md = logits.dtype
     if Sq == 0 or Sk == 0:
         return logits
     # One query at position 0 against L = Sq + Sk - 1 keys at decreasing distances: key u' of row
@@ -640,6 +624,14 @@ def _logits_by_distance(q, k, idx, scale, causal, window, rel_bias, alibi_slopes
         hidden = torch.arange(Sk, device=q.device).view(1, 1, 1, Sk) >= key_lengths.to(q.device).view(B, 1, 1, 1)
         logits = logits.masked_fill(hidden, -math.inf)
     return logits
+
+
+def _dropout_p(value) -> float:
+    """dropout_p as a float in [0, 1) (checked before a seed is drawn for it)."""
+    p = _real(value, "dropout_p", "a number in [0, 1)")
+    if not 0 <= p < 1:
+        _fail(f"dropout_p must be in [0, 1), got {p}")
+    return p
 
 
 def _offset(value, name: str, q: Tensor) -> Optional[Tensor]:

@@ -213,23 +213,20 @@ def head_indices(heads, num_heads: int, device=None) -> Optional[Tensor]:
     return torch.tensor(idx, dtype=torch.int64, device=device)
 
 
-def _logits(q: Tensor, k: Tensor, idx: Optional[Tensor], scale, causal, window, rel_bias, alibi_slopes,
-            span, span_ramp, num_global, key_lengths, softcap, q_offset=None, k_offset=None,
-            attn_mask=None) -> Tensor:
-    """The masked logits (B, n, Sq, Sk) of the query heads ``idx`` (None: all), in the math
-    dtype, -inf where a pair is not visible."""
-    B, Hq, Sq, Dqk = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
+def _head_scores(q: Tensor, k: Tensor, idx: Optional[Tensor], scale, softcap, rel_bias, alibi_slopes,
+                 span, attn_mask) -> tuple:
+    """The scaled (soft-capped) scores (B, n, Sq, Sk) of the query heads ``idx`` (None: all) in
+    the math dtype, with the per-head parameters of those heads: (scores, rel_bias,
+    alibi_slopes, span, attn_mask)."""
+    Hq, Dqk = q.shape[1], q.shape[3]
+    group = Hq // k.shape[1]
     md = _math_dtype(q)
     if scale is None:
         scale = Dqk ** -0.5
-    group = Hq // Hkv
     if idx is None:
-        n = Hq
         qf = q.to(md)
         kf = k.to(md).repeat_interleave(group, dim=1)
     else:  # only the selected heads (and each one's kv head), with their per-head parameters
-        n = idx.shape[0]
         qf = q.index_select(1, idx).to(md)
         kf = k.index_select(1, torch.div(idx, group, rounding_mode="floor")).to(md)
         rel_bias = None if rel_bias is None else rel_bias.index_select(1, idx)
@@ -238,9 +235,21 @@ def _logits(q: Tensor, k: Tensor, idx: Optional[Tensor], scale, causal, window, 
         if attn_mask is not None and attn_mask.dim() >= 3 and attn_mask.shape[-3] > 1:
             attn_mask = attn_mask.index_select(attn_mask.dim() - 3, idx)
     scale_t = scale.to(md) if isinstance(scale, Tensor) else scale
-    logits = scale_t * (qf @ kf.transpose(-1, -2))
+    scores = scale_t * (qf @ kf.transpose(-1, -2))
     if softcap > 0:  # capped before any bias or mask
-        logits = softcap * torch.tanh(logits / softcap)
+        scores = softcap * torch.tanh(scores / softcap)
+    return scores, rel_bias, alibi_slopes, span, attn_mask
+
+
+def _logits(q: Tensor, k: Tensor, idx: Optional[Tensor], scale, causal, window, rel_bias, alibi_slopes,
+            span, span_ramp, num_global, key_lengths, softcap, q_offset=None, k_offset=None,
+            attn_mask=None) -> Tensor:
+    """The masked logits (B, n, Sq, Sk) of the query heads ``idx`` (None: all), in the math
+    dtype, -inf where a pair is not visible."""
+    logits, rel_bias, alibi_slopes, span, attn_mask = _head_scores(
+        q, k, idx, scale, softcap, rel_bias, alibi_slopes, span, attn_mask)
+    B, n, Sq, Sk = logits.shape
+    md = logits.dtype
     visible, bias = attention_mask_and_bias(
         B, n, Sq, Sk, device=q.device, dtype=md, causal=causal, window=window,
         rel_bias=rel_bias, alibi_slopes=alibi_slopes, span=span, span_ramp=span_ramp,
