@@ -52,7 +52,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (Check, Report, attention_flops, child_result, fresh_allocator, load_fastattn,  # noqa: E402
-                    make_parser, measure_in_child, parse_args, peak_memory, run, sync, time_fn, timing)
+                    make_parser, materialized_bias, measure_in_child, parse_args, peak_memory, run, sync,
+                    time_fn, timing)
 from targets import TARGETS  # noqa: E402
 
 MB = 1e6
@@ -101,15 +102,6 @@ def child_argv(args, mode: str) -> list:
              "--H", str(args.H), "--S", str(args.S), "--D", str(args.D), "--max-dist", str(args.max_dist),
              "--mem-S", str(args.mem_S), "--_mem-child", mode]
             + (["--causal"] if args.causal else []) + (["--no-reference"] if args.no_reference else []))
-
-
-def materialized_bias(table: torch.Tensor, Sq: int, Sk: int) -> torch.Tensor:
-    """(1, H, Sq, Sk) from the table: table[clamp(i - j) + max_dist - 1], bottom-right aligned."""
-    max_dist = (table.shape[0] + 1) // 2
-    pos = (torch.arange(Sk - Sq, Sk, device=table.device)[:, None]
-           - torch.arange(Sk, device=table.device)[None, :])
-    idx = pos.clamp(-max_dist + 1, max_dist - 1) + max_dist - 1
-    return table[idx].permute(2, 0, 1).unsqueeze(0)
 
 
 def make_flex(table, causal, Sq, Sk, device, kernel_options=None):

@@ -17,16 +17,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Check, Report, load_fastattn, make_parser, parse_args, run, time_many, timing  # noqa: E402
+from common import (Check, Report, load_fastattn, make_parser, materialized_bias, parse_args, run,  # noqa: E402
+                    time_many, timing)
 from targets import TARGETS  # noqa: E402
-
-
-def table_bias(table: torch.Tensor, S: int) -> torch.Tensor:
-    """(H, S, S) bias from a (2M - 1, H) table, d = i - j clamped (differentiable gather)."""
-    M = (table.shape[0] + 1) // 2
-    pos = torch.arange(S, device=table.device)
-    idx = (pos[:, None] - pos[None, :]).clamp(1 - M, M - 1) + M - 1
-    return table[idx].permute(2, 0, 1)
 
 
 def main(argv=None) -> int:
@@ -55,7 +48,7 @@ def main(argv=None) -> int:
         return f
 
     def sdpa():
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=table_bias(table, S), dropout_p=args.p)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=materialized_bias(table, S, S), dropout_p=args.p)
         torch.autograd.grad(out, leaves, grad_out)
 
     t = time_many({"dropout": fastattn_call(args.p), "none": fastattn_call(0.0), "sdpa": sdpa}, **timing(args))
@@ -79,7 +72,7 @@ def main(argv=None) -> int:
         with torch.no_grad():
             tw_times = time_many({
                 "weights": lambda: fastattn.attention_weights(qw, kw, rel_bias=tw),
-                "softmax": lambda: torch.softmax(qw @ kw.transpose(-1, -2) * scale + table_bias(tw, Sw), -1),
+                "softmax": lambda: torch.softmax(qw @ kw.transpose(-1, -2) * scale + materialized_bias(tw, Sw, Sw), -1),
             }, **timing(args))
         report.table(["attention weights, one head, S=" + str(Sw), "median ms"],
                      [["fastattn.attention_weights", f"{tw_times['weights'].median_ms:.1f}"],

@@ -59,7 +59,7 @@ REPO = os.path.dirname(HERE)
 
 __all__ = ["Timing", "time_fn", "time_back_to_back", "time_many", "peak_memory", "sync", "markdown_table",
            "gbps", "with_tuning", "make_parser", "parse_args", "timing", "load_fastattn", "machine", "commit",
-           "Check", "Report", "attention_flops", "fresh_allocator", "measure_in_child", "run"]
+           "Check", "Report", "attention_flops", "materialized_bias", "fresh_allocator", "measure_in_child", "run"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,6 +274,15 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def materialized_bias(table: torch.Tensor, Sq: int, Sk: int) -> torch.Tensor:
+    """(1, H, Sq, Sk) from the table: table[clamp(i - j) + max_dist - 1], bottom-right aligned."""
+    max_dist = (table.shape[0] + 1) // 2
+    pos = (torch.arange(Sk - Sq, Sk, device=table.device)[:, None]
+           - torch.arange(Sk, device=table.device)[None, :])
+    idx = pos.clamp(-max_dist + 1, max_dist - 1) + max_dist - 1
+    return table[idx].permute(2, 0, 1).unsqueeze(0)
 
 
 def attention_flops(B, H, Sq, Sk, D, causal=False, window=(-1, -1)) -> float:
