@@ -242,3 +242,65 @@ def append_to_caches(pasts: Sequence[torch.Tensor], news: Sequence[torch.Tensor]
     setattr(base, _CACHE_FILLED, n_past + n_new)
     joint = base.narrow(dim, 0, n_past + n_new).as_subclass(CacheView)
     return [joint.narrow(-1, off, w).as_subclass(CacheView) for off, w in zip(offsets, widths)], joint
+
+
+class RowStep:
+    """One call's positions when each row of a KV cache has its own length (``cache["lengths"]``:
+    right-padded prompts, FlashAttention's ``cache_seqlens``). Row ``b`` holds ``lengths[b]``
+    real entries; its ``S`` new tokens stand at positions ``lengths[b] .. lengths[b] + S - 1``
+    and are written into the cache there (over the row's unused slots), so every rule of the
+    attention (rotary, table, ALiBi, window, causal) sees each row's true positions and the
+    slots past a row's end stay masked."""
+
+    def __init__(self, lengths: torch.Tensor, n_new: int):
+        self.lengths = lengths
+        steps = torch.arange(n_new, device=lengths.device)
+        self.positions = lengths[:, None] + steps      # (B, S): rotary positions
+        self.q_offset = lengths                         # query i of row b at lengths[b] + i
+        self.key_lengths = lengths + n_new              # keys past the new tokens are unused slots
+        self.slots = self.positions                     # where the new entries go
+
+    def write(self, full: torch.Tensor, new: torch.Tensor, dim: int) -> None:
+        """Puts ``new`` (S entries along ``dim``, batch first) at each row's slots of ``full``,
+        in place: ``full`` is the cache after ``append_to_caches``, which put them at its end."""
+        shape = [1] * full.dim()
+        shape[0], shape[dim] = self.slots.shape
+        index = self.slots.view(shape).expand(new.shape)
+        full.scatter_(dim, index, new)
+
+
+def row_step(cache: Optional[dict], key_lengths: Optional[torch.Tensor], batch: int, n_past: int,
+             n_new: int, device: torch.device) -> Optional[RowStep]:
+    """The RowStep of a self-attention call on ``cache`` (None when the cache holds no
+    ``"lengths"``: every row then continues at ``n_past``). Checks the lengths a caller put in
+    the cache; ``key_lengths`` cannot be combined with them (the lengths already say which keys
+    are real)."""
+    lengths = None if cache is None else cache.get("lengths")
+    if lengths is None:
+        return None
+    if key_lengths is not None:
+        raise ValueError("key_lengths must be None when the cache holds per-row lengths "
+                         "(cache['lengths']): they already mark each row's real keys")
+    if not isinstance(lengths, torch.Tensor) or lengths.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cache['lengths'] must be an int32 or int64 tensor, got {_short(lengths)}"
+                        + (f" of dtype {lengths.dtype}" if isinstance(lengths, torch.Tensor) else ""))
+    if tuple(lengths.shape) != (batch,) or lengths.device != device:
+        raise ValueError(f"cache['lengths'] must have shape ({batch},) on {device}, got "
+                         f"{tuple(lengths.shape)} on {lengths.device}")
+    lengths = lengths.long()
+    if batch and not torch.compiler.is_compiling():
+        lo, hi = int(lengths.min()), int(lengths.max())
+        if lo < 0 or hi > n_past:
+            raise ValueError(f"cache['lengths'] must lie in [0, {n_past}] (the cache's filled "
+                             f"entries), got values in [{lo}, {hi}]")
+    return RowStep(lengths, n_new)
+
+
+def first_lengths(cache: Optional[dict], key_lengths: Optional[torch.Tensor], n_new: int,
+                  past: bool) -> Optional[torch.Tensor]:
+    """The ``"lengths"`` a cache starts with: a call that starts a cache (``cache={}``) with
+    ``key_lengths`` (right-padded prompts) records each row's real length, so that later
+    calls append each row's tokens after its own end (RowStep)."""
+    if cache is None or past or key_lengths is None:
+        return None
+    return key_lengths.long().clamp(0, n_new)

@@ -10,7 +10,7 @@ from torch import nn
 
 from ._common import (alibi_slopes, append_to_caches, attend_packed, average_weights, check_dropout,
                       check_impl, check_input, check_packed_input, check_positive_int, check_window,
-                      dropout_options, ops, packed_positions)
+                      dropout_options, first_lengths, ops, packed_positions, row_step)
 from .. import functional
 from .bias import RelativePositionBias
 from .rotary import GivensRotaryEmbedding, RotaryEmbedding
@@ -80,7 +80,12 @@ class MultiheadAttention(nn.Module):
     record the attention call (``torch.no_grad()``, or nothing it reads requires grad) ``k``/``v``
     are views of buffers that grow in place, so a step does not copy the whole cache (see
     ``append_to_caches``); ``torch.save`` and ``copy.deepcopy`` of them write only the filled
-    part.
+    part. Rows of different lengths: starting the cache with ``key_lengths`` (a right-padded
+    prompt batch) records them as ``cache["lengths"]`` (``(B,)`` int64; a caller may also put
+    its own there); each later call then writes row ``b``'s new tokens right after its
+    ``lengths[b]`` real entries, at positions ``lengths[b] + i`` (rotary and every attention
+    rule, through ``q_offset``), and never attends to the padding (FlashAttention's
+    ``cache_seqlens``); ``key_lengths`` must then be None.
     """
 
     def __init__(self, d_model: int, n_head: int, n_kv_head: Optional[int] = None, *,
@@ -183,7 +188,8 @@ class MultiheadAttention(nn.Module):
                 self.alibi_slopes, span)
 
     def _options(self, key_lengths: Optional[torch.Tensor], span: Optional[torch.Tensor],
-                 span_ramp: float, attn_mask: Optional[torch.Tensor] = None) -> dict:
+                 span_ramp: float, attn_mask: Optional[torch.Tensor] = None,
+                 q_offset: Optional[torch.Tensor] = None) -> dict:
         """This module's scale, mask and biases as attention / attention_weights options."""
         kw = dict(scale=self._scale(), causal=self.causal, window=self.window,
                   rel_bias=None if self.rel_bias is None else self.rel_bias.pos_bias,
@@ -193,30 +199,37 @@ class MultiheadAttention(nn.Module):
             kw.update(span=span, span_ramp=span_ramp)
         if attn_mask is not None:
             kw.update(attn_mask=attn_mask)
+        if q_offset is not None:
+            kw.update(q_offset=q_offset)
         return kw
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                key_lengths: Optional[torch.Tensor] = None, span: Optional[torch.Tensor] = None,
                span_ramp: float = 32.0, attn_mask: Optional[torch.Tensor] = None,
-               cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None) -> torch.Tensor:
+               cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
+               q_offset: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The attention core on head-split tensors: ``q (B, n_head, Sq, head_dim)``,
         ``k, v (B, n_kv_head, Sk, head_dim)`` -> ``(B, n_head, Sq, head_dim)``, with this
         module's scale, mask, biases and (in training mode) dropout. With ``cu_seqlens`` the
         tensors hold a packed batch as one row (``B = 1``, ``Sq = Sk = total``) and each
-        sequence attends to itself (``attention_varlen``)."""
+        sequence attends to itself (``attention_varlen``). ``q_offset`` (``(B,)``) places the
+        queries as ``fastattn.attention`` does (default: bottom-right)."""
         drop = dropout_options(self.dropout, self.training, self.impl)
         if cu_seqlens is not None:
             kw = self._options(None, span, span_ramp)
             del kw["key_lengths"]
             return attend_packed(ops(self.impl), q, k, v, cu_seqlens, max_seqlen, **kw, **drop)
-        return ops(self.impl).attention(q, k, v, **self._options(key_lengths, span, span_ramp, attn_mask), **drop)
+        kw = self._options(key_lengths, span, span_ramp, attn_mask, q_offset)
+        return ops(self.impl).attention(q, k, v, **kw, **drop)
 
     def attend_weights(self, q: torch.Tensor, k: torch.Tensor, *,
                        key_lengths: Optional[torch.Tensor] = None, span: Optional[torch.Tensor] = None,
-                       span_ramp: float = 32.0, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       span_ramp: float = 32.0, attn_mask: Optional[torch.Tensor] = None,
+                       q_offset: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The attention weights ``(B, n_head, Sq, Sk)`` that :meth:`attend` applies (before
         dropout), from ``fastattn.attention_weights``."""
-        return ops(self.impl).attention_weights(q, k, **self._options(key_lengths, span, span_ramp, attn_mask))
+        kw = self._options(key_lengths, span, span_ramp, attn_mask, q_offset)
+        return ops(self.impl).attention_weights(q, k, **kw)
 
     def forward(self, x: torch.Tensor, xa: Optional[torch.Tensor] = None, *,
                 cache: Optional[Cache] = None, key_lengths: Optional[torch.Tensor] = None,
@@ -249,7 +262,7 @@ class MultiheadAttention(nn.Module):
         ``cache`` adds the new cache last: ``(out, cache)`` or ``(out, weights, cache)``.
         """
         packed = cu_seqlens is not None or max_seqlen is not None
-        positions = None
+        positions, q_offset = None, None
         if packed:
             check_packed_input(x, self.d_model, cu_seqlens, max_seqlen, xa=xa, cache=cache,
                                key_lengths=key_lengths, attn_mask=attn_mask, need_weights=need_weights)
@@ -279,21 +292,31 @@ class MultiheadAttention(nn.Module):
             v = self._heads(self.v_proj(x), self.n_kv_head)
             past = cache is not None and "k" in cache
             offset = cache["k"].shape[2] if past else 0
+            step = row_step(cache, key_lengths, B, offset, S, x.device)
+            if step is not None:
+                positions, q_offset, key_lengths = step.positions, step.q_offset, step.key_lengths
             if self.rotary is not None:
                 q, k = self.rotary.rotate((q, k), offset=offset, positions=positions, impl=self.impl)
             if past:
                 readers = self._attention_inputs(q, span)
+                new_k, new_v = k, v
                 (k,), _ = append_to_caches([cache["k"]], [k], dim=2, call_inputs=readers)
                 (v,), _ = append_to_caches([cache["v"]], [v], dim=2, call_inputs=readers)
+                if step is not None:
+                    step.write(k, new_k, 2)
+                    step.write(v, new_v, 2)
             if cache is not None:
                 new_cache["k"], new_cache["v"] = k, v
+                lengths = step.key_lengths if step is not None else first_lengths(cache, key_lengths, S, past)
+                if lengths is not None:
+                    new_cache["lengths"] = lengths
         o = self.attend(q, k, v, key_lengths=key_lengths, span=span, span_ramp=span_ramp, attn_mask=attn_mask,
-                        cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+                        cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, q_offset=q_offset)
         out = self.out_proj(o.transpose(1, 2).reshape(B, S, self.n_head * self.head_dim))
         result = (out[0] if packed else out,)
         if need_weights:
             w = self.attend_weights(q, k, key_lengths=key_lengths, span=span, span_ramp=span_ramp,
-                                    attn_mask=attn_mask)
+                                    attn_mask=attn_mask, q_offset=q_offset)
             result += (average_weights(w, average_attn_weights),)
         if cache is not None:
             result += (new_cache,)

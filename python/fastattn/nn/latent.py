@@ -9,7 +9,7 @@ from torch import nn
 
 from ._common import (append_to_caches, attend_packed, average_weights, check_dropout, check_impl,
                       check_input, check_packed_input, check_positive_int, check_window, dropout_options,
-                      ops, packed_positions)
+                      first_lengths, ops, packed_positions, row_step)
 from .rotary import RotaryEmbedding
 
 Cache = Dict[str, torch.Tensor]
@@ -144,7 +144,9 @@ class MultiheadLatentAttention(nn.Module):
         Args:
             cache: ``{}`` to start decoding, then the returned cache (see class docstring).
             absorb: use the absorbed path; default True with a cache, False without.
-            key_lengths: ``(B,)`` int, keys ``>= key_lengths[b]`` are masked.
+            key_lengths: ``(B,)`` int, keys ``>= key_lengths[b]`` are masked. Starting a cache
+                with it records per-row lengths (``cache["lengths"]``): later calls continue
+                each row after its own end, as :class:`MultiheadAttention` does.
             need_weights: also return the attention weights (before dropout), ``(B, S, Sk)``
                 averaged over the heads or ``(B, n_head, S, Sk)`` with
                 ``average_attn_weights=False``.
@@ -177,15 +179,25 @@ class MultiheadLatentAttention(nn.Module):
         k_rope = k_rope.unsqueeze(1)                                  # (B, 1, S, dr)
         past = cache is not None and "latent" in cache
         offset = cache["latent"].shape[1] if past else 0
+        step = row_step(cache, key_lengths, B, offset, S, x.device)
+        q_offset = None
+        if step is not None:
+            positions, q_offset, key_lengths = step.positions, step.q_offset, step.key_lengths
         q_rope, k_rope = self.rotary.rotate((q_rope, k_rope), offset=offset, positions=positions, impl=self.impl)
         k_rope = k_rope.squeeze(1)                                    # (B, S, dr)
         latent_and_rope = None  # (B, Sk, dc + dr): [c, k_rope], the absorbed path's keys
         if past:
             # Read by the attention (with the query, and W_uk folded into it) or, expanded, by
             # kv_b_proj: a call autograd records when the query or kv_b_proj's weight requires grad.
+            new_c, new_k_rope = c, k_rope
             (c, k_rope), latent_and_rope = append_to_caches(
                 [cache["latent"], cache["k_rope"]], [c, k_rope], dim=1,
                 call_inputs=(q, q_rope, self.kv_b_proj.weight))
+            if step is not None:
+                step.write(c, new_c, 1)
+                step.write(k_rope, new_k_rope, 1)
+                if latent_and_rope.data_ptr() != c.data_ptr():  # a concatenation, not a view of both
+                    latent_and_rope = None
         if absorb is None:
             absorb = cache is not None
         kw = dict(scale=self.scale, causal=self.causal, window=self.window)
@@ -195,6 +207,8 @@ class MultiheadLatentAttention(nn.Module):
         else:
             attention = ops(self.impl).attention
             kw.update(key_lengths=key_lengths, attn_mask=attn_mask)
+            if q_offset is not None:
+                kw.update(q_offset=q_offset)
         drop = dropout_options(self.dropout, self.training, self.impl)
         Sk = c.shape[1]
         if absorb:
@@ -221,7 +235,11 @@ class MultiheadLatentAttention(nn.Module):
             w = ops(self.impl).attention_weights(q_w, k_w, **kw)
             result += (average_weights(w, average_attn_weights),)
         if cache is not None:
-            result += ({"latent": c, "k_rope": k_rope},)
+            new_cache = {"latent": c, "k_rope": k_rope}
+            lengths = step.key_lengths if step is not None else first_lengths(cache, key_lengths, S, past)
+            if lengths is not None:
+                new_cache["lengths"] = lengths
+            result += (new_cache,)
         return result[0] if len(result) == 1 else result
 
     def extra_repr(self) -> str:
