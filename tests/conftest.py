@@ -239,7 +239,9 @@ class Case:
         and the (seed, offset) it gives for the references).
     q_offset, k_offset: per-batch positions of query 0 and key 0, or None (the defaults).
     attn_mask: None, "bool" ((B, 1, Sq, Sk), 75% True), "float" ((Hq, Sq, Sk) added, some -inf)
-        or "float_grad" ((1, Hq, Sq, Sk), requires grad).
+        or "float_grad" ((1, Hq, Sq, Sk), requires grad); "blocks" / "blocks_float_grad": a
+        block-diagonal mask of documents (bool (B, 1, Sq, Sk); float (1, Hq, Sq, Sk) with -inf
+        across documents, requires grad) whose whole tiles are hidden (the kernels skip them).
     """
     B: int = 2
     Hq: int = 4
@@ -330,6 +332,9 @@ def make_inputs(case: Case, requires_grad: bool = True) -> dict:
         m = torch.where(torch.rand(*shape, generator=g) < 0.05, torch.full((), -math.inf, dtype=torch.float64), m)
         m = m.to(pdt).to(dev)
         inp["attn_mask"] = leaf(m) if case.attn_mask == "float_grad" else m
+    elif case.attn_mask in ("blocks", "blocks_float_grad"):
+        m = _block_diagonal_mask(case, Hq, g, pdt, dev)
+        inp["attn_mask"] = leaf(m) if m.is_floating_point() else m
     for name in ("q_offset", "k_offset"):
         if getattr(case, name) is not None:
             inp[name] = torch.tensor(getattr(case, name), dtype=torch.int64, device=dev)
@@ -354,6 +359,23 @@ def clone_inputs(inp: dict, dtype: Optional[torch.dtype] = None, device="cpu", r
             t = t.clone().requires_grad_(True)
         out[name] = t
     return out
+
+
+def _block_diagonal_mask(case, Hq, g, pdt, dev):
+    """Documents of a packed row: query i and key j see each other when they lie in the same
+    document, documents cut at the same fractions of Sq and of Sk (some shorter than a tile,
+    some longer: whole tiles off the diagonal are hidden)."""
+    cuts = torch.tensor([0.0, 0.1, 0.15, 0.55, 1.0])
+
+    def doc_of(n):
+        edges = (cuts * n).round().long()
+        return torch.searchsorted(edges[1:-1], torch.arange(n), right=True)
+
+    same = doc_of(case.Sq)[:, None] == doc_of(case.Sk)[None, :]   # (Sq, Sk)
+    if case.attn_mask == "blocks":
+        return same.expand(case.B, 1, case.Sq, case.Sk).to(dev)
+    m = 0.5 * torch.randn(1, Hq, case.Sq, case.Sk, generator=g, dtype=torch.float64)
+    return torch.where(same, m, torch.full((), -math.inf, dtype=torch.float64)).to(pdt).to(dev)
 
 
 GRAD_NAMES = ("q", "k", "v", "rel_bias", "span", "scale", "attn_mask")

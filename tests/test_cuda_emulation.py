@@ -141,6 +141,11 @@ CASES = [
     (Case(B=2, Hq=2, Hkv=1, Sq=70, Sk=140, Dqk=32, Dv=32, dtype=BF16, window=(30, 30), num_global=2,
           attn_mask="bool"), False),
     (Case(B=1, Hq=2, Hkv=2, Sq=40, Sk=70, Dqk=64, Dv=64, dtype=F16, softcap=5.0, attn_mask="float"), True),
+    # block-diagonal masks (documents): whole tiles hidden, skipped by the block vote
+    (Case(B=1, Hq=2, Hkv=1, Sq=140, Sk=140, Dqk=32, Dv=32, dtype=BF16, causal=True, rel_bias=9,
+          attn_mask="blocks"), True),
+    (Case(B=1, Hq=2, Hkv=2, Sq=140, Sk=140, Dqk=32, Dv=32, dtype=F32, alibi=True,
+          attn_mask="blocks_float_grad"), False),
 ]
 
 
@@ -470,3 +475,28 @@ def test_alibi_slopes_gradient(emu, dtype, table_rows):
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == F32 else dict(atol=5e-2, rtol=5e-2)
     for a, b in zip(got, want):
         torch.testing.assert_close(a.float(), b.float(), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tiles_the_mask_hides_are_skipped(emu, dtype):
+    """A tile whose attn_mask pairs are all hidden is skipped by the whole block (a
+    __syncthreads_or vote) in the forward and in the backward: with a block-diagonal mask the
+    kernels run fewer tensor-core products than with an all-True mask of the same shape, and
+    give the reference's result (test_emulated_kernels_match_reference's block-diagonal
+    cases)."""
+    S, doc = 256, 32  # eight documents of 32 tokens: 1/8 of the pairs visible
+    case = Case(B=1, Hq=1, Hkv=1, Sq=S, Sk=S, Dqk=32, Dv=32, dtype=dtype)
+    inp = make_inputs(case)
+    ids = torch.arange(S) // doc
+    blocks = (ids[:, None] == ids[None, :]).expand(1, 1, S, S)
+    counts = {}
+    for name, mask in (("blocks", blocks), ("all", torch.ones_like(blocks))):
+        q, k, v = (inp[n].detach().requires_grad_() for n in ("q", "k", "v"))
+        before = emu.mmas()
+        out = emulated_attention(q, k, v, attn_mask=mask)
+        forward = emu.mmas() - before
+        out.sum().backward()
+        counts[name] = (forward, emu.mmas() - before - forward)
+    # tiles of up to 128 x 64 pairs: at most half of the tiles hold a visible pair
+    assert counts["blocks"][0] <= 0.5 * counts["all"][0], counts
+    assert counts["blocks"][1] <= 0.5 * counts["all"][1], counts

@@ -355,13 +355,16 @@ __global__ void __launch_bounds__(BwdConfig<T, kD>::kThreads)
     const TileRules rules = tile_rules<kBQ, kBK>(p, b, i0, j0);
     if (!uniform) fill_tile_table<kBQ, kBK, kThreads>(p, b, h, i0, j0, rules.has_global(), s_table);
     __syncthreads();
+    // A tile that attn_mask hides entirely has P = dS = 0: no product, no gradient term. It
+    // still takes its dQ turn (later key blocks count it) and reloads dO like any other.
+    const bool tile_visible = !p.has_mask() || mask_tile_visible<kBQ, kBK, kThreads>(p, b, h, i0, j0);
 
     // A: S^T = K Q^T and dP^T = V dO^T for this warp's keys x queries; P and dS into shared
     // memory (transposed: keys x queries, the A operands of phase B). dK and dQ take dS times
     // the soft-cap's derivative (ScoreRule::grad); the table and span gradients take dS itself
     // (their terms are added after the cap). A non-uniform tile's table gradient reads dS^T
     // from shared memory, so with a cap it is read first and dS^T rewritten after.
-    {
+    if (tile_visible) {
       float acc_s[kMA][kNA][4], acc_dp[kMA][kNA][4];
       zero_acc(acc_s);
       zero_acc(acc_dp);
@@ -446,8 +449,10 @@ __global__ void __launch_bounds__(BwdConfig<T, kD>::kThreads)
     }
 
     // B: dV += P^T dO and dK += dS^T Q for this warp's keys x dims.
-    warp_tile_mma<T, kMB, kNB, kBQ, false, BLayout::kKN>(acc_dv, sPt + b_key0 * kLdT, kLdT, sdO + b_d0, kLd);
-    warp_tile_mma<T, kMB, kNB, kBQ, false, BLayout::kKN>(acc_dk, sdSt + b_key0 * kLdT, kLdT, sQ + b_d0, kLd);
+    if (tile_visible) {
+      warp_tile_mma<T, kMB, kNB, kBQ, false, BLayout::kKN>(acc_dv, sPt + b_key0 * kLdT, kLdT, sdO + b_d0, kLd);
+      warp_tile_mma<T, kMB, kNB, kBQ, false, BLayout::kKN>(acc_dk, sdSt + b_key0 * kLdT, kLdT, sQ + b_d0, kLd);
+    }
     __syncthreads();  // every warp is done with dO
     if (have_next) {
       load_dout(next_gi, next_qb);
@@ -459,7 +464,7 @@ __global__ void __launch_bounds__(BwdConfig<T, kD>::kThreads)
     {
       float acc_dq[kMC][kNC][4];
       zero_acc(acc_dq);
-      warp_tile_mma<T, kMC, kNC, kBK, true, BLayout::kKN>(acc_dq, sdSt + c_q0, kLdT, sK + c_d0, kLd);
+      if (tile_visible) warp_tile_mma<T, kMC, kNC, kBK, true, BLayout::kKN>(acc_dq, sdSt + c_q0, kLdT, sK + c_d0, kLd);
       int turn = 0;  // key blocks before this one that add into this query block's dQ
       const KeyRanges ranges = query_block_ranges(h, qb);
       for (int64_t kb = 0; kb < k_block; ++kb) turn += sees_keys(ranges, kb) ? 1 : 0;
@@ -474,7 +479,7 @@ __global__ void __launch_bounds__(BwdConfig<T, kD>::kThreads)
           for (int r = 0; r < 4; ++r) {
             const int64_t row = c_q0 + m * 16 + g + 8 * (r / 2);
             const int col = c_d0 + n * 8 + 2 * t + (r % 2);
-            if (i0 + row < p.seqlen_q && col < p.head_dim_qk) {
+            if (tile_visible && i0 + row < p.seqlen_q && col < p.head_dim_qk) {
               atomic_add_f32(dq_rows + row * p.head_dim_qk + col, acc_dq[m][n][r]);
             }
           }

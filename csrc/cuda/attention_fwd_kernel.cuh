@@ -11,7 +11,8 @@
 //      row tiles, as FlashAttention-2, every K and V fragment read from shared memory feeds two
 //      mma instructions);
 //   3. logits = scale * S (or softcap * tanh(scale * S / softcap)) + bias in base-2 units;
-//      masked pairs get -inf. Tiles where every pair
+//      masked pairs get -inf. A tile that attn_mask hides entirely is skipped (a block vote,
+//      mask_tile_visible). Tiles where every pair
 //      is visible with one common bias (none, or a rel_bias row every distance clamps to) skip
 //      the per-element rule (tile_is_uniform); the others look the rule up in a per-tile
 //      diagonal table (fill_tile_table / tile_logit_log2);
@@ -153,6 +154,17 @@ __global__ void __launch_bounds__(FwdConfig<T, kD>::kThreads, 1)
   int parity = 0;
   for (int64_t kt = tiles.first(); kt < tiles.end; kt = tiles.next(kt), parity ^= 1) {
     const int64_t j0 = kt * kBK;
+    if (p.has_mask() && !mask_tile_visible<kBQ, kBK, kThreads>(p, b, h, i0, j0)) {
+      // attn_mask hides the whole tile: it adds nothing. Its K (in flight) must land before the
+      // next tile's K is issued into the same buffer; the vote's barrier has already seen
+      // every warp through the previous tile's P V.
+      cp_async_wait<0>();
+      __syncthreads();
+      const int64_t next = tiles.next(kt);
+      if (next < tiles.end) load_k(next);
+      cp_async_commit();
+      continue;
+    }
     // This tile's logit table, in the half no warp reads any more (every warp has passed the
     // barrier below for the previous tile, so none is still on the tile before it).
     float tile_bias;  // the common bias of a uniform tile (base 2)

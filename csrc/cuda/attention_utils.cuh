@@ -677,6 +677,20 @@ FA_DEVICE float mask_logit_log2(const AttentionParams& p, int64_t b, int64_t h, 
   return m == -INFINITY ? m : fmaf(m, kLog2e, x);
 }
 
+// Whether the attn_mask leaves any pair of the kBQ x kBK tile at (i0, j0) visible (pairs inside
+// the sequences only). A block vote (a barrier: every thread must call it, and all get the same
+// answer), so a tile the mask hides entirely is skipped by the whole block; the threads read the
+// tile row by row, consecutive threads consecutive keys, and stop at the first visible pair.
+template <int kBQ, int kBK, int kThreads>
+FA_DEVICE bool mask_tile_visible(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, int64_t j0) {
+  int visible = 0;
+  for (int e = threadIdx.x; e < kBQ * kBK && !visible; e += kThreads) {
+    const int64_t i = i0 + e / kBK, j = j0 + e % kBK;
+    if (i < p.seqlen_q && j < p.seqlen_k) visible = mask_logit_log2(p, b, h, i, j, 0.f) != -INFINITY;
+  }
+  return __syncthreads_or(visible) != 0;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Per-tile logit tables: the per-element mask and bias rule as an index and a lookup
 // ---------------------------------------------------------------------------------------------

@@ -75,6 +75,8 @@ struct BlockState {
   int current = -1;
   int block_arrived = 0;
   uint64_t block_gen = 0;
+  int vote_pending = 0;  // __syncthreads_or: the OR so far of this barrier's predicates
+  int vote_result = 0;   // and of the last one completed
   std::vector<int> warp_arrived;
   std::vector<uint64_t> warp_gen;
   std::vector<std::array<uint64_t, 32>> shfl;
@@ -105,6 +107,26 @@ inline void block_barrier() {
     ++B.block_gen;
   }
   yield();
+}
+
+// __syncthreads_or: a block barrier that also ORs a predicate over the block. The last thread
+// to arrive publishes the result before any thread resumes, and every thread reads it as soon
+// as it resumes (a fiber only switches at barriers), so the next vote cannot overwrite it first.
+inline int block_vote_or(int predicate) {
+  BlockState& B = g_block;
+  Fiber& f = B.fibers[B.current];
+  B.vote_pending |= predicate != 0 ? 1 : 0;
+  f.waiting = 1;
+  f.wait_gen = B.block_gen;
+  ++g_barriers;
+  if (++B.block_arrived == B.nthreads) {
+    B.block_arrived = 0;
+    ++B.block_gen;
+    B.vote_result = B.vote_pending;
+    B.vote_pending = 0;
+  }
+  yield();
+  return B.vote_result;
 }
 
 inline void warp_barrier() {
@@ -159,9 +181,12 @@ inline float half_bits_to_float(uint32_t bits, bool bf16) {
 }
 
 // mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: the documented fragment layout.
+inline int64_t g_mmas = 0;  // warp-wide tensor-core products run (a work count for tests)
+
 inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], bool bf16) {
   BlockState& B = g_block;
   const int w = B.current / 32, lane = B.current % 32;
+  if (lane == 0) ++g_mmas;
   auto& slot = B.mma[w][lane];
   for (int r = 0; r < 4; ++r) slot[r] = a[r];
   slot[4] = b[0];
@@ -328,6 +353,7 @@ inline void run_grid(int64_t blocks, int threads, size_t smem_bytes, const std::
 #define gridDim fastattn_emulation::g_grid_dim
 
 inline void __syncthreads() { fastattn_emulation::block_barrier(); }
+inline int __syncthreads_or(int predicate) { return fastattn_emulation::block_vote_or(predicate); }
 inline void __syncwarp(unsigned int = 0xffffffffu) { fastattn_emulation::warp_barrier(); }
 
 template <typename T>

@@ -15,6 +15,7 @@ TORCH_LIBRARY(fastattn_emu, m) {
   m.def("launches() -> int", [] { return fastattn::cuda_attn::g_launches; });
   m.def("blocks() -> int", [] { return fastattn::cuda_attn::g_blocks; });
   m.def("barriers() -> int", [] { return fastattn_emulation::g_barriers; });
+  m.def("mmas() -> int", [] { return fastattn_emulation::g_mmas; });
 }
 
 TORCH_LIBRARY_IMPL(fastattn_emu, CPU, m) {
