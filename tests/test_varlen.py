@@ -16,7 +16,10 @@ import torch.nn.functional as F
 import fastattn
 from fastattn import reference
 from fastattn.functional import dropout_seed
-from conftest import assert_close, assert_lse_close, attention_op_args
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conftest import assert_close, assert_lse_close, attention_op_args, random_settings
 
 F32, F64 = torch.float32, torch.float64
 HQ, HKV, D, DV = 4, 2, 8, 6
@@ -801,3 +804,101 @@ def test_packed_rotary_positions_restart_at_zero_in_each_sequence(monkeypatch):
         seen.clear()
         m(torch.randn(2, 4, D_MODEL))  # a padded batch: the default positions
         assert seen == [None]
+
+
+# ---------------------------------------------------------------------------------------------
+# every option with every other (pairwise), and random packed calls
+# ---------------------------------------------------------------------------------------------
+VARLEN_FACTORS = {
+    "lengths": ["mixed", "tiles"],
+    "Hkv": [1, 2, 4],
+    "causal": [False, True],
+    "window": [(-1, -1), (5, 2), (2, 0)],
+    "rel_bias": [None, (5, "grad"), (3, "fixed")],
+    "alibi": [None, "h", "s"],
+    "span": [None, "h", "s"],
+    "num_global": [0, 2],
+    "softcap": [0.0, 5.0],
+    "scale": [None, "tensor"],
+    "dropout": [0.0, 0.3],
+}
+
+
+def _grid_options(row: dict, n_seq: int) -> dict:
+    OPTIONS["_grid"] = {n: row[n] for n in ("causal", "window", "num_global", "softcap", "scale")
+                        if row[n] is not None}
+    for name in ("rel_bias", "alibi", "span"):
+        if row[name] is not None:
+            OPTIONS["_grid"][name] = row[name]
+    if row["span"] is not None:
+        OPTIONS["_grid"]["span_ramp"] = 3.0
+    try:
+        return _options("_grid", n_seq)
+    finally:
+        del OPTIONS["_grid"]
+
+
+def _check_varlen_call(lengths, Hkv, options, dropout_p):
+    """The packed call against one call per sequence (bitwise, gradients too) and against
+    reference.attention_varlen (float64), with dropout drawn from a seeded generator."""
+    q, k, v, cu_q, cu_k, mq, mk = _packed(lengths, Hkv=Hkv)
+    gen = (lambda: torch.Generator().manual_seed(7)) if dropout_p else (lambda: None)
+    out, lse = fastattn.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, return_lse=True, dropout_p=dropout_p,
+                                         generator=gen(), **options)
+    leaves = _leaves(q, k, v, options)
+    got = _grads(out, lse, leaves)
+    drawn = dropout_seed(dropout_p, gen(), q)
+    seeds = iter([None if drawn is None else drawn + torch.tensor([0, s]) for s in range(len(cu_q) - 1)])
+
+    def one_call(qs, ks, vs, **kw):  # fastattn.attention with sequence s's [seed, offset]
+        return fastattn.functional._attention(
+            torch.ops.fastattn.attention, qs, ks, vs, kw.get("scale"), kw.get("causal", False),
+            kw.get("window", (-1, -1)), kw.get("rel_bias"), kw.get("alibi_slopes"), kw.get("span"),
+            kw.get("span_ramp", 32.0), kw.get("num_global", 0), None, None, None, None, kw.get("softcap", 0.0),
+            dropout_p, None, True, drawn_seed=next(seeds))
+
+    want, want_lse = _per_sequence(q, k, v, cu_q, cu_k, options, fn=one_call)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    for a, b in zip(got, _grads(want, want_lse, leaves)):
+        assert (a is None and b is None) or torch.equal(a, b)
+    ref, ref_lse = reference.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, return_lse=True, dropout_p=dropout_p,
+                                              dropout_seed=drawn, **options)
+    assert_close("out", out, ref, F64)
+    assert_lse_close("lse", lse, ref_lse, F64)
+    for i, (a, b) in enumerate(zip(got, _grads(ref, ref_lse, leaves))):
+        assert a is not None and b is not None, i
+        assert_close(f"gradient of leaf {i}", a, b, F64, extra_atol=1e-6)
+
+
+def _pairwise_varlen():
+    from conftest import pairwise
+    return pairwise(VARLEN_FACTORS, seed=11)
+
+
+@pytest.mark.parametrize("row", _pairwise_varlen(),
+                         ids=lambda r: "-".join(f"{k}={v}" for k, v in r.items() if v not in (None, 0, 0.0, False)))
+def test_every_option_pairwise(row):
+    lq = LENGTHS[row["lengths"]][0]
+    options = _grid_options(row, len(lq))
+    _check_varlen_call(row["lengths"], row["Hkv"], options, row["dropout"])
+
+
+@st.composite
+def _varlen_calls(draw):
+    n_seq = draw(st.integers(1, 5))  # (no sequence at all: test_empty_batches)
+    edge = st.sampled_from((0, 1, 2, 31, 32, 33, 127, 128, 129))
+    lq = [draw(st.one_of(edge, st.integers(0, 40))) for _ in range(n_seq)]
+    lk = [draw(st.one_of(st.just(n), edge, st.integers(0, 40))) for n in lq]
+    row = {name: draw(st.sampled_from(values)) for name, values in VARLEN_FACTORS.items()
+           if name not in ("lengths", "Hkv")}
+    return (lq, lk), draw(st.sampled_from([1, 2, 4])), row
+
+
+@random_settings(15)
+@given(call=_varlen_calls())
+def test_random_packed_calls(call):
+    """Random packed batches (1 to 5 sequences, lengths 0, 1, at the tile edges or anything
+    up to 40, Sq and Sk drawn apart) with random options, judged as the pairwise grid."""
+    lengths, Hkv, row = call
+    options = _grid_options(row, len(lengths[0]))
+    _check_varlen_call(lengths, Hkv, options, row["dropout"])
