@@ -149,7 +149,7 @@ def test_gradcheck_with_offsets_and_every_gradient():
     assert torch.autograd.gradcheck(f, (q, k, v, table, slopes, span))
 
 
-def test_per_batch_alibi_slopes_forward_and_no_silent_gradient():
+def test_per_batch_alibi_slopes_forward():
     q, k, v = _qkv()
     slopes = torch.rand(2, 4, dtype=F64)
     torch.testing.assert_close(fastattn.attention(q, k, v, alibi_slopes=slopes, causal=True),
@@ -157,9 +157,64 @@ def test_per_batch_alibi_slopes_forward_and_no_silent_gradient():
     # the same slopes for every batch row give the (Hq,) result
     torch.testing.assert_close(fastattn.attention(q, k, v, alibi_slopes=slopes[0].expand(2, 4)),
                                fastattn.attention(q, k, v, alibi_slopes=slopes[0]))
-    slopes.requires_grad_()
-    out = fastattn.attention(q, k, v, alibi_slopes=slopes)
-    with pytest.raises(NotImplementedError, match="alibi_slopes"):
+
+
+def _per_batch_slopes_call(**extra):
+    """A call with (B, Hq) slopes and every per-batch input at once: key_lengths, offsets, a
+    (B, Hq) span, a per-batch bool mask row and a shared float mask (both with B = 3)."""
+    g = torch.Generator().manual_seed(4)
+    B, Hq, Hkv, Sq, Sk = 3, 4, 2, 6, 9
+    q = torch.randn(B, Hq, Sq, 5, generator=g, dtype=F64, requires_grad=True)
+    k = torch.randn(B, Hkv, Sk, 5, generator=g, dtype=F64, requires_grad=True)
+    v = torch.randn(B, Hkv, Sk, 4, generator=g, dtype=F64, requires_grad=True)
+    slopes = (0.05 + torch.rand(B, Hq, generator=g, dtype=F64)).requires_grad_()
+    table = torch.randn(7, Hq, generator=g, dtype=F64, requires_grad=True)
+    span = (3.3 + 4 * torch.rand(B, Hq, generator=g, dtype=F64)).requires_grad_()
+    mask = (0.3 * torch.randn(Hq, Sq, Sk, generator=g, dtype=F64)).requires_grad_()
+    options = dict(causal=True, rel_bias=table, span=span, span_ramp=2.0, num_global=1, attn_mask=mask,
+                   key_lengths=torch.tensor([9, 4, 7]), q_offset=torch.tensor([3, 0, 5]),
+                   k_offset=torch.tensor([0, -1, 2]), **extra)
+    return (q, k, v, slopes), options
+
+
+def test_per_batch_alibi_slopes_gradient_against_the_reference():
+    """(B, Hq) slopes get their gradient: the backward runs once per batch row (each row's
+    per-distance sums), the rows' other gradients joined; every gradient equals the reference's."""
+    (q, k, v, slopes), o = _per_batch_slopes_call()
+    leaves = [q, k, v, slopes, o["rel_bias"], o["span"], o["attn_mask"]]
+    out = fastattn.attention(q, k, v, alibi_slopes=slopes, **o)
+    ref = reference.attention(q, k, v, alibi_slopes=slopes, **o)
+    torch.testing.assert_close(out, ref)
+    gy = torch.randn_like(out)
+    got = torch.autograd.grad((out * gy).sum(), leaves)
+    want = torch.autograd.grad((ref * gy).sum(), leaves)
+    for name, a, b in zip(("q", "k", "v", "slopes", "table", "span", "mask"), got, want):
+        torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
+    # bitwise the same on another run and thread count
+    with torch.enable_grad():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            again = torch.autograd.grad((fastattn.attention(q, k, v, alibi_slopes=slopes, **o) * gy).sum(), leaves)
+        finally:
+            torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
+def test_per_batch_alibi_slopes_gradcheck():
+    (q, k, v, slopes), o = _per_batch_slopes_call()
+
+    def f(q, k, v, slopes, table):
+        return fastattn.attention(q, k, v, alibi_slopes=slopes, **{**o, "rel_bias": table})
+
+    assert torch.autograd.gradcheck(f, (q, k, v, slopes, o["rel_bias"]))
+
+
+def test_per_batch_alibi_slopes_gradient_with_dropout_raises():
+    """Dropout draws its mask by batch index, which the per-row backward would renumber."""
+    (q, k, v, slopes), o = _per_batch_slopes_call(dropout_p=0.2)
+    out = fastattn.attention(q, k, v, alibi_slopes=slopes, **o)
+    with pytest.raises(NotImplementedError, match=r"per-batch alibi_slopes \(B, Hq\) with dropout"):
         out.sum().backward()
 
 

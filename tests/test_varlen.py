@@ -69,7 +69,7 @@ def _options(name: str, n_seq: int, Hq=HQ, dtype=F64, seed=3) -> dict:
         o["rel_bias"] = (0.5 * torch.randn(2 * rows - 1, Hq, generator=g, dtype=dtype)).requires_grad_(grad == "grad")
     if "alibi" in o:
         shape = (Hq,) if o.pop("alibi") == "h" else (n_seq, Hq)
-        o["alibi_slopes"] = 0.05 + 0.3 * torch.rand(shape, generator=g, dtype=dtype)
+        o["alibi_slopes"] = (0.05 + 0.3 * torch.rand(shape, generator=g, dtype=dtype)).requires_grad_()
     if "span" in o:
         shape = (Hq,) if o.pop("span") == "h" else (n_seq, Hq)
         # values off the integer kinks of clamp((R + span - |d|) / R, 0, 1)

@@ -456,9 +456,6 @@ int64_t distance_reach(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 DistanceTable distance_table(const at::Tensor& q, const at::Tensor& k, const at::Tensor& table,
                              const at::Tensor& slopes, const at::Tensor& q_offset,
                              const at::Tensor& k_offset) {
-  TORCH_CHECK_NOT_IMPLEMENTED(slopes.dim() == 1,
-                              "fastattn: the gradient of per-batch alibi_slopes (B, Hq) is not "
-                              "implemented; use (Hq,) slopes to learn them, or detach them");
   DistanceTable t;
   t.reach = distance_reach(q, k, q_offset, k_offset);
   const auto dtype = table.defined() ? at::promote_types(table.scalar_type(), slopes.scalar_type())
@@ -475,7 +472,7 @@ DistanceTable distance_table(const at::Tensor& q, const at::Tensor& k, const at:
   return t;
 }
 
-// -sum_d |d| * grad[d + M - 1, h] for each head h.
+// -sum_d |d| * grad[d + M - 1, h] for each head h: (Hq,), whatever the slopes' shape.
 at::Tensor alibi_slopes_grad(const DistanceTable& t, const at::Tensor& grad, const at::Tensor& slopes) {
   const at::Tensor d = at::arange(grad.size(0), grad.options().dtype(at::kDouble)) - (t.reach - 1);
   return ordered_sum(grad.to(at::kDouble) * (-d.abs()).unsqueeze(1), 0).to(slopes.scalar_type());
@@ -535,6 +532,98 @@ void refuse_forward_ad(const c10::IValue* args, size_t n) {
   }
 }
 
+// The saved call of an attention node, and what its backward asks the kernels for.
+struct SavedCall {
+  std::string name;                        // the forward op's name
+  const c10::FunctionSchema* schema;       // its schema
+  std::vector<c10::IValue> values;         // its non-tensor arguments (None at tensor ones)
+  std::vector<at::Tensor> tensors;         // its tensor arguments, in schema order
+  at::Tensor grad_out, out, lse, grad_lse;
+  bool need_table = false, need_span = false, need_mask = false;
+
+  size_t slot(const char* arg) const { return tensor_slot(*schema, arg); }
+};
+
+// attention_backward(grad_out, out, lse, grad_lse, need_rel_bias_grad, need_span_grad,
+// need_attn_mask_grad, <the call's arguments>): its six gradients (q, k, v, table, span, mask).
+std::vector<at::Tensor> call_backward(const SavedCall& c) {
+  Stack stack{c.grad_out, c.out, c.lse, c.grad_lse.defined() ? c10::IValue(c.grad_lse) : c10::IValue(),
+              c.need_table, c.need_span, c.need_mask};
+  for (size_t i = 0, t = 0; i < c.values.size(); ++i) {
+    if (!is_tensor_argument(c.schema->arguments()[i])) {
+      stack.push_back(c.values[i]);
+    } else {
+      stack.push_back(c.tensors[t].defined() ? c10::IValue(c.tensors[t]) : c10::IValue());
+      ++t;
+    }
+  }
+  c10::Dispatcher::singleton().findSchemaOrThrow((c.name + "_backward").c_str(), "").callBoxed(stack);
+  std::vector<at::Tensor> grads;
+  for (const c10::IValue& g : stack) grads.push_back(g.toTensor());
+  return grads;
+}
+
+// Per-batch ALiBi slopes (B, Hq): each batch row's slopes need that row's per-distance sums of
+// dS, which the kernels add over the batch. So the backward runs once per batch row, on the
+// row's slices (the same work in all, B launches), with the per-distance table, and the rows'
+// gradients are joined: q, k, v, a per-batch span or mask and the slopes by concatenation, the
+// per-distance table and a shared span or mask summed over the rows in order (fixed, so
+// reproducible). Dropout draws its mask by batch index, which a slice would renumber: refused
+// for B > 1.
+std::vector<at::Tensor> per_batch_backward(SavedCall c, const DistanceTable& per_distance,
+                                           at::Tensor* slopes_grad) {
+  const size_t q = c.slot("q"), span = c.slot("span"), mask = c.slot("attn_mask");
+  const size_t alibi = c.slot("alibi_slopes");
+  const int64_t B = c.tensors[q].size(0);
+  for (size_t i = 0; i < c.values.size() && B > 1; ++i) {
+    TORCH_CHECK_NOT_IMPLEMENTED(c.schema->arguments()[i].name() != "dropout_p" ||
+                                c.values[i].toDouble() == 0.0,
+                                "fastattn: the gradient of per-batch alibi_slopes (B, Hq) with dropout "
+                                "is not implemented; use (Hq,) slopes, or detach them");
+  }
+  const auto batched = [&](size_t t) {
+    const at::Tensor& x = c.tensors[t];
+    if (!x.defined()) return false;
+    if (t == span) return x.dim() == 2;
+    if (t == mask) return x.dim() == 4 && x.size(0) == B;
+    for (const char* name : {"q", "k", "v", "key_lengths", "q_offset", "k_offset", "alibi_slopes"}) {
+      if (t == c.slot(name)) return true;
+    }
+    return false;
+  };
+  std::vector<std::vector<at::Tensor>> rows;
+  std::vector<at::Tensor> slopes_rows;
+  for (int64_t b = 0; b < B; ++b) {
+    SavedCall row = c;
+    for (size_t t = 0; t < c.tensors.size(); ++t) {
+      if (batched(t)) row.tensors[t] = c.tensors[t].narrow(0, b, 1);
+    }
+    for (at::Tensor* x : {&row.grad_out, &row.out, &row.lse, &row.grad_lse}) {
+      if (x->defined()) *x = x->narrow(0, b, 1);
+    }
+    rows.push_back(call_backward(row));
+    slopes_rows.push_back(alibi_slopes_grad(per_distance, rows.back()[3], c.tensors[alibi]));
+  }
+  if (B == 0) {
+    *slopes_grad = at::zeros_like(c.tensors[alibi]);
+    return call_backward(c);
+  }
+  *slopes_grad = at::stack(slopes_rows);
+  const size_t joined_by_cat[6] = {q, c.slot("k"), c.slot("v"), SIZE_MAX, span, mask};
+  std::vector<at::Tensor> grads;
+  for (size_t o = 0; o < 6; ++o) {
+    std::vector<at::Tensor> parts;
+    for (const auto& r : rows) parts.push_back(r[o]);
+    // (a gradient that was not asked for is an empty placeholder: never concatenated)
+    const size_t t = joined_by_cat[o];
+    const bool cat = t != SIZE_MAX && batched(t) && parts[0].dim() == c.tensors[t].dim();
+    at::Tensor joined = cat ? at::cat(parts) : parts[0];
+    for (size_t b = 1; !cat && b < parts.size(); ++b) joined = joined + parts[b];
+    grads.push_back(joined);
+  }
+  return grads;
+}
+
 // Autograd inputs are the call's defined tensor arguments (an absent optional has no edge);
 // the saved tensors are all its tensor arguments (undefined where absent), then out and lse.
 class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
@@ -583,43 +672,33 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     }
     const bool by_distance = per_distance.table.defined();
 
-    // attention_backward(grad_out, out, lse, grad_lse, need_rel_bias_grad, need_span_grad,
-    // need_attn_mask_grad, <the call's arguments>).
     const size_t mask = slot("attn_mask");
-    Stack stack{grad_outputs[0].defined() ? grad_outputs[0] : at::zeros_like(out), out, lse,
-                grad_outputs[1].defined() ? c10::IValue(grad_outputs[1]) : c10::IValue(),
-                need(table) || by_distance, need(span), need(mask)};
-    const auto& values = ctx->saved_data["values"].toTupleRef().elements();
-    for (size_t i = 0, t = 0; i < values.size(); ++i) {
-      if (!is_tensor_argument(schema.arguments()[i])) {
-        stack.push_back(values[i]);
-      } else if (t == table && by_distance) {
-        stack.push_back(per_distance.table);
-        ++t;
-      } else {
-        stack.push_back(saved[t].defined() ? c10::IValue(saved[t]) : c10::IValue());
-        ++t;
-      }
-    }
+    SavedCall call{name, &schema, ctx->saved_data["values"].toTupleRef().elements().vec(),
+                   std::vector<at::Tensor>(saved.begin(), saved.begin() + n),
+                   grad_outputs[0].defined() ? grad_outputs[0] : at::zeros_like(out), out, lse,
+                   grad_outputs[1], need(table) || by_distance, need(span), need(mask)};
+    if (by_distance) call.tensors[table] = per_distance.table;
     variable_list grads(num_inputs + 2);  // + the op and the call: no gradient
     {
       at::NoGradGuard no_grad;  // the gradients are not differentiable (once_differentiable)
-      c10::Dispatcher::singleton().findSchemaOrThrow((name + "_backward").c_str(), "").callBoxed(stack);
-      const auto give = [&](size_t t, const at::Tensor& g) { if (need(t)) grads[edge[t]] = g; };
-      const at::Tensor gq = stack[0].toTensor();
-      give(q, gq);
-      give(slot("k"), stack[1].toTensor());
-      give(slot("v"), stack[2].toTensor());
+      at::Tensor slopes_grad;
+      const std::vector<at::Tensor> g = by_distance && saved[alibi].dim() == 2
+                                            ? per_batch_backward(call, per_distance, &slopes_grad)
+                                            : call_backward(call);
+      const auto give = [&](size_t t, const at::Tensor& x) { if (need(t)) grads[edge[t]] = x; };
+      give(q, g[0]);
+      give(slot("k"), g[1]);
+      give(slot("v"), g[2]);
       if (by_distance) {
-        const at::Tensor grad_distance = stack[3].toTensor();
-        grads[edge[alibi]] = alibi_slopes_grad(per_distance, grad_distance, saved[alibi]);
-        if (need(table)) grads[edge[table]] = fold_table_grad(per_distance, grad_distance, saved[table]);
+        grads[edge[alibi]] = slopes_grad.defined() ? slopes_grad.to(saved[alibi].scalar_type())
+                                                   : alibi_slopes_grad(per_distance, g[3], saved[alibi]);
+        if (need(table)) grads[edge[table]] = fold_table_grad(per_distance, g[3], saved[table]);
       } else {
-        give(table, stack[3].toTensor());
+        give(table, g[3]);
       }
-      give(span, stack[4].toTensor());
-      give(mask, stack[5].toTensor());
-      if (need(scale)) grads[edge[scale]] = scale_grad(saved[q], gq, saved[scale]);
+      give(span, g[4]);
+      give(mask, g[5]);
+      if (need(scale)) grads[edge[scale]] = scale_grad(saved[q], g[0], saved[scale]);
     }
     return refuse_second_derivative(std::move(grads), grad_outputs, saved);
   }

@@ -200,7 +200,8 @@ def attention(
         causal: keep keys with d >= 0.
         window: (left, right): keep keys with -right <= d <= left; -1 is unbounded.
         rel_bias: (2 * max_dist - 1, Hq) table; adds table[clamp(d) + max_dist - 1, h].
-        alibi_slopes: (Hq,); adds -slope[h] * |d|.
+        alibi_slopes: (Hq,) or (B, Hq); adds -slope[h] * |d|. Differentiable (per-batch
+            slopes: the backward runs once per batch row; not with dropout).
         span: (B, Hq) or (Hq,) float tokens; the soft mask clamp((R + span - |d|) / R, 0, 1)
             multiplies the weights before renormalization (R = span_ramp). Differentiable.
         num_global: keys at positions < G are seen by all queries, queries at positions < G
@@ -407,7 +408,7 @@ def attention_varlen(
         max_seqlen_q, max_seqlen_k: ints at least every sequence's length (as FlashAttention
             requires; checked).
         scale, causal, window, rel_bias, span_ramp, num_global, softcap: as fastattn.attention.
-        alibi_slopes: (Hq,), or (n_seq, Hq) per sequence (the latter gets no gradient).
+        alibi_slopes: (Hq,), or (n_seq, Hq) per sequence; differentiable.
         span: (Hq,), or (n_seq, Hq) per sequence; differentiable.
         dropout_p, generator: as fastattn.attention. One [seed, offset] is drawn from the
             generator for the whole call; sequence s draws the mask of a call with
@@ -416,7 +417,7 @@ def attention_varlen(
         return_lse: also return lse (Hq, total_q) float32.
     Returns:
         out (total_q, Hq, Dv) in q's dtype (a query with no visible key gives 0, its lse
-        -inf); with return_lse, (out, lse). Gradients reach q, k, v, rel_bias, (Hq,)
+        -inf); with return_lse, (out, lse). Gradients reach q, k, v, rel_bias,
         alibi_slopes, span and scale. Autograd adds the sequences' contributions to a shared
         parameter one after another in a fixed order (it runs their backward calls last
         sequence first), so gradients are bitwise reproducible, on any thread count.
