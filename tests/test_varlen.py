@@ -636,6 +636,8 @@ def _module(name: str, impl: str = "fused"):
                                                     v_head_dim=6, impl=impl),
         "adaptive-span": lambda: fnn.AdaptiveSpanAttention(D_MODEL, 4, max_span=6.5, span_ramp=3, rotary="rope",
                                                            impl=impl),
+        "hybrid": lambda: fnn.HybridAttention(D_MODEL, 4, max_span=5.5, span_ramp=2, rotary="rope",
+                                              rel_bias_max_dist=4, impl=impl),
     }
     m = builders[name]()
     with torch.no_grad():  # learned positions away from their (zero / identity) start
@@ -645,7 +647,7 @@ def _module(name: str, impl: str = "fused"):
     return m
 
 
-MODULES = ["mha-rope-gqa-table", "mha-givens-window-softcap", "mla", "adaptive-span"]
+MODULES = ["mha-rope-gqa-table", "mha-givens-window-softcap", "mla", "adaptive-span", "hybrid"]
 
 
 def _param_grads(m):
@@ -760,6 +762,7 @@ def test_packed_module_under_torch_compile():
 def test_packed_module_bad_input():
     m = _module("mha-rope-gqa-table", "fused")
     mla = _module("mla", "fused")
+    hybrid = _module("hybrid", "fused")
     x, cu = torch.randn(6, D_MODEL), _cu([2, 4])
     cases = [
         (lambda: m(x, cu_seqlens=cu), ValueError, "max_seqlen"),
@@ -779,6 +782,11 @@ def test_packed_module_bad_input():
         (lambda: m(x, cu_seqlens=_cu([2, 3]), max_seqlen=4), ValueError, "cu_seqlens"),
         (lambda: mla(x, cache={}, cu_seqlens=cu, max_seqlen=4), ValueError, "cache"),
         (lambda: mla(x, cu_seqlens=cu, max_seqlen=3), ValueError, "max_seqlen"),
+        (lambda: hybrid(x, key_lengths=torch.tensor([2, 4]), cu_seqlens=cu, max_seqlen=4), ValueError,
+         "key_lengths"),
+        (lambda: hybrid(x, need_weights=True, cu_seqlens=cu, max_seqlen=4), ValueError, "need_weights"),
+        (lambda: hybrid(x, cu_seqlens=cu, max_seqlen=3), ValueError, "max_seqlen"),
+        (lambda: hybrid(x, cu_seqlens=cu), ValueError, "max_seqlen"),
         (lambda: m(torch.randn(2, 5, D_MODEL), attn_mask=torch.ones(3, 1, 5, 5, dtype=torch.bool)), ValueError,
          "attn_mask"),
     ]

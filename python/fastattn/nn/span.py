@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ._common import check_dropout, check_impl, check_input, check_positive_int
+from ._common import check_dropout, check_impl, check_input, check_packed_input, check_positive_int
 from .attention import Cache, MultiheadAttention
 
 
@@ -127,7 +127,8 @@ class HybridAttention(nn.Module):
             :class:`MultiheadAttention` branches.
         impl: ``"fused"`` or ``"reference"``.
 
-    Shapes: ``x (B, S, d_model)`` -> ``(B, S, d_model)``. With ``need_weights=True`` the
+    Shapes: ``x (B, S, d_model)`` -> ``(B, S, d_model)``; a packed batch ``x (total, d_model)``
+    with ``cu_seqlens`` -> ``(total, d_model)`` (see :meth:`forward`). With ``need_weights=True`` the
     forward also returns the attention weights of both branches, ``(local, global)``, each as
     :class:`MultiheadAttention` returns them.
 
@@ -174,9 +175,19 @@ class HybridAttention(nn.Module):
         self.attn_global.impl = value
         self.attn_local.impl = value
 
-    def predict_span(self, g: torch.Tensor, key_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Span ``(B, n_head)`` in tokens from the global branch output ``g (B, S, d_model)``."""
-        if key_lengths is None:
+    def predict_span(self, g: torch.Tensor, key_lengths: Optional[torch.Tensor] = None,
+                     cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Span ``(B, n_head)`` in tokens from the global branch output ``g (B, S, d_model)``;
+        of a packed batch (``g (total, d_model)`` with ``cu_seqlens``), ``(n_seq, n_head)``, one
+        span per sequence from the mean over its own tokens (an empty sequence pools zeros)."""
+        if cu_seqlens is not None:
+            n_seq = cu_seqlens.shape[0] - 1
+            token = torch.arange(g.shape[0], device=g.device)
+            sequence = torch.searchsorted(cu_seqlens[1:].long(), token, right=True)
+            sums = g.new_zeros(n_seq, g.shape[1]).index_add(0, sequence, g)
+            counts = (cu_seqlens[1:] - cu_seqlens[:-1]).to(g.dtype).clamp(min=1.0)
+            pooled = sums / counts[:, None]
+        elif key_lengths is None:
             pooled = g.mean(dim=1)
         else:
             valid = (torch.arange(g.shape[1], device=g.device)[None, :] < key_lengths[:, None])
@@ -186,17 +197,28 @@ class HybridAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, *, key_lengths: Optional[torch.Tensor] = None,
                 return_span: bool = False, need_weights: bool = False,
-                average_attn_weights: bool = True):
+                average_attn_weights: bool = True, cu_seqlens: Optional[torch.Tensor] = None,
+                max_seqlen: Optional[int] = None):
         """``x (B, S, d_model)`` -> ``out (B, S, d_model)``, followed by the weights
         ``(local, global)`` with ``need_weights`` and the predicted span ``(B, n_head)`` with
-        ``return_span``: ``out``, ``(out, weights)``, ``(out, span)`` or ``(out, weights, span)``."""
-        check_input("x", x, self.d_model)
+        ``return_span``: ``out``, ``(out, weights)``, ``(out, span)`` or ``(out, weights, span)``.
+
+        Packed input, as :meth:`MultiheadAttention.forward` takes it: ``x (total, d_model)``
+        with ``cu_seqlens`` and ``max_seqlen`` -> ``(total, d_model)``; each sequence attends to
+        itself in both branches and gets its own span (``(n_seq, n_head)``), pooled over its own
+        tokens. Without ``key_lengths`` or ``need_weights``."""
+        packed = cu_seqlens is not None or max_seqlen is not None
+        if packed:
+            check_packed_input(x, self.d_model, cu_seqlens, max_seqlen, key_lengths=key_lengths,
+                               need_weights=need_weights)
+        else:
+            check_input("x", x, self.d_model)
         wk = dict(need_weights=True, average_attn_weights=average_attn_weights) if need_weights else {}
-        g = self.attn_global(self.ln_global(x), key_lengths=key_lengths, **wk)
+        pk = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen) if packed else dict(key_lengths=key_lengths)
+        g = self.attn_global(self.ln_global(x), **pk, **wk)
         g, w_global = g if need_weights else (g, None)
-        span = self.predict_span(g, key_lengths)
-        loc = self.attn_local(self.ln_local(x), key_lengths=key_lengths, span=span.to(x.dtype),
-                              span_ramp=self.span_ramp, **wk)
+        span = self.predict_span(g, key_lengths, cu_seqlens if packed else None)
+        loc = self.attn_local(self.ln_local(x), span=span.to(x.dtype), span_ramp=self.span_ramp, **pk, **wk)
         loc, w_local = loc if need_weights else (loc, None)
         result = (self.projection(torch.cat([loc, g], dim=-1)),)
         if need_weights:
