@@ -96,20 +96,7 @@ inline void yield() {
   swapcontext(&B.fibers[B.current].ctx, &B.scheduler);
 }
 
-inline void block_barrier() {
-  BlockState& B = g_block;
-  Fiber& f = B.fibers[B.current];
-  f.waiting = 1;
-  f.wait_gen = B.block_gen;
-  ++g_barriers;
-  if (++B.block_arrived == B.nthreads) {
-    B.block_arrived = 0;
-    ++B.block_gen;
-  }
-  yield();
-}
-
-// __syncthreads_or: a block barrier that also ORs a predicate over the block. The last thread
+// A block barrier that also ORs a predicate over the block (__syncthreads_or). The last thread
 // to arrive publishes the result before any thread resumes, and every thread reads it as soon
 // as it resumes (a fiber only switches at barriers), so the next vote cannot overwrite it first.
 inline int block_vote_or(int predicate) {
@@ -128,6 +115,9 @@ inline int block_vote_or(int predicate) {
   yield();
   return B.vote_result;
 }
+
+// __syncthreads: a vote whose answer nobody reads.
+inline void block_barrier() { block_vote_or(0); }
 
 inline void warp_barrier() {
   BlockState& B = g_block;
