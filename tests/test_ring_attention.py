@@ -27,7 +27,7 @@ PG_TIMEOUT_S = 30
 JOIN_TIMEOUT_S = 120
 
 
-# ------------------------------------------------------------------------------ process helpers
+# ------------------------------------------------------------------------------ processes
 def _spawn(fn, world: int, tmp_path, *args, join_timeout: float = JOIN_TIMEOUT_S):
     """Runs fn(rank, world, init_method, *args) in `world` processes; fails (and kills them)
     past join_timeout instead of hanging."""

@@ -230,10 +230,6 @@ class _Timed:
             _STATS["compute_s"] += time.perf_counter() - self.start
 
 
-def _pack(*ts: Tensor, dtype=None) -> Tensor:
-    return torch.cat([t.reshape(-1) if dtype is None else t.reshape(-1).to(dtype) for t in ts])
-
-
 def _unpack(flat: Tensor, *likes: Tensor) -> List[Tensor]:
     out, at = [], 0
     for t in likes:
@@ -261,7 +257,7 @@ def _forward_step(plan: _Plan, s: int, kv: Tensor, k: Tensor, v: Tensor, q_parts
     """This rank's queries against the K/V shard of rank s: one kernel call per visible pair of
     runs, each merged into that query run's partial (out, lse). `step_lse`, when given, keeps
     each call's own lse by (query run, shard, key run)."""
-    k_s, v_s = _unpack(kv, k, v)
+    k_s, v_s = kv
     k_parts, v_parts = plan.pieces_of(k_s, plan.k_pieces[s]), plan.pieces_of(v_s, plan.k_pieces[s])
     for i, (qp, q_i) in enumerate(zip(plan.q_pieces[plan.rank], q_parts)):
         for j, (kp, k_j, v_j) in enumerate(zip(plan.k_pieces[s], k_parts, v_parts)):
@@ -282,14 +278,14 @@ def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor, t: dict) -> Tuple[Ten
     q_parts = plan.pieces_of(q, plan.q_pieces[me])
     parts = [None] * len(q_parts)
     step_lse = {} if _recomputes_lse(q) else None
-    kv = kv0 = _pack(k, v)
+    kv = (k, v)  # sent as two messages: no packed copy of the shard
     for step in range(w):
         s, s_in = (me - step) % w, (me - step - 1) % w  # held now; held at the next step
         # The shard goes on only while a later rank needs it; the receive mirrors the sender's
         # decision (every rank has the same schedule), so the last step sends nothing.
-        recv = kv0.new_empty(kv0.shape) if step < plan.last_use[s_in] else None
-        works = _post(plan, [(kv, nxt)] if step < plan.last_use[s] else [],
-                      [(recv, prv)] if recv is not None else [])
+        recv = (torch.empty_like(k), torch.empty_like(v)) if step < plan.last_use[s_in] else None
+        works = _post(plan, [(kv[0], nxt), (kv[1], nxt)] if step < plan.last_use[s] else [],
+                      [(recv[0], prv), (recv[1], prv)] if recv is not None else [])
         if plan.needed[me][s]:
             with _Timed():
                 _forward_step(plan, s, kv, k, v, q_parts, parts, t, step_lse)
@@ -336,9 +332,9 @@ def _backward_step(plan: _Plan, s: int, kv: Tensor, k: Tensor, v: Tensor, rows: 
     """The gradients of the K/V shard of rank s from this rank's queries (flat, dk then dv, in
     the accumulation dtype); adds the queries' and the parameters' shares to `grads`. Each call
     gets the merged out and lse of its query rows, so its dq, dk, dv are exact partials."""
-    k_s, v_s = _unpack(kv, k, v)
-    acc = _acc_dtype(k)
-    dk, dv = torch.zeros(k.shape, dtype=acc, device=k.device), torch.zeros(v.shape, dtype=acc, device=v.device)
+    k_s, v_s = kv
+    flat = torch.zeros(k.numel() + v.numel(), dtype=_acc_dtype(k), device=k.device)
+    dk, dv = _unpack(flat, k, v)
     kps = plan.k_pieces[s]
     k_parts, v_parts = plan.pieces_of(k_s, kps), plan.pieces_of(v_s, kps)
     dk_parts, dv_parts = plan.pieces_of(dk, kps), plan.pieces_of(dv, kps)
@@ -362,7 +358,7 @@ def _backward_step(plan: _Plan, s: int, kv: Tensor, k: Tensor, v: Tensor, rows: 
                 grads.add("table", g[3])
             if grads.need_span:
                 grads.add("span", g[4])
-    return _pack(dk, dv)
+    return flat
 
 
 def _backward_ring(plan: _Plan, q, k, v, rows: list, grads: _Grads, t: dict, step_lse: Optional[dict]) -> Tensor:
@@ -374,14 +370,13 @@ def _backward_ring(plan: _Plan, q, k, v, rows: list, grads: _Grads, t: dict, ste
     nxt, prv = (me + 1) % w, (me - 1) % w
     acc = _acc_dtype(k)
     flat = k.numel() + v.numel()
-    kv0 = _pack(k, v)
-    kv, dkv_in, home = kv0, None, None
+    kv, dkv_in, home = (k, v), None, None
     dkv_works: list = []
     for step in range(w):
         s, s_in = (me - step) % w, (me - step - 1) % w
-        recv = kv0.new_empty(kv0.shape) if step < plan.last_use[s_in] else None
-        kv_works = _post(plan, [(kv, nxt)] if step < plan.last_use[s] else [],
-                         [(recv, prv)] if recv is not None else [])
+        recv = (torch.empty_like(k), torch.empty_like(v)) if step < plan.last_use[s_in] else None
+        kv_works = _post(plan, [(kv[0], nxt), (kv[1], nxt)] if step < plan.last_use[s] else [],
+                         [(recv[0], prv), (recv[1], prv)] if recv is not None else [])
         held = step == 0 or step <= plan.last_use[s]
         part = None
         if plan.needed[me][s]:
@@ -391,7 +386,7 @@ def _backward_ring(plan: _Plan, q, k, v, rows: list, grads: _Grads, t: dict, ste
         sends, recvs = [], []
         if held and plan.last_use[s] >= 0:
             dkv = dkv_in if step > 0 else None
-            dkv = part if dkv is None else (dkv if part is None else dkv + part)
+            dkv = part if dkv is None else (dkv if part is None else dkv.add_(part))
             dkv = torch.zeros(flat, dtype=acc, device=k.device) if dkv is None else dkv
             if step < plan.last_use[s]:
                 sends.append((dkv, nxt))
@@ -732,7 +727,8 @@ def ring_attention(
                  seed=seed, key_lengths=None if key_lengths is None else key_lengths.long(),
                  key_limit=key_limit, span_reach=span_reach, param_grads=param_grads)
     plan.schedule()
-    q, k, v = (functional._last_dim_contiguous(x) for x in (q, k, v))
+    # k and v travel as they are: messages need contiguous tensors
+    q, k, v = functional._last_dim_contiguous(q), k.contiguous(), v.contiguous()
     # The op's own checks (dtypes, shapes, tables, ranges) on an empty query run, before any
     # message is posted: a bad argument raises on every rank alike, not mid-ring.
     no_grad_t = dict(scale=scale_t, rel_bias=rel_bias, alibi_slopes=alibi_slopes, span=span)
