@@ -11,7 +11,7 @@ from torch import nn
 from ._common import (alibi_slopes, append_to_caches, attend_packed, average_weights, check_dropout,
                       check_impl, check_input, check_packed_input, check_positive_int, check_window,
                       dropout_options, first_lengths, ops, packed_positions, row_step)
-from .. import functional
+from .. import distributed, functional
 from .bias import RelativePositionBias
 from .rotary import GivensRotaryEmbedding, RotaryEmbedding
 
@@ -58,6 +58,16 @@ class MultiheadAttention(nn.Module):
         dropout: attention dropout probability in [0, 1), applied to the attention weights in
             training mode only (``fastattn.attention(dropout_p=...)``); not a parameter or buffer.
         impl: ``"fused"`` (``fastattn.functional``) or ``"reference"`` (``fastattn.reference``).
+        context_parallel_group: a ``torch.distributed`` process group: context parallelism.
+            ``forward`` then takes ``x`` as this rank's shard of a sequence split across the
+            group (``fastattn.distributed.shard_sequence``) and runs
+            ``fastattn.distributed.ring_attention``; rotary uses the tokens' global positions,
+            ``key_lengths`` counts keys of the whole sequence. Self-attention only (no ``xa``,
+            cache, packed input, ``attn_mask`` or ``need_weights``), ``impl="fused"``. The
+            table, ALiBi and temperature gradients are this rank's share (``param_grads=
+            "local"``), like the projections': reduce every gradient over the group, e.g. with
+            DDP or FSDP over the flattened (data-parallel, context-parallel) mesh.
+        context_parallel_layout: ``"contiguous"`` or ``"zigzag"`` (see ``fastattn.distributed``).
 
     Shapes: ``x (B, S, d_model)``, ``xa (B, Sa, kdim)`` -> ``(B, S, d_model)``; a packed batch of
     self-attention sequences, ``forward(x, cu_seqlens=..., max_seqlen=...)`` with ``x (total,
@@ -96,6 +106,7 @@ class MultiheadAttention(nn.Module):
                  learned_freq: Optional[bool] = None, n_rotations: Optional[int] = None,
                  rel_bias_max_dist: Optional[int] = None, alibi: bool = False,
                  learnable_temperature: bool = False, dropout: float = 0.0, impl: str = "fused",
+                 context_parallel_group=None, context_parallel_layout: str = "contiguous",
                  device=None, dtype=None):
         super().__init__()
         check_positive_int("d_model", d_model)
@@ -132,6 +143,14 @@ class MultiheadAttention(nn.Module):
         self.num_global = num_global
         self.dropout = check_dropout(dropout)
         self.impl = check_impl(impl)
+        if context_parallel_layout not in distributed.LAYOUTS:
+            raise ValueError(f"context_parallel_layout must be one of {distributed.LAYOUTS}, got "
+                             f"{context_parallel_layout!r}")
+        if context_parallel_group is not None and self.impl != "fused":
+            raise NotImplementedError(f"context_parallel_group runs the fused kernels (ring_attention); "
+                                      f"impl={impl!r} is not implemented with it")
+        self.context_parallel_group = context_parallel_group
+        self.context_parallel_layout = context_parallel_layout
         fk = dict(device=device, dtype=dtype)
 
         self.q_proj = nn.Linear(d_model, n_head * head_dim, bias=bias, **fk)
@@ -261,6 +280,10 @@ class MultiheadAttention(nn.Module):
         Returns: ``out (B, S, d_model)``; ``(out, weights)`` with ``need_weights``; a given
         ``cache`` adds the new cache last: ``(out, cache)`` or ``(out, weights, cache)``.
         """
+        if self.context_parallel_group is not None:
+            return self._forward_context_parallel(
+                x, key_lengths, span, span_ramp, xa=xa, cache=cache, attn_mask=attn_mask,
+                cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, need_weights=need_weights or None)
         packed = cu_seqlens is not None or max_seqlen is not None
         positions, q_offset = None, None
         if packed:
@@ -321,6 +344,28 @@ class MultiheadAttention(nn.Module):
         if cache is not None:
             result += (new_cache,)
         return result[0] if len(result) == 1 else result
+
+    def _forward_context_parallel(self, x: torch.Tensor, key_lengths, span, span_ramp, **unsupported):
+        """``x (B, S_local, d_model)``, this rank's shard -> its shard of the output."""
+        import torch.distributed as dist
+        for name, value in unsupported.items():
+            if value is not None:
+                raise NotImplementedError(f"MultiheadAttention with context_parallel_group does not "
+                                          f"implement {name} (self-attention over the sharded x only)")
+        check_input("x", x, self.d_model)
+        group, layout = self.context_parallel_group, self.context_parallel_layout
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        B, S, _ = x.shape
+        q = self._heads(self.q_proj(x), self.n_head)
+        k = self._heads(self.k_proj(x), self.n_kv_head)
+        v = self._heads(self.v_proj(x), self.n_kv_head)
+        if self.rotary is not None:  # the shard's tokens at their places in the whole sequence
+            positions = distributed.shard_indices(S * world, world, rank, layout, device=x.device)
+            q, k = self.rotary.rotate((q, k), positions=positions, impl=self.impl)
+        o = distributed.ring_attention(q, k, v, group=group, layout=layout, param_grads="local",
+                                       **self._options(key_lengths, span, span_ramp),
+                                       **dropout_options(self.dropout, self.training, self.impl))
+        return self.out_proj(o.transpose(1, 2).reshape(B, S, self.n_head * self.head_dim))
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_head={self.n_head}, n_kv_head={self.n_kv_head}, "
