@@ -124,10 +124,16 @@ def test_greedy_generate_matches_eager(family, cache):
     ms = models(family)
     x, am = tokens(length=8), padding("left", length=8)
     out = {impl: ms[impl].generate(x, attention_mask=am, max_new_tokens=12, do_sample=False,
-                                   cache_implementation=cache, pad_token_id=0)
+                                   cache_implementation=cache, pad_token_id=0, return_dict_in_generate=True,
+                                   output_logits=True)
            for impl in ("eager", "fastattn")}
-    assert out["fastattn"].shape[1] == 20
-    assert out["fastattn"].tolist() == out["eager"].tolist()
+    assert out["fastattn"].sequences.shape[1] == 20
+    assert out["fastattn"].sequences.tolist() == out["eager"].sequences.tolist()
+    # every step's logits, not just their argmax (a decode step that saw an unfilled cache slot
+    # would move them)
+    tol = yardstick(family, ms, x)
+    for step_e, step_f in zip(out["eager"].logits, out["fastattn"].logits):
+        assert float((step_e - step_f).abs().max()) <= tol
 
 
 def _pack(lengths, seed=1):
@@ -409,3 +415,20 @@ def test_attached_tables_match_the_reference(bias):
     name = "model.layers.0.self_attn." + ("fastattn_rel_bias" if bias == "table" else "fastattn_alibi_slopes")
     assert float(g_f[name].abs().max()) > 0
     torch.testing.assert_close(g_f[name], g_r[name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_static_cache_without_attention_mask(family):
+    # No padding mask to hide the cache's unfilled slots: the positions alone must (the cache's
+    # length is a tensor it updates in place, during the layers).
+    ms = models(family)
+    x = tokens(2, 10)
+    logits = {}
+    for impl in ("eager", "fastattn"):
+        cache = transformers.StaticCache(config=ms[impl].config, max_cache_len=24)
+        with torch.no_grad():
+            steps = [ms[impl](x[:, :6], cache=cache, use_cache=True).logits]
+            for t in range(6, 10):
+                steps.append(ms[impl](x[:, t:t + 1], cache=cache, use_cache=True).logits)
+        logits[impl] = torch.cat(steps, 1)
+    assert float((logits["eager"] - logits["fastattn"]).abs().max()) <= yardstick(family, ms, x)

@@ -238,6 +238,9 @@ def attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, k
             kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
             allow_is_causal_skip=False, allow_is_bidirectional_skip=False, use_vmap=use_vmap, device=device)
     causal, left, right, packed_ids = pattern
+    # A static cache hands its length as a tensor that it updates in place: keep this call's value.
+    q_offset = q_offset.clone() if isinstance(q_offset, Tensor) else q_offset
+    kv_offset = kv_offset.clone() if isinstance(kv_offset, Tensor) else kv_offset
     key_lengths = key_mask = None
     if attention_mask is not None:
         # Key j stands at cache index kv_offset + j (masking_utils.padding_mask_function).
@@ -300,14 +303,17 @@ def patch_t5(model) -> int:
     NO_POSITION_BIAS where T5 would build a dense zero bias. The model's
     attn_implementation must be a name `register` registered (only attention_forward reads
     these); patched layers are marked, and patching twice does nothing more. Returns the number
-    of layers patched."""
+    of T5 attention layers (patched now or before)."""
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if impl is None or transformers.AttentionInterface._global_mapping.get(impl) is not attention_forward:
         _fail(f"patch_t5 needs a model whose attn_implementation is fastattn's registered name "
               f"(register(), then attn_implementation='fastattn'), got {impl!r}")
     count = 0
     for m in model.modules():
-        if not _is_t5_attention(m) or getattr(m, "_fastattn_patched", False):
+        if not _is_t5_attention(m):
+            continue
+        count += 1
+        if getattr(m, "_fastattn_patched", False):
             continue
         if m.has_relative_attention_bias:
             def compute_bias(self, query_length, key_length, device=None, past_seen_tokens=0):
@@ -316,7 +322,6 @@ def patch_t5(model) -> int:
         else:
             m.forward = types.MethodType(_forward_without_bias(type(m).forward), m)
         m._fastattn_patched = True
-        count += 1
     if count == 0:
         _fail(f"patch_t5 found no T5 attention layer in {type(model).__name__}")
     return count
