@@ -1,4 +1,4 @@
-"""Shared helpers of the Hugging Face transformers tests: tiny random-weight models of each
+"""What the Hugging Face transformers tests share: tiny random-weight models of each
 family, one copy per attention implementation with the same weights, and the tolerance that
 eager attention's own float32 error sets."""
 from __future__ import annotations
