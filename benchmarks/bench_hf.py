@@ -55,7 +55,7 @@ def throughput(args) -> list:
     models = {impl: build(impl) for impl in IMPLS}
     timings = time_many({impl: step_fn(m, input_ids=x, labels=x) for impl, m in models.items()},
                         warmup=1, repeats=args.repeats, max_seconds=args.max_seconds)
-    return [(impl, x.numel() / (t.median_ms / 1e3), t.median_ms, t.repeats) for impl, t in timings.items()]
+    return [(impl, x.numel() / (t.median_ms / 1e3), t.median_ms, t.min_ms, t.repeats) for impl, t in timings.items()]
 
 
 def packed_vs_padded(args) -> list:
@@ -78,7 +78,8 @@ def packed_vs_padded(args) -> list:
            "sdpa padded": step_fn(sdpa, input_ids=padded, attention_mask=mask, labels=padded_labels),
            "fastattn padded": step_fn(fast, input_ids=padded, attention_mask=mask, labels=padded_labels)}
     timings = time_many(fns, warmup=1, repeats=args.repeats, max_seconds=args.max_seconds)
-    return [(name, total / (t.median_ms / 1e3), t.median_ms, t.repeats) for name, t in timings.items()], lengths
+    return [(name, total / (t.median_ms / 1e3), t.median_ms, t.min_ms, t.repeats)
+            for name, t in timings.items()], lengths
 
 
 def memory_child(impl: str, seq: int) -> None:
@@ -111,16 +112,16 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, {machine('cpu')}")
     if "throughput" not in args.skip:
         print(f"\n### training step, B=2 S={args.seq} (forward + backward)\n")
-        print("| attn_implementation | tokens/s | median ms | repeats |\n|---|---|---|---|")
-        for impl, tps, ms, n in throughput(args):
-            print(f"| {impl} | {tps:,.0f} | {ms:.0f} | {n} |")
+        print("| attn_implementation | tokens/s (median) | median ms | min ms | repeats |\n|---|---|---|---|---|")
+        for impl, tps, ms, lo, n in throughput(args):
+            print(f"| {impl} | {tps:,.0f} | {ms:.0f} | {lo:.0f} | {n} |")
     if "packed" not in args.skip:
         rows, lengths = packed_vs_padded(args)
         print(f"\n### {len(lengths)} documents of {lengths} tokens ({sum(lengths)} real tokens; padded: "
               f"{len(lengths)} x {max(lengths)} = {len(lengths) * max(lengths)})\n")
-        print("| layout | tokens/s (real) | median ms | repeats |\n|---|---|---|---|")
-        for name, tps, ms, n in rows:
-            print(f"| {name} | {tps:,.0f} | {ms:.0f} | {n} |")
+        print("| layout | real tokens/s (median) | median ms | min ms | repeats |\n|---|---|---|---|---|")
+        for name, tps, ms, lo, n in rows:
+            print(f"| {name} | {tps:,.0f} | {ms:.0f} | {lo:.0f} | {n} |")
     if "memory" not in args.skip:
         print(f"\n### peak memory of one training step, B=1 S={args.mem_seq}\n")
         print("| attn_implementation | peak RSS above the step's start, MiB |\n|---|---|")
