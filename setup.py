@@ -42,6 +42,8 @@ setup(
     ],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     install_requires=[f"torch=={torch_public_version}"],
+    # fastattn.integrations.transformers (attn_implementation="fastattn"); tested with 5.24.0.
+    extras_require={"transformers": ["transformers>=5.24,<6"]},
     python_requires=">=3.10",
     zip_safe=False,
 )

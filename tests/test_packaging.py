@@ -79,3 +79,16 @@ def test_main_job_benchmark_table_and_chart(tmp_path):
         ms = float(line.split("|")[3])
         assert ms == ms and ms > 0 and "failed" not in line, line
     assert chart.stat().st_size > 0
+
+
+def test_transformers_extra_pins_the_range_ci_installs():
+    # setup.py's "transformers" extra and requirements-hf.txt (what CI installs) name one range.
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "setup.py")) as f:
+        extra = re.search(r'extras_require=\{"transformers": \["([^"]+)"\]\}', f.read())
+    with open(os.path.join(root, "requirements-hf.txt")) as f:
+        lines = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
+    assert extra is not None and lines == [extra.group(1)]
+    with open(os.path.join(root, ".ci", "run")) as f:
+        assert "pip install -q -r requirements-hf.txt" in f.read()
