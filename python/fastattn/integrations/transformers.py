@@ -47,6 +47,7 @@ import transformers
 from transformers import masking_utils
 
 import fastattn
+from fastattn.nn._common import alibi_slopes as _alibi_slopes
 
 __all__ = ["register", "attention_forward", "attention_mask", "AttentionSpec", "patch_t5",
            "add_relative_bias", "add_alibi", "attention_modules", "DEFAULT_NAME"]
@@ -385,19 +386,8 @@ def add_relative_bias(model, max_distance: int, *, std: float = 0.0, modules=Non
     return modules
 
 
-def alibi_slopes(num_heads: int) -> Tensor:
-    """ALiBi's geometric slopes (Press et al.): 2^(-8 (h + 1) / H) for H a power of two, and
-    its interleaving rule for other head counts."""
-    def powers(n):
-        start = 2.0 ** (-8.0 / n)
-        return [start ** (i + 1) for i in range(n)]
-    p = 2 ** int(math.floor(math.log2(num_heads)))
-    slopes = powers(p) + powers(2 * p)[0::2][:num_heads - p]
-    return torch.tensor(slopes, dtype=torch.float32)
-
-
 def add_alibi(model, *, slopes: Optional[Tensor] = None, learnable: bool = False, modules=None) -> list:
-    """Attaches ALiBi slopes `fastattn_alibi_slopes` ((H,) float32; default `alibi_slopes(H)`)
+    """Attaches ALiBi slopes `fastattn_alibi_slopes` ((H,) float32; default: ALiBi's geometric slopes, as `fastattn.nn` uses)
     to each attention module: a buffer, or a Parameter with learnable=True. attention_forward
     adds -slope[h] * |d| in every call of those modules. Returns the modules."""
     modules = attention_modules(model) if modules is None else list(modules)
@@ -405,7 +395,7 @@ def add_alibi(model, *, slopes: Optional[Tensor] = None, learnable: bool = False
         _fail(f"add_alibi found no attention module in {type(model).__name__}")
     h = _num_heads(model, modules)
     if slopes is None:
-        slopes = alibi_slopes(h)
+        slopes = _alibi_slopes(h)
     if not isinstance(slopes, Tensor) or tuple(slopes.shape) != (h,):
         got = tuple(slopes.shape) if isinstance(slopes, Tensor) else type(slopes).__name__
         _fail(f"slopes must be a ({h},) tensor (one per attention head), got {got}")
