@@ -23,7 +23,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from hf_common import ATOL_FLOOR, build, eager64, family_configs, load_like, tolerance  # noqa: E402
 
 FAMILIES = ("llama", "mistral", "qwen2", "gemma2", "gpt_oss")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -72,7 +71,9 @@ def yardstick(family, ms, x, am=None):
 # ---------------------------------------------------------------------------------------------
 def test_import_fastattn_does_not_import_transformers():
     code = "import sys, fastattn; assert 'transformers' not in sys.modules, 'imported'; print('ok')"
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # the fastattn this process imported (the source tree's, or the installed package)
+    where = os.path.dirname(os.path.dirname(os.path.abspath(fastattn.__file__)))
+    env = dict(os.environ, PYTHONPATH=where + os.pathsep + os.environ.get("PYTHONPATH", ""))
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr
 
