@@ -101,6 +101,27 @@ def pin_threads(request):
     torch.set_num_threads(before)
 
 
+def load_example(name: str):
+    """examples/<name>.py, imported as a module (its main() runs only when called)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Examples' tiny models: one thread is fastest, and immune to a busy machine's
+    oversubscription (module-wide, unlike pin_threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------------------------------------
 # random tests (Hypothesis)
 # ---------------------------------------------------------------------------------------------

@@ -1,31 +1,17 @@
 """examples/hf_train.py: a few packed training steps of a tiny Llama with
 attn_implementation="fastattn", each --bias, end to end (plot and sample)."""
-import importlib.util
-import os
-
 import pytest
 import torch
 
+from conftest import load_example
+
 pytest.importorskip("transformers")
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "examples", "hf_train.py")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny shapes: one thread is fastest on a shared machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def hf_train():
-    spec = importlib.util.spec_from_file_location("hf_train", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_example("hf_train")
 
 
 def test_packed_batch_layout(hf_train):

@@ -1,16 +1,12 @@
 """examples/train_lm.py: a few training steps of each attention variant make the loss fall."""
 
-import importlib.util
 import inspect
-import os
 
 import pytest
 import torch
 
 import fastattn
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "examples", "train_lm.py")
+from conftest import load_example
 
 
 def _fused_ops_registered() -> bool:
@@ -26,21 +22,12 @@ def _fused_ops_registered() -> bool:
 FUSED_DROPOUT = _fused_ops_registered() and "dropout_p" in inspect.signature(fastattn.attention).parameters
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny shapes: one thread is fastest, and immune to a busy machine's oversubscription
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def train_lm():
-    spec = importlib.util.spec_from_file_location("train_lm", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_example("train_lm")
 
 
 @pytest.fixture(scope="module")
