@@ -253,19 +253,18 @@ class RowStep:
     slots past a row's end stay masked."""
 
     def __init__(self, lengths: torch.Tensor, n_new: int):
-        self.lengths = lengths
         steps = torch.arange(n_new, device=lengths.device)
-        self.positions = lengths[:, None] + steps      # (B, S): rotary positions
+        self.positions = lengths[:, None] + steps      # (B, S): rotary positions, and cache slots
         self.q_offset = lengths                         # query i of row b at lengths[b] + i
         self.key_lengths = lengths + n_new              # keys past the new tokens are unused slots
-        self.slots = self.positions                     # where the new entries go
 
     def write(self, full: torch.Tensor, new: torch.Tensor, dim: int) -> None:
-        """Puts ``new`` (S entries along ``dim``, batch first) at each row's slots of ``full``,
-        in place: ``full`` is the cache after ``append_to_caches``, which put them at its end."""
+        """Puts ``new`` (S entries along ``dim``, batch first) at each row's positions in
+        ``full``, in place: ``full`` is the cache after ``append_to_caches``, which put them at
+        its end."""
         shape = [1] * full.dim()
-        shape[0], shape[dim] = self.slots.shape
-        index = self.slots.view(shape).expand(new.shape)
+        shape[0], shape[dim] = self.positions.shape
+        index = self.positions.view(shape).expand(new.shape)
         full.scatter_(dim, index, new)
 
 
