@@ -79,10 +79,8 @@ def unshard_sequence(shards: Sequence[Tensor], layout: str = "contiguous", dim: 
     n_local = shards[0].shape[dim]
     pieces = []
     for r, t in enumerate(shards):
-        at = 0
-        for start, n in layout_pieces(n_local * world, world, r, layout):
-            pieces.append((start, t.narrow(dim, at, n)))
-            at += n
+        runs = layout_pieces(n_local * world, world, r, layout)
+        pieces += [(start, t.narrow(dim, at, n)) for (start, _), (at, n) in zip(runs, _local_runs(runs))]
     return torch.cat([p for _, p in sorted(pieces, key=lambda sp: sp[0])], dim)
 
 
@@ -162,11 +160,8 @@ class _Plan:
                          for s in range(w)]
 
     def pieces_of(self, x: Tensor, pieces: List[Tuple[int, int]]) -> List[Tensor]:
-        out, at = [], 0
-        for _, n in pieces:
-            out.append(x.narrow(2, at, n))
-            at += n
-        return out
+        """x's runs (views along dim 2, the sequence dim of q, k, v, out and lse)."""
+        return [x.narrow(2, at, n) for at, n in _local_runs(pieces)]
 
     def op_args(self, q: Tensor, k: Tensor, v: Tensor, qp, kp, t: dict) -> list:
         """The attention op's 20 arguments for queries `qp` against keys `kp`."""
@@ -530,11 +525,9 @@ class _RingAttention(torch.autograd.Function):
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         me = plan.rank
-        rows = list(zip(*(plan.pieces_of(x, plan.q_pieces[me]) for x in (q, grad_out, out))))
-        lse_rows = [lse.narrow(2, at, n) for at, n in _local_runs(plan.q_pieces[me])]
-        glse_rows = ([None] * len(lse_rows) if grad_lse is None
-                     else [grad_lse.narrow(2, at, n) for at, n in _local_runs(plan.q_pieces[me])])
-        rows = [(qi, goi, oi, li, gli) for (qi, goi, oi), li, gli in zip(rows, lse_rows, glse_rows)]
+        runs = plan.q_pieces[me]
+        glse_rows = [None] * len(runs) if grad_lse is None else plan.pieces_of(grad_lse, runs)
+        rows = list(zip(*(plan.pieces_of(x, runs) for x in (q, grad_out, out, lse)), glse_rows))
         dkv = _backward_ring(plan, q, k, v, rows, grads, tk, ctx.step_lse)
         dk, dv = _unpack(dkv, k, v)
         params = _parameter_grads(plan, grads, q, t, need, reach)
