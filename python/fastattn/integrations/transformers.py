@@ -357,7 +357,7 @@ def attention_modules(model) -> list:
     return found
 
 
-def _num_heads(model, modules) -> int:
+def _num_heads(model) -> int:
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     h = getattr(config, "num_attention_heads", None)
     if not isinstance(h, int) or h < 1:
@@ -376,7 +376,7 @@ def add_relative_bias(model, max_distance: int, *, std: float = 0.0, modules=Non
     modules = attention_modules(model) if modules is None else list(modules)
     if not modules:
         _fail(f"add_relative_bias found no attention module in {type(model).__name__}")
-    h = _num_heads(model, modules)
+    h = _num_heads(model)
     for m in modules:
         ref = next(m.parameters())
         table = torch.zeros(2 * max_distance - 1, h, dtype=ref.dtype, device=ref.device)
@@ -393,7 +393,7 @@ def add_alibi(model, *, slopes: Optional[Tensor] = None, learnable: bool = False
     modules = attention_modules(model) if modules is None else list(modules)
     if not modules:
         _fail(f"add_alibi found no attention module in {type(model).__name__}")
-    h = _num_heads(model, modules)
+    h = _num_heads(model)
     if slopes is None:
         slopes = _alibi_slopes(h)
     if not isinstance(slopes, Tensor) or tuple(slopes.shape) != (h,):
@@ -498,7 +498,7 @@ def _merge_dense_bias(opts, bias: Tensor):
         opts["attn_mask"] = mask + bias
 
 
-def _biases(module, position_bias, opts, packed):
+def _biases(module, position_bias, opts, packed, B: int, device):
     """Adds the logit biases: the module's fastattn tables, T5's position bias."""
     table = getattr(module, "fastattn_rel_bias", None)
     slopes = getattr(module, "fastattn_alibi_slopes", None)
@@ -513,8 +513,7 @@ def _biases(module, position_bias, opts, packed):
             _fail("position_bias (T5's relative bias) and the module's fastattn_rel_bias cannot both be applied")
         opts["rel_bias"] = position_bias.table()
         # T5 places query i at past + i and key j at j (compute_bias).
-        B = opts["batch"]
-        past = _offset_tensor(position_bias.past, B, opts["device"])
+        past = _offset_tensor(position_bias.past, B, device)
         if "q_offset" in opts and not (torch.equal(opts["q_offset"], past)
                                        and not bool(opts["k_offset"].any())):
             _fail(f"position_bias places the queries after {past.tolist()} past tokens, but attention_mask at "
@@ -591,9 +590,7 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
     B, Hq, Sq, _ = query.shape
     Sk = key.shape[2]
     opts, packed = _visibility(module, attention_mask, B, Sq, Sk, is_causal, sliding_window, query.device, kwargs)
-    opts.update(batch=B, device=query.device)
-    _biases(module, position_bias, opts, packed)
-    del opts["batch"], opts["device"]
+    _biases(module, position_bias, opts, packed, B, query.device)
     if scaling is not None:
         opts["scale"] = float(scaling)
     if softcap is not None:
