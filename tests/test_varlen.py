@@ -62,8 +62,14 @@ OPTIONS = {
 
 
 def _options(name: str, n_seq: int, Hq=HQ, dtype=F64, seed=3) -> dict:
+    return _build_options(OPTIONS[name], n_seq, Hq, dtype, seed)
+
+
+def _build_options(spec: dict, n_seq: int, Hq=HQ, dtype=F64, seed=3) -> dict:
+    """The options of an OPTIONS-style spec, with fresh tensors: ("rows", "grad"|"fixed")
+    tables, "h" / "s" (per head / per sequence) ALiBi slopes and spans, a "tensor" scale."""
     g = torch.Generator().manual_seed(seed)
-    o = dict(OPTIONS[name])
+    o = dict(spec)
     if "rel_bias" in o:
         rows, grad = o.pop("rel_bias")
         o["rel_bias"] = (0.5 * torch.randn(2 * rows - 1, Hq, generator=g, dtype=dtype)).requires_grad_(grad == "grad")
@@ -833,17 +839,11 @@ VARLEN_FACTORS = {
 
 
 def _grid_options(row: dict, n_seq: int) -> dict:
-    OPTIONS["_grid"] = {n: row[n] for n in ("causal", "window", "num_global", "softcap", "scale")
-                        if row[n] is not None}
-    for name in ("rel_bias", "alibi", "span"):
-        if row[name] is not None:
-            OPTIONS["_grid"][name] = row[name]
+    spec = {n: row[n] for n in ("causal", "window", "num_global", "softcap", "scale", "rel_bias", "alibi", "span")
+            if row[n] is not None}
     if row["span"] is not None:
-        OPTIONS["_grid"]["span_ramp"] = 3.0
-    try:
-        return _options("_grid", n_seq)
-    finally:
-        del OPTIONS["_grid"]
+        spec["span_ramp"] = 3.0
+    return _build_options(spec, n_seq)
 
 
 def _check_varlen_call(lengths, Hkv, options, dropout_p):
