@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "common/attention_args.h"
+#include "common/attention_varlen.h"
 #include "common/build_info.h"
 #include "common/cuda_tuning.h"
 #include "cpu/output_buffers.h"
@@ -41,6 +42,9 @@ TORCH_LIBRARY(fastattn, m) {
   // attention(<args>) -> (out, lse) and attention_backward: their schemas, argument struct and
   // checks are in common/attention_args.{h,cpp}.
   fastattn::define_attention_ops(m);
+  // attention_varlen(<cu_seqlens, max_seqlen>, <args>) -> (out, lse) over packed sequences, and
+  // its backward: common/attention_varlen.{h,cpp}.
+  fastattn::define_attention_varlen_ops(m);
   // The CUDA kernels' switches for tests and profiling (common/cuda_tuning.h).
   fastattn::define_cuda_tuning_ops(m);
 
@@ -65,7 +69,12 @@ void register_rotary_inplace_or_view(torch::Library& m);
 TORCH_LIBRARY_IMPL(fastattn, Autograd, m) {
   fastattn::register_rotary_autograd(m);
   fastattn::register_attention_autograd(m);
+  fastattn::register_attention_varlen_autograd(m);
 }
+
+// attention_varlen's kernels call the attention op's: one device-generic pair, registered here
+// for the CPU and in cuda/attention_api.cu for CUDA.
+TORCH_LIBRARY_IMPL(fastattn, CPU, m) { fastattn::register_attention_varlen_kernels(m); }
 
 // rotary_ bumps x's version counter and refuses inference tensors outside inference mode, as
 // PyTorch's in-place ops do (common/autograd.cpp).

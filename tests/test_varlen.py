@@ -18,6 +18,7 @@ from fastattn import reference
 from fastattn.functional import dropout_seed
 from hypothesis import given
 from hypothesis import strategies as st
+from torch._dynamo.testing import CompileCounter
 
 from conftest import assert_close, assert_lse_close, attention_op_args, random_settings
 
@@ -278,25 +279,30 @@ def test_prefill_then_decode_equals_the_full_pass():
     torch.testing.assert_close(step_lse, full_lse[:, last], rtol=0, atol=2e-6)
 
 
-def test_backward_concatenates_the_sequences_gradients_once():
-    """The per-sequence views come from one split per tensor: the backward graph has one node
-    that concatenates the sequences' gradients per input, and no per-sequence slice node (whose
-    backward would zero-fill and add a full-size gradient per sequence: time and memory
-    quadratic in the number of sequences)."""
-    q, k, v, cu_q, cu_k, mq, mk = _packed("tiles", dtype=F32)
+def _op_calls(fn) -> dict:
+    """How many times each fastattn op ran (through the dispatcher, nested calls included)
+    while fn() ran."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key: e.count for e in prof.key_averages() if e.key.startswith("fastattn::")}
+
+
+def test_one_autograd_node_and_one_backward_op():
+    """The packed call is one autograd node straight to the leaves (no per-sequence view or
+    concatenation nodes), and its backward is one attention_varlen_backward op that runs the
+    attention backward kernel once per sequence with queries."""
+    q, k, v, cu_q, cu_k, mq, mk = _packed("mixed", dtype=F32)
     span = torch.rand(len(cu_q) - 1, HQ, requires_grad=True)
     out = fastattn.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, span=span)
-    names, seen, todo = [], set(), [out.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.append(type(node).__name__)
-        todo.extend(next_node for next_node, _ in node.next_functions)
-    assert not any(n.startswith("SliceBackward") for n in names), names
-    assert sum(n.startswith("SplitWithSizesBackward") for n in names) == 3     # q, k, v
-    assert sum(n.startswith("SplitBackward") for n in names) == 1              # span's rows
+    assert "VarlenFunction" in out.grad_fn.name()
+    leaves = [n.variable for n, _ in out.grad_fn.next_functions if n is not None]
+    assert [id(t) for t in leaves] == [id(t) for t in (q, k, v, span)]
+    with_queries = sum(n > 0 for n in LENGTHS["mixed"][0])
+    calls = _op_calls(lambda: torch.autograd.grad(out.sum(), (q, k, v, span)))
+    assert calls == {"fastattn::attention_varlen_backward": 1, "fastattn::attention_backward": with_queries}
+    with torch.no_grad():  # (a recorded call is counted twice: at autograd and at the kernel)
+        calls = _op_calls(lambda: fastattn.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, span=span))
+    assert calls == {"fastattn::attention_varlen": 1, "fastattn::attention": with_queries}
 
 
 def test_one_sequence_is_the_plain_call():
@@ -454,10 +460,11 @@ def test_gradients_are_bitwise_the_same_across_runs_and_thread_counts():
             assert torch.equal(a, b)
 
 
-def test_runs_under_torch_compile_behind_a_graph_break():
-    """torch.compile without fullgraph: the code around attention_varlen compiles, the call runs
-    eagerly (it reads cu_seqlens on the host); another batch's lengths through the same compiled
-    function give that batch's result. fullgraph=True refuses it."""
+def test_torch_compile_fullgraph_and_opcheck():
+    """torch.compile(fullgraph=True) keeps the op in its graph: outputs and gradients equal the
+    eager call's, and another batch's lengths with the same totals reuse the compiled graph
+    (cu_seqlens are data, not guards). opcheck runs the op's schema, fake kernel, autograd
+    registration and AOT dispatch checks on it and on its backward."""
     table = torch.randn(9, HQ, requires_grad=True)
 
     def block(q, k, v, cu_q, cu_k, mq, mk):
@@ -465,18 +472,28 @@ def test_runs_under_torch_compile_behind_a_graph_break():
         return out.sin().sum()
 
     torch._dynamo.reset()
-    compiled = torch.compile(block)
-    for lengths in LENGTHS:
-        inputs = _packed(lengths, dtype=F32)
+    counter = CompileCounter()
+    compiled = torch.compile(block, fullgraph=True, backend=counter)
+    lengths = ([3, 0, 17, 1, 4, 0], [5, 2, 17, 0, 40, 0])
+    shuffled = ([0, 17, 4, 3, 1, 0], [2, 17, 40, 5, 0, 0])  # the same totals, other bounds
+    for lq_lk in (lengths, shuffled):
+        inputs = _packed(lq_lk, dtype=F32)
         eager, got = block(*inputs), compiled(*inputs)
         torch.testing.assert_close(got, eager)
         leaves = (*inputs[:3], table)
         for a, b in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(eager, leaves)):
             torch.testing.assert_close(a, b)
+    assert counter.frame_count == 1
+    inductor = torch.compile(block, fullgraph=True)  # and through AOTAutograd and Inductor
+    inputs = _packed("tiles", dtype=F32)
+    torch.testing.assert_close(inductor(*inputs), block(*inputs))
     torch._dynamo.reset()
-    with pytest.raises(torch._dynamo.exc.Unsupported):
-        torch.compile(block, fullgraph=True)(*_packed("mixed", dtype=F32))
-    torch._dynamo.reset()
+
+    q, k, v, cu_q, cu_k, mq, mk = _packed("mixed")
+    o = _options("softcap-scale", len(cu_q) - 1)
+    args = (cu_q, cu_k, mq, mk, q, k, v, None, o["scale"], False, -1, -1, o["rel_bias"], None, None, 32.0, 0,
+            None, 5.0, 0.0, None, None, None, None)
+    torch.library.opcheck(torch.ops.fastattn.attention_varlen.default, args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -528,24 +545,17 @@ def _bad_calls():
 
 
 @pytest.mark.parametrize("i", range(len(_bad_calls()[1])), ids=lambda i: _bad_calls()[1][i][0])
-def test_bad_input_raises_before_any_kernel_runs(i, monkeypatch):
+def test_bad_input_raises_before_any_kernel_runs(i):
     good, bad = _bad_calls()
     match, change, err = bad[i]
-    returned = []  # op calls that ran their kernel
-    real = fastattn.functional.ops.attention
 
-    def op(*args):
-        result = real(*args)
-        returned.append(args[0].shape)
-        return result
+    def bad_call():
+        with pytest.raises(err, match=match):
+            fastattn.attention_varlen(**dict(good, **change))
 
-    monkeypatch.setattr(fastattn.functional.ops, "attention", op)
-    with pytest.raises(err, match=match):
-        fastattn.attention_varlen(**dict(good, **change))
-    # layout errors raise before the first call; an option error is the op's own check, which
-    # the first sequence's call raises before its kernel runs
-    assert returned == []
-    assert fastattn.attention_varlen(**good).shape == (good["q"].shape[0], HQ, DV) and len(returned) == 6
+    # every check runs before the first sequence's attention kernel
+    assert "fastattn::attention" not in _op_calls(bad_call)
+    assert _op_calls(lambda: fastattn.attention_varlen(**good))["fastattn::attention"] == 4
 
 
 def test_option_errors_raise_without_any_sequence():

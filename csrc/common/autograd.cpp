@@ -28,6 +28,8 @@
 #include <vector>
 
 #include "common/attention_args.h"
+#include "common/attention_autograd.h"
+#include "common/attention_varlen.h"
 
 namespace fastattn {
 namespace {
@@ -353,6 +355,8 @@ void rotary_inplace_or_view(c10::DispatchKeySet keys, const at::Tensor& x,
 }
 
 
+}  // namespace
+
 // ---- attention ---------------------------------------------------------------------------------
 // The attention op's autograd is written against its argument stack, not its argument list: an
 // attention option (attention_args.h) passes through here without being named. Every given
@@ -401,6 +405,8 @@ bool records_grad(const c10::IValue* args, size_t n) {
   }
   return false;
 }
+
+namespace {
 
 // sum(a * b), in `acc`. On the CPU the products are added in one fixed order (ordered_sum), as
 // every other gradient of the backward is bitwise the same on any number of threads. CUDA's sum
@@ -498,6 +504,8 @@ at::Tensor fold_table_grad(const DistanceTable& t, const at::Tensor& grad, const
   return out.to(table.scalar_type());
 }
 
+}  // namespace
+
 // With create_graph=True the gradients would be differentiated again, and the backward kernel
 // has no derivative of its own: as torch.autograd.function.once_differentiable does, the
 // gradients then get a node that raises when a second derivative is asked for, instead of
@@ -532,23 +540,10 @@ void refuse_forward_ad(const c10::IValue* args, size_t n) {
   }
 }
 
-// The saved call of an attention node, and what its backward asks the kernels for.
-struct SavedCall {
-  std::string name;                        // the forward op's name
-  const c10::FunctionSchema* schema;       // its schema
-  std::vector<c10::IValue> values;         // its non-tensor arguments (None at tensor ones)
-  std::vector<at::Tensor> tensors;         // its tensor arguments, in schema order
-  at::Tensor grad_out, out, lse, grad_lse;
-  bool need_table = false, need_span = false, need_mask = false;
+namespace {
 
-  size_t slot(const char* arg) const { return tensor_slot(*schema, arg); }
-};
-
-// attention_backward(grad_out, out, lse, grad_lse, need_rel_bias_grad, need_span_grad,
-// need_attn_mask_grad, <the call's arguments>): its six gradients (q, k, v, table, span, mask).
-std::vector<at::Tensor> call_backward(const SavedCall& c) {
-  Stack stack{c.grad_out, c.out, c.lse, c.grad_lse.defined() ? c10::IValue(c.grad_lse) : c10::IValue(),
-              c.need_table, c.need_span, c.need_mask};
+// Pushes the call's arguments, in schema order, after a backward op's own.
+void push_call(const SavedCall& c, Stack& stack) {
   for (size_t i = 0, t = 0; i < c.values.size(); ++i) {
     if (!is_tensor_argument(c.schema->arguments()[i])) {
       stack.push_back(c.values[i]);
@@ -557,6 +552,14 @@ std::vector<at::Tensor> call_backward(const SavedCall& c) {
       ++t;
     }
   }
+}
+
+// attention_backward(grad_out, out, lse, grad_lse, need_rel_bias_grad, need_span_grad,
+// need_attn_mask_grad, <the call's arguments>): its six gradients (q, k, v, table, span, mask).
+std::vector<at::Tensor> call_backward(const SavedCall& c) {
+  Stack stack{c.grad_out, c.out, c.lse, c.grad_lse.defined() ? c10::IValue(c.grad_lse) : c10::IValue(),
+              c.need_table, c.need_span, c.need_mask};
+  push_call(c, stack);
   c10::Dispatcher::singleton().findSchemaOrThrow((c.name + "_backward").c_str(), "").callBoxed(stack);
   std::vector<at::Tensor> grads;
   for (const c10::IValue& g : stack) grads.push_back(g.toTensor());
@@ -624,95 +627,171 @@ std::vector<at::Tensor> per_batch_backward(SavedCall c, const DistanceTable& per
   return grads;
 }
 
-// Autograd inputs are the call's defined tensor arguments (an absent optional has no edge);
-// the saved tensors are all its tensor arguments (undefined where absent), then out and lse.
+}  // namespace
+
+std::vector<at::Tensor> call_gradients(SavedCall c, const std::vector<bool>& need) {
+  const size_t q = c.slot("q"), k = c.slot("k"), v = c.slot("v"), table = c.slot("rel_bias");
+  const size_t span = c.slot("span"), mask = c.slot("attn_mask"), scale = c.slot("scale_tensor");
+  const size_t alibi = c.slot("alibi_slopes");
+  DistanceTable per_distance;  // only when the ALiBi slopes need their gradient (above)
+  if (need[alibi]) {
+    per_distance = distance_table(c.tensors[q], c.tensors[k], c.tensors[table], c.tensors[alibi],
+                                  c.tensors[c.slot("q_offset")], c.tensors[c.slot("k_offset")]);
+  }
+  const bool by_distance = per_distance.table.defined();
+  const at::Tensor user_table = c.tensors[table], slopes = c.tensors[alibi];
+  c.need_table = need[table] || by_distance;
+  c.need_span = need[span];
+  c.need_mask = need[mask];
+  if (by_distance) c.tensors[table] = per_distance.table;
+  at::Tensor slopes_grad;
+  const std::vector<at::Tensor> g = by_distance && slopes.dim() == 2
+                                        ? per_batch_backward(c, per_distance, &slopes_grad)
+                                        : call_backward(c);
+  std::vector<at::Tensor> grads(need.size());
+  const auto give = [&](size_t t, const at::Tensor& x) { if (need[t]) grads[t] = x; };
+  give(q, g[0]);
+  give(k, g[1]);
+  give(v, g[2]);
+  if (by_distance) {
+    grads[alibi] = slopes_grad.defined() ? slopes_grad.to(slopes.scalar_type())
+                                         : alibi_slopes_grad(per_distance, g[3], slopes);
+    if (need[table]) grads[table] = fold_table_grad(per_distance, g[3], user_table);
+  } else {
+    give(table, g[3]);
+  }
+  give(span, g[4]);
+  give(mask, g[5]);
+  if (need[scale]) grads[scale] = scale_grad(c.tensors[q], g[0], c.tensors[scale]);
+  return grads;
+}
+
+namespace {
+
+// An op call recorded on an autograd node (AttentionFunction, VarlenFunction). Autograd inputs
+// are the call's defined tensor arguments (an absent optional has no edge); the saved tensors
+// are all its tensor arguments (undefined where absent), then out and lse; the other arguments
+// are saved as values (None where a tensor argument goes).
+variable_list run_and_record(AutogradContext* ctx, const c10::OperatorHandle* op, const Stack& call) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  Stack stack = call;
+  op->callBoxed(stack);
+  const at::Tensor out = stack[0].toTensor(), lse = stack[1].toTensor();
+  // An unused output's gradient stays undefined: no zeros for an lse nobody used.
+  ctx->set_materialize_grads(false);
+  std::vector<at::Tensor> saved = tensor_arguments(op->schema(), call);
+  saved.push_back(out);
+  saved.push_back(lse);
+  ctx->save_for_backward(saved);
+  std::vector<c10::IValue> values;
+  for (size_t i = 0; i < call.size(); ++i) {
+    values.push_back(is_tensor_argument(op->schema().arguments()[i]) ? c10::IValue() : call[i]);
+  }
+  ctx->saved_data["values"] = c10::ivalue::Tuple::create(std::move(values));
+  ctx->saved_data["op"] = op->schema().name();
+  return {out, lse};
+}
+
+// What a recorded call's backward reads back.
+struct Recorded {
+  SavedCall call;          // grad_out (zeros when only lse was used) and grad_lse set
+  variable_list saved;     // everything saved, for refuse_second_derivative
+  std::vector<size_t> edge;  // edge[t]: the autograd input of tensor argument t (SIZE_MAX: none)
+  std::vector<bool> need;    // whether tensor argument t's gradient is asked for
+  size_t num_inputs = 0;
+
+  // The node's gradients (+ the op and the call: no gradient) from one per tensor argument.
+  variable_list to_inputs(const std::vector<at::Tensor>& per_argument) const {
+    variable_list grads(num_inputs + 2);
+    for (size_t t = 0; t < need.size(); ++t) {
+      if (need[t]) grads[edge[t]] = per_argument[t];
+    }
+    return grads;
+  }
+};
+
+Recorded read_record(AutogradContext* ctx, const variable_list& grad_outputs) {
+  Recorded r;
+  r.saved = ctx->get_saved_variables();
+  const size_t n = r.saved.size() - 2;
+  const at::Tensor &out = r.saved[n], &lse = r.saved[n + 1];
+  const std::string& name = ctx->saved_data["op"].toStringRef();
+  const c10::FunctionSchema& schema =
+      c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), "").schema();
+  r.edge.resize(n);
+  r.need.resize(n);
+  for (size_t t = 0; t < n; ++t) {
+    r.edge[t] = r.saved[t].defined() ? r.num_inputs++ : SIZE_MAX;
+    r.need[t] = r.saved[t].defined() && ctx->needs_input_grad(r.edge[t]);
+  }
+  r.call = SavedCall{name, &schema, ctx->saved_data["values"].toTupleRef().elements().vec(),
+                     std::vector<at::Tensor>(r.saved.begin(), r.saved.begin() + n),
+                     grad_outputs[0].defined() ? grad_outputs[0] : at::zeros_like(out), out, lse,
+                     grad_outputs[1]};
+  return r;
+}
+
 class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, at::TensorList inputs,
                                const c10::OperatorHandle* op, const Stack& call) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    Stack stack = call;
-    op->callBoxed(stack);
-    const at::Tensor out = stack[0].toTensor(), lse = stack[1].toTensor();
-    // An unused output's gradient stays undefined: no zeros for an lse nobody used.
-    ctx->set_materialize_grads(false);
-    std::vector<at::Tensor> saved = tensor_arguments(op->schema(), call);
-    saved.push_back(out);
-    saved.push_back(lse);
-    ctx->save_for_backward(saved);
-    // The other arguments as values (None where a tensor argument goes).
-    std::vector<c10::IValue> values;
-    for (size_t i = 0; i < call.size(); ++i) {
-      values.push_back(is_tensor_argument(op->schema().arguments()[i]) ? c10::IValue() : call[i]);
-    }
-    ctx->saved_data["values"] = c10::ivalue::Tuple::create(std::move(values));
-    ctx->saved_data["op"] = op->schema().name();
-    return {out, lse};
+    return run_and_record(ctx, op, call);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const variable_list saved = ctx->get_saved_variables();
-    const size_t n = saved.size() - 2;
-    const at::Tensor &out = saved[n], &lse = saved[n + 1];
-    const std::string& name = ctx->saved_data["op"].toStringRef();
-    const c10::FunctionSchema& schema =
-        c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), "").schema();
-    // edge[t]: the autograd input of tensor argument t (the defined ones, in order).
-    std::vector<size_t> edge(n);
-    size_t num_inputs = 0;
-    for (size_t t = 0; t < n; ++t) edge[t] = saved[t].defined() ? num_inputs++ : SIZE_MAX;
-    const auto need = [&](size_t t) { return saved[t].defined() && ctx->needs_input_grad(edge[t]); };
-    const auto slot = [&](const char* arg) { return tensor_slot(schema, arg); };
-    const size_t q = slot("q"), table = slot("rel_bias"), span = slot("span");
-    const size_t scale = slot("scale_tensor"), alibi = slot("alibi_slopes");
-    DistanceTable per_distance;  // only when the ALiBi slopes need their gradient (above)
-    if (need(alibi)) {
-      per_distance = distance_table(saved[q], saved[slot("k")], saved[table], saved[alibi],
-                                    saved[slot("q_offset")], saved[slot("k_offset")]);
-    }
-    const bool by_distance = per_distance.table.defined();
-
-    const size_t mask = slot("attn_mask");
-    SavedCall call{name, &schema, ctx->saved_data["values"].toTupleRef().elements().vec(),
-                   std::vector<at::Tensor>(saved.begin(), saved.begin() + n),
-                   grad_outputs[0].defined() ? grad_outputs[0] : at::zeros_like(out), out, lse,
-                   grad_outputs[1], need(table) || by_distance, need(span), need(mask)};
-    if (by_distance) call.tensors[table] = per_distance.table;
-    variable_list grads(num_inputs + 2);  // + the op and the call: no gradient
+    Recorded r = read_record(ctx, grad_outputs);
+    variable_list grads;
     {
       at::NoGradGuard no_grad;  // the gradients are not differentiable (once_differentiable)
-      at::Tensor slopes_grad;
-      const std::vector<at::Tensor> g = by_distance && saved[alibi].dim() == 2
-                                            ? per_batch_backward(call, per_distance, &slopes_grad)
-                                            : call_backward(call);
-      const auto give = [&](size_t t, const at::Tensor& x) { if (need(t)) grads[edge[t]] = x; };
-      give(q, g[0]);
-      give(slot("k"), g[1]);
-      give(slot("v"), g[2]);
-      if (by_distance) {
-        grads[edge[alibi]] = slopes_grad.defined() ? slopes_grad.to(saved[alibi].scalar_type())
-                                                   : alibi_slopes_grad(per_distance, g[3], saved[alibi]);
-        if (need(table)) grads[edge[table]] = fold_table_grad(per_distance, g[3], saved[table]);
-      } else {
-        give(table, g[3]);
-      }
-      give(span, g[4]);
-      give(mask, g[5]);
-      if (need(scale)) grads[edge[scale]] = scale_grad(saved[q], g[0], saved[scale]);
+      grads = r.to_inputs(call_gradients(r.call, r.need));
     }
-    return refuse_second_derivative(std::move(grads), grad_outputs, saved);
+    return refuse_second_derivative(std::move(grads), grad_outputs, r.saved);
   }
 };
 
-// The Autograd kernel of `attention` (boxed: it reads the call's stack, whatever its options).
-// The arguments are checked here first, so that a call mixing devices is refused before the
-// dispatcher can route it to the fake (meta) kernel.
-void attention_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys, Stack* stack) {
-  const size_t first = stack->size() - AttentionArgs::kNumArgs;
-  const AttentionArgs args = AttentionArgs::from_stack(*stack, first);
-  if (!args.has_symbolic_shapes()) args.check();
-  refuse_forward_ad(stack->data() + first, AttentionArgs::kNumArgs);
-  if (!records_grad(stack->data() + first, AttentionArgs::kNumArgs)) {
+// attention_varlen's node: its backward is the op attention_varlen_backward (each sequence's
+// call_gradients, common/attention_varlen.cpp), so that a traced graph holds it as one op.
+class VarlenFunction : public torch::autograd::Function<VarlenFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, at::TensorList inputs,
+                               const c10::OperatorHandle* op, const Stack& call) {
+    return run_and_record(ctx, op, call);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    Recorded r = read_record(ctx, grad_outputs);
+    const SavedCall& c = r.call;
+    // its gradients, in order, and the arguments they belong to
+    const size_t slots[] = {c.slot("q"), c.slot("k"), c.slot("v"), c.slot("rel_bias"),
+                            c.slot("alibi_slopes"), c.slot("span"), c.slot("scale_tensor")};
+    c10::List<bool> output_mask;
+    for (size_t i = 3; i < 7; ++i) output_mask.push_back(r.need[slots[i]]);
+    Stack stack{c.grad_out, c.out, c.lse,
+                c.grad_lse.defined() ? c10::IValue(c.grad_lse) : c10::IValue(), output_mask};
+    push_call(c, stack);
+    variable_list grads;
+    {
+      at::NoGradGuard no_grad;
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow((c.name + "_backward").c_str(), "")
+          .callBoxed(stack);
+      std::vector<at::Tensor> per_argument(r.need.size());
+      for (size_t i = 0; i < 7; ++i) per_argument[slots[i]] = stack[i].toTensor();
+      grads = r.to_inputs(per_argument);
+    }
+    return refuse_second_derivative(std::move(grads), grad_outputs, r.saved);
+  }
+};
+
+// The Autograd kernel of an op recorded by `Function`, once its arguments (the last num_args
+// on the stack) are checked: a call that autograd does not record goes straight to the kernel
+// below autograd, with no node, context or saved data.
+template <class Function>
+void record_or_redispatch(const c10::OperatorHandle& op, c10::DispatchKeySet keys, Stack* stack,
+                          size_t num_args) {
+  const size_t first = stack->size() - num_args;
+  refuse_forward_ad(stack->data() + first, num_args);
+  if (!::fastattn::records_grad(stack->data() + first, num_args)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
     return;
@@ -722,9 +801,24 @@ void attention_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
   for (const at::Tensor& t : tensor_arguments(op.schema(), call)) {
     if (t.defined()) inputs.push_back(t);
   }
-  const variable_list outs = AttentionFunction::apply(at::TensorList(inputs), &op, call);
-  torch::jit::drop(*stack, AttentionArgs::kNumArgs);
+  const variable_list outs = Function::apply(at::TensorList(inputs), &op, call);
+  torch::jit::drop(*stack, num_args);
   torch::jit::push(*stack, outs[0], outs[1]);
+}
+
+// The Autograd kernels (boxed: they read the call's stack, whatever its options). The
+// arguments are checked here first, so that a call mixing devices is refused before the
+// dispatcher can route it to the fake (meta) kernel.
+void attention_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys, Stack* stack) {
+  const AttentionArgs args = AttentionArgs::from_stack(*stack, stack->size() - AttentionArgs::kNumArgs);
+  if (!args.has_symbolic_shapes()) args.check();
+  record_or_redispatch<AttentionFunction>(op, keys, stack, AttentionArgs::kNumArgs);
+}
+
+void attention_varlen_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys, Stack* stack) {
+  const VarlenArgs args = VarlenArgs::from_stack(*stack, stack->size() - VarlenArgs::kNumArgs);
+  if (!args.attn.has_symbolic_shapes()) args.check();
+  record_or_redispatch<VarlenFunction>(op, keys, stack, VarlenArgs::kNumArgs);
 }
 
 }  // namespace
@@ -743,6 +837,10 @@ void register_rotary_inplace_or_view(torch::Library& m) {
 
 void register_attention_autograd(torch::Library& m) {
   m.impl("attention", torch::CppFunction::makeFromBoxedFunction<&attention_autograd>());
+}
+
+void register_attention_varlen_autograd(torch::Library& m) {
+  m.impl("attention_varlen", torch::CppFunction::makeFromBoxedFunction<&attention_varlen_autograd>());
 }
 
 }  // namespace fastattn

@@ -33,6 +33,7 @@
 #include "attention_utils.cuh"
 #include "common/attention_args.h"
 #include "common/attention_params.h"
+#include "common/attention_varlen.h"
 #include "common/checks.h"
 #include "common/cuda_tuning.h"
 #include "common/dispatch.h"
@@ -522,5 +523,6 @@ AttentionGrads attention_backward_cuda(const AttentionBackwardArgs& args) {
 TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
   fastattn::register_attention_kernels<&fastattn::cuda_attn::attention_cuda,
                                        &fastattn::cuda_attn::attention_backward_cuda>(m);
+  fastattn::register_attention_varlen_kernels(m);
 }
 #endif

@@ -258,11 +258,24 @@ def _attention(op, q, k, v, scale, causal, window, rel_bias, alibi_slopes, span,
                key_lengths, q_offset, k_offset, attn_mask, softcap, dropout_p, generator, return_lse, *,
                drawn_seed: Optional[Tensor] = None):
     # (the arguments of fastattn.attention, in its order: the emulator's tests bind them by name)
-    # Every check of shapes, dtypes, devices and ranges is the op's own (C++: one set for every
-    # caller, raising ValueError / TypeError); here only what Python alone can do: Python
-    # scalars, defaults, a non-contiguous last dim. `op` is the attention op (the CUDA
-    # emulator's in its tests). `drawn_seed`, a [seed, offset] tensor, replaces the draw from
-    # `generator` (attention_varlen draws once for all its sequences).
+    # `op` is the attention op (the CUDA emulator's in its tests). `drawn_seed`, a [seed,
+    # offset] tensor, replaces the draw from `generator` (for callers that place dropout masks
+    # themselves).
+    q, k, v, out_dtype, options = _op_arguments(q, k, v, scale, causal, window, rel_bias, alibi_slopes, span,
+                                                span_ramp, num_global, key_lengths, q_offset, k_offset, attn_mask,
+                                                softcap, dropout_p, generator, drawn_seed)
+    out, lse = op(q, k, v, *options)
+    if out.dtype != out_dtype:  # (Tensor.to costs a few us even when it is a no-op)
+        out = out.to(out_dtype)
+    return (out, lse) if return_lse else out
+
+
+def _op_arguments(q, k, v, scale, causal, window, rel_bias, alibi_slopes, span, span_ramp, num_global, key_lengths,
+                  q_offset, k_offset, attn_mask, softcap, dropout_p, generator, drawn_seed=None) -> tuple:
+    """(q, k, v, the output's dtype, the attention op's arguments after v), from the public
+    functions' arguments. Every check of shapes, dtypes, devices and ranges is the op's own (C++:
+    one set for every caller, raising ValueError / TypeError); here only what Python alone can
+    do: Python scalars, defaults, a non-contiguous last dim, the dropout draw."""
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
         if not isinstance(t, Tensor):
             _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
@@ -290,12 +303,10 @@ def _attention(op, q, k, v, scale, causal, window, rel_bias, alibi_slopes, span,
     if (scale_tensor is not None and scale_tensor.requires_grad and torch.is_grad_enabled()
             and out_dtype in (torch.float16, torch.bfloat16)):
         q, k, v = q.float(), k.float(), v.float()
-    out, lse = op(q, k, v, scale_f, scale_tensor, bool(causal), left, right, rel_bias, alibi_slopes,
-                  span, span_ramp, num_global, key_lengths, softcap, dropout_p, seed,
-                  _offset(q_offset, "q_offset", q), _offset(k_offset, "k_offset", q), attn_mask)
-    if out.dtype != out_dtype:  # (Tensor.to costs a few us even when it is a no-op)
-        out = out.to(out_dtype)
-    return (out, lse) if return_lse else out
+    options = (scale_f, scale_tensor, bool(causal), left, right, rel_bias, alibi_slopes, span, span_ramp, num_global,
+               key_lengths, softcap, dropout_p, seed, _offset(q_offset, "q_offset", q),
+               _offset(k_offset, "k_offset", q), attn_mask)
+    return q, k, v, out_dtype, options
 
 
 def attention_weights(
@@ -393,11 +404,11 @@ def attention_varlen(
     convention), so a prefill or a decode step of one sequence gives what the padded call gives
     it. Every rule (causal, window, table, ALiBi, span, global tokens) uses these positions.
 
-    Each sequence is one fastattn.attention call on strided views of q, k and v (no copies, no
-    padding): time and memory follow the real tokens. The cu_seqlens values are read on the
-    host (one transfer for both tensors: a device sync on a GPU), so under torch.compile this
-    function runs eagerly behind a graph break (torch.compile(fullgraph=True) refuses it); the
-    code around it compiles as usual.
+    One op (fastattn::attention_varlen, with a fake kernel: torch.compile(fullgraph=True)
+    keeps it in its graph, and the output shapes depend only on the input shapes). Inside it,
+    each sequence is one attention kernel call on strided views of q, k and v (no copies, no
+    padding): time and memory follow the real tokens. The op reads the cu_seqlens values on
+    the host (one transfer for both tensors: a device sync on a GPU).
 
     Args:
         q: (total_q, Hq, Dqk); k: (total_k, Hkv, Dqk); v: (total_k, Hkv, Dv). Hq % Hkv == 0.
@@ -418,116 +429,23 @@ def attention_varlen(
     Returns:
         out (total_q, Hq, Dv) in q's dtype (a query with no visible key gives 0, its lse
         -inf); with return_lse, (out, lse). Gradients reach q, k, v, rel_bias,
-        alibi_slopes, span and scale. Autograd adds the sequences' contributions to a shared
-        parameter one after another in a fixed order (it runs their backward calls last
-        sequence first), so gradients are bitwise reproducible, on any thread count.
+        alibi_slopes, span and scale. The backward adds the sequences' contributions to a
+        shared parameter one after another in a fixed order (last sequence first, as autograd
+        would for one call per sequence), so gradients are bitwise reproducible, on any
+        thread count.
     """
-    return _attention_varlen(ops.attention, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                             scale, causal, window, rel_bias, alibi_slopes, span, span_ramp, num_global, softcap,
-                             dropout_p, generator, return_lse)
-
-
-@torch.compiler.disable
-def _attention_varlen(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
-                      window, rel_bias, alibi_slopes, span, span_ramp, num_global, softcap, dropout_p, generator,
-                      return_lse):
-    # (eager under torch.compile: the loop's trip count and slices are the host values of
-    # cu_seqlens, which a graph would have to specialize on and recompile for every batch)
-    bounds_q, bounds_k = _varlen_bounds(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    n_seq = len(bounds_q) - 1
-    for t, name in ((alibi_slopes, "alibi_slopes"), (span, "span")):
-        if isinstance(t, Tensor) and t.dim() == 2 and t.shape[0] != n_seq:
-            _fail(f"{name} must be (Hq,) or (n_seq, Hq) = ({n_seq}, {q.shape[1]}), got {tuple(t.shape)}")
-    dropout_p = _dropout_p(dropout_p)
-    seed_rows = None
-    if dropout_p > 0:  # one draw; sequence s takes [seed, offset + s]
-        base = dropout_seed(dropout_p, generator, q)
-        seed_rows = base + torch.stack([torch.zeros(n_seq, dtype=torch.int64),
-                                        torch.arange(n_seq, dtype=torch.int64)], 1).to(base.device)
-    # One call's view per sequence: (1, H, len, D) with the packed tensor's strides. The views
-    # share q's storage, so the last dim is made contiguous once, here, not per sequence.
-    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-
-    def call(qs, ks, vs, alibi, sp, seed):
-        return _attention(op, qs, ks, vs, scale, causal, window, rel_bias, alibi, sp, span_ramp, num_global,
-                          None, None, None, None, softcap, dropout_p, None, True, drawn_seed=seed)
-
-    if n_seq == 0:
-        # No sequence: a call on empty views (batch 0) still checks every option as the op does,
-        # and gives the empty outputs.
-        out, lse = call(*(t[:0].transpose(0, 1).unsqueeze(0)[:0] for t in (q, k, v)), alibi_slopes, span, None)
-        out, lse = out.reshape(0, q.shape[1], v.shape[2]), lse.reshape(q.shape[1], 0)
-        return (out, lse) if return_lse else out
-    # The views come from one split per tensor of its (1, H, total, D) view, not from slicing:
-    # a split's backward is one node that concatenates the sequences' gradients, where each
-    # slice's would add a zero-filled full-size gradient (time quadratic in the number of
-    # sequences); and the per-sequence Python work stays one call.
-    lengths_q = [b - a for a, b in zip(bounds_q, bounds_q[1:])]
-    lengths_k = [b - a for a, b in zip(bounds_k, bounds_k[1:])]
-    pieces = [t.transpose(0, 1).unsqueeze(0).split(lengths, 2)
-              for t, lengths in ((q, lengths_q), (k, lengths_k), (v, lengths_k))]
-    for t in (alibi_slopes, span):  # a (n_seq, Hq) tensor gives each sequence its (1, Hq) row
-        pieces.append(t.split(1) if isinstance(t, Tensor) and t.dim() == 2 else [t] * n_seq)
-    outs, lses = [], []
-    for s, (qs, ks, vs, alibi, sp) in enumerate(zip(*pieces)):
-        o, lse = call(qs, ks, vs, alibi, sp, None if seed_rows is None else seed_rows[s])
-        outs.append(o[0].transpose(0, 1))  # (len_q, Hq, Dv): the concatenation below copies once
-        lses.append(lse)                   # (1, Hq, len_q)
-    out = torch.cat(outs, 0)
-    return (out, torch.cat(lses, 2)[0]) if return_lse else out
-
-
-def _varlen_bounds(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> tuple:
-    """attention_varlen's layout checks (ValueError / TypeError naming the argument) before any
-    kernel runs; returns the cu_seqlens values as two lists of ints (one host read)."""
-    for t, name, layout in ((q, "q", "(total_q, Hq, Dqk)"), (k, "k", "(total_k, Hkv, Dqk)"),
-                            (v, "v", "(total_k, Hkv, Dv)")):
-        if not isinstance(t, Tensor):
-            _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
-        if t.dim() != 3:
-            _fail(f"{name} must be {layout}, got {t.dim()} dimensions (shape {tuple(t.shape)})")
-    if tuple(v.shape[:2]) != tuple(k.shape[:2]):
-        _fail(f"v must be (total_k, Hkv, Dv) with k's (total_k, Hkv) = {tuple(k.shape[:2])}, "
-              f"got {tuple(v.shape)}")
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
-        _fail(f"q's heads Hq must be a multiple of k's heads Hkv, got Hq = {q.shape[1]}, Hkv = {k.shape[1]}")
-    if k.shape[2] != q.shape[2]:
-        _fail(f"k must have q's head dim Dqk = {q.shape[2]}, got {k.shape[2]} (shape {tuple(k.shape)})")
-    for t, name in ((k, "k"), (v, "v")):
-        _check_device(t, name, q, "q")
     for t, name in ((cu_seqlens_q, "cu_seqlens_q"), (cu_seqlens_k, "cu_seqlens_k")):
         if not isinstance(t, Tensor):
             _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
-        if t.dtype not in (torch.int32, torch.int64):
-            _fail(f"{name} must be int32 or int64, got {t.dtype}", TypeError)
-        if t.dim() != 1 or t.shape[0] < 1:
-            _fail(f"{name} must be (n_seq + 1,) with at least one entry, got shape {tuple(t.shape)}")
-        _check_device(t, name, q, "q")
-    if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
-        _fail(f"cu_seqlens_q and cu_seqlens_k must hold the same number of sequences, got "
-              f"{cu_seqlens_q.shape[0] - 1} and {cu_seqlens_k.shape[0] - 1}")
-    n = cu_seqlens_q.shape[0]
-    values = torch.cat([cu_seqlens_q.long(), cu_seqlens_k.long()]).tolist()  # the one host read
-    bounds = []
-    for b, name, total, max_name, max_len in ((values[:n], "cu_seqlens_q", q.shape[0], "max_seqlen_q", max_seqlen_q),
-                                              (values[n:], "cu_seqlens_k", k.shape[0], "max_seqlen_k", max_seqlen_k)):
-        if b[0] != 0:
-            _fail(f"{name} must start at 0, got {b[0]}")
-        lengths = [b1 - b0 for b0, b1 in zip(b, b[1:])]
-        bad = next((s for s, n_s in enumerate(lengths) if n_s < 0), None)
-        if bad is not None:
-            _fail(f"{name} must be non-decreasing, got {b[bad]} then {b[bad + 1]} at entries {bad}, {bad + 1}")
-        if b[-1] != total:
-            _fail(f"{name} must end at {'total_q' if name.endswith('q') else 'total_k'} = {total} "
-                  f"(the tokens of {'q' if name.endswith('q') else 'k'}), got {b[-1]}")
-        max_len = _int(max_len, max_name, "an int")
-        longest = max(lengths, default=0)
-        if max_len < longest:
-            s = lengths.index(longest)
-            _fail(f"{max_name} must be at least every sequence's length, got {max_len} with sequence {s} "
-                  f"of length {longest}")
-        bounds.append(b)
-    return tuple(bounds)
+    max_seqlen_q = _int(max_seqlen_q, "max_seqlen_q", "an int")
+    max_seqlen_k = _int(max_seqlen_k, "max_seqlen_k", "an int")
+    q, k, v, out_dtype, options = _op_arguments(q, k, v, scale, causal, window, rel_bias, alibi_slopes, span,
+                                                span_ramp, num_global, None, None, None, None, softcap, dropout_p,
+                                                generator)
+    out, lse = ops.attention_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, k, v, *options)
+    if out.dtype != out_dtype:
+        out = out.to(out_dtype)
+    return (out, lse) if return_lse else out
 
 
 def unpad(x: Tensor, attention_mask: Tensor) -> tuple:

@@ -142,6 +142,46 @@ def _attention_backward_fake(grad_out, out, lse, grad_lse, need_rel_bias_grad, n
 attention = _ops.attention.default
 
 
+# ---------------------------------------------------------------------------------------------
+# attention_varlen: (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, <attention args>)
+# on packed q (total_q, Hq, Dqk), k (total_k, Hkv, Dqk), v (total_k, Hkv, Dv)
+# ---------------------------------------------------------------------------------------------
+VARLEN_ARGS = tuple(a.name for a in _ops.attention_varlen.default._schema.arguments)
+
+
+def _check_varlen_devices(named: dict, also=()) -> None:
+    _check_required(cu_seqlens_q=named["cu_seqlens_q"], cu_seqlens_k=named["cu_seqlens_k"])
+    _check_attention_devices({n: t for n, t in named.items() if n in ATTENTION_ARGS},
+                             also + ((named["cu_seqlens_q"], "cu_seqlens_q"), (named["cu_seqlens_k"], "cu_seqlens_k")))
+
+
+@torch.library.register_fake("fastattn::attention_varlen")
+def _attention_varlen_fake(*args):
+    a = dict(zip(VARLEN_ARGS, args))
+    _check_varlen_devices(a)
+    q, v = a["q"], a["v"]
+    total_q, Hq = q.shape[0], q.shape[1]
+    return q.new_empty((total_q, Hq, v.shape[-1])), q.new_empty((Hq, total_q), dtype=torch.float32)
+
+
+@torch.library.register_fake("fastattn::attention_varlen_backward")
+def _attention_varlen_backward_fake(grad_out, out, lse, grad_lse, output_mask, *varlen_args):
+    a = dict(zip(VARLEN_ARGS, varlen_args))
+    _check_required(grad_out=grad_out, out=out, lse=lse)
+    _check_varlen_devices(a, ((grad_out, "grad_out"), (out, "out"), (lse, "lse"), (grad_lse, "grad_lse")))
+    q, k, v = a["q"], a["k"], a["v"]
+    grads = [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)]
+    for wanted, name in zip(output_mask, ("rel_bias", "alibi_slopes", "span", "scale_tensor")):
+        p = a[name]
+        grads.append(p.new_empty(p.shape) if (wanted and p is not None) else _empty_grad(q))
+    return tuple(grads)
+
+
+# attention_varlen's autograd formula is registered in C++ (csrc/common/autograd.cpp); its
+# backward is the op attention_varlen_backward.
+attention_varlen = _ops.attention_varlen.default
+
+
 def build_info() -> dict:
     """What the loaded library was compiled with (cuda, cuda_archs, cpu_isa, compiler)."""
     return dict(kv.split("=", 1) for kv in _ops.build_info().split(";"))

@@ -34,7 +34,7 @@ NAME = "fastattn_cuda_emu"
 OPS_NAMESPACE = "fastattn_emu"
 # the harness (which includes the CUDA kernels' host code), and the attention op's shared
 # argument struct, checks and autograd function
-SOURCES = [HERE / "harness.cpp"] + [CSRC / "common" / f for f in ("checks.cpp", "attention_args.cpp", "autograd.cpp",
+SOURCES = [HERE / "harness.cpp"] + [CSRC / "common" / f for f in ("checks.cpp", "attention_args.cpp", "attention_varlen.cpp", "autograd.cpp",
                                                                "cuda_tuning.cpp")]
 # The files the library is compiled from (for messages; ninja tracks the headers itself).
 KERNEL_FILES = [CSRC / "cuda" / f for f in ("attention_api.cu", "attention_fwd_kernel.cuh",
