@@ -56,7 +56,8 @@ from . import nn  # noqa: E402
 from . import tuning  # noqa: E402
 
 
-OP_NAMES = ("rotary", "rotary_", "rotary_backward", "attention", "attention_backward")
+OP_NAMES = ("rotary", "rotary_", "rotary_backward", "attention", "attention_backward", "attention_varlen",
+            "attention_varlen_backward")
 
 
 def empty_cache() -> None:

@@ -7,16 +7,16 @@ hang or read out of bounds.
     python tests/fuzz/fuzz_ops.py --replay "Call(...)" [--asan]     # one call, e.g. from a report
 
 Every argument of every op (fastattn.OP_NAMES: rotary, rotary_, rotary_backward, attention,
-attention_backward) is drawn by Hypothesis from its type in the op's registered schema
-(torch.ops.fastattn.<op>.default._schema), so an argument added later is drawn too: tensors of
-rank 0-5, any dtype (float, int, bool, complex), sizes from 0 to 2^31 and more (others 0 then:
-the elements of any tensor, and the work of a call, are capped), any strides (0 included,
-overlapping, permuted, stepped, odd strides on size-1 dims) and storage offset, values with
-NaN/inf; any int64 (the ends, and values near the call's sizes such as 2^63 - S); any float
-(NaN, inf, negative); meta tensors among CPU ones; tensors that require grad (then the call's
-backward runs through autograd too). Most calls start from a consistent call of the op (so the
-kernels run) with up to two arguments redrawn from their whole type range; some are drawn from
-the schema alone.
+attention_backward, attention_varlen, attention_varlen_backward) is drawn by Hypothesis from
+its type in the op's registered schema (torch.ops.fastattn.<op>.default._schema), so an
+argument added later is drawn too: tensors of rank 0-5, any dtype (float, int, bool, complex),
+sizes from 0 to 2^31 and more (others 0 then: the elements of any tensor, and the work of a
+call, are capped), any strides (0 included, overlapping, permuted, stepped, odd strides on
+size-1 dims) and storage offset, values with NaN/inf; any int64 (the ends, and values near the
+call's sizes such as 2^63 - S); any float (NaN, inf, negative); meta tensors among CPU ones;
+tensors that require grad (then the call's backward runs through autograd too). Most calls
+start from a consistent call of the op (so the kernels run) with up to two arguments redrawn
+from their whole type range; some are drawn from the schema alone.
 
 The calls run in worker subprocesses; this process only watches them. A worker that dies
 (signal, AddressSanitizer report), stops answering (a call longer than --timeout: faulthandler
@@ -73,7 +73,8 @@ class T:
                 to special (nan, inf, -inf, max, tiny);
             ("int", seed, lo, hi, n_extreme) -- uniform integers in [lo, hi], n_extreme entries
                 set to int64 extremes;
-            ("const", value)."""
+            ("const", value);
+            ("list", [ints]) -- these integers, then zeros."""
     shape: tuple
     dtype: str = "float32"
     strides: Optional[tuple] = None
@@ -120,6 +121,9 @@ def make_values(values: tuple, n: int, dtype):
     import torch
 
     kind = values[0]
+    if kind == "list":  # exact integers (e.g. cu_seqlens), then zeros to fill the storage
+        exact = torch.tensor(values[1][:n], dtype=torch.int64)
+        return torch.cat([exact, torch.zeros(n - len(exact), dtype=torch.int64)]).to(dtype)
     if kind == "const":
         v = values[1]
         base_dtype = torch.complex128 if dtype.is_complex else (
@@ -175,8 +179,8 @@ def make_tensor(spec: T):
 @dataclass
 class Call:
     """One op call: the op, its arguments by name in schema order, the intra-op thread count;
-    forward_first (attention_backward): replace out and lse with the forward's results on the
-    same attention arguments, when that forward call returns."""
+    forward_first (attention_backward, attention_varlen_backward): replace out and lse with the
+    forward op's results on the same arguments, when that forward call returns."""
     op: str
     args: dict
     threads: int = 1
@@ -229,13 +233,14 @@ def run_call(call: Call, outcome: Outcome) -> None:
         outcome.messages.append((call.op, "unbuildable " + type(e).__name__, _gist(e)))
         return
     if call.forward_first:
-        fwd_names = [a.name for a in torch.ops.fastattn.attention.default._schema.arguments]
+        forward = call.op[:-len("_backward")]
+        fwd_op = getattr(torch.ops.fastattn, forward).default
         try:
-            out, lse = torch.ops.fastattn.attention.default(*(args[n] for n in fwd_names))
-            outcome.calls.append(("attention", "returned"))
+            out, lse = fwd_op(*(args[a.name] for a in fwd_op._schema.arguments))
+            outcome.calls.append((forward, "returned"))
             args["out"], args["lse"] = out.detach(), lse.detach()
         except Exception as e:
-            if not _record_exception("attention", e, outcome):
+            if not _record_exception(forward, e, outcome):
                 return
     values = list(args.values())
     try:
@@ -562,6 +567,59 @@ def strategies():
             a["need_span_grad"] = draw(st.booleans())
         return a, (Sq, Sk, B, Hq, Dqk)
 
+    @st.composite
+    def cu_seqlens(draw, total: int, n_seq: int, ctx):
+        """(n_seq + 1,) bounds: mostly consistent (0, sorted cuts, total), else one entry off
+        (negative, past the total, out of order, an int64 extreme)."""
+        cuts = sorted(draw(st.integers(0, total)) for _ in range(max(n_seq - 1, 0)))
+        b = [0] + cuts + [total] if n_seq else [0]
+        if draw(st.integers(0, 5)) == 0:
+            b[draw(st.integers(0, len(b) - 1))] = draw(st.one_of(st.integers(-3, total + 3), any_int(total)))
+        dtype = draw(st.sampled_from(("int32", "int64")))
+        if dtype == "int32":
+            b = [min(max(x, -2 ** 31), 2 ** 31 - 1) for x in b]
+        device = "meta" if ctx["meta"] == "all" or (ctx["meta"] == "some" and draw(st.integers(0, 3)) == 0) else "cpu"
+        return T((len(b),), dtype, values=("list", b), device=device)
+
+    @st.composite
+    def varlen_args(draw, op, ctx):
+        """attention_varlen(_backward): the options of a consistent attention call, on packed
+        q (total_q, Hq, Dqk), k, v with drawn cu_seqlens."""
+        fwd = "attention_backward" if op.endswith("_backward") else "attention"
+        a, _ = draw(attention_args(fwd, ctx))
+        q0, k0, v0 = a["q"], a["k"], a["v"]
+        dims = dict(Hq=q0.shape[1], Hkv=k0.shape[1], Dqk=q0.shape[3], Dv=v0.shape[3], Tq=draw(dim), Tk=draw(dim))
+        E = MAX_ELEMENTS
+        fit(draw, dims, [(("Tq", "Hq", "Dqk"), E), (("Tk", "Hkv", "Dqk"), E), (("Tk", "Hkv", "Dv"), E),
+                         (("Tq", "Hq", "Dv"), E), (("Tq", "Hq"), E),
+                         (("Tq", "Tk", "Hq"), MAX_WORK), (("Tq", "Tk", "Hq", "Dqk"), MAX_WORK),
+                         (("Tq", "Tk", "Hq", "Dv"), MAX_WORK), (("Tk", "Hkv", "Dqk"), E // 16),
+                         (("Tk", "Hkv", "Dv"), E // 16)], keep=("Hkv", "Hq"))
+        Hq, Hkv, Dqk, Dv, Tq, Tk = (dims[n] for n in ("Hq", "Hkv", "Dqk", "Dv", "Tq", "Tk"))
+        dt = q0.dtype
+        n_seq = draw(st.integers(0, 5))
+        v = dict(cu_seqlens_q=draw(cu_seqlens(Tq, n_seq, ctx)), cu_seqlens_k=draw(cu_seqlens(Tk, n_seq, ctx)),
+                 max_seqlen_q=draw(st.one_of(st.just(Tq), st.integers(0, Tq + 1), any_int(Tq))),
+                 max_seqlen_k=draw(st.one_of(st.just(Tk), st.integers(0, Tk + 1), any_int(Tk))))
+        a["q"] = draw(tensor((Tq, Hq, Dqk), dt, ctx))
+        a["k"] = draw(tensor((Tk, Hkv, Dqk), dt, ctx))
+        a["v"] = draw(tensor((Tk, Hkv, Dv), dt, ctx))
+        pdt = draw(st.sampled_from((dt, "float32", "float64")))
+        for name in ("alibi_slopes", "span"):  # per sequence now and then
+            if a[name] is not None and draw(st.integers(0, 2)) == 0:
+                a[name] = draw(tensor((n_seq, Hq), pdt, ctx, lo=0, hi=Tk + 4))
+        for name in ("key_lengths", "q_offset", "k_offset", "attn_mask"):  # refused: mostly absent
+            if draw(st.integers(0, 7)):
+                a[name] = None
+        if op.endswith("_backward"):
+            for name in ("grad_out", "out"):
+                a[name] = draw(tensor((Tq, Hq, Dv), dt, ctx, grad_ok=False))
+            a["lse"] = draw(tensor((Hq, Tq), "float32", ctx, grad_ok=False))
+            a["grad_lse"] = draw(st.one_of(st.none(), tensor((Hq, Tq), "float32", ctx, grad_ok=False)))
+            a["output_mask"] = [draw(st.booleans()) for _ in range(4)]
+        v.update(a)
+        return v, (Tq, Tk, n_seq, Hq, Dqk)
+
     def schema_type(t, n=None) -> str:
         """A schema argument's type as the schema string writes it: Tensor?, bool[4], ..."""
         kind = t.kind()
@@ -589,6 +647,8 @@ def strategies():
             known = draw(rotary_args(op, ctx))
             x = known["x"]
             sizes = tuple(x.shape) + (known["cos"].shape[0] if known["cos"] is not None else 0,)
+        elif mode == "consistent" and op.startswith("attention_varlen"):
+            known, sizes = draw(varlen_args(op, ctx))
         elif mode == "consistent" and op.startswith("attention"):
             known, sizes = draw(attention_args(op, ctx))
         args = {}
@@ -598,7 +658,8 @@ def strategies():
         bent = draw(st.sampled_from((0, 0, 0, 1, 1, 2))) if known else 0
         for n in draw(st.lists(st.sampled_from(names), min_size=bent, max_size=bent, unique=True)):
             args[n] = draw(any_value(types[n], ctx, sizes))
-        forward_first = op == "attention_backward" and mode == "consistent" and draw(st.booleans())
+        forward_first = op.endswith("attention_backward") or op.endswith("varlen_backward")
+        forward_first = forward_first and mode == "consistent" and draw(st.booleans())
         return Call(op, args, threads=draw(st.sampled_from((1, 1, 2))), forward_first=forward_first)
 
     return call
