@@ -17,6 +17,8 @@ causal within each document, q, k, v requiring grad:
                 (a dense mask is how SDPA keeps packed documents apart).
 attn_mask: S=2048, a (1, H, S, S) float mask that requires grad, non-causal: fastattn against
 SDPA with the same mask (both give the mask its gradient) and against fastattn without a mask.
+Decode step (reported, no target): 256 sequences of one query and 64..1024 keys, no grad:
+attention_varlen (one kernel call per sequence) against one padded call with key_lengths.
 
 On the CPU, SDPA runs its flash kernel with the boolean block mask (which it reads whole:
 nothing is skipped) and its math path, with the (1, H, S, S) weights materialized, for a mask
@@ -110,6 +112,39 @@ def packed_documents(fastattn, args, report) -> list:
                   minimum=ratio("sdpa", "varlen", "min_ms"), info=args.cuda)]
 
 
+def decode_step(fastattn, args, report) -> None:
+    """A decode step of many short sequences (one query each, no grad): what attention_varlen's
+    one kernel call per sequence costs next to one padded call. Reported, no target."""
+    dev, H, D, n = args.dev, args.H, args.D, args.decode_seqs
+    lengths = document_lengths(n, 64, 1024, args.seed + 1)
+    total, longest = sum(lengths), max(lengths)
+    g = torch.Generator(device=dev).manual_seed(2)
+    q = torch.randn(n, H, D, device=dev, generator=g)
+    k, v = (torch.randn(total, H, D, device=dev, generator=g) for _ in range(2))
+    cu_q = torch.arange(n + 1, dtype=torch.int32, device=dev)
+    cu_k = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=dev)
+    bounds = cu_k.tolist()
+    kp, vp = (torch.stack([F.pad(t[s:e], (0, 0, 0, 0, 0, longest - (e - s))) for s, e in zip(bounds, bounds[1:])])
+              .transpose(1, 2).contiguous() for t in (k, v))
+    qp, lens = q.unsqueeze(2), torch.tensor(lengths, device=dev)
+
+    def varlen():
+        with torch.no_grad():
+            fastattn.attention_varlen(q, k, v, cu_q, cu_k, 1, longest)
+
+    def padded():
+        with torch.no_grad():
+            fastattn.attention(qp, kp, vp, key_lengths=lens)
+
+    t = time_many({"varlen": varlen, "padded": padded}, **timing(args))
+    report.table([f"decode step, {n} sequences of 1 query and 64..1024 keys, no grad", "median ms", "min ms",
+                  "us per sequence"],
+                 [["fastattn.attention_varlen", f"{t['varlen'].median_ms:.2f}", f"{t['varlen'].min_ms:.2f}",
+                   f"{1000 * t['varlen'].median_ms / n:.1f}"],
+                  ["padded batch, key_lengths", f"{t['padded'].median_ms:.2f}", f"{t['padded'].min_ms:.2f}",
+                   f"{1000 * t['padded'].median_ms / n:.1f}"]])
+
+
 def float_mask(fastattn, args, report) -> list:
     """The attn_mask comparison; returns its checks."""
     dev, H, D, S = args.dev, args.H, args.D, args.S
@@ -142,6 +177,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-len", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0, help="seed of the document lengths")
     p.add_argument("--S", type=int, default=2048, help="sequence length of the attn_mask comparison")
+    p.add_argument("--decode-seqs", type=int, default=256, help="sequences of the decode-step comparison")
     args = parse_args(p, argv)
     if args.quick:
         args.min_len, args.max_len, args.S = 32, 512, 512
@@ -149,6 +185,7 @@ def main(argv=None) -> int:
     report = Report("packed documents (attention_varlen) and a float attn_mask with a gradient",
                     f"H={args.H} D={args.D} float32 on {args.dev}, forward+backward", args.dev)
     checks = packed_documents(fastattn, args, report) + float_mask(fastattn, args, report)
+    decode_step(fastattn, args, report)
     default = ((args.H, args.D, args.docs, args.min_len, args.max_len, args.seed, args.S)
                == (8, 64, 16, 64, 2048, 0, 2048))
     report.checks(checks, default_shape=default and not args.quick)

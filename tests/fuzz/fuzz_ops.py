@@ -599,8 +599,8 @@ def strategies():
         dt = q0.dtype
         n_seq = draw(st.integers(0, 5))
         v = dict(cu_seqlens_q=draw(cu_seqlens(Tq, n_seq, ctx)), cu_seqlens_k=draw(cu_seqlens(Tk, n_seq, ctx)),
-                 max_seqlen_q=draw(st.one_of(st.just(Tq), st.integers(0, Tq + 1), any_int(Tq))),
-                 max_seqlen_k=draw(st.one_of(st.just(Tk), st.integers(0, Tk + 1), any_int(Tk))))
+                 max_seqlen_q=draw(st.one_of(*[st.just(Tq)] * 4, st.integers(0, Tq + 1), any_int(Tq))),
+                 max_seqlen_k=draw(st.one_of(*[st.just(Tk)] * 4, st.integers(0, Tk + 1), any_int(Tk))))
         a["q"] = draw(tensor((Tq, Hq, Dqk), dt, ctx))
         a["k"] = draw(tensor((Tk, Hkv, Dqk), dt, ctx))
         a["v"] = draw(tensor((Tk, Hkv, Dv), dt, ctx))
