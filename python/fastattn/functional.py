@@ -406,8 +406,9 @@ def attention_varlen(
 
     One op (fastattn::attention_varlen, with a fake kernel: torch.compile(fullgraph=True)
     keeps it in its graph, and the output shapes depend only on the input shapes). Inside it,
-    each sequence is one attention kernel call on strided views of q, k and v (no copies, no
-    padding): time and memory follow the real tokens. The op reads the cu_seqlens values on
+    each sequence is one attention kernel call on views of q, k and v (no padding; on the CPU
+    a sequence of 32 queries or more is copied head-major into a reused buffer first, which
+    the kernels read faster): time and memory follow the real tokens. The op reads the cu_seqlens values on
     the host (one transfer for both tensors: a device sync on a GPU).
 
     Args:
