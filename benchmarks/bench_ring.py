@@ -5,6 +5,7 @@ sizes 1, 2 and 4 for one fixed whole sequence.
     python benchmarks/bench_ring.py                      # S=4096 B=1 H=8 D=64 float32, causal
     python benchmarks/bench_ring.py --quick              # smoke run, S=512
     python benchmarks/bench_ring.py --record benchmarks/results/ring-attention.md
+    python benchmarks/bench_ring.py --layout contiguous --window 256,256 --compare-one-way
 
 Each world size runs in fresh processes (loopback gloo), with torch threads per rank set so that
 the ranks together use the machine's cores (at least 1 each: more ranks than cores share them).
@@ -17,7 +18,12 @@ Per rank, for one forward + backward step (after a warm-up step):
   - time per step (median over --steps);
   - wait: time spent waiting on the ring's messages after each step's kernels (ring_stats),
     against the same ring with the kernels skipped (communication alone): hidden share =
-    1 - wait / communication alone.
+    1 - wait / communication alone;
+  - sent: the bytes a rank sends in one step (K/V shards forward, shards and gradient
+    accumulators backward), max over the ranks, and all ranks' together.
+--window L,R (non-causal unless --causal) gives a two-sided window; --compare-one-way also runs
+each world size with every shard sent one way round the ring (the schedule before shards could
+go both ways), in the same run.
 """
 from __future__ import annotations
 
@@ -50,16 +56,19 @@ def _reset_peak() -> None:
         f.write("5")
 
 
-def _step(fdist, q, k, v, layout, world):
-    out = fdist.ring_attention(q, k, v, causal=True, layout=layout) if world > 1 else \
-        __import__("fastattn").attention(q, k, v, causal=True)
+def _step(fdist, q, k, v, args, world):
+    opts = dict(causal=args.causal, window=args.window)
+    out = fdist.ring_attention(q, k, v, layout=args.layout, **opts) if world > 1 else \
+        __import__("fastattn").attention(q, k, v, **opts)
     out.backward(torch.ones_like(out))
 
 
-def _rank(rank, world, init_method, args, threads, out_dir):
+def _rank(rank, world, init_method, args, threads, out_dir, one_way=False):
     import torch.distributed as dist
     import fastattn  # noqa: F401
     from fastattn import distributed as fdist
+    if one_way:  # every shard one way round, as far as its farthest reader
+        fdist._split_hops = lambda hops, w: (max(hops, default=0), 0)
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=300))
@@ -67,8 +76,8 @@ def _rank(rank, world, init_method, args, threads, out_dir):
     g = torch.Generator().manual_seed(rank)
     q, k, v = (torch.randn(1, args.heads, n, args.dim, generator=g).requires_grad_(True) for _ in range(3))
     input_bytes = 3 * q.numel() * q.element_size()
-    _step(fdist, q, k, v, args.layout, world)  # warm-up
-    times, waits, computes = [], [], []
+    _step(fdist, q, k, v, args, world)  # warm-up
+    times, waits, computes, sent = [], [], [], []
     peak = 0
     for _ in range(args.steps):
         q.grad = k.grad = v.grad = None
@@ -77,9 +86,10 @@ def _rank(rank, world, init_method, args, threads, out_dir):
         base = _status("VmRSS")
         start = time.perf_counter()
         with fdist.ring_stats() as stats:
-            _step(fdist, q, k, v, args.layout, world)
+            _step(fdist, q, k, v, args, world)
         times.append(time.perf_counter() - start)
         peak = max(peak, _status("VmHWM") - base)
+        sent.append(stats["bytes_sent"])
         waits.append(stats["wait_s"])
         computes.append(stats["compute_s"])
     comm_alone = 0.0
@@ -91,13 +101,13 @@ def _rank(rank, world, init_method, args, threads, out_dir):
         for _ in range(args.steps):
             dist.barrier()
             with fdist.ring_stats() as stats:
-                out = fdist.ring_attention(q, k, v, causal=True, layout=args.layout)
-                out.backward(torch.ones_like(out))
+                _step(fdist, q, k, v, args, world)
             alone.append(stats["wait_s"])
         comm_alone = statistics.median(alone)
     row = dict(rank=rank, world=world, threads=threads, input_mib=input_bytes / 2 ** 20,
                peak_mib=peak / 2 ** 20, step_s=statistics.median(times), wait_s=statistics.median(waits),
-               compute_s=statistics.median(computes), comm_alone_s=comm_alone)
+               compute_s=statistics.median(computes), comm_alone_s=comm_alone,
+               sent_mib=max(sent) / 2 ** 20, one_way=one_way)
     with open(os.path.join(out_dir, f"{world}-{rank}.json"), "w") as f:
         json.dump(row, f)
     dist.barrier()
@@ -112,31 +122,45 @@ def main():
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--layout", default="zigzag")
     p.add_argument("--worlds", default="1,2,4")
+    p.add_argument("--window", default="-1,-1", help="window L,R (default none)")
+    p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=None,
+                   help="causal (default: on without a window, off with one)")
+    p.add_argument("--compare-one-way", action="store_true",
+                   help="also run each world with every shard sent one way round the ring")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--record", help="append the table to this markdown file")
     args = p.parse_args()
     if args.quick:
         args.seq, args.steps = 512, 1
+    args.window = tuple(int(x) for x in args.window.split(","))
+    if args.causal is None:
+        args.causal = args.window == (-1, -1)
     cores = os.cpu_count() or 1
     rows = []
     for world in (int(w) for w in args.worlds.split(",")):
         threads = max(1, cores // world)
-        with tempfile.TemporaryDirectory() as d:
-            torch.multiprocessing.spawn(_rank, args=(world, f"file://{d}/rv", args, threads, d), nprocs=world)
-            rows += [json.load(open(os.path.join(d, f"{world}-{r}.json"))) for r in range(world)]
-    lines = ["| world | threads/rank | q,k,v per rank (MiB) | peak rise per rank, max (MiB) | step (s) | "
-             "kernels (s) | wait (s) | comm alone (s) | hidden |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for world in sorted({r["world"] for r in rows}):
-        rs = [r for r in rows if r["world"] == world]
+        for one_way in (False, True) if args.compare_one_way and world > 2 else (False,):
+            with tempfile.TemporaryDirectory() as d:
+                torch.multiprocessing.spawn(_rank, args=(world, f"file://{d}/rv", args, threads, d, one_way),
+                                            nprocs=world)
+                rows += [json.load(open(os.path.join(d, f"{world}-{r}.json"))) for r in range(world)]
+    lines = ["| world | shards sent | threads/rank | q,k,v per rank (MiB) | peak rise per rank, max (MiB) | "
+             "step (s) | kernels (s) | wait (s) | comm alone (s) | hidden | sent per rank, max (MiB) | "
+             "sent, all ranks (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for world, one_way in sorted({(r["world"], r["one_way"]) for r in rows}):
+        rs = [r for r in rows if r["world"] == world and r["one_way"] == one_way]
         wait = max(r["wait_s"] for r in rs)
         alone = max(r["comm_alone_s"] for r in rs)
         hidden = f"{max(0.0, 1 - wait / alone):.0%}" if alone > 0 else "-"
-        lines.append(f"| {world} | {rs[0]['threads']} | {rs[0]['input_mib']:.1f} | "
-                     f"{max(r['peak_mib'] for r in rs):.1f} | {max(r['step_s'] for r in rs):.3f} | "
-                     f"{max(r['compute_s'] for r in rs):.3f} | {wait:.3f} | {alone:.3f} | {hidden} |")
+        lines.append(f"| {world} | {'one way' if one_way else 'as needed'} | {rs[0]['threads']} | "
+                     f"{rs[0]['input_mib']:.1f} | {max(r['peak_mib'] for r in rs):.1f} | "
+                     f"{max(r['step_s'] for r in rs):.3f} | {max(r['compute_s'] for r in rs):.3f} | {wait:.3f} | "
+                     f"{alone:.3f} | {hidden} | {max(r['sent_mib'] for r in rs):.1f} | "
+                     f"{sum(r['sent_mib'] for r in rs):.1f} |")
     table = "\n".join(lines)
-    print(f"S={args.seq} B=1 H={args.heads} D={args.dim} float32 causal layout={args.layout}, "
+    mask = ("causal " if args.causal else "") + (f"window={args.window} " if args.window != (-1, -1) else "")
+    print(f"S={args.seq} B=1 H={args.heads} D={args.dim} float32 {mask}layout={args.layout}, "
           f"forward + backward, torch {torch.__version__}, {cores} cores")
     print(table)
     if args.record:

@@ -296,26 +296,41 @@ def _plan(world, layout, S, **kw):
 
 def test_schedule_skips_invisible_shards_and_stops_sending_them():
     # contiguous causal, 4 ranks: rank r sees shards 0..r; shard s is last needed by rank 3,
-    # at step 3 - s, so the ring carries shard s for 3 - s hops and the last step sends nothing
+    # so the ring carries shard s for 3 - s hops and the last step sends nothing
     p = _plan(4, "contiguous", 16, causal=True)
     assert p.needed == [[r >= s for s in range(4)] for r in range(4)]
-    assert p.last_use == [3, 2, 1, 0]
-    # zigzag balances it: every rank sees every shard (one of each pair of chunks)
+    assert p.hops == [[3, 2, 1, 0], [0, 0, 0, 0]] and p.steps == 3
+    # zigzag balances it: every rank sees every shard (one of each pair of chunks), one way
     p = _plan(4, "zigzag", 16, causal=True)
-    assert all(all(row) for row in p.needed) and p.last_use == [3, 3, 3, 3]
+    assert all(all(row) for row in p.needed) and p.hops == [[3, 3, 3, 3], [0, 0, 0, 0]]
     # a window of 2 tokens back: rank r needs its own shard and rank r - 1's
     p = _plan(4, "contiguous", 16, causal=True, left=2)
     assert p.needed == [[s in (r - 1, r) for s in range(4)] for r in range(4)]
-    assert p.last_use == [1, 1, 1, 0]
+    assert p.hops == [[1, 1, 1, 0], [0, 0, 0, 0]] and p.steps == 1
     # global tokens at positions 0..1: every rank needs shard 0 through them
     p = _plan(4, "contiguous", 16, causal=True, left=2, num_global=2)
     assert [row[0] for row in p.needed] == [True] * 4
-    # a span reach of 4.5: |d| <= 4 passes, so only neighbouring shards of 4 tokens
+    # a span reach of 4.5: |d| <= 4 passes, so only neighbouring shards of 4 tokens: a shard
+    # goes one hop each way (the ends one way), one step and 6 messages, where one way round
+    # the ring the middle shards would go three hops (10 messages, three steps)
     p = _plan(4, "contiguous", 16, span_reach=4.5)
     assert p.needed == [[abs(r - s) <= 1 for s in range(4)] for r in range(4)]
+    assert p.hops == [[1, 1, 1, 0], [0, 1, 1, 1]] and p.steps == 1
+    # the same with a two-sided window over 8 ranks: one hop each way, not seven one way
+    p = _plan(8, "contiguous", 32, left=3, right=3)
+    assert p.hops == [[1] * 7 + [0], [0] + [1] * 7] and p.steps == 1
     # keys past every key_length are never needed
     p = _plan(4, "contiguous", 16, key_limit=8)
-    assert p.last_use[2] == -1 and p.last_use[3] == -1 and p.needed[0][:2] == [True, True]
+    assert p.hops[0][2:] == [0, 0] and p.hops[1][2:] == [0, 0] and p.needed[0][:2] == [True, True]
+
+
+def test_split_hops_takes_the_fewest_messages():
+    assert fdist._split_hops([], 4) == (0, 0)
+    assert fdist._split_hops([1, 2, 3], 4) == (3, 0)      # everyone: one way round
+    assert fdist._split_hops([1, 7], 8) == (1, 1)         # both neighbours
+    assert fdist._split_hops([6, 7], 8) == (0, 2)         # the two before
+    assert fdist._split_hops([1, 2, 6, 7], 8) == (2, 2)
+    assert fdist._split_hops([1, 5], 8) == (1, 3)         # 4 messages, against 5 one way
 
 
 # ------------------------------------------------------------------------------ bad input, module

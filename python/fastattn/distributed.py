@@ -126,7 +126,10 @@ class _Plan:
     span_reach: Optional[float]            # max(span) + span_ramp: no |d| beyond it is seen
     param_grads: str = "sum"               # "sum": the whole group's; "local": this rank's share
     needed: List[List[bool]] = None        # needed[r][s]: rank r's queries see rank s's keys
-    last_use: List[int] = None             # per K/V shard: the last ring step that needs it
+    # hops[c][s]: how many ranks chain c carries shard s to (_CHAINS: chain 0 to s + 1, s + 2,
+    # ...; chain 1 to s - 1, s - 2, ...); steps: the ring steps after the first, max of hops
+    hops: List[List[int]] = None
+    steps: int = 0
 
     def visible(self, qp: Tuple[int, int], kp: Tuple[int, int]) -> bool:
         """Whether some (query, key) pair of the two runs may be visible: False only when a
@@ -155,9 +158,17 @@ class _Plan:
         w = self.world
         self.needed = [[any(self.visible(qp, kp) for qp in self.q_pieces[r] for kp in self.k_pieces[s])
                         for s in range(w)] for r in range(w)]
-        # The shard of rank s is on rank (s + t) % world at step t.
-        self.last_use = [max((t for t in range(w) if self.needed[(s + t) % w][s]), default=-1)
-                         for s in range(w)]
+        split = [_split_hops([h for h in range(1, w) if self.needed[(s + h) % w][s]], w) for s in range(w)]
+        self.hops = [[f for f, _ in split], [b for _, b in split]]
+        self.steps = max(self.hops[0] + self.hops[1] + [0])
+
+    def held(self, c: int, step: int) -> int:
+        """The shard this rank holds on chain c at `step` (its own at step 0)."""
+        return (self.rank - _CHAINS[c] * step) % self.world
+
+    def peer(self, c: int, toward: bool) -> int:
+        """The next rank along chain c (toward=True), or the one before."""
+        return (self.rank + (_CHAINS[c] if toward else -_CHAINS[c])) % self.world
 
     def pieces_of(self, x: Tensor, pieces: List[Tuple[int, int]]) -> List[Tensor]:
         """x's runs (views along dim 2, the sequence dim of q, k, v, out and lse)."""
@@ -174,6 +185,26 @@ class _Plan:
         return [q, k, v, self.scale, t["scale"], self.causal, self.left, self.right, t["rel_bias"],
                 t["alibi_slopes"], t["span"], self.span_ramp, self.num_global, kl, self.softcap,
                 self.dropout_p, self.seed, q_off, k_off, None]
+
+
+# The two directions a shard can travel in: chain 0 passes it to the next rank, chain 1 to the
+# one before. A shard goes one way unless the other saves messages (a two-sided window).
+_CHAINS = (1, -1)
+
+
+def _split_hops(hops: List[int], world: int) -> Tuple[int, int]:
+    """(F, B): chain 0 carries a shard to the F ranks after its own, chain 1 to the B ranks
+    before, so that every rank that needs it (`hops`, ascending: h for the rank h after,
+    1 <= h < world) gets it with the fewest messages (F + B), on chain 0 alone when that is as
+    few (one chain holds less memory than two)."""
+    best = None
+    for f in [0] + hops:
+        rest = [h for h in hops if h > f]  # what chain 1 must reach: back to the nearest of them
+        b = world - rest[0] if rest else 0
+        key = (f + b, b)
+        if best is None or key < best[0]:
+            best = (key, f, b)
+    return best[1], best[2]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,26 +299,31 @@ def _forward_step(plan: _Plan, s: int, kv: Tensor, k: Tensor, v: Tensor, q_parts
 
 
 def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor, t: dict) -> Tuple[Tensor, Tensor, Optional[dict]]:
-    me, w = plan.rank, plan.world
-    nxt, prv = (me + 1) % w, (me - 1) % w
+    me = plan.rank
     q_parts = plan.pieces_of(q, plan.q_pieces[me])
     parts = [None] * len(q_parts)
     step_lse = {} if _recomputes_lse(q) else None
-    kv = (k, v)  # sent as two messages: no packed copy of the shard
-    for step in range(w):
-        s, s_in = (me - step) % w, (me - step - 1) % w  # held now; held at the next step
-        # The shard goes on only while a later rank needs it; the receive mirrors the sender's
-        # decision (every rank has the same schedule), so the last step sends nothing.
-        recv = (torch.empty_like(k), torch.empty_like(v)) if step < plan.last_use[s_in] else None
-        works = _post(plan, [(kv[0], nxt), (kv[1], nxt)] if step < plan.last_use[s] else [],
-                      [(recv[0], prv), (recv[1], prv)] if recv is not None else [])
-        if plan.needed[me][s]:
-            with _Timed():
-                _forward_step(plan, s, kv, k, v, q_parts, parts, t, step_lse)
+    held = [(k, v), (k, v)]  # per chain; sent as two messages: no packed copy of the shard
+    for step in range(plan.steps + 1):
+        # A shard goes on only while a later rank of its chain needs it; the receive mirrors the
+        # sender's decision (every rank has the same schedule), so the last step sends nothing.
+        sends, recvs, arriving = [], [], [None, None]
+        for c in range(len(_CHAINS)):
+            if step < plan.hops[c][plan.held(c, step)]:
+                sends += [(held[c][0], plan.peer(c, True)), (held[c][1], plan.peer(c, True))]
+            if step < plan.hops[c][plan.held(c, step + 1)]:
+                arriving[c] = (torch.empty_like(k), torch.empty_like(v))
+                recvs += [(arriving[c][0], plan.peer(c, False)), (arriving[c][1], plan.peer(c, False))]
+        works = _post(plan, sends, recvs)
+        for c in range(len(_CHAINS)) if step > 0 else (0,):  # (step 0: the own shard, once)
+            s = plan.held(c, step)
+            if (step == 0 or step <= plan.hops[c][s]) and plan.needed[me][s]:
+                with _Timed():
+                    _forward_step(plan, s, held[c], k, v, q_parts, parts, t, step_lse)
         _wait(works)
         if _STATS is not None:
             _STATS["steps"] += 1
-        kv = recv
+        held = arriving
     outs, lses = [], []
     for q_i, part in zip(q_parts, parts):
         if part is None:  # no visible key for the whole run: out 0, lse -inf
@@ -358,51 +394,66 @@ def _backward_step(plan: _Plan, s: int, kv: Tensor, k: Tensor, v: Tensor, rows: 
 
 def _backward_ring(plan: _Plan, q, k, v, rows: list, grads: _Grads, t: dict, step_lse: Optional[dict]) -> Tensor:
     """Runs the backward around the ring; returns this rank's own (dk, dv), flat. The K/V shards
-    travel as in the forward; each shard's gradient accumulator travels with it (a holder adds
-    its share, then passes it on) and, after the last rank that needs the shard, goes straight
-    home to the shard's rank: one message, none when that rank is home."""
-    me, w = plan.rank, plan.world
-    nxt, prv = (me + 1) % w, (me - 1) % w
+    travel as in the forward; each shard's gradient accumulator travels with it along each
+    chain (a holder adds its share, then passes it on) and, after the chain's last rank, goes
+    straight home to the shard's rank: one message per chain. The own share starts the first
+    chain's accumulator (kept at home when no chain leaves)."""
+    me = plan.rank
     acc = _acc_dtype(k)
     flat = k.numel() + v.numel()
-    kv, dkv_in, home = (k, v), None, None
-    dkv_works: list = []
-    for step in range(w):
-        s, s_in = (me - step) % w, (me - step - 1) % w
-        recv = (torch.empty_like(k), torch.empty_like(v)) if step < plan.last_use[s_in] else None
-        kv_works = _post(plan, [(kv[0], nxt), (kv[1], nxt)] if step < plan.last_use[s] else [],
-                         [(recv[0], prv), (recv[1], prv)] if recv is not None else [])
-        held = step == 0 or step <= plan.last_use[s]
-        part = None
-        if plan.needed[me][s]:
+    zeros = lambda: torch.zeros(flat, dtype=acc, device=k.device)  # noqa: E731
+    chains = range(len(_CHAINS))
+    first = next((c for c in chains if plan.hops[c][me] > 0), None)  # the chain that takes the own share
+    held, dkv_in, home = [(k, v), (k, v)], [None, None], [None, None]
+    own, dkv_works = None, []
+    for step in range(plan.steps + 1):
+        kv_sends, kv_recvs, arriving = [], [], [None, None]
+        for c in chains:
+            if step < plan.hops[c][plan.held(c, step)]:
+                kv_sends += [(held[c][0], plan.peer(c, True)), (held[c][1], plan.peer(c, True))]
+            if step < plan.hops[c][plan.held(c, step + 1)]:
+                arriving[c] = (torch.empty_like(k), torch.empty_like(v))
+                kv_recvs += [(arriving[c][0], plan.peer(c, False)), (arriving[c][1], plan.peer(c, False))]
+        kv_works = _post(plan, kv_sends, kv_recvs)
+        parts = [None, None]
+        for c in chains if step > 0 else ():
+            s = plan.held(c, step)
+            if step <= plan.hops[c][s] and plan.needed[me][s]:
+                with _Timed():
+                    parts[c] = _backward_step(plan, s, held[c], k, v, rows, grads, t, step_lse)
+        if step == 0 and plan.needed[me][me]:
             with _Timed():
-                part = _backward_step(plan, s, kv, k, v, rows, grads, t, step_lse)
-        _wait(dkv_works)  # the accumulator of shard s from its previous holder
+                own = _backward_step(plan, me, (k, v), k, v, rows, grads, t, step_lse)
+        _wait(dkv_works)  # the accumulators of the held shards from their previous holders
         sends, recvs = [], []
-        if held and plan.last_use[s] >= 0:
-            dkv = dkv_in if step > 0 else None
-            dkv = part if dkv is None else (dkv if part is None else dkv.add_(part))
-            dkv = torch.zeros(flat, dtype=acc, device=k.device) if dkv is None else dkv
-            if step < plan.last_use[s]:
-                sends.append((dkv, nxt))
-            elif s != me:
-                sends.append((dkv, s))
+        for c in chains:
+            s = plan.held(c, step)
+            if step == 0:  # the own shard's accumulator starts here
+                dkv = None if plan.hops[c][me] == 0 else (own if c == first and own is not None else zeros())
+            elif step <= plan.hops[c][s]:
+                dkv = dkv_in[c] if parts[c] is None else dkv_in[c].add_(parts[c])
             else:
-                home = dkv
-        dkv_in = None
-        if step < plan.last_use[s_in]:
-            dkv_in = torch.empty(flat, dtype=acc, device=k.device)
-            recvs.append((dkv_in, prv))
-        if step == plan.last_use[me] and step > 0:
-            home = torch.empty(flat, dtype=acc, device=k.device)
-            recvs.append((home, (me + step) % w))
+                dkv = None
+            if dkv is not None:  # on to the chain's next rank, or home after its last
+                sends.append((dkv, plan.peer(c, True) if step < plan.hops[c][s] else s))
+            dkv_in[c] = None
+            if step < plan.hops[c][plan.held(c, step + 1)]:
+                dkv_in[c] = torch.empty(flat, dtype=acc, device=k.device)
+                recvs.append((dkv_in[c], plan.peer(c, False)))
+            if step > 0 and step == plan.hops[c][me]:  # the own shard's accumulator, from its last holder
+                home[c] = torch.empty(flat, dtype=acc, device=k.device)
+                recvs.append((home[c], (me + _CHAINS[c] * step) % plan.world))
         dkv_works = _post(plan, sends, recvs)
         _wait(kv_works)
         if _STATS is not None:
             _STATS["steps"] += 1
-        kv = recv
+        held = arriving
     _wait(dkv_works)
-    return torch.zeros(flat, dtype=acc, device=k.device) if home is None else home
+    total = own if first is None else None
+    for c in chains:
+        if home[c] is not None:
+            total = home[c] if total is None else total.add_(home[c])
+    return zeros() if total is None else total
 
 
 def _ordered_sum(x: Tensor, dim: int = 0) -> Tensor:

@@ -34,8 +34,12 @@ NAME = "fastattn_cuda_emu"
 OPS_NAMESPACE = "fastattn_emu"
 # the harness (which includes the CUDA kernels' host code), and the attention op's shared
 # argument struct, checks and autograd function
-SOURCES = [HERE / "harness.cpp"] + [CSRC / "common" / f for f in ("checks.cpp", "attention_args.cpp", "attention_varlen.cpp", "autograd.cpp",
-                                                               "cuda_tuning.cpp")]
+# (attention_varlen.cpp for the autograd function's varlen node, and the CPU output cache it
+# allocates from)
+SOURCES = [HERE / "harness.cpp"] + [CSRC / "common" / f for f in ("checks.cpp", "attention_args.cpp",
+                                                               "attention_varlen.cpp", "autograd.cpp",
+                                                               "cuda_tuning.cpp")] + [
+    CSRC / "cpu" / "output_buffers.cpp"]
 # The files the library is compiled from (for messages; ninja tracks the headers itself).
 KERNEL_FILES = [CSRC / "cuda" / f for f in ("attention_api.cu", "attention_fwd_kernel.cuh",
                                              "attention_bwd_kernel.cuh", "attention_utils.cuh")]
