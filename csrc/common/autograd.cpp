@@ -731,13 +731,19 @@ Recorded read_record(AutogradContext* ctx, const variable_list& grad_outputs) {
   return r;
 }
 
-class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
+// A node whose forward runs the op and records the call (run_and_record); Derived gives the
+// backward.
+template <class Derived>
+class RecordingFunction : public torch::autograd::Function<Derived> {
  public:
   static variable_list forward(AutogradContext* ctx, at::TensorList inputs,
                                const c10::OperatorHandle* op, const Stack& call) {
     return run_and_record(ctx, op, call);
   }
+};
 
+class AttentionFunction : public RecordingFunction<AttentionFunction> {
+ public:
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     Recorded r = read_record(ctx, grad_outputs);
     variable_list grads;
@@ -751,13 +757,8 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
 
 // attention_varlen's node: its backward is the op attention_varlen_backward (each sequence's
 // call_gradients, common/attention_varlen.cpp), so that a traced graph holds it as one op.
-class VarlenFunction : public torch::autograd::Function<VarlenFunction> {
+class VarlenFunction : public RecordingFunction<VarlenFunction> {
  public:
-  static variable_list forward(AutogradContext* ctx, at::TensorList inputs,
-                               const c10::OperatorHandle* op, const Stack& call) {
-    return run_and_record(ctx, op, call);
-  }
-
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     Recorded r = read_record(ctx, grad_outputs);
     const SavedCall& c = r.call;

@@ -256,6 +256,22 @@ class _Timed:
             _STATS["compute_s"] += time.perf_counter() - self.start
 
 
+def _pass_shards(plan: _Plan, step: int, held: list, k: Tensor, v: Tensor) -> Tuple[list, list]:
+    """Posts the step's K/V messages on each chain: the held shard (k and v, two messages: no
+    packed copy) on to the chain's next rank while a later rank of the chain needs it, and the
+    receive of the shard held at the next step. The receive mirrors the sender's decision
+    (every rank has the same schedule), so the last step sends nothing. Returns the works and
+    the arriving (k, v) per chain (None where nothing arrives)."""
+    sends, recvs, arriving = [], [], [None, None]
+    for c in range(len(_CHAINS)):
+        if step < plan.hops[c][plan.held(c, step)]:
+            sends += [(held[c][0], plan.peer(c, True)), (held[c][1], plan.peer(c, True))]
+        if step < plan.hops[c][plan.held(c, step + 1)]:
+            arriving[c] = (torch.empty_like(k), torch.empty_like(v))
+            recvs += [(arriving[c][0], plan.peer(c, False)), (arriving[c][1], plan.peer(c, False))]
+    return _post(plan, sends, recvs), arriving
+
+
 def _unpack(flat: Tensor, *likes: Tensor) -> List[Tensor]:
     out, at = [], 0
     for t in likes:
@@ -303,18 +319,9 @@ def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor, t: dict) -> Tuple[Ten
     q_parts = plan.pieces_of(q, plan.q_pieces[me])
     parts = [None] * len(q_parts)
     step_lse = {} if _recomputes_lse(q) else None
-    held = [(k, v), (k, v)]  # per chain; sent as two messages: no packed copy of the shard
+    held = [(k, v), (k, v)]  # the shard held on each chain
     for step in range(plan.steps + 1):
-        # A shard goes on only while a later rank of its chain needs it; the receive mirrors the
-        # sender's decision (every rank has the same schedule), so the last step sends nothing.
-        sends, recvs, arriving = [], [], [None, None]
-        for c in range(len(_CHAINS)):
-            if step < plan.hops[c][plan.held(c, step)]:
-                sends += [(held[c][0], plan.peer(c, True)), (held[c][1], plan.peer(c, True))]
-            if step < plan.hops[c][plan.held(c, step + 1)]:
-                arriving[c] = (torch.empty_like(k), torch.empty_like(v))
-                recvs += [(arriving[c][0], plan.peer(c, False)), (arriving[c][1], plan.peer(c, False))]
-        works = _post(plan, sends, recvs)
+        works, arriving = _pass_shards(plan, step, held, k, v)
         for c in range(len(_CHAINS)) if step > 0 else (0,):  # (step 0: the own shard, once)
             s = plan.held(c, step)
             if (step == 0 or step <= plan.hops[c][s]) and plan.needed[me][s]:
@@ -407,14 +414,7 @@ def _backward_ring(plan: _Plan, q, k, v, rows: list, grads: _Grads, t: dict, ste
     held, dkv_in, home = [(k, v), (k, v)], [None, None], [None, None]
     own, dkv_works = None, []
     for step in range(plan.steps + 1):
-        kv_sends, kv_recvs, arriving = [], [], [None, None]
-        for c in chains:
-            if step < plan.hops[c][plan.held(c, step)]:
-                kv_sends += [(held[c][0], plan.peer(c, True)), (held[c][1], plan.peer(c, True))]
-            if step < plan.hops[c][plan.held(c, step + 1)]:
-                arriving[c] = (torch.empty_like(k), torch.empty_like(v))
-                kv_recvs += [(arriving[c][0], plan.peer(c, False)), (arriving[c][1], plan.peer(c, False))]
-        kv_works = _post(plan, kv_sends, kv_recvs)
+        kv_works, arriving = _pass_shards(plan, step, held, k, v)
         parts = [None, None]
         for c in chains if step > 0 else ():
             s = plan.held(c, step)
