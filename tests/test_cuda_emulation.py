@@ -500,3 +500,77 @@ def test_tiles_the_mask_hides_are_skipped(emu, dtype):
     # tiles of up to 128 x 64 pairs: at most half of the tiles hold a visible pair
     assert counts["blocks"][0] <= 0.5 * counts["all"][0], counts
     assert counts["blocks"][1] <= 0.5 * counts["all"][1], counts
+
+
+# ---------------------------------------------------------------------------------------------
+# attention_varlen on the emulated kernels (registered as for CUDA: the packed views go to the
+# kernels as they are, rows H * D apart)
+# ---------------------------------------------------------------------------------------------
+_VARLEN_SIGNATURE = inspect.signature(fastattn.attention_varlen)
+
+
+def emulated_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **options):
+    """fastattn.attention_varlen(...) on the emulated CUDA kernels."""
+    bound = _VARLEN_SIGNATURE.bind(q, k, v, cu_q, cu_k, max_q, max_k, **options)
+    bound.apply_defaults()
+    a = bound.arguments
+    q, k, v, out_dtype, opts = fastattn.functional._op_arguments(
+        q, k, v, a["scale"], a["causal"], a["window"], a["rel_bias"], a["alibi_slopes"], a["span"], a["span_ramp"],
+        a["num_global"], None, None, None, None, a["softcap"], a["dropout_p"], a["generator"])
+    out, lse = torch.ops.fastattn_emu.attention_varlen.default(cu_q, cu_k, max_q, max_k, q, k, v, *opts)
+    return out.to(out_dtype), lse
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("options", [
+    dict(causal=True, table=True),
+    dict(window=(5, 3), alibi="per-sequence", span="per-sequence", dropout_p=0.2),
+], ids=["causal-table", "window-alibi-span-dropout"])
+def test_varlen_equals_per_sequence_calls(emu, dtype, options):
+    """The packed call on the emulated kernels against one emulated attention call per
+    sequence: the same kernels on the same rows, so outputs, lse and every gradient agree bit
+    for bit (sequences of 0, 1, 40 and 70 queries, keys on tile edges)."""
+    lq, lk = [3, 0, 40, 1, 70], [5, 2, 64, 0, 129]
+    g = torch.Generator().manual_seed(6)
+    Hq, Hkv, D = 4, 2, 32
+    q = torch.randn(sum(lq), Hq, D, generator=g).to(dtype).requires_grad_()
+    k, v = (torch.randn(sum(lk), Hkv, D, generator=g).to(dtype).requires_grad_() for _ in range(2))
+    cu_q, cu_k = (torch.tensor([0, *torch.tensor(x).cumsum(0).tolist()], dtype=torch.int32) for x in (lq, lk))
+    n = len(lq)
+    o = dict(causal=options.get("causal", False), window=options.get("window", (-1, -1)),
+             dropout_p=options.get("dropout_p", 0.0))
+    if options.get("table"):
+        o["rel_bias"] = torch.randn(17, Hq, generator=g).requires_grad_()
+    if options.get("alibi"):
+        o["alibi_slopes"] = (0.05 + 0.2 * torch.rand(n, Hq, generator=g)).requires_grad_()
+    if options.get("span"):
+        o["span"] = (3.3 + 20 * torch.rand(n, Hq, generator=g)).requires_grad_()
+        o["span_ramp"] = 4.0
+    leaves = [q, k, v] + [t for t in o.values() if isinstance(t, torch.Tensor)]
+    gen = lambda: torch.Generator().manual_seed(11)  # noqa: E731
+    out, lse = emulated_attention_varlen(q, k, v, cu_q, cu_k, max(lq), max(lk), generator=gen(), **o)
+    seed = fastattn.functional.dropout_seed(o["dropout_p"], gen(), q)
+    outs, lses = [], []
+    bq, bk = cu_q.tolist(), cu_k.tolist()
+    for s in range(n):
+        view = lambda t, b: t[b[s]:b[s + 1]].transpose(0, 1).unsqueeze(0)  # noqa: E731
+        kw = {name: (t[s:s + 1] if name in ("alibi_slopes", "span") else t) for name, t in o.items()}
+        drawn = None if seed is None else seed + torch.tensor([0, s])
+        o_s, lse_s = fastattn.functional._attention(
+            torch.ops.fastattn_emu.attention.default, view(q, bq), view(k, bk), view(v, bk), None,
+            kw["causal"], kw["window"], kw.get("rel_bias"), kw.get("alibi_slopes"), kw.get("span"),
+            kw.get("span_ramp", 32.0), 0, None, None, None, None, 0.0, kw["dropout_p"], None, True,
+            drawn_seed=drawn)
+        outs.append(o_s[0].transpose(0, 1))
+        lses.append(lse_s[0])
+    want, want_lse = torch.cat(outs), torch.cat(lses, 1)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    assert out.float().abs().sum() > 0
+    go = torch.randn(out.shape, generator=g).to(dtype)
+    got = torch.autograd.grad(out, leaves, go)
+    for a, b in zip(got, torch.autograd.grad(want, leaves, go)):
+        assert torch.equal(a, b)
+    # and close to the CPU kernels' packed call
+    cpu = fastattn.attention_varlen(q, k, v, cu_q, cu_k, max(lq), max(lk), generator=gen(), **o)
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == F32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(out.float(), cpu.float(), **tol)

@@ -19,6 +19,7 @@
 #include <c10/util/irange.h>
 
 #include <algorithm>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -200,12 +201,13 @@ AttentionArgs sequence_call(const VarlenArgs& a, const Bounds& b, int64_t s, con
 // are used in place), and a packed sequence's rows are H * D apart: one pass over the tokens
 // into warm memory costs less than the strided reads (about 10% of the forward, 16 documents
 // of 64..2048 tokens, H=8 D=64 float32, 2-core EPYC VM; benchmarks/bench_varlen.py). The CUDA
-// kernels read strided rows natively: there the views go as they are. A sequence with fewer
+// kernels read strided rows natively: there (register_attention_varlen_kernels' flag, false
+// for CUDA and the CUDA emulator) the views go as they are. A sequence with fewer
 // queries than a query tile reads each key row about once (a decode step): the copy would
 // only add a pass, so its views go as they are too.
 class HeadMajor {
  public:
-  HeadMajor(const at::Tensor& q, const Bounds& b) : on_cpu_(q.is_cpu()) {
+  HeadMajor(bool enabled, const Bounds& b) : on_cpu_(enabled) {
     for (int64_t s = 0; s + 1 < static_cast<int64_t>(b.q.size()); ++s) {
       longest_q_ = std::max(longest_q_, b.len_q(s));
       longest_k_ = std::max(longest_k_, b.len_k(s));
@@ -239,7 +241,15 @@ class HeadMajor {
   std::vector<at::Tensor> buffers_;
 };
 
-AttentionOutputs varlen_forward(const VarlenArgs& a) {
+// The attention op of the varlen op's own library (fastattn, or the CUDA emulator's).
+c10::OperatorHandle attention_op_of(const c10::OperatorHandle& varlen) {
+  const std::string& name = varlen.schema().name();  // "<namespace>::attention_varlen..."
+  const std::string op = name.substr(0, name.find("::")) + "::attention";
+  return c10::Dispatcher::singleton().findSchemaOrThrow(op.c_str(), "");
+}
+
+AttentionOutputs varlen_forward(const VarlenArgs& a, const c10::OperatorHandle& attention_op,
+                                bool head_major_copies) {
   a.check();
   const Bounds b = read_bounds(a);
   // The sequences' calls go to the attention op's device kernels, below autograd.
@@ -250,21 +260,25 @@ AttentionOutputs varlen_forward(const VarlenArgs& a) {
   at::Tensor out = cpu::empty_output({total_q, Hq, a.attn.v.size(2)}, q.options());
   at::Tensor lse = at::empty({Hq, total_q}, q.options().dtype(at::kFloat));
   const at::Tensor seeds = sequence_seeds(a);
-  HeadMajor head_major(q, b);
+  HeadMajor head_major(head_major_copies, b);
   for (const int64_t s : c10::irange(a.num_sequences())) {
     if (b.len_q(s) == 0) continue;
     AttentionArgs call = sequence_call(a, b, s, seeds);
     head_major.apply(call);
-    const auto [o, l] = attention(call);
+    torch::jit::Stack stack;
+    call.push_to(stack);
+    attention_op.callBoxed(stack);
+    const at::Tensor o = stack[0].toTensor(), l = stack[1].toTensor();
     out.narrow(0, b.q[s], b.len_q(s)).copy_(o.select(0, 0).transpose(0, 1));
     lse.narrow(1, b.q[s], b.len_q(s)).copy_(l.select(0, 0));
   }
   return {out, lse};
 }
 
-void boxed_varlen_forward(const c10::OperatorHandle&, c10::DispatchKeySet, torch::jit::Stack* stack) {
+template <bool kHeadMajor>
+void boxed_varlen_forward(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stack* stack) {
   const auto args = VarlenArgs::from_stack(*stack, stack->size() - VarlenArgs::kNumArgs);
-  auto [out, lse] = varlen_forward(args);
+  auto [out, lse] = varlen_forward(args, attention_op_of(op), kHeadMajor);
   torch::jit::drop(*stack, VarlenArgs::kNumArgs);
   torch::jit::push(*stack, std::move(out), std::move(lse));
 }
@@ -322,13 +336,11 @@ struct VarlenBackwardArgs {
 // One sequence's call, saved as the attention node saves it, with its rows of the packed
 // gradient inputs.
 SavedCall saved_sequence(const VarlenBackwardArgs& a, AttentionArgs call, const Bounds& b,
-                         int64_t s, HeadMajor& head_major) {
+                         int64_t s, HeadMajor& head_major, const c10::OperatorHandle& op) {
   head_major.apply(call);
-  static const c10::OperatorHandle op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("fastattn::attention", "");
   torch::jit::Stack stack;
   call.push_to(stack);
-  SavedCall c{"fastattn::attention", &op.schema(), {}, {}};
+  SavedCall c{op.schema().name(), &op.schema(), {}, {}};
   for (size_t i = 0; i < stack.size(); ++i) {
     const bool tensor = is_tensor_argument(op.schema().arguments()[i]);
     c.values.push_back(tensor ? c10::IValue() : stack[i]);
@@ -372,7 +384,8 @@ struct ParamGrads {
 
 using VarlenGrads = std::vector<at::Tensor>;  // q, k, v, rel_bias, alibi_slopes, span, scale
 
-VarlenGrads varlen_backward(const VarlenBackwardArgs& a) {
+VarlenGrads varlen_backward(const VarlenBackwardArgs& a, const c10::OperatorHandle& attention_op,
+                            bool head_major_copies) {
   a.check();
   const VarlenArgs& v = a.call;
   const Bounds b = read_bounds(v);
@@ -391,14 +404,14 @@ VarlenGrads varlen_backward(const VarlenBackwardArgs& a) {
     if (grads[i].per_sequence) grads[i].rows.resize(n);
   }
   const at::Tensor seeds = sequence_seeds(v);
-  HeadMajor head_major(q, b);
+  HeadMajor head_major(head_major_copies, b);
   for (int64_t s = n - 1; s >= 0; --s) {  // autograd's order for one call per sequence
     if (b.len_q(s) == 0) {  // no query: the sequence's keys and values get no gradient
       gk.narrow(0, b.k[s], b.len_k(s)).zero_();
       gv.narrow(0, b.k[s], b.len_k(s)).zero_();
       continue;
     }
-    SavedCall c = saved_sequence(a, sequence_call(v, b, s, seeds), b, s, head_major);
+    SavedCall c = saved_sequence(a, sequence_call(v, b, s, seeds), b, s, head_major, attention_op);
     const char* names[] = {"rel_bias", "alibi_slopes", "span", "scale_tensor"};
     std::vector<bool> need(c.tensors.size(), false);
     for (const char* name : {"q", "k", "v"}) need[c.slot(name)] = true;
@@ -418,20 +431,27 @@ VarlenGrads varlen_backward(const VarlenBackwardArgs& a) {
   return out;
 }
 
-void boxed_varlen_backward(const c10::OperatorHandle&, c10::DispatchKeySet, torch::jit::Stack* stack) {
+template <bool kHeadMajor>
+void boxed_varlen_backward(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stack* stack) {
   constexpr size_t n = VarlenBackwardArgs::kNumOwnArgs + VarlenArgs::kNumArgs;
   const auto args = VarlenBackwardArgs::from_stack(*stack, stack->size() - n);
-  VarlenGrads grads = varlen_backward(args);
+  VarlenGrads grads = varlen_backward(args, attention_op_of(op), kHeadMajor);
   torch::jit::drop(*stack, n);
   for (at::Tensor& g : grads) torch::jit::push(*stack, std::move(g));
 }
 
 }  // namespace
 
-void register_attention_varlen_kernels(torch::Library& m) {
-  m.impl("attention_varlen", torch::CppFunction::makeFromBoxedFunction<&boxed_varlen_forward>());
-  m.impl("attention_varlen_backward",
-         torch::CppFunction::makeFromBoxedFunction<&boxed_varlen_backward>());
+void register_attention_varlen_kernels(torch::Library& m, bool head_major_copies) {
+  if (head_major_copies) {
+    m.impl("attention_varlen", torch::CppFunction::makeFromBoxedFunction<&boxed_varlen_forward<true>>());
+    m.impl("attention_varlen_backward",
+           torch::CppFunction::makeFromBoxedFunction<&boxed_varlen_backward<true>>());
+  } else {
+    m.impl("attention_varlen", torch::CppFunction::makeFromBoxedFunction<&boxed_varlen_forward<false>>());
+    m.impl("attention_varlen_backward",
+           torch::CppFunction::makeFromBoxedFunction<&boxed_varlen_backward<false>>());
+  }
 }
 
 }  // namespace fastattn
