@@ -75,7 +75,7 @@ TORCH_LIBRARY_IMPL(fastattn, Autograd, m) {
 // attention_varlen's kernels call the attention op's: one device-generic pair, registered here
 // for the CPU and in cuda/attention_api.cu for CUDA.
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
-  fastattn::register_attention_varlen_kernels(m, /*head_major_copies=*/true);
+  fastattn::register_attention_varlen_kernels(m, /*cpu_kernels=*/true);
 }
 
 // rotary_ bumps x's version counter and refuses inference tensors outside inference mode, as

@@ -257,6 +257,33 @@ def test_equals_the_padded_call_on_the_real_tokens(name, same_q):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+def test_decode_step_of_many_sequences_on_any_thread_count():
+    """A decode step of 24 one-query sequences (run side by side on the CPU threads, one call
+    per thread): bitwise the per-sequence calls, on 1, 2 and 3 threads, with dropout."""
+    lq, lk = [1] * 24, [(7 * s) % 45 + 1 for s in range(24)]
+    q, k, v, cu_q, cu_k, mq, mk = _packed((lq, lk), dtype=F32, requires_grad=False)
+    o = dict(causal=True, window=(20, 0), rel_bias=torch.randn(41, HQ), dropout_p=0.1)
+    before, outs = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(fastattn.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, return_lse=True,
+                                                  generator=torch.Generator().manual_seed(3), **o))
+    finally:
+        torch.set_num_threads(before)
+    seed = dropout_seed(0.1, torch.Generator().manual_seed(3), q)
+    seeds = iter([seed + torch.tensor([0, s]) for s in range(24)])
+
+    def one_call(qs, ks, vs, **kw):
+        return fastattn.functional._attention(
+            torch.ops.fastattn.attention, qs, ks, vs, None, True, (20, 0), kw["rel_bias"], None, None, 32.0, 0,
+            None, None, None, None, 0.0, 0.1, None, True, drawn_seed=next(seeds))
+
+    want = _per_sequence(q, k, v, cu_q, cu_k, dict(rel_bias=o["rel_bias"]), fn=one_call)
+    for out, lse in outs:
+        assert torch.equal(out, want[0]) and torch.equal(lse, want[1])
+
+
 def test_prefill_then_decode_equals_the_full_pass():
     """A packed batch prefilled with all but its last tokens, then one decode step per sequence
     (one query over the whole sequence's keys), gives the rows of the full causal pass."""
@@ -281,9 +308,15 @@ def test_prefill_then_decode_equals_the_full_pass():
 
 def _op_calls(fn) -> dict:
     """How many times each fastattn op ran (through the dispatcher, nested calls included)
-    while fn() ran."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
+    while fn() ran, on one thread (the profiler records the calling thread's ops, and
+    attention_varlen runs decode-sized sequences on the other threads too)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fn()
+    finally:
+        torch.set_num_threads(before)
     return {e.key: e.count for e in prof.key_averages() if e.key.startswith("fastattn::")}
 
 

@@ -16,6 +16,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <ATen/Parallel.h>
 #include <c10/util/irange.h>
 
 #include <algorithm>
@@ -201,8 +202,8 @@ AttentionArgs sequence_call(const VarlenArgs& a, const Bounds& b, int64_t s, con
 // are used in place), and a packed sequence's rows are H * D apart: one pass over the tokens
 // into warm memory costs less than the strided reads (about 10% of the forward, 16 documents
 // of 64..2048 tokens, H=8 D=64 float32, 2-core EPYC VM; benchmarks/bench_varlen.py). The CUDA
-// kernels read strided rows natively: there (register_attention_varlen_kernels' flag, false
-// for CUDA and the CUDA emulator) the views go as they are. A sequence with fewer
+// kernels read strided rows natively: there (register_attention_varlen_kernels' cpu_kernels,
+// false for CUDA and the CUDA emulator) the views go as they are. A sequence with fewer
 // queries than a query tile reads each key row about once (a decode step): the copy would
 // only add a pass, so its views go as they are too.
 class HeadMajor {
@@ -248,8 +249,22 @@ c10::OperatorHandle attention_op_of(const c10::OperatorHandle& varlen) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(op.c_str(), "");
 }
 
+// Sequence s's attention call, its results written into the packed out and lse.
+void forward_sequence(const VarlenArgs& a, const Bounds& b, int64_t s, const at::Tensor& seeds,
+                      const c10::OperatorHandle& attention_op, HeadMajor* head_major,
+                      at::Tensor& out, at::Tensor& lse) {
+  AttentionArgs call = sequence_call(a, b, s, seeds);
+  if (head_major != nullptr) head_major->apply(call);
+  torch::jit::Stack stack;
+  call.push_to(stack);
+  attention_op.callBoxed(stack);
+  const at::Tensor o = stack[0].toTensor(), l = stack[1].toTensor();
+  out.narrow(0, b.q[s], b.len_q(s)).copy_(o.select(0, 0).transpose(0, 1));
+  lse.narrow(1, b.q[s], b.len_q(s)).copy_(l.select(0, 0));
+}
+
 AttentionOutputs varlen_forward(const VarlenArgs& a, const c10::OperatorHandle& attention_op,
-                                bool head_major_copies) {
+                                bool cpu_kernels) {
   a.check();
   const Bounds b = read_bounds(a);
   // The sequences' calls go to the attention op's device kernels, below autograd.
@@ -260,25 +275,33 @@ AttentionOutputs varlen_forward(const VarlenArgs& a, const c10::OperatorHandle& 
   at::Tensor out = cpu::empty_output({total_q, Hq, a.attn.v.size(2)}, q.options());
   at::Tensor lse = at::empty({Hq, total_q}, q.options().dtype(at::kFloat));
   const at::Tensor seeds = sequence_seeds(a);
-  HeadMajor head_major(head_major_copies, b);
+  HeadMajor head_major(cpu_kernels, b);
+  // On the CPU, sequences with fewer queries than a query tile (a decode step) give a call too
+  // little work to split over threads: they run side by side, one call per thread (each call's
+  // own parallel region then runs inline), after the others. Each call's result does not
+  // depend on the thread that runs it.
+  std::vector<int64_t> side_by_side;
   for (const int64_t s : c10::irange(a.num_sequences())) {
     if (b.len_q(s) == 0) continue;
-    AttentionArgs call = sequence_call(a, b, s, seeds);
-    head_major.apply(call);
-    torch::jit::Stack stack;
-    call.push_to(stack);
-    attention_op.callBoxed(stack);
-    const at::Tensor o = stack[0].toTensor(), l = stack[1].toTensor();
-    out.narrow(0, b.q[s], b.len_q(s)).copy_(o.select(0, 0).transpose(0, 1));
-    lse.narrow(1, b.q[s], b.len_q(s)).copy_(l.select(0, 0));
+    if (cpu_kernels && !head_major.worth_it(b.len_q(s))) {
+      side_by_side.push_back(s);
+      continue;
+    }
+    forward_sequence(a, b, s, seeds, attention_op, &head_major, out, lse);
   }
+  at::parallel_for(0, static_cast<int64_t>(side_by_side.size()), 1, [&](int64_t lo, int64_t hi) {
+    at::AutoDispatchBelowADInplaceOrView worker_below_autograd;  // (thread-local)
+    for (int64_t i = lo; i < hi; ++i) {
+      forward_sequence(a, b, side_by_side[i], seeds, attention_op, nullptr, out, lse);
+    }
+  });
   return {out, lse};
 }
 
-template <bool kHeadMajor>
+template <bool kCpuKernels>
 void boxed_varlen_forward(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stack* stack) {
   const auto args = VarlenArgs::from_stack(*stack, stack->size() - VarlenArgs::kNumArgs);
-  auto [out, lse] = varlen_forward(args, attention_op_of(op), kHeadMajor);
+  auto [out, lse] = varlen_forward(args, attention_op_of(op), kCpuKernels);
   torch::jit::drop(*stack, VarlenArgs::kNumArgs);
   torch::jit::push(*stack, std::move(out), std::move(lse));
 }
@@ -385,7 +408,7 @@ struct ParamGrads {
 using VarlenGrads = std::vector<at::Tensor>;  // q, k, v, rel_bias, alibi_slopes, span, scale
 
 VarlenGrads varlen_backward(const VarlenBackwardArgs& a, const c10::OperatorHandle& attention_op,
-                            bool head_major_copies) {
+                            bool cpu_kernels) {
   a.check();
   const VarlenArgs& v = a.call;
   const Bounds b = read_bounds(v);
@@ -404,7 +427,7 @@ VarlenGrads varlen_backward(const VarlenBackwardArgs& a, const c10::OperatorHand
     if (grads[i].per_sequence) grads[i].rows.resize(n);
   }
   const at::Tensor seeds = sequence_seeds(v);
-  HeadMajor head_major(head_major_copies, b);
+  HeadMajor head_major(cpu_kernels, b);
   for (int64_t s = n - 1; s >= 0; --s) {  // autograd's order for one call per sequence
     if (b.len_q(s) == 0) {  // no query: the sequence's keys and values get no gradient
       gk.narrow(0, b.k[s], b.len_k(s)).zero_();
@@ -431,19 +454,19 @@ VarlenGrads varlen_backward(const VarlenBackwardArgs& a, const c10::OperatorHand
   return out;
 }
 
-template <bool kHeadMajor>
+template <bool kCpuKernels>
 void boxed_varlen_backward(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stack* stack) {
   constexpr size_t n = VarlenBackwardArgs::kNumOwnArgs + VarlenArgs::kNumArgs;
   const auto args = VarlenBackwardArgs::from_stack(*stack, stack->size() - n);
-  VarlenGrads grads = varlen_backward(args, attention_op_of(op), kHeadMajor);
+  VarlenGrads grads = varlen_backward(args, attention_op_of(op), kCpuKernels);
   torch::jit::drop(*stack, n);
   for (at::Tensor& g : grads) torch::jit::push(*stack, std::move(g));
 }
 
 }  // namespace
 
-void register_attention_varlen_kernels(torch::Library& m, bool head_major_copies) {
-  if (head_major_copies) {
+void register_attention_varlen_kernels(torch::Library& m, bool cpu_kernels) {
+  if (cpu_kernels) {
     m.impl("attention_varlen", torch::CppFunction::makeFromBoxedFunction<&boxed_varlen_forward<true>>());
     m.impl("attention_varlen_backward",
            torch::CppFunction::makeFromBoxedFunction<&boxed_varlen_backward<true>>());

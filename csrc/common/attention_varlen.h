@@ -42,10 +42,10 @@ struct VarlenArgs {
 // Defines attention_varlen and attention_varlen_backward (fastattn.cpp).
 void define_attention_varlen_ops(torch::Library& m);
 // Registers their device-generic kernels (which call the attention op of the same library)
-// for a library's device key: the CPU (fastattn.cpp, head_major_copies: each sequence's rows
-// copied head-major first, which the CPU kernels read faster), CUDA (cuda/attention_api.cu)
-// and the CUDA emulator (both without).
-void register_attention_varlen_kernels(torch::Library& m, bool head_major_copies);
+// for a library's device key: the CPU (fastattn.cpp, cpu_kernels: each sequence's rows copied
+// head-major first, which the CPU kernels read faster, and decode-sized sequences run side by
+// side on the threads), CUDA (cuda/attention_api.cu) and the CUDA emulator (both without).
+void register_attention_varlen_kernels(torch::Library& m, bool cpu_kernels);
 // Registers attention_varlen's autograd function (common/autograd.cpp).
 void register_attention_varlen_autograd(torch::Library& m);
 

@@ -523,6 +523,6 @@ AttentionGrads attention_backward_cuda(const AttentionBackwardArgs& args) {
 TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
   fastattn::register_attention_kernels<&fastattn::cuda_attn::attention_cuda,
                                        &fastattn::cuda_attn::attention_backward_cuda>(m);
-  fastattn::register_attention_varlen_kernels(m, /*head_major_copies=*/false);
+  fastattn::register_attention_varlen_kernels(m, /*cpu_kernels=*/false);
 }
 #endif

@@ -25,7 +25,7 @@ TORCH_LIBRARY_IMPL(fastattn_emu, CPU, m) {
   fastattn::register_attention_kernels<&fastattn::cuda_attn::attention_cuda,
                                        &fastattn::cuda_attn::attention_backward_cuda>(m);
   // attention_varlen as registered for CUDA: the packed views go to the kernels as they are
-  fastattn::register_attention_varlen_kernels(m, /*head_major_copies=*/false);
+  fastattn::register_attention_varlen_kernels(m, /*cpu_kernels=*/false);
 }
 
 TORCH_LIBRARY_IMPL(fastattn_emu, Autograd, m) {
