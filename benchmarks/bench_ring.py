@@ -22,8 +22,8 @@ Per rank, for one forward + backward step (after a warm-up step):
   - sent: the bytes a rank sends in one step (K/V shards forward, shards and gradient
     accumulators backward), max over the ranks, and all ranks' together.
 --window L,R (non-causal unless --causal) gives a two-sided window; --compare-one-way also runs
-each world size with every shard sent one way round the ring (the schedule before shards could
-go both ways), in the same run.
+each world size with every shard sent one way round the ring as far as its farthest reader (a
+one-directional ring), in the same run.
 """
 from __future__ import annotations
 
