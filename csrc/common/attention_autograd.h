@@ -19,6 +19,9 @@ bool is_tensor_argument(const c10::Argument& arg);
 // The tensor arguments of a call (undefined where an optional one is None), in schema order.
 std::vector<at::Tensor> tensor_arguments(const c10::FunctionSchema& schema,
                                          const torch::jit::Stack& call);
+// The other arguments of a call, in schema order, with None at the tensor ones.
+std::vector<c10::IValue> non_tensor_arguments(const c10::FunctionSchema& schema,
+                                              const torch::jit::Stack& call);
 // The position among tensor_arguments of the argument called `name`.
 size_t tensor_slot(const c10::FunctionSchema& schema, const char* name);
 // Whether autograd records a call with these arguments (grad mode on and one requires grad).

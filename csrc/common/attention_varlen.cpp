@@ -1,8 +1,9 @@
 // fastattn::attention_varlen and its backward (declared in attention_varlen.h).
 //
-// Each sequence is one fastattn::attention call on strided views of the packed q, k and v
-// (no copies, no padding: time and memory follow the real tokens), with its own ALiBi / span
-// row and dropout seed; the kernels' outputs are copied into the packed out and lse. The
+// Each sequence is one fastattn::attention call on views of the packed q, k and v (no
+// padding: time and memory follow the real tokens; on the CPU the rows are copied head-major
+// first, HeadMajor below), with its own ALiBi / span row and dropout seed; the kernels' outputs
+// are copied into the packed out and lse. The
 // sequences' bounds are read on the host once per call (a device sync on a GPU). A single
 // launch over every sequence's blocks is the GPU's lever, not taken here
 // (docs/ARCHITECTURE.md, "Packed sequences").
@@ -14,9 +15,8 @@
 #include "common/attention_varlen.h"
 
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/irange.h>
 
 #include <algorithm>
@@ -363,12 +363,8 @@ SavedCall saved_sequence(const VarlenBackwardArgs& a, AttentionArgs call, const 
   head_major.apply(call);
   torch::jit::Stack stack;
   call.push_to(stack);
-  SavedCall c{op.schema().name(), &op.schema(), {}, {}};
-  for (size_t i = 0; i < stack.size(); ++i) {
-    const bool tensor = is_tensor_argument(op.schema().arguments()[i]);
-    c.values.push_back(tensor ? c10::IValue() : stack[i]);
-    if (tensor) c.tensors.push_back(stack[i].isTensor() ? stack[i].toTensor() : at::Tensor());
-  }
+  SavedCall c{op.schema().name(), &op.schema(), non_tensor_arguments(op.schema(), stack),
+              tensor_arguments(op.schema(), stack)};
   const int64_t start = b.q[s], len = b.len_q(s);
   c.grad_out = call_view(a.grad_out, start, len);
   c.out = call_view(a.out, start, len);
@@ -428,6 +424,11 @@ VarlenGrads varlen_backward(const VarlenBackwardArgs& a, const c10::OperatorHand
   }
   const at::Tensor seeds = sequence_seeds(v);
   HeadMajor head_major(cpu_kernels, b);
+  // The tensor slots of a sequence's call: q, k, v, then the parameters in output_mask order.
+  const c10::FunctionSchema& schema = attention_op.schema();
+  size_t slot[7];
+  const char* names[] = {"q", "k", "v", "rel_bias", "alibi_slopes", "span", "scale_tensor"};
+  for (const int i : c10::irange(7)) slot[i] = tensor_slot(schema, names[i]);
   for (int64_t s = n - 1; s >= 0; --s) {  // autograd's order for one call per sequence
     if (b.len_q(s) == 0) {  // no query: the sequence's keys and values get no gradient
       gk.narrow(0, b.k[s], b.len_k(s)).zero_();
@@ -435,18 +436,17 @@ VarlenGrads varlen_backward(const VarlenBackwardArgs& a, const c10::OperatorHand
       continue;
     }
     SavedCall c = saved_sequence(a, sequence_call(v, b, s, seeds), b, s, head_major, attention_op);
-    const char* names[] = {"rel_bias", "alibi_slopes", "span", "scale_tensor"};
     std::vector<bool> need(c.tensors.size(), false);
-    for (const char* name : {"q", "k", "v"}) need[c.slot(name)] = true;
+    for (const int i : c10::irange(3)) need[slot[i]] = true;
     for (const int i : c10::irange(4)) {
-      need[c.slot(names[i])] = a.output_mask[i] && c.tensors[c.slot(names[i])].defined();
+      need[slot[3 + i]] = a.output_mask[i] && c.tensors[slot[3 + i]].defined();
     }
     const std::vector<at::Tensor> g = call_gradients(c, need);
-    gq.narrow(0, b.q[s], b.len_q(s)).copy_(g[c.slot("q")].select(0, 0).transpose(0, 1));
-    gk.narrow(0, b.k[s], b.len_k(s)).copy_(g[c.slot("k")].select(0, 0).transpose(0, 1));
-    gv.narrow(0, b.k[s], b.len_k(s)).copy_(g[c.slot("v")].select(0, 0).transpose(0, 1));
+    gq.narrow(0, b.q[s], b.len_q(s)).copy_(g[slot[0]].select(0, 0).transpose(0, 1));
+    gk.narrow(0, b.k[s], b.len_k(s)).copy_(g[slot[1]].select(0, 0).transpose(0, 1));
+    gv.narrow(0, b.k[s], b.len_k(s)).copy_(g[slot[2]].select(0, 0).transpose(0, 1));
     for (const int i : c10::irange(4)) {
-      if (need[c.slot(names[i])]) grads[i].add(s, g[c.slot(names[i])]);
+      if (need[slot[3 + i]]) grads[i].add(s, g[slot[3 + i]]);
     }
   }
   VarlenGrads out{gq, gk, gv};

@@ -385,6 +385,14 @@ std::vector<at::Tensor> tensor_arguments(const c10::FunctionSchema& schema, cons
   return tensors;
 }
 
+std::vector<c10::IValue> non_tensor_arguments(const c10::FunctionSchema& schema, const Stack& call) {
+  std::vector<c10::IValue> values;
+  for (size_t i = 0; i < call.size(); ++i) {
+    values.push_back(is_tensor_argument(schema.arguments()[i]) ? c10::IValue() : call[i]);
+  }
+  return values;
+}
+
 // The position among tensor_arguments of the argument called `name`.
 size_t tensor_slot(const c10::FunctionSchema& schema, const char* name) {
   size_t slot = 0;
@@ -683,11 +691,7 @@ variable_list run_and_record(AutogradContext* ctx, const c10::OperatorHandle* op
   saved.push_back(out);
   saved.push_back(lse);
   ctx->save_for_backward(saved);
-  std::vector<c10::IValue> values;
-  for (size_t i = 0; i < call.size(); ++i) {
-    values.push_back(is_tensor_argument(op->schema().arguments()[i]) ? c10::IValue() : call[i]);
-  }
-  ctx->saved_data["values"] = c10::ivalue::Tuple::create(std::move(values));
+  ctx->saved_data["values"] = c10::ivalue::Tuple::create(non_tensor_arguments(op->schema(), call));
   ctx->saved_data["op"] = op->schema().name();
   return {out, lse};
 }

@@ -408,8 +408,8 @@ def attention_varlen(
     keeps it in its graph, and the output shapes depend only on the input shapes). Inside it,
     each sequence is one attention kernel call on views of q, k and v (no padding; on the CPU
     a sequence of 32 queries or more is copied head-major into a reused buffer first, which
-    the kernels read faster): time and memory follow the real tokens. The op reads the cu_seqlens values on
-    the host (one transfer for both tensors: a device sync on a GPU).
+    the kernels read faster): time and memory follow the real tokens. The op reads the
+    cu_seqlens values on the host (one transfer for both tensors: a device sync on a GPU).
 
     Args:
         q: (total_q, Hq, Dqk); k: (total_k, Hkv, Dqk); v: (total_k, Hkv, Dv). Hq % Hkv == 0.
