@@ -417,14 +417,18 @@ def strategies():
             strides = None
         return strides, offset
 
+    def device(draw, ctx) -> str:
+        """meta for every tensor of a call, for some of them, or none (ctx["meta"])."""
+        return "meta" if ctx["meta"] == "all" or (ctx["meta"] == "some" and draw(st.integers(0, 3)) == 0) else "cpu"
+
     @st.composite
     def tensor(draw, shape, dtype, ctx, last_dim_contiguous=True, lo=None, hi=None, grad_ok=True):
         strides, offset = draw(layout(tuple(shape), last_dim_contiguous))
-        device = "meta" if ctx["meta"] == "all" or (ctx["meta"] == "some" and draw(st.integers(0, 3)) == 0) else "cpu"
+        dev = device(draw, ctx)
         grad = ""
         if ctx["grad"] and grad_ok and (dtype in FLOAT_DTYPES or dtype.startswith("complex")):
             grad = draw(st.sampled_from(("", "leaf", "leaf", "view")))
-        return T(tuple(shape), dtype, strides, offset, draw(values_for(dtype, lo, hi)), device, grad)
+        return T(tuple(shape), dtype, strides, offset, draw(values_for(dtype, lo, hi)), dev, grad)
 
     @st.composite
     def any_tensor(draw, ctx):
@@ -578,8 +582,7 @@ def strategies():
         dtype = draw(st.sampled_from(("int32", "int64")))
         if dtype == "int32":
             b = [min(max(x, -2 ** 31), 2 ** 31 - 1) for x in b]
-        device = "meta" if ctx["meta"] == "all" or (ctx["meta"] == "some" and draw(st.integers(0, 3)) == 0) else "cpu"
-        return T((len(b),), dtype, values=("list", b), device=device)
+        return T((len(b),), dtype, values=("list", b), device=device(draw, ctx))
 
     @st.composite
     def varlen_args(draw, op, ctx):
@@ -658,8 +661,8 @@ def strategies():
         bent = draw(st.sampled_from((0, 0, 0, 1, 1, 2))) if known else 0
         for n in draw(st.lists(st.sampled_from(names), min_size=bent, max_size=bent, unique=True)):
             args[n] = draw(any_value(types[n], ctx, sizes))
-        forward_first = op.endswith("attention_backward") or op.endswith("varlen_backward")
-        forward_first = forward_first and mode == "consistent" and draw(st.booleans())
+        forward_first = (op in ("attention_backward", "attention_varlen_backward") and mode == "consistent"
+                         and draw(st.booleans()))
         return Call(op, args, threads=draw(st.sampled_from((1, 1, 2))), forward_first=forward_first)
 
     return call
