@@ -112,6 +112,39 @@ def load_example(name: str):
     return mod
 
 
+def per_sequence_calls(q, k, v, cu_q, cu_k, options, fn=fastattn.attention):
+    """attention_varlen's peer: one fn call per sequence of the packed q (total_q, Hq, D), k, v
+    on (1, H, len, D) views, sequence s with its row of (n_seq, Hq) alibi_slopes / span; returns
+    (out (total_q, Hq, Dv), lse (Hq, total_q))."""
+    bq, bk = cu_q.tolist(), cu_k.tolist()
+    outs, lses = [], []
+    for s in range(len(bq) - 1):
+        kw = {n: (t[s:s + 1] if n in ("alibi_slopes", "span") and t.dim() == 2 else t) for n, t in options.items()}
+        view = lambda t, b: t[b[s]:b[s + 1]].transpose(0, 1).unsqueeze(0)  # noqa: E731
+        o, lse = fn(view(q, bq), view(k, bk), view(v, bk), return_lse=True, **kw)
+        outs.append(o[0].transpose(0, 1))
+        lses.append(lse[0])
+    return torch.cat(outs), torch.cat(lses, 1)
+
+
+def seeded_sequence_calls(drawn, n_seq: int, op=None):
+    """A fastattn.attention(q, k, v, **options) for per_sequence_calls: the attention op `op`
+    (default fastattn's) called, sequence s after sequence s - 1, with the dropout [seed,
+    offset + s] attention_varlen gives sequence s (`drawn`: the call's one draw, or None)."""
+    import inspect
+
+    signature = inspect.signature(fastattn.attention)
+    op = torch.ops.fastattn.attention.default if op is None else op
+    seeds = iter([None if drawn is None else drawn + torch.tensor([0, s], device=drawn.device)
+                  for s in range(n_seq)])
+
+    def call(q, k, v, **options):
+        bound = signature.bind(q, k, v, **options)
+        bound.apply_defaults()
+        return fastattn.functional._attention(op, *bound.arguments.values(), drawn_seed=next(seeds))
+    return call
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Examples' tiny models: one thread is fastest, and immune to a busy machine's

@@ -34,8 +34,8 @@ import fastattn.functional
 import fastattn.reference
 
 from attention_strategies import attention_cases
-from conftest import (Case, attention_op_args, case_id, check_case, clone_inputs, make_inputs, pin_threads,
-                      random_settings, run_attention)
+from conftest import (Case, attention_op_args, case_id, check_case, clone_inputs, make_inputs, per_sequence_calls,
+                      pin_threads, random_settings, run_attention, seeded_sequence_calls)
 
 _BUILD_PY = Path(__file__).resolve().parent / "cuda_emulation" / "build.py"
 _spec = importlib.util.spec_from_file_location("fastattn_cuda_emulation_build", _BUILD_PY)
@@ -513,12 +513,8 @@ def emulated_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **options):
     """fastattn.attention_varlen(...) on the emulated CUDA kernels."""
     bound = _VARLEN_SIGNATURE.bind(q, k, v, cu_q, cu_k, max_q, max_k, **options)
     bound.apply_defaults()
-    a = bound.arguments
-    q, k, v, out_dtype, opts = fastattn.functional._op_arguments(
-        q, k, v, a["scale"], a["causal"], a["window"], a["rel_bias"], a["alibi_slopes"], a["span"], a["span_ramp"],
-        a["num_global"], None, None, None, None, a["softcap"], a["dropout_p"], a["generator"])
-    out, lse = torch.ops.fastattn_emu.attention_varlen.default(cu_q, cu_k, max_q, max_k, q, k, v, *opts)
-    return out.to(out_dtype), lse
+    return fastattn.functional._attention_varlen(torch.ops.fastattn_emu.attention_varlen.default,
+                                                 *bound.arguments.values())
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
@@ -548,22 +544,10 @@ def test_varlen_equals_per_sequence_calls(emu, dtype, options):
         o["span_ramp"] = 4.0
     leaves = [q, k, v] + [t for t in o.values() if isinstance(t, torch.Tensor)]
     gen = lambda: torch.Generator().manual_seed(11)  # noqa: E731
-    out, lse = emulated_attention_varlen(q, k, v, cu_q, cu_k, max(lq), max(lk), generator=gen(), **o)
+    out, lse = emulated_attention_varlen(q, k, v, cu_q, cu_k, max(lq), max(lk), generator=gen(), return_lse=True, **o)
     seed = fastattn.functional.dropout_seed(o["dropout_p"], gen(), q)
-    outs, lses = [], []
-    bq, bk = cu_q.tolist(), cu_k.tolist()
-    for s in range(n):
-        view = lambda t, b: t[b[s]:b[s + 1]].transpose(0, 1).unsqueeze(0)  # noqa: E731
-        kw = {name: (t[s:s + 1] if name in ("alibi_slopes", "span") else t) for name, t in o.items()}
-        drawn = None if seed is None else seed + torch.tensor([0, s])
-        o_s, lse_s = fastattn.functional._attention(
-            torch.ops.fastattn_emu.attention.default, view(q, bq), view(k, bk), view(v, bk), None,
-            kw["causal"], kw["window"], kw.get("rel_bias"), kw.get("alibi_slopes"), kw.get("span"),
-            kw.get("span_ramp", 32.0), 0, None, None, None, None, 0.0, kw["dropout_p"], None, True,
-            drawn_seed=drawn)
-        outs.append(o_s[0].transpose(0, 1))
-        lses.append(lse_s[0])
-    want, want_lse = torch.cat(outs), torch.cat(lses, 1)
+    want, want_lse = per_sequence_calls(q, k, v, cu_q, cu_k, o,
+                                        fn=seeded_sequence_calls(seed, n, torch.ops.fastattn_emu.attention.default))
     assert torch.equal(out, want) and torch.equal(lse, want_lse)
     assert out.float().abs().sum() > 0
     go = torch.randn(out.shape, generator=g).to(dtype)

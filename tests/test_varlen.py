@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch._dynamo.testing import CompileCounter
 
-from conftest import assert_close, assert_lse_close, attention_op_args, random_settings
+from conftest import assert_close, assert_lse_close, per_sequence_calls, random_settings, seeded_sequence_calls
 
 F32, F64 = torch.float32, torch.float64
 HQ, HKV, D, DV = 4, 2, 8, 6
@@ -90,19 +90,6 @@ def _leaves(q, k, v, options) -> list:
     return [q, k, v] + [t for t in options.values() if isinstance(t, torch.Tensor) and t.requires_grad]
 
 
-def _per_sequence(q, k, v, cu_q, cu_k, options, fn=fastattn.attention, **extra):
-    """One fn call per sequence on (1, H, len, D) views; (out (total_q, Hq, Dv), lse (Hq, total_q))."""
-    bq, bk = cu_q.tolist(), cu_k.tolist()
-    outs, lses = [], []
-    for s in range(len(bq) - 1):
-        kw = {n: (t[s:s + 1] if n in ("alibi_slopes", "span") and t.dim() == 2 else t) for n, t in options.items()}
-        view = lambda t, b: t[b[s]:b[s + 1]].transpose(0, 1).unsqueeze(0)  # noqa: E731
-        o, lse = fn(view(q, bq), view(k, bk), view(v, bk), return_lse=True, **kw, **extra)
-        outs.append(o[0].transpose(0, 1))
-        lses.append(lse[0])
-    return torch.cat(outs), torch.cat(lses, 1)
-
-
 def _cotangents(out, lse, seed=5):
     g = torch.Generator().manual_seed(seed)
     go = torch.randn(out.shape, generator=g, dtype=F64).to(out.device, out.dtype)
@@ -131,7 +118,7 @@ def test_equals_one_call_per_sequence_bitwise(name, lengths):
     assert out.shape == (q.shape[0], HQ, DV) and out.dtype == F32
     assert lse.shape == (HQ, q.shape[0]) and lse.dtype == F32
     assert out.abs().sum() > 0  # (a real output: some rows see keys)
-    want, want_lse = _per_sequence(q, k, v, cu_q, cu_k, o)
+    want, want_lse = per_sequence_calls(q, k, v, cu_q, cu_k, o)
     assert torch.equal(out, want) and torch.equal(lse, want_lse)
     leaves = _leaves(q, k, v, o)
     got = _grads(out, lse, leaves)
@@ -271,15 +258,8 @@ def test_decode_step_of_many_sequences_on_any_thread_count():
                                                   generator=torch.Generator().manual_seed(3), **o))
     finally:
         torch.set_num_threads(before)
-    seed = dropout_seed(0.1, torch.Generator().manual_seed(3), q)
-    seeds = iter([seed + torch.tensor([0, s]) for s in range(24)])
-
-    def one_call(qs, ks, vs, **kw):
-        return fastattn.functional._attention(
-            torch.ops.fastattn.attention, qs, ks, vs, None, True, (20, 0), kw["rel_bias"], None, None, 32.0, 0,
-            None, None, None, None, 0.0, 0.1, None, True, drawn_seed=next(seeds))
-
-    want = _per_sequence(q, k, v, cu_q, cu_k, dict(rel_bias=o["rel_bias"]), fn=one_call)
+    drawn = dropout_seed(0.1, torch.Generator().manual_seed(3), q)
+    want = per_sequence_calls(q, k, v, cu_q, cu_k, o, fn=seeded_sequence_calls(drawn, 24))
     for out, lse in outs:
         assert torch.equal(out, want[0]) and torch.equal(lse, want[1])
 
@@ -357,7 +337,7 @@ def test_low_precision_equals_per_sequence_calls(dtype):
     q, k, v, cu_q, cu_k, mq, mk = _packed("tiles", dtype=dtype)
     table = torch.randn(9, HQ, requires_grad=True)
     out = fastattn.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, causal=True, rel_bias=table)
-    want, _ = _per_sequence(q, k, v, cu_q, cu_k, dict(causal=True, rel_bias=table))
+    want, _ = per_sequence_calls(q, k, v, cu_q, cu_k, dict(causal=True, rel_bias=table))
     assert out.dtype == dtype and torch.equal(out, want)
 
 
@@ -388,15 +368,8 @@ def test_dropout_is_one_draw_with_offset_plus_s_per_sequence(name):
     out, lse = fastattn.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, dropout_p=p, return_lse=True,
                                          generator=torch.Generator().manual_seed(42), **o)
     drawn = dropout_seed(p, torch.Generator().manual_seed(42), q)
-    seed_of_sequence = iter([drawn + torch.tensor([0, s]) for s in range(len(cu_q) - 1)])
-
-    def op_call(qs, ks, vs, return_lse, **kw):  # the op with sequence s's seed
-        if "window" in kw:
-            kw["window_left"], kw["window_right"] = kw.pop("window")
-        args = attention_op_args(qs, ks, vs, dropout_p=p, dropout_seed=next(seed_of_sequence), **kw)
-        return torch.ops.fastattn.attention(*args)
-
-    want, want_lse = _per_sequence(q, k, v, cu_q, cu_k, o, fn=op_call)
+    want, want_lse = per_sequence_calls(q, k, v, cu_q, cu_k, dict(o, dropout_p=p),
+                                        fn=seeded_sequence_calls(drawn, len(cu_q) - 1))
     assert torch.equal(out, want) and torch.equal(lse, want_lse)
     ref, ref_lse = reference.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, dropout_p=p, dropout_seed=drawn,
                                               return_lse=True, **o)
@@ -423,13 +396,9 @@ def test_on_each_device_with_dropout_equals_per_sequence_op_calls(device):
                                          return_lse=True)
     assert out.device.type == torch.device(device).type and out.dtype == dtype
     drawn = dropout_seed(p, torch.Generator(device=device).manual_seed(3), q)
-    seed_of_sequence = iter([drawn + torch.tensor([0, s], device=drawn.device) for s in range(len(lq))])
-
-    def op_call(qs, ks, vs, return_lse, **kw):
-        args = attention_op_args(qs, ks, vs, dropout_p=p, dropout_seed=next(seed_of_sequence), **kw)
-        return torch.ops.fastattn.attention(*args)
-
-    want, want_lse = _per_sequence(q, k, v, cu_q.cpu(), cu_k.cpu(), dict(causal=True, rel_bias=table), fn=op_call)
+    want, want_lse = per_sequence_calls(q, k, v, cu_q.cpu(), cu_k.cpu(),
+                                        dict(causal=True, rel_bias=table, dropout_p=p),
+                                        fn=seeded_sequence_calls(drawn, len(lq)))
     assert torch.equal(out, want) and torch.equal(lse, want_lse)
     leaves = [q, k, v, table]
     got, exp = _grads(out, lse, leaves), _grads(want, want_lse, leaves)
@@ -899,16 +868,8 @@ def _check_varlen_call(lengths, Hkv, options, dropout_p):
     leaves = _leaves(q, k, v, options)
     got = _grads(out, lse, leaves)
     drawn = dropout_seed(dropout_p, gen(), q)
-    seeds = iter([None if drawn is None else drawn + torch.tensor([0, s]) for s in range(len(cu_q) - 1)])
-
-    def one_call(qs, ks, vs, **kw):  # fastattn.attention with sequence s's [seed, offset]
-        return fastattn.functional._attention(
-            torch.ops.fastattn.attention, qs, ks, vs, kw.get("scale"), kw.get("causal", False),
-            kw.get("window", (-1, -1)), kw.get("rel_bias"), kw.get("alibi_slopes"), kw.get("span"),
-            kw.get("span_ramp", 32.0), kw.get("num_global", 0), None, None, None, None, kw.get("softcap", 0.0),
-            dropout_p, None, True, drawn_seed=next(seeds))
-
-    want, want_lse = _per_sequence(q, k, v, cu_q, cu_k, options, fn=one_call)
+    want, want_lse = per_sequence_calls(q, k, v, cu_q, cu_k, dict(options, dropout_p=dropout_p),
+                                        fn=seeded_sequence_calls(drawn, len(cu_q) - 1))
     assert torch.equal(out, want) and torch.equal(lse, want_lse)
     for a, b in zip(got, _grads(want, want_lse, leaves)):
         assert (a is None and b is None) or torch.equal(a, b)

@@ -435,6 +435,15 @@ def attention_varlen(
         would for one call per sequence), so gradients are bitwise reproducible, on any
         thread count.
     """
+    return _attention_varlen(ops.attention_varlen, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                             scale, causal, window, rel_bias, alibi_slopes, span, span_ramp, num_global, softcap,
+                             dropout_p, generator, return_lse)
+
+
+def _attention_varlen(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, window,
+                      rel_bias, alibi_slopes, span, span_ramp, num_global, softcap, dropout_p, generator, return_lse):
+    # (the arguments of fastattn.attention_varlen, in its order; `op` is the varlen op, the CUDA
+    # emulator's in its tests)
     for t, name in ((cu_seqlens_q, "cu_seqlens_q"), (cu_seqlens_k, "cu_seqlens_k")):
         if not isinstance(t, Tensor):
             _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
@@ -443,7 +452,7 @@ def attention_varlen(
     q, k, v, out_dtype, options = _op_arguments(q, k, v, scale, causal, window, rel_bias, alibi_slopes, span,
                                                 span_ramp, num_global, None, None, None, None, softcap, dropout_p,
                                                 generator)
-    out, lse = ops.attention_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, k, v, *options)
+    out, lse = op(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, k, v, *options)
     if out.dtype != out_dtype:
         out = out.to(out_dtype)
     return (out, lse) if return_lse else out
